@@ -1,0 +1,54 @@
+"""`ws-gateway`: parse the configuration, set up logging, build the gateway, run it.
+
+Exit status: 0 after a graceful shutdown, 2 for a refused setting (one line on stderr
+naming it), 1 when the database or the listen address is unusable at start.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from wsgateway.config import ConfigError, load
+from wsgateway.errors import StoreUnavailable
+from wsgateway.logs import setup_logging
+from wsgateway.server import Gateway, remove_pid_file, write_pid_file
+
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"ws-gateway: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load(argv)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    try:
+        setup_logging(config.log_level, config.log_file)
+    except OSError as exc:
+        return _fail(f"-log-file: cannot open {config.log_file!r}: {exc.strerror}", 2)
+
+    gateway = Gateway(config)
+    try:
+        gateway.start()
+    except StoreUnavailable as exc:
+        return _fail(f"database unreachable at start ({config.db}): {exc}", 1)
+    except OSError as exc:
+        address = f"{config.listen_host}:{config.listen_port}"
+        return _fail(f"-addr: cannot listen on {address}: {exc.strerror or exc}", 1)
+    if config.pid_file:
+        try:
+            write_pid_file(config.pid_file)
+        except OSError as exc:
+            gateway.shutdown(0)
+            return _fail(f"-pid-file: cannot write {config.pid_file!r}: {exc.strerror}", 2)
+    try:
+        gateway.serve_forever()
+    finally:
+        if config.pid_file:
+            remove_pid_file(config.pid_file)
+    return 0

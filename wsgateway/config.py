@@ -1,0 +1,303 @@
+"""Settings: command line, environment and config file, parsed into one frozen `Config`.
+
+The flag names, defaults and duration syntax are those of echoCTF's Go ws-server, so an
+existing deployment switches by changing only the command. Every flag is accepted as
+`-flag value`, `-flag=value` and `--flag value`, like Go's `flag` package.
+Precedence: command line > `WS_GATEWAY_*` environment > `-c FILE` > defaults.
+
+A bad value is reported as one line naming the setting (`ConfigError`); `cli` turns it
+into exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn, Sequence
+from urllib.parse import quote
+
+import configargparse
+
+ENV_PREFIX = "WS_GATEWAY_"
+
+
+class ConfigError(Exception):
+    """A setting has a value we refuse; the message names the setting and the problem."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Typed settings. A zero in a limit means "no limit" unless the field says otherwise."""
+
+    listen_host: str  # "" = every interface
+    listen_port: int  # 0 = any free port (tests)
+    db: str  # "sqlite" or "mysql"
+    database_url: str  # SQLAlchemy URL derived from -dsn
+    origins: tuple[str, ...]  # allowed Origin headers; empty = any origin
+    max_conns_per_player: int  # 0 = unlimited
+    max_queued: int  # offline messages kept per player; 0 = offline queueing off
+    offline_ttl_s: float  # how long an offline message waits; 0 = offline queueing off
+    rate_limit: int  # bucket size (burst) per server subject; 0 = unlimited
+    rate_period_s: float  # the bucket refills `rate_limit` tokens over this period
+    revalidate_period_s: float  # live tokens rechecked, server tokens cached, this often
+    db_timeout_s: float  # a database call taking longer fails (503) instead of hanging
+    max_body_bytes: int  # largest accepted HTTP request body
+    max_message_bytes: int  # largest accepted client WebSocket message
+    ping_period_s: float  # server ping interval
+    pong_wait_s: float  # a socket silent this long is closed
+    shutdown_timeout_s: float  # how long SIGTERM waits for sockets and requests to finish
+    max_outbox_messages: int  # frames waiting for a slow socket before it is closed
+    max_outbox_bytes: int  # bytes waiting for a slow socket before it is closed
+    log_file: str  # "" = standard output
+    log_level: str
+    pid_file: str  # "" = none
+
+
+_DURATION_UNITS_S = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3,
+    "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go duration (`250ms`, `10s`, `1h30m`, also `0`); `d` (days) is accepted too."""
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    if not text or text.startswith("-"):
+        raise ValueError(f"{text!r} is not a duration (use e.g. 250ms, 10s, 1m, 1h30m)")
+    seconds = 0.0
+    position = 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        seconds += float(match.group(1)) * _DURATION_UNITS_S[match.group(2)]
+        position = match.end()
+    if position != len(text):
+        raise ValueError(f"{text!r} is not a duration (use e.g. 250ms, 10s, 1m, 1h30m)")
+    return seconds
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "kb": 1024, "k": 1024,
+               "mib": 1024**2, "mb": 1024**2, "m": 1024**2, "gib": 1024**3, "gb": 1024**3, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `1048576`, `64KiB`, `1MiB` (K, M, G are binary multiples)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (use e.g. 65536, 64KiB, 1MiB)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_count(text: str) -> int:
+    """A non-negative integer."""
+    if not re.fullmatch(r"\s*\d+\s*", text):
+        raise ValueError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """Go listen address: `:8080`, `127.0.0.1:8080`, `[::1]:8080`, `localhost:0`."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):(\d{1,5})", text.strip())
+    if not match or int(match.group(2)) > 65535:
+        raise ValueError(f"{text!r} is not a listen address (use e.g. :8080 or 127.0.0.1:8080)")
+    host = match.group(1)
+    if host.startswith("["):
+        host = host[1:-1]
+    return host, int(match.group(2))
+
+
+_GO_MYSQL_DSN = re.compile(
+    r"(?:(?P<user>[^:@/]*)(?::(?P<password>.*))?@)?"
+    r"(?:(?P<net>tcp|unix)\((?P<address>[^)]*)\))?"
+    r"/(?P<database>[^?]*)"
+    r"(?:\?(?P<params>.*))?"
+)
+
+
+def database_url(db: str, dsn: str) -> str:
+    """The SQLAlchemy URL for a Go-style DSN, or the DSN itself when it already is a URL."""
+    dsn = dsn.strip()
+    if "://" in dsn:
+        scheme = dsn.split("://", 1)[0].lower()
+        family = "sqlite" if scheme.startswith("sqlite") else "mysql" if scheme.startswith(("mysql", "mariadb")) else ""
+        if family != db:
+            raise ValueError(f"{dsn.split('://', 1)[0]}:// URL does not match -db {db}")
+        if scheme in ("mysql", "mariadb"):
+            return "mysql+pymysql://" + dsn.split("://", 1)[1]
+        return dsn
+    if db == "sqlite":
+        path = dsn[len("file:"):] if dsn.startswith("file:") else dsn
+        path = path.split("?", 1)[0]
+        if not path:
+            raise ValueError(f"{dsn!r} is not a sqlite DSN (use file:PATH?cache=shared or sqlite:///PATH)")
+        if path == ":memory:":
+            raise ValueError("an in-memory sqlite database would be empty: give a file")
+        return "sqlite:///" + path
+    match = _GO_MYSQL_DSN.fullmatch(dsn)
+    if dsn.startswith("file:") or not match or not match.group("database"):
+        raise ValueError(
+            f"{dsn!r} is not a MySQL DSN (use user:pass@tcp(host:3306)/db, user@/db, "
+            "user@unix(/path.sock)/db or mysql+pymysql://...)")
+    user = quote(match.group("user") or "", safe="")
+    password = match.group("password")
+    credentials = user + (":" + quote(password, safe="") if password else "")
+    database = quote(match.group("database"), safe="")
+    if match.group("net") == "unix":
+        return f"mysql+pymysql://{credentials}@localhost/{database}?unix_socket={quote(match.group('address'))}"
+    address = match.group("address") or "127.0.0.1:3306"
+    if ":" not in address.rsplit("]", 1)[-1]:
+        address += ":3306"
+    return f"mysql+pymysql://{credentials}@{address}/{database}"
+
+
+class _Flag:
+    """One setting: its Go-style name, default text, parser and help."""
+
+    def __init__(self, name: str, default: str, parse: Callable[[str], object], help: str) -> None:
+        self.name = name
+        self.default = default
+        self.parse = parse
+        self.help = help
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"{value!r} is not a log level (use debug, info, warning or error)")
+    return level
+
+
+def _database_driver(value: str) -> str:
+    driver = value.strip().lower()
+    if driver not in ("sqlite", "mysql"):
+        raise ValueError(f"unknown database driver {value!r} (use sqlite or mysql)")
+    return driver
+
+
+def _positive_count(value: str) -> int:
+    count = parse_count(value)
+    if count <= 0:
+        raise ValueError(f"{value!r} must be larger than zero")
+    return count
+
+
+def _positive_duration(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be longer than zero")
+    return seconds
+
+
+def _positive_size(value: str) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError(f"{value!r} must be larger than zero")
+    return size
+
+
+FLAGS: tuple[_Flag, ...] = (
+    _Flag("addr", ":8080", parse_addr, "HTTP listen address"),
+    _Flag("db", "sqlite", _database_driver, "database driver: sqlite or mysql"),
+    _Flag("dsn", "file:ws_tokens.db?cache=shared", _text,
+          "database DSN (Go forms, or a SQLAlchemy URL)"),
+    _Flag("origins", "", _text, "comma-separated allowed WebSocket Origins (empty = any)"),
+    _Flag("max-conns", "10", parse_count, "max WebSocket connections per player (0 = unlimited)"),
+    _Flag("max-queued", "100", parse_count, "max offline messages per player, oldest dropped (0 = no queue)"),
+    _Flag("offline-ttl", "10s", parse_duration, "how long an offline message waits (0 = no queue)"),
+    _Flag("rate-limit", "200", parse_count, "messages per rate period per server token (0 = unlimited)"),
+    _Flag("rate-period", "1s", _positive_duration, "rate limit window"),
+    _Flag("revalidate-period", "1m", _positive_duration, "token revalidation interval"),
+    _Flag("db-timeout", "5s", _positive_duration, "longest wait for the database before answering 503"),
+    _Flag("max-body", "1MiB", _positive_size, "largest HTTP request body"),
+    _Flag("max-message-size", "64KiB", _positive_size, "largest client WebSocket message (larger: close 1009)"),
+    _Flag("ping-period", "30s", _positive_duration, "server ping interval"),
+    _Flag("pong-wait", "60s", _positive_duration, "close a socket silent for this long"),
+    _Flag("shutdown-timeout", "10s", _positive_duration, "how long shutdown waits for sockets and requests"),
+    _Flag("max-outbox", "4096", _positive_count, "frames waiting for one socket before it is closed as too slow"),
+    _Flag("max-outbox-bytes", "4MiB", _positive_size, "bytes waiting for one socket before it is closed as too slow"),
+    _Flag("log-file", "", _text, "JSON log file (default: standard output)"),
+    _Flag("log-level", "info", _log_level, "debug, info, warning or error"),
+    _Flag("pid-file", "", _text, "write the process id here while running"),
+)
+
+
+class _OneLineErrorParser(configargparse.ArgumentParser):
+    """argparse prints usage and exits; we want one line naming the setting, raised."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("Unable to open config file"):
+            message = "-c: " + message
+        raise ConfigError(message)
+
+
+def build_parser() -> configargparse.ArgumentParser:
+    """The parser: every flag as `-name` and `--name`, `WS_GATEWAY_NAME`, and `-c FILE`."""
+    parser = _OneLineErrorParser(
+        prog="ws-gateway",
+        description="Real-time WebSocket message gateway (drop-in for echoCTF's ws-server).",
+        auto_env_var_prefix=ENV_PREFIX,
+        args_for_setting_config_path=["-c", "--config"],
+        config_arg_help_message="config file of `name = value` lines using the flag names",
+        allow_abbrev=False,
+    )
+    for flag in FLAGS:
+        parser.add_argument(f"-{flag.name}", f"--{flag.name}", dest=flag.name.replace("-", "_"),
+                            default=flag.default, metavar="VALUE",
+                            help=f"{flag.help} (default {flag.default!r})")
+    return parser
+
+
+def _parsed(flag: _Flag, raw: str) -> object:
+    try:
+        return flag.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"-{flag.name}: {exc}") from None
+
+
+def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Parse argv, environment and config file into a `Config`, or raise `ConfigError`."""
+    parser = build_parser()
+    namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv),
+                                  env_vars=os.environ if env is None else env)
+    raw = {flag.name: str(getattr(namespace, flag.name.replace("-", "_"))) for flag in FLAGS}
+    value: dict[str, Any] = {flag.name: _parsed(flag, raw[flag.name]) for flag in FLAGS}
+
+    try:
+        url = database_url(value["db"], raw["dsn"])
+    except ValueError as exc:
+        raise ConfigError(f"-dsn: {exc}") from None
+    if value["pong-wait"] <= value["ping-period"]:
+        raise ConfigError(f"-pong-wait: {raw['pong-wait']} must be longer than -ping-period {raw['ping-period']}")
+    host, port = value["addr"]
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        db=value["db"],
+        database_url=url,
+        origins=tuple(origin.strip() for origin in raw["origins"].split(",") if origin.strip()),
+        max_conns_per_player=value["max-conns"],
+        max_queued=value["max-queued"],
+        offline_ttl_s=value["offline-ttl"],
+        rate_limit=value["rate-limit"],
+        rate_period_s=value["rate-period"],
+        revalidate_period_s=value["revalidate-period"],
+        db_timeout_s=value["db-timeout"],
+        max_body_bytes=value["max-body"],
+        max_message_bytes=value["max-message-size"],
+        ping_period_s=value["ping-period"],
+        pong_wait_s=value["pong-wait"],
+        shutdown_timeout_s=value["shutdown-timeout"],
+        max_outbox_messages=value["max-outbox"],
+        max_outbox_bytes=value["max-outbox-bytes"],
+        log_file=raw["log-file"].strip(),
+        log_level=value["log-level"],
+        pid_file=raw["pid-file"].strip(),
+    )

@@ -1,0 +1,270 @@
+"""One WebSocket connection after the handshake: reader loop, bounded outbox, writer, close.
+
+A publisher must never wait on a player's socket. `send()` therefore never blocks: when
+nothing is waiting it writes straight to the non-blocking socket; what the kernel does
+not take goes to a bounded outbox drained by a writer greenlet, which exists only while
+there is a backlog (an idle connection holds no greenlet of its own besides its reader).
+When the outbox passes its bound in frames or bytes the client is too slow: the backlog
+is discarded and the connection closed with 4000, and nobody else notices.
+
+Close codes are real (gevent-websocket's `close()` never sends one): a close we start
+is answered by the client or times out; a client's close is echoed with its code.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from typing import Callable
+
+import gevent
+from gevent import Greenlet
+
+from wsgateway.errors import CloseCode, ProtocolViolation
+from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, Ping,
+                              close_frame, encode_frame)
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 65536
+CLOSE_HANDSHAKE_TIMEOUT_S = 2.0  # how long a close we started waits for the client's answer
+LINGER_BYTES = 1 << 20  # after failing a connection, bytes read and discarded while our close frame drains
+WRITE_CHUNK_BYTES = 256 * 1024  # the writer joins queued frames into sends of about this size
+
+
+class OutboxLimits:
+    """Bounds of one connection's outbox, and how long one write may stall."""
+
+    __slots__ = ("max_frames", "max_bytes", "write_timeout_s")
+
+    def __init__(self, max_frames: int, max_bytes: int, write_timeout_s: float) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.write_timeout_s = write_timeout_s
+
+
+class Connection:
+    """A WebSocket connection over an upgraded gevent socket.
+
+    `serve()` runs the reader loop in the calling greenlet until the connection ends and
+    returns its close code. `send()`, `close()` and `abort()` may be called from any
+    greenlet, never block, and are idempotent once the connection is closing.
+    """
+
+    __slots__ = (
+        "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames",
+        "_socket", "_raw_socket", "_rfile", "_limits", "_max_message_bytes", "_on_message",
+        "_clock", "_outbox", "_outbox_bytes", "_writer", "_close_sent", "_closing", "_aborted",
+        "_close_timer",
+    )
+
+    def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
+                 player_id: str = "", token: str = "", remote: str = "",
+                 on_message: Callable[[Connection, Message], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.player_id = player_id
+        self.token = token  # kept for revalidation; never logged
+        self.remote = remote
+        self._socket = sock
+        # gevent's socket wraps a real non-blocking socket; sending on it directly returns
+        # at once with what the kernel took, where gevent's send() would wait.
+        self._raw_socket = getattr(sock, "_sock", sock)
+        self._rfile = rfile
+        self._limits = limits
+        self._max_message_bytes = max_message_bytes
+        self._on_message = on_message
+        self._clock = clock
+        self.last_heard = clock()
+        self.close_code: int = CloseCode.ABNORMAL
+        self.dropped_frames = 0
+        self._outbox: deque[bytes] | None = None
+        self._outbox_bytes = 0
+        self._writer: Greenlet | None = None
+        self._close_sent = False
+        self._closing = False
+        self._aborted = False
+        self._close_timer: Greenlet | None = None
+
+    # --- sending -------------------------------------------------------------------
+    def send(self, frame: bytes) -> bool:
+        """Queue one complete frame for the client. False if the connection is closing
+        (nothing was queued) or just closed itself as too slow."""
+        if self._closing:
+            return False
+        return self._write(frame)
+
+    def ping(self) -> None:
+        """Send a ping; the client's pong refreshes `last_heard`."""
+        self.send(PING_FRAME)
+
+    def _write(self, frame: bytes) -> bool:
+        if self._outbox is None and self._writer is None:
+            try:
+                sent = self._raw_socket.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort(CloseCode.ABNORMAL)
+                return False
+            if sent == len(frame):
+                return True
+            frame = frame[sent:]
+        return self._enqueue(frame)
+
+    def _enqueue(self, frame: bytes) -> bool:
+        if self._outbox is None:
+            self._outbox = deque()
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        if len(self._outbox) > self._limits.max_frames or self._outbox_bytes > self._limits.max_bytes:
+            self.abort(CloseCode.SLOW_CONSUMER)
+            return False
+        if self._writer is None:
+            self._writer = gevent.spawn(self._drain_outbox)
+        return True
+
+    def _drain_outbox(self) -> None:
+        """Writer greenlet: send the backlog in coalesced chunks, then exit."""
+        try:
+            while self._outbox:
+                chunk = self._take_chunk()
+                with gevent.Timeout(self._limits.write_timeout_s):
+                    self._socket.sendall(chunk)
+        except gevent.Timeout:
+            self.abort(CloseCode.SLOW_CONSUMER)  # a frame is half written: no close frame
+        except OSError:
+            self.abort(CloseCode.ABNORMAL)
+        finally:
+            self._writer = None
+
+    def _take_chunk(self) -> bytes:
+        outbox = self._outbox
+        assert outbox is not None
+        parts = []
+        size = 0
+        while outbox and size < WRITE_CHUNK_BYTES:
+            frame = outbox.popleft()
+            parts.append(frame)
+            size += len(frame)
+        self._outbox_bytes -= size
+        if not outbox:
+            self._outbox = None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # --- closing --------------------------------------------------------------------
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
+        """Start the closing handshake after what is already queued; the connection ends
+        when the client answers or after `CLOSE_HANDSHAKE_TIMEOUT_S`."""
+        if self._closing:
+            return
+        self._closing = True
+        self.close_code = code
+        self._send_close(code, code.reason if reason is None else reason)
+        self._close_timer = gevent.spawn_later(CLOSE_HANDSHAKE_TIMEOUT_S, self._shutdown)
+
+    def abort(self, code: CloseCode) -> None:
+        """End now: discard the backlog, try to send a close frame without waiting, and
+        shut the socket so the reader returns. For clients that cannot or will not read."""
+        if self._aborted:
+            return
+        self._aborted = True
+        if not self._closing:
+            self._closing = True
+            self.close_code = code
+        if self._outbox:
+            self.dropped_frames += len(self._outbox)
+        mid_frame = self._writer is not None or self._outbox is not None
+        self._outbox, self._outbox_bytes = None, 0
+        if self._writer is not None and self._writer is not gevent.getcurrent():
+            self._writer.kill(block=False)
+            self._writer = None
+        if not mid_frame and not self._close_sent and code != CloseCode.ABNORMAL:
+            self._close_sent = True
+            try:
+                self._raw_socket.send(close_frame(code, code.reason))
+            except OSError:
+                pass
+        self._shutdown()
+
+    def _send_close(self, code: int, reason: str) -> None:
+        if not self._close_sent:
+            self._close_sent = True
+            self._write(close_frame(code, reason))
+
+    def _shutdown(self) -> None:
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # --- reading --------------------------------------------------------------------
+    def serve(self) -> int:
+        """Read until the connection ends; return the close code it ended with."""
+        parser = FrameParser(self._max_message_bytes)
+        try:
+            while True:
+                data = self._rfile.read1(READ_CHUNK_BYTES)
+                if not data:
+                    return self.close_code
+                self.last_heard = self._clock()
+                for event in parser.feed(data):
+                    if isinstance(event, Close):
+                        return self._answer_close(event)
+                    if isinstance(event, Ping):
+                        self.send(encode_frame(OP_PONG, event.payload))
+                    elif isinstance(event, Message) and self._on_message is not None and not self._closing:
+                        self._on_message(self, event)
+        except ProtocolViolation as violation:
+            log.info("websocket protocol violation", extra={
+                "event": "protocol_violation", "player_id": self.player_id, "remote": self.remote,
+                "code": int(violation.code), "detail": violation.detail})
+            self._fail(violation.code)
+            return self.close_code
+        except OSError:
+            return self.close_code
+        finally:
+            self._finish()
+
+    def _answer_close(self, event: Close) -> int:
+        if not self._closing:
+            self._closing = True
+            self.close_code = event.code
+            echo = CloseCode.NORMAL if event.code == CloseCode.NO_STATUS else event.code
+            self._send_close(echo, "")
+        self._flush(CLOSE_HANDSHAKE_TIMEOUT_S)
+        return self.close_code
+
+    def _fail(self, code: CloseCode) -> None:
+        """Fail the connection: close frame, FIN, then discard input until the client
+        hangs up, so that closing the socket does not reset our close frame away."""
+        if not self._closing:
+            self._closing = True
+            self.close_code = code
+        self._send_close(code, code.reason)
+        self._flush(CLOSE_HANDSHAKE_TIMEOUT_S)
+        try:
+            self._socket.shutdown(socket.SHUT_WR)
+            discarded = 0
+            with gevent.Timeout(CLOSE_HANDSHAKE_TIMEOUT_S, False):
+                while discarded < LINGER_BYTES:
+                    data = self._rfile.read1(READ_CHUNK_BYTES)
+                    if not data:
+                        break
+                    discarded += len(data)
+        except OSError:
+            pass
+
+    def _flush(self, timeout_s: float) -> None:
+        if self._writer is not None:
+            self._writer.join(timeout_s)
+
+    def _finish(self) -> None:
+        self._closing = True
+        if self._close_timer is not None:
+            self._close_timer.kill(block=False)
+        if self._writer is not None:
+            self._writer.kill(block=False)
+        if self._outbox:
+            self.dropped_frames += len(self._outbox)
+        self._outbox, self._outbox_bytes = None, 0

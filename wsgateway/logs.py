@@ -1,0 +1,51 @@
+"""JSON-line logging with stable keys, and a last line of defence against leaking tokens.
+
+Each line is one JSON object: `time`, `level`, `logger`, `event` (a stable snake_case
+name), `message`, plus the context given in `extra=` (`player_id`, `subject_id`,
+`remote`, `code`, ...). The gateway never passes a token to a log call; the formatter
+still masks anything shaped like `token=...` or `Bearer ...`, so a library that logs a
+request line or a header cannot leak one either.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+
+_STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_SECRETS = re.compile(r"(?i)(token=|bearer\s+)[^\s&\"'\\]+")
+
+
+def redact(text: str) -> str:
+    """`text` with token values replaced by `[REDACTED]`."""
+    return _SECRETS.sub(r"\1[REDACTED]", text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRIBUTES and key != "event":
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(line, default=str, ensure_ascii=False))
+
+
+def setup_logging(level: str, log_file: str = "") -> None:
+    """Send every logger's records, as JSON lines, to `log_file` or standard output."""
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

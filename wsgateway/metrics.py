@@ -1,0 +1,56 @@
+"""Every Prometheus metric the gateway exports, defined once.
+
+The first three names are echoCTF's ws-server's, with the same meaning: published counts
+accepted publish/broadcast calls, delivered counts frames handed to sockets (offline
+flushes included). The rest are what an operator needs to see losses, abuse and load.
+The registry is injected so that every gateway in a test process has its own.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# echoCTF's ws-server exports no `_created` series; neither do we.
+disable_created_metrics()
+
+DROP_OFFLINE_FULL = "offline_queue_full"  # oldest offline message dropped for a newer one
+DROP_OFFLINE_EXPIRED = "offline_expired"  # offline message outlived -offline-ttl
+DROP_OFFLINE_DISABLED = "offline_disabled"  # player offline and queueing is off
+DROP_SLOW_CONSUMER = "slow_consumer"  # frames discarded when a too-slow socket was closed
+
+
+class GatewayMetrics:
+    """The gateway's metrics in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.active_connections = Gauge(
+            "ws_active_connections", "Open player WebSocket connections.", registry=registry)
+        self.messages_published = Counter(
+            "ws_messages_published", "Accepted /publish and /broadcast messages.", registry=registry)
+        self.messages_delivered = Counter(
+            "ws_messages_delivered", "Frames handed to player sockets, offline flushes included.",
+            registry=registry)
+        self.messages_queued = Counter(
+            "ws_messages_queued", "Messages put in an offline queue.", registry=registry)
+        self.offline_queue_messages = Gauge(
+            "ws_offline_queue_messages", "Messages waiting in offline queues now.", registry=registry)
+        self.messages_dropped = Counter(
+            "ws_messages_dropped", "Messages given up, by reason.", ["reason"], registry=registry)
+        self.rate_limited = Counter(
+            "ws_rate_limited", "Publish requests refused by the rate limit (429).", registry=registry)
+        self.auth_failures = Counter(
+            "ws_auth_failures", "Refused tokens, by kind (player or server) and reason.",
+            ["kind", "reason"], registry=registry)
+        self.connections_rejected = Counter(
+            "ws_connections_rejected", "WebSocket connections refused before the upgrade, by reason.",
+            ["reason"], registry=registry)
+        self.disconnects = Counter(
+            "ws_disconnects", "Closed player connections, by close code "
+            "(1006: the TCP connection ended without a close frame).", ["code"], registry=registry)
+        self.http_requests = Counter(
+            "ws_http_requests", "HTTP requests answered, by endpoint and status.",
+            ["endpoint", "status"], registry=registry)
+        self.publish_duration = Histogram(
+            "ws_publish_duration_seconds", "Time to answer /publish and /broadcast.", ["endpoint"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=registry)

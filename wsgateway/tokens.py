@@ -1,0 +1,276 @@
+"""Who is who: player and server tokens from the `ws_token` table.
+
+A token is valid only while its row exists, its `is_server` matches the use and its
+`expires_at` (UTC) is in the future; echoCTF's ws-server forgets the expiry, we don't.
+A player is named by `player_id` when it is set, else by `subject_id`; a server by its
+`subject_id`; identities are always strings.
+
+The store knows no HTTP. It raises `StoreUnavailable` when the database does not answer
+within `db_timeout_s`, so callers can answer 503 instead of hanging.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Protocol, TypeVar
+
+import gevent
+from gevent.threadpool import ThreadPool
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from wsgateway.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_BYTES = 32  # the column is VARBINARY(32): a longer token cannot exist
+REVALIDATION_BATCH = 500  # tokens per IN (...) query
+SERVER_CACHE_LIMIT = 10_000  # server tokens remembered at once
+
+MYSQL_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS ws_token (
+    token       VARBINARY(32) NOT NULL PRIMARY KEY,
+    player_id   INTEGER(10) UNSIGNED DEFAULT NULL,
+    subject_id  VARBINARY(32) NOT NULL,
+    is_server   BOOLEAN NOT NULL,
+    expires_at  DATETIME(6) NOT NULL
+)""",
+    "CREATE INDEX idx_ws_token_server_exp ON ws_token (is_server, expires_at)",
+)
+# SQLite rejects `INTEGER(10) UNSIGNED`; these are the same columns and index. BLOB keeps
+# bytes and text exactly as written, like VARBINARY (VARBINARY would get NUMERIC affinity).
+SQLITE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS ws_token (
+    token       BLOB NOT NULL PRIMARY KEY,
+    player_id   INTEGER DEFAULT NULL CHECK (player_id >= 0),
+    subject_id  BLOB NOT NULL,
+    is_server   BOOLEAN NOT NULL,
+    expires_at  DATETIME NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS idx_ws_token_server_exp ON ws_token (is_server, expires_at)",
+)
+_MYSQL_DUPLICATE_KEY_NAME = 1061
+
+
+def utc_now() -> datetime:
+    """Naive UTC now, the form `expires_at` is stored in."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class TokenStore(Protocol):
+    """Authenticates tokens. Every method may block its greenlet (never the process)
+    for at most the store's timeout, then raises `StoreUnavailable`."""
+
+    def authenticate_player(self, token: str) -> str | None:
+        """The player id of a valid player token, else None. Never cached."""
+
+    def authenticate_server(self, token: str) -> str | None:
+        """The subject id of a valid server token, else None. May be cached for at
+        most the revalidation period, and never past the token's expiry."""
+
+    def valid_player_tokens(self, tokens: Iterable[str]) -> set[str]:
+        """The subset of `tokens` that are still valid player tokens (batched queries)."""
+
+    def is_reachable(self) -> bool:
+        """Whether the database answers now."""
+
+    def close(self) -> None:
+        """Release database connections."""
+
+
+@dataclass(frozen=True)
+class _CachedServer:
+    subject_id: str
+    valid_until: float  # time.monotonic() seconds
+
+
+T = TypeVar("T")
+
+
+class SqlTokenStore:
+    """`TokenStore` on SQLAlchemy: MySQL/MariaDB through PyMySQL or an embedded sqlite file.
+
+    PyMySQL is pure Python, so its socket I/O is cooperative under gevent. sqlite3 calls
+    block in C (a locked file can wait seconds), so they run in a small thread pool and
+    the other greenlets keep going.
+    """
+
+    def __init__(self, database_url: str, *, db_timeout_s: float, cache_period_s: float,
+                 now: Callable[[], datetime] = utc_now,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._is_sqlite = database_url.startswith("sqlite")
+        self._db_timeout_s = db_timeout_s
+        self._cache_period_s = cache_period_s
+        self._now = now
+        self._monotonic = monotonic
+        self._server_cache: dict[str, _CachedServer] = {}
+        self._threads = ThreadPool(4) if self._is_sqlite else None
+        self.engine = _create_engine(database_url, db_timeout_s)
+
+    # --- schema -----------------------------------------------------------------
+    def ensure_schema(self) -> bool:
+        """Create `ws_token` and its index when the table is missing; never alter one.
+
+        Returns True when it created the table."""
+        def create() -> bool:
+            with self.engine.begin() as connection:
+                if inspect(connection).has_table("ws_token"):
+                    return False
+                for statement in SQLITE_SCHEMA if self._is_sqlite else MYSQL_SCHEMA:
+                    try:
+                        connection.execute(text(statement))
+                    except DBAPIError as exc:  # another gateway created it first
+                        if _mysql_error_code(exc) != _MYSQL_DUPLICATE_KEY_NAME:
+                            raise
+                return True
+        return self._run(create)
+
+    # --- TokenStore ---------------------------------------------------------------
+    def authenticate_player(self, token: str) -> str | None:
+        row = self._lookup(token)
+        if row is None or row.is_server or not self._unexpired(row.expires_at):
+            return None
+        if row.player_id is not None:
+            return str(row.player_id)
+        return _as_text(row.subject_id)
+
+    def authenticate_server(self, token: str) -> str | None:
+        cached = self._server_cache.get(token)
+        if cached is not None:
+            if cached.valid_until > self._monotonic():
+                return cached.subject_id
+            del self._server_cache[token]
+        row = self._lookup(token)
+        if row is None or not row.is_server:
+            return None
+        expires_at = _as_datetime(row.expires_at)
+        now = self._now()
+        if expires_at is None or expires_at <= now:
+            return None
+        subject_id = _as_text(row.subject_id)
+        lifetime_s = min(self._cache_period_s, (expires_at - now).total_seconds())
+        if len(self._server_cache) >= SERVER_CACHE_LIMIT:
+            self._server_cache.clear()
+        self._server_cache[token] = _CachedServer(subject_id, self._monotonic() + lifetime_s)
+        return subject_id
+
+    def valid_player_tokens(self, tokens: Iterable[str]) -> set[str]:
+        wanted = [token for token in set(tokens) if _storable(token)]
+        valid: set[str] = set()
+        for start in range(0, len(wanted), REVALIDATION_BATCH):
+            batch = wanted[start:start + REVALIDATION_BATCH]
+            for row in self._query(
+                    "SELECT token, expires_at FROM ws_token WHERE is_server = 0 AND token IN ({})",
+                    batch):
+                if self._unexpired(row.expires_at):
+                    valid.add(_as_text(row.token))
+        return valid
+
+    def is_reachable(self) -> bool:
+        try:
+            self._run(lambda: self._execute_scalar("SELECT 1"))
+        except StoreUnavailable:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._threads is not None:
+            self._threads.kill()
+
+    # --- internals ----------------------------------------------------------------
+    def _lookup(self, token: str):  # -> Row | None
+        if not _storable(token):
+            return None
+        rows = self._query(
+            "SELECT player_id, subject_id, is_server, expires_at FROM ws_token WHERE token IN ({})",
+            [token])
+        return rows[0] if rows else None
+
+    def _query(self, sql_template: str, tokens: list[str]) -> list:
+        """Run `sql_template` with its `{}` filled by one bound parameter per token form.
+
+        In MySQL a VARBINARY compares equal to the same text; in sqlite a BLOB never equals
+        TEXT, and existing sqlite files hold either, so both forms are looked up there."""
+        params: dict[str, object] = {}
+        for index, token in enumerate(tokens):
+            params[f"t{index}"] = token
+            if self._is_sqlite:
+                params[f"b{index}"] = token.encode("utf-8")
+        statement = text(sql_template.format(", ".join(f":{name}" for name in params)))
+
+        def run() -> list:
+            with self.engine.connect() as connection:
+                return list(connection.execute(statement, params))
+        return self._run(run)
+
+    def _execute_scalar(self, sql: str) -> object:
+        with self.engine.connect() as connection:
+            return connection.execute(text(sql)).scalar()
+
+    def _run(self, work: Callable[[], T]) -> T:
+        """Run database work with a deadline; in the thread pool for sqlite."""
+        try:
+            if self._threads is None:
+                # PyMySQL's own read/connect timeouts fire first; this is the backstop.
+                with gevent.Timeout(2 * self._db_timeout_s + 1):
+                    return work()
+            return self._threads.spawn(work).get(timeout=self._db_timeout_s)
+        except gevent.Timeout:
+            raise StoreUnavailable("database timed out") from None
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(f"database error: {type(exc.orig if isinstance(exc, DBAPIError) else exc).__name__}") from exc
+
+    def _unexpired(self, expires_at: object) -> bool:
+        moment = _as_datetime(expires_at)
+        return moment is not None and moment > self._now()
+
+
+def _create_engine(database_url: str, db_timeout_s: float) -> Engine:
+    if database_url.startswith("sqlite"):
+        # A fresh sqlite3 connection per query: cheap, and no pool state shared across threads.
+        return create_engine(database_url, pool_size=4, max_overflow=0,
+                             connect_args={"timeout": db_timeout_s, "check_same_thread": False})
+    timeout = max(1, int(round(db_timeout_s)))
+    return create_engine(
+        database_url,
+        pool_pre_ping=True,
+        pool_recycle=1800,  # below MySQL's default wait_timeout of 8 hours, and proxies'
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=db_timeout_s,
+        connect_args={"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout},
+    )
+
+
+def _storable(token: str) -> bool:
+    return 0 < len(token.encode("utf-8", "surrogatepass")) <= MAX_TOKEN_BYTES
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _as_datetime(value: object) -> datetime | None:
+    """`expires_at` as naive UTC; MySQL returns datetimes, sqlite whatever text was stored."""
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(_as_text(value).strip())
+        except ValueError:
+            return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def _mysql_error_code(exc: DBAPIError) -> int | None:
+    args = getattr(exc.orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
