@@ -1,0 +1,86 @@
+"""Fixtures: real gateways on port 0 (sqlite and MariaDB), always shut down.
+
+gevent patches the standard library first, so the in-process gateway and the test's
+own blocking clients (websocket-client, http.client) share one cooperative event loop.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import uuid  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from tests.helpers import TIMEOUT_S, GatewayUnderTest, TokenTable, gateway_config  # noqa: E402
+
+MYSQL_SERVER_URL = os.environ.get("WS_GATEWAY_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'ws_tokens.db'}"
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """A fresh MariaDB database for this test run, dropped at the end."""
+    name = f"wsgw_test_{uuid.uuid4().hex[:10]}"
+    server = create_engine(MYSQL_SERVER_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with server.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+    except Exception as exc:  # noqa: BLE001 - reported as the reason the MySQL tests cannot run
+        pytest.fail(f"MariaDB at {MYSQL_SERVER_URL} is required for the MySQL tests: {exc}")
+    try:
+        yield f"{MYSQL_SERVER_URL}/{name}"
+    finally:
+        with server.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        server.dispose()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def any_database_url(request) -> str:
+    """Each test using this runs once on sqlite and once on MariaDB."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    url = request.getfixturevalue("mysql_url")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS ws_token"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def start_gateway(sqlite_url) -> Iterator[Callable[..., GatewayUnderTest]]:
+    """Start gateways with `-flag value` style overrides; all are shut down afterwards."""
+    started: list[GatewayUnderTest] = []
+
+    def start(*flags: str, database_url: str | None = None) -> GatewayUnderTest:
+        config = gateway_config(database_url or sqlite_url, *flags)
+        gateway = GatewayUnderTest.start(config)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway) -> GatewayUnderTest:
+    """A gateway with default settings on a fresh sqlite file, with tokens at hand."""
+    return start_gateway()
+
+
+@pytest.fixture
+def tokens(gateway) -> TokenTable:
+    return gateway.tokens
+
+
+def pytest_report_header() -> str:
+    return f"ws-gateway tests: timeout unit {TIMEOUT_S}s"

@@ -1,0 +1,246 @@
+"""Clients and utilities the tests share: a gateway on a free port, its token table,
+HTTP and WebSocket clients, and waiting on conditions with a deadline."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import gevent
+import websocket
+from sqlalchemy import create_engine, text
+
+from wsgateway.config import Config, load
+from wsgateway.server import Gateway
+from wsgateway.tokens import utc_now
+
+TIMEOUT_S = float(os.environ.get("WS_GATEWAY_TEST_TIMEOUT", "5"))  # the one timeout unit of the suite
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = TIMEOUT_S, what: str = "condition") -> Any:
+    """Poll `condition` until it is truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        gevent.sleep(0.005)
+
+
+def gateway_config(database_url: str, *flags: str) -> Config:
+    db = "mysql" if database_url.startswith("mysql") else "sqlite"
+    return load(["-addr", "127.0.0.1:0", "-db", db, "-dsn", database_url, "-log-level", "debug", *flags], env={})
+
+
+class TokenTable:
+    """Rows of `ws_token`, written the way an application backend would."""
+
+    def __init__(self, database_url: str) -> None:
+        self.engine = create_engine(database_url)
+        self._sqlite = database_url.startswith("sqlite")
+
+    def _expiry(self, ttl_s: float) -> Any:
+        moment = utc_now() + timedelta(seconds=ttl_s)
+        return moment.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else moment
+
+    def _insert(self, token: str, player_id: int | None, subject_id: str, is_server: bool, ttl_s: float) -> str:
+        with self.engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO ws_token (token, player_id, subject_id, is_server, expires_at) "
+                "VALUES (:token, :player_id, :subject_id, :is_server, :expires_at)"),
+                {"token": token, "player_id": player_id, "subject_id": subject_id,
+                 "is_server": is_server, "expires_at": self._expiry(ttl_s)})
+        return token
+
+    def player(self, player_id: int | None = 21, *, subject_id: str = "player-subject",
+               token: str | None = None, ttl_s: float = 3600) -> str:
+        return self._insert(token or secrets.token_hex(16), player_id, subject_id, False, ttl_s)
+
+    def server(self, subject_id: str = "backend-1", *, token: str | None = None, ttl_s: float = 3600) -> str:
+        return self._insert(token or secrets.token_hex(16), None, subject_id, True, ttl_s)
+
+    def revoke(self, token: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(text("DELETE FROM ws_token WHERE token = :token"), {"token": token})
+
+    def expire(self, token: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(text("UPDATE ws_token SET expires_at = :past WHERE token = :token"),
+                               {"token": token, "past": self._expiry(-60)})
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class GatewayUnderTest:
+    """A started in-process gateway and the clients to talk to it."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.host, self.port = gateway.address
+        self.tokens = TokenTable(gateway.config.database_url)
+        self.clients: list[websocket.WebSocket] = []
+
+    @classmethod
+    def start(cls, config: Config) -> GatewayUnderTest:
+        gateway = Gateway(config)
+        gateway.start()
+        return cls(gateway)
+
+    def stop(self) -> None:
+        for client in self.clients:  # hang up first: shutdown need not wait for their answers
+            client.shutdown()
+        self.gateway.shutdown(timeout_s=TIMEOUT_S)
+        self.tokens.engine.dispose()
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws"
+
+    # --- HTTP --------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Reply:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            connection.close()
+
+    def post(self, path: str, body: Any = None, *, token: str | None = None, raw: bytes | None = None,
+             headers: dict[str, str] | None = None) -> Reply:
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else json.dumps(body).encode()
+        return self.request("POST", path, data, all_headers)
+
+    def get(self, path: str) -> Reply:
+        return self.request("GET", path)
+
+    def publish(self, token: str, player_id: Any, event: str = "e", payload: Any = None) -> Reply:
+        return self.post("/publish", {"player_id": player_id, "event": event, "payload": payload}, token=token)
+
+    def broadcast(self, token: str, event: str = "e", payload: Any = None, player_id: Any = None) -> Reply:
+        body: dict[str, Any] = {"event": event, "payload": payload}
+        if player_id is not None:
+            body["player_id"] = player_id
+        return self.post("/broadcast", body, token=token)
+
+    # --- WebSocket -------------------------------------------------------------------------
+    def connect(self, token: str, **options: Any) -> websocket.WebSocket:
+        """A connected client; waits until the gateway has registered it."""
+        before = self.gateway.hub.connection_count()
+        client = websocket.create_connection(f"{self.ws_url}?token={token}", timeout=TIMEOUT_S, **options)
+        self.clients.append(client)
+        wait_for(lambda: self.gateway.hub.connection_count() > before, what="connection registered")
+        return client
+
+    def refused(self, query: str = "", **options: Any) -> tuple[int, Any]:
+        """Status and JSON body of a WebSocket request the gateway refuses before upgrading."""
+        try:
+            client = websocket.create_connection(f"{self.ws_url}{query}", timeout=TIMEOUT_S, **options)
+        except websocket.WebSocketBadStatusException as refusal:
+            return refusal.status_code, json.loads(refusal.resp_body or b"null")
+        client.close()
+        raise AssertionError("the WebSocket connection was accepted")
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.gateway.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def receive_event(client: websocket.WebSocket) -> Any:
+    """The next event a client receives, decoded."""
+    return json.loads(client.recv())
+
+
+def receive_close(client: websocket.WebSocket) -> tuple[int, str]:
+    """Read until the server's close frame; return its code and reason."""
+    while True:
+        opcode, frame = client.recv_data_frame(True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            data = frame.data
+            if len(data) < 2:
+                return 1005, ""
+            return struct.unpack("!H", data[:2])[0], data[2:].decode("utf-8")
+
+
+class RawClient:
+    """A hand-driven WebSocket client for frames no well-behaved library would send."""
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.sock = socket.create_connection((host, port), timeout=TIMEOUT_S)
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise AssertionError(f"connection closed during handshake: {response!r}")
+            response += chunk
+        head, self.pending = response.split(b"\r\n\r\n", 1)
+        self.status = int(head.split(b" ", 2)[1])
+
+    def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True,
+                   rsv: int = 0, announced_length: int | None = None) -> None:
+        length = len(payload) if announced_length is None else announced_length
+        first = (0x80 if fin else 0) | (rsv << 4) | opcode
+        mask_bit = 0x80 if masked else 0
+        if length < 126:
+            header = struct.pack("!BB", first, mask_bit | length)
+        elif length < 0x10000:
+            header = struct.pack("!BBH", first, mask_bit | 126, length)
+        else:
+            header = struct.pack("!BBQ", first, mask_bit | 127, length)
+        if masked:
+            mask = os.urandom(4)
+            payload = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+            header += mask
+        self.sock.sendall(header + payload)
+
+    def read_frame(self) -> tuple[int, bytes]:
+        """The next server frame (opcode, payload); raises on EOF."""
+        def need(count: int) -> bytes:
+            while len(self.pending) < count:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise EOFError("connection closed")
+                self.pending += chunk
+            data, self.pending = self.pending[:count], self.pending[count:]
+            return data
+        first, second = need(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", need(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", need(8))[0]
+        return first & 0x0F, need(length)
+
+    def read_close(self) -> int:
+        """Skip frames until the server's close frame; return its code."""
+        while True:
+            opcode, payload = self.read_frame()
+            if opcode == 0x8:
+                return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+
+    def close(self) -> None:
+        self.sock.close()
