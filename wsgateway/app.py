@@ -23,7 +23,7 @@ from flask import Flask, Response, g, request
 from gevent import GreenletExit
 from geventwebsocket.handler import WebSocketHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from wsgateway.config import Config
 from wsgateway.connection import Connection, OutboxLimits
@@ -62,13 +62,15 @@ class Services(Protocol):
 def create_app(services: Services) -> Flask:
     """The Flask application for every HTTP endpoint."""
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes
+    # One byte more than allowed: werkzeug stops a body without Content-Length (chunked) at
+    # this limit without complaint, so reading one byte past -max-body is how we see it.
+    app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes + 1
     metrics = services.metrics
 
     @app.post("/publish")
     def publish() -> Response:
         subject_id = _authenticate_server(services)
-        body = _json_object(request.get_data(cache=False))
+        body = _json_object(_request_body(services.config.max_body_bytes))
         player_id = _player_id(body.get("player_id"), required=True)
         assert player_id is not None
         frame = _frame_of(body)
@@ -79,7 +81,7 @@ def create_app(services: Services) -> Flask:
     @app.post("/broadcast")
     def broadcast() -> Response:
         subject_id = _authenticate_server(services)
-        body = _json_object(request.get_data(cache=False))
+        body = _json_object(_request_body(services.config.max_body_bytes))
         player_id = _player_id(body.get("player_id"), required=False)
         frame = _frame_of(body)
         _take_rate(services, subject_id)
@@ -174,6 +176,14 @@ def _take_rate(services: Services, subject_id: str) -> None:
         raise ClientError(429, "rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait_s)))})
 
 
+def _request_body(max_body_bytes: int) -> bytes:
+    """The request body, or 413 when it is larger than `max_body_bytes`, chunked or not."""
+    body = request.get_data(cache=False)
+    if len(body) > max_body_bytes:
+        raise RequestEntityTooLarge()
+    return body
+
+
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -203,7 +213,7 @@ def _player_id(value: Any, *, required: bool) -> str | None:
     if value is None and not required:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return str(value)
+        value = str(value)  # then held to the same length as a string id
     if isinstance(value, str) and 0 < len(value) <= MAX_PLAYER_ID_CHARS:
         return value
     if value is None:
@@ -216,7 +226,10 @@ def _frame_of(body: dict[str, Any]) -> bytes:
     event = body.get("event")
     if not isinstance(event, str) or not event:
         raise ClientError(400, "event must be a non-empty string")
-    return event_frame(event, body.get("payload"))
+    try:
+        return event_frame(event, body.get("payload"))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") parses but has no UTF-8 form
+        raise ClientError(400, "event and payload must be valid Unicode: lone surrogate") from None
 
 
 # --- WebSocket -----------------------------------------------------------------------------
@@ -357,6 +370,7 @@ class GatewayHandler(WebSocketHandler):
         if endpoint is None or not _asks_for_websocket(self.environ):
             return None  # Flask answers
         try:
+            _check_handshake(self.environ, self.request_version, self.SUPPORTED_VERSIONS)
             admission = endpoint.admit(self.environ)
         except ClientError as refusal:
             return self._refuse(refusal)
@@ -394,6 +408,15 @@ class GatewayHandler(WebSocketHandler):
         if getattr(self.server, "draining", False):
             self.close_connection = True
 
+    def run_application(self) -> None:
+        super().run_application()
+        if self.code == 413 and self.wsgi_input is not None:
+            # pywsgi would read and discard the rest of the refused body before the next
+            # request: possibly gigabytes, or forever when chunked. Hang up instead.
+            self.wsgi_input.content_length = self.wsgi_input.position
+            self.wsgi_input.chunked_input = False
+            self.close_connection = True
+
     def _refuse(self, refusal: ClientError) -> list[bytes]:
         body = json.dumps({"error": refusal.message}).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
@@ -426,6 +449,17 @@ class GatewayHandler(WebSocketHandler):
         log.error("unhandled error in request", exc_info=(error_type, value, traceback),
                   extra={"event": "internal_error", "path": self.environ.get("PATH_INFO", ""),
                          "remote": self._remote()})
+
+
+def _check_handshake(environ: dict[str, Any], request_version: str, supported_versions: tuple[str, ...]) -> None:
+    """Refuse malformed handshakes ourselves, as JSON and before any database query:
+    gevent-websocket answers them with a Content-Length but no body (and HTTP/1.0 with 402)."""
+    if request_version != "HTTP/1.1":
+        raise ClientError(400, "WebSocket upgrade requires HTTP/1.1")
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") not in supported_versions:
+        raise ClientError(426, "missing or unsupported Sec-WebSocket-Version", {"Sec-WebSocket-Version": "13"})
+    if not environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip():
+        raise ClientError(400, "missing Sec-WebSocket-Key")
 
 
 def _asks_for_websocket(environ: dict[str, Any]) -> bool:

@@ -121,6 +121,8 @@ _GO_MYSQL_DSN = re.compile(
 def database_url(db: str, dsn: str) -> str:
     """The SQLAlchemy URL for a Go-style DSN, or the DSN itself when it already is a URL."""
     dsn = dsn.strip()
+    if db == "sqlite" and dsn.startswith("file://"):  # SQLite URI: file:[//localhost]/PATH
+        dsn = "file:" + dsn[len("file://"):].removeprefix("localhost")
     if "://" in dsn:
         scheme = dsn.split("://", 1)[0].lower()
         family = "sqlite" if scheme.startswith("sqlite") else "mysql" if scheme.startswith(("mysql", "mariadb")) else ""
@@ -130,6 +132,9 @@ def database_url(db: str, dsn: str) -> str:
             return "mysql+pymysql://" + dsn.split("://", 1)[1]
         return dsn
     if db == "sqlite":
+        mysql_like = None if dsn.startswith("file:") else _GO_MYSQL_DSN.fullmatch(dsn)
+        if mysql_like and (mysql_like.group("user") is not None or mysql_like.group("net")):
+            raise ValueError(f"{dsn!r} is a MySQL DSN: add -db mysql")
         path = dsn[len("file:"):] if dsn.startswith("file:") else dsn
         path = path.split("?", 1)[0]
         if not path:
@@ -235,6 +240,10 @@ class _OneLineErrorParser(configargparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if message.startswith("Unable to open config file"):
             message = "-c: " + message
+        # argparse says "argument -addr/--addr: expected one argument"; we say "-addr: ..."
+        message = re.sub(r"^argument (-[\w-]+)/--[\w-]+: ", r"\1: ", message)
+        # A config-file key we do not know arrives as "--key=value" among the arguments.
+        message = re.sub(r"^unrecognized arguments: ", "unknown setting (flag or -c file key): ", message)
         raise ConfigError(message)
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from wsgateway.broker import Broker, Envelope
 from wsgateway.hub import Deliverable, Hub
-from wsgateway.metrics import DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, GatewayMetrics
+from wsgateway.metrics import (DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_SLOW_CONSUMER,
+                               GatewayMetrics)
 from wsgateway.offline import OfflineQueue
 
 
@@ -52,6 +53,8 @@ class Delivery:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
         delivered = sum(connection.send(frame) for frame in backlog.frames)
         self.metrics.messages_delivered.inc(delivered)
+        if delivered < len(backlog.frames):  # the socket closed itself as too slow mid-backlog
+            self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(backlog.frames) - delivered)
         self.hub.add(connection)
 
     def disconnect(self, connection: Deliverable) -> None:

@@ -79,7 +79,8 @@ def text_frame(data: bytes) -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """A close frame with a real status code (what gevent-websocket never sends)."""
-    reason_bytes = reason.encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2]
+    # Cut to fit 125 bytes without splitting a character: a peer refuses a non-UTF-8 reason.
+    reason_bytes = reason.encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore").encode("utf-8")
     return encode_frame(OP_CLOSE, struct.pack("!H", code) + reason_bytes)
 
 

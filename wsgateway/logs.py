@@ -49,3 +49,6 @@ def setup_logging(level: str, log_file: str = "") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # gevent-websocket logs every request ("Initializing WebSocket") and every finaliser at
+    # debug; our handler logs what matters.
+    logging.getLogger("geventwebsocket").setLevel(logging.WARNING)

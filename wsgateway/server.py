@@ -39,6 +39,7 @@ from wsgateway.tokens import SqlTokenStore, TokenStore
 log = logging.getLogger(__name__)
 
 OFFLINE_PURGE_INTERVAL_S = 1.0
+KILL_GRACE_S = 0.5  # of the shutdown timeout, kept for killing requests that did not finish
 
 
 class DrainingWSGIServer(WSGIServer):
@@ -137,8 +138,10 @@ class Gateway:
             connection.close(CloseCode.GOING_AWAY)  # type: ignore[attr-defined]
         pool = self.server.pool
         if pool is not None:
-            pool.join(timeout=max(0.0, deadline - time.monotonic()))
-            pool.kill(block=True, timeout=1)
+            total_s = max(0.0, deadline - time.monotonic())
+            kill_grace_s = min(KILL_GRACE_S, total_s / 10)
+            pool.join(timeout=total_s - kill_grace_s)
+            pool.kill(block=True, timeout=kill_grace_s)
         gevent.killall(self._jobs, block=False)
         self.store.close()
         log.info("gateway stopped", extra={"event": "stopped", "connections_closed": len(connections)})

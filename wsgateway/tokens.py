@@ -172,7 +172,9 @@ class SqlTokenStore:
 
     def is_reachable(self) -> bool:
         try:
-            self._run(lambda: self._execute_scalar("SELECT 1"))
+            # Reading the table, not just "SELECT 1": a locked sqlite file or a missing
+            # table must make the gateway not ready, as they make logins fail.
+            self._run(lambda: self._execute_scalar("SELECT 1 FROM ws_token LIMIT 1"))
         except StoreUnavailable:
             return False
         return True
@@ -219,15 +221,34 @@ class SqlTokenStore:
                 # PyMySQL's own read/connect timeouts fire first; this is the backstop.
                 with gevent.Timeout(2 * self._db_timeout_s + 1):
                     return work()
-            return self._threads.spawn(work).get(timeout=self._db_timeout_s)
+            # The thread hands back its exception instead of raising it there, where gevent
+            # would print it to stderr; it is re-raised here, in the waiting greenlet.
+            outcome = self._threads.spawn(_capture, work).get(timeout=self._db_timeout_s)
+            if isinstance(outcome, _Raised):
+                raise outcome.error
+            return outcome
         except gevent.Timeout:
             raise StoreUnavailable("database timed out") from None
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"database error: {type(exc.orig if isinstance(exc, DBAPIError) else exc).__name__}") from exc
+            raise StoreUnavailable(_describe(exc)) from exc
 
     def _unexpired(self, expires_at: object) -> bool:
         moment = _as_datetime(expires_at)
         return moment is not None and moment > self._now()
+
+
+class _Raised:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _capture(work: Callable[[], T]) -> T | _Raised:
+    try:
+        return work()
+    except Exception as exc:  # re-raised by SqlTokenStore._run in the caller's greenlet
+        return _Raised(exc)
 
 
 def _create_engine(database_url: str, db_timeout_s: float) -> Engine:
@@ -269,6 +290,13 @@ def _as_datetime(value: object) -> datetime | None:
     if moment.tzinfo is not None:
         moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
     return moment
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    """One line about a database failure, in the driver's words (never the URL)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    detail = str(cause).splitlines()[0] if str(cause) else ""
+    return f"database error: {type(cause).__name__}" + (f": {detail}" if detail else "")
 
 
 def _mysql_error_code(exc: DBAPIError) -> int | None:
