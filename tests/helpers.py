@@ -244,3 +244,199 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# --- fakes for the pure-module unit tests -----------------------------------------------------
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (`clock.now += 5`)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeConnection:
+    """A connection as the hub, delivery and keep-alive see it; records what it was given.
+
+    `accepting = False` makes `send` refuse, like a connection that is closing.
+    """
+
+    def __init__(self, player_id: str, token: str = "token", *, accepting: bool = True,
+                 last_heard: float = 0.0) -> None:
+        self.player_id = player_id
+        self.token = token
+        self.accepting = accepting
+        self.last_heard = last_heard
+        self.frames: list[bytes] = []
+        self.pings = 0
+        self.aborted_with: int | None = None
+
+    def send(self, frame: bytes) -> bool:
+        if self.accepting:
+            self.frames.append(frame)
+        return self.accepting
+
+    def ping(self) -> None:
+        self.pings += 1
+
+    def abort(self, code: int) -> None:
+        self.aborted_with = code
+
+    def __repr__(self) -> str:
+        return f"FakeConnection({self.player_id!r}, {self.token!r})"
+
+
+# --- processes, ports and a database link that can be cut ---------------------------------------
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+GATEWAY_BIN = str(Path(__file__).resolve().parent.parent / "bin" / "ws-gateway")
+PROCESS_START_TIMEOUT_S = 3 * TIMEOUT_S  # a fresh interpreter importing gevent, Flask and SQLAlchemy
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def gateway_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any WS_GATEWAY_* setting, plus `settings`."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("WS_GATEWAY_")}
+    environment.update(settings)
+    return environment
+
+
+def run_gateway_cli(*args: str, cwd: str | Path, env: dict[str, str] | None = None,
+                    timeout_s: float = PROCESS_START_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run bin/ws-gateway to completion (for invocations that must exit by themselves)."""
+    return subprocess.run([GATEWAY_BIN, *args], cwd=cwd, env=env or gateway_environment(),
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+class GatewayProcess:
+    """bin/ws-gateway as a child process, started from `directory` on a free port, with
+    its sqlite file, pid file, log file and stderr in that directory."""
+
+    def __init__(self, directory: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.db_path = directory / "tokens.db"
+        self.pid_file = directory / "ws-gateway.pid"
+        self.log_file = directory / "ws-gateway.log"
+        self.stderr_file = directory / "stderr.txt"
+        with open(self.stderr_file, "w") as stderr:
+            self.process = subprocess.Popen(
+                [GATEWAY_BIN, "-addr", f"127.0.0.1:{self.port}", "-dsn", f"file:{self.db_path}?cache=shared",
+                 "-pid-file", str(self.pid_file), "-log-file", str(self.log_file), "-log-level", "debug",
+                 *flags],
+                cwd=directory, env=env or gateway_environment(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr)
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.db_path}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def wait_ready(self) -> None:
+        """Wait until /healthz answers; fail with the process's stderr if it exits first."""
+        def healthy() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"ws-gateway exited with {self.process.returncode}: "
+                                     f"{self.stderr_file.read_text()}")
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT_S)
+            try:
+                connection.request("GET", "/healthz")
+                return connection.getresponse().status == 200
+            except OSError:
+                return False
+            finally:
+                connection.close()
+        wait_for(healthy, PROCESS_START_TIMEOUT_S, what="ws-gateway answering /healthz")
+
+    def send_signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float = TIMEOUT_S) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        """Make sure the process is gone (test teardown)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=TIMEOUT_S)
+
+
+class TcpForwarder:
+    """A TCP relay to `target` that a test can cut, to make a real server unreachable
+    and reachable again. While cut, it hangs up on every connection, old and new."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port: int = self.listener.getsockname()[1]
+        self.is_cut = False
+        self._sockets: set[socket.socket] = set()
+        self._acceptor = gevent.spawn(self._accept)
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            if self.is_cut:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=TIMEOUT_S)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self._sockets.update((client, upstream))
+            gevent.spawn(self._relay, client, upstream)
+            gevent.spawn(self._relay, upstream, client)
+
+    def _relay(self, source: socket.socket, destination: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                destination.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, destination):
+                self._hang_up(end)
+
+    def _hang_up(self, end: socket.socket) -> None:
+        self._sockets.discard(end)
+        try:
+            end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        end.close()
+
+    def cut(self) -> None:
+        """Drop every relayed connection and refuse new ones until `restore()`."""
+        self.is_cut = True
+        for end in list(self._sockets):
+            self._hang_up(end)
+
+    def restore(self) -> None:
+        self.is_cut = False
+
+    def close(self) -> None:
+        self._acceptor.kill()
+        self.listener.close()
+        self.cut()

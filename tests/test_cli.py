@@ -1,0 +1,107 @@
+"""bin/ws-gateway on the command line: refused settings, unusable database or address, where
+settings come from, and --help."""
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+import websocket
+
+from tests.helpers import (TIMEOUT_S, GatewayProcess, TokenTable, free_port, gateway_environment,
+                           run_gateway_cli)
+
+
+def one_line(stderr: str) -> str:
+    """The only line of `stderr`; fails when there are more, or a traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, setting", [
+    (["-db", "pg"], "-db"),
+    (["-db", "mysql", "-dsn", "garbage"], "-dsn"),
+    (["-offline-ttl", "10x"], "-offline-ttl"),
+    (["-max-conns", "-1"], "-max-conns"),
+    (["-rate-limit", "abc"], "-rate-limit"),
+    (["-c", "/nonexistent/gateway.ini"], "-c"),
+    (["-no-such-flag", "1"], "-no-such-flag"),
+], ids=["db", "dsn", "offline-ttl", "max-conns", "rate-limit", "config-file", "unknown-flag"])
+def test_bad_setting_exits_2_with_one_line_naming_it(tmp_path, args, setting):
+    """A refused setting exits with status 2 and exactly one stderr line that names it."""
+    result = run_gateway_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    line = one_line(result.stderr)
+    assert re.search(rf"(?<![\w-]){re.escape(setting)}(?![\w-])", line), line
+    assert line.startswith("ws-gateway: ")
+
+
+def test_unknown_key_in_config_file_exits_2(tmp_path):
+    """A config file with a key that is no setting exits 2 with one line naming the key."""
+    config_file = tmp_path / "gateway.ini"
+    config_file.write_text("[gateway]\nmax-conns = 3\nmax-connz = 4\n")
+    result = run_gateway_cli("-c", str(config_file), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "max-connz" in one_line(result.stderr)
+
+
+def test_unreachable_database_at_start_exits_with_one_line(tmp_path):
+    """A database that cannot be reached at start: non-zero exit, one clear line, no traceback."""
+    result = run_gateway_cli("-addr", f"127.0.0.1:{free_port()}", "-db", "mysql",
+                             "-dsn", "root@tcp(127.0.0.1:1)/x", "-db-timeout", "1s", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "database unreachable" in one_line(result.stderr)
+    assert "Traceback" not in result.stdout
+
+
+def test_address_in_use_exits_with_one_line(tmp_path):
+    """A listen address already taken: non-zero exit and one line naming -addr."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_gateway_cli("-addr", f"127.0.0.1:{port}", "-dsn", f"file:{tmp_path / 'tokens.db'}",
+                                 cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    line = one_line(result.stderr)
+    assert "-addr" in line and "in use" in line, line
+
+
+def test_flag_beats_environment_beats_config_file(tmp_path):
+    """Precedence on a running gateway: flag over WS_GATEWAY_* over the config file over defaults."""
+    file_port, env_port = free_port(), free_port()
+    config_file = tmp_path / "gateway.ini"
+    config_file.write_text(f"[gateway]\naddr = 127.0.0.1:{file_port}\nmax-conns = 1\n"
+                           "origins = https://game.example\n")
+    environment = gateway_environment(WS_GATEWAY_ADDR=f"127.0.0.1:{env_port}", WS_GATEWAY_MAX_CONNS="2")
+    process = GatewayProcess(tmp_path, "-c", str(config_file), env=environment)  # -addr given as a flag
+    clients = []
+    try:
+        process.wait_ready()  # on the flag's port
+        for port in (file_port, env_port):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+        table = TokenTable(process.database_url)
+        url = f"{process.ws_url}?token={table.player(21)}"
+        table.engine.dispose()
+        for _ in range(2):  # the environment's max-conns 2, not the file's 1
+            clients.append(websocket.create_connection(url, timeout=TIMEOUT_S, origin="https://game.example"))
+        with pytest.raises(websocket.WebSocketBadStatusException) as refusal:
+            websocket.create_connection(url, timeout=TIMEOUT_S, origin="https://game.example")
+        assert refusal.value.status_code == 429
+        with pytest.raises(websocket.WebSocketBadStatusException) as refusal:  # the file's origins
+            websocket.create_connection(url, timeout=TIMEOUT_S, origin="https://evil.example")
+        assert refusal.value.status_code == 403
+    finally:
+        for client in clients:
+            client.close()
+        process.kill()
+
+
+def test_help_exits_0(tmp_path):
+    """--help prints the settings and exits 0."""
+    result = run_gateway_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage: ws-gateway" in result.stdout and "-max-conns" in result.stdout

@@ -1,0 +1,328 @@
+"""wsgateway.config: Go-compatible flags, durations, sizes, addresses and DSNs, precedence, errors."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from wsgateway.config import ConfigError, database_url, load, parse_addr, parse_duration, parse_size
+
+
+def load_args(*argv: str, env: dict[str, str] | None = None):
+    """`load` isolated from the test process's environment."""
+    return load(list(argv), env={} if env is None else env)
+
+
+def refusal(*argv: str, env: dict[str, str] | None = None) -> str:
+    """The message of the `ConfigError` these arguments raise; it must be one line."""
+    with pytest.raises(ConfigError) as caught:
+        load_args(*argv, env=env)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+# --- defaults -------------------------------------------------------------------------------
+
+def test_go_flag_defaults():
+    """Every flag inherited from the Go ws-server defaults to the Go value."""
+    config = load_args()
+    assert (config.listen_host, config.listen_port) == ("", 8080)
+    assert config.db == "sqlite"
+    assert config.database_url == "sqlite:///ws_tokens.db"  # from file:ws_tokens.db?cache=shared
+    assert config.origins == ()
+    assert config.max_conns_per_player == 10
+    assert config.max_queued == 100
+    assert config.offline_ttl_s == 10.0
+    assert config.rate_limit == 200
+    assert config.rate_period_s == 1.0
+    assert config.revalidate_period_s == 60.0
+
+
+def test_new_flag_defaults():
+    """The gateway's own flags have their documented defaults."""
+    config = load_args()
+    assert config.db_timeout_s == 5.0
+    assert config.max_body_bytes == 1024 * 1024
+    assert config.max_message_bytes == 64 * 1024
+    assert config.ping_period_s == 30.0
+    assert config.pong_wait_s == 60.0
+    assert config.shutdown_timeout_s == 10.0
+    assert config.max_outbox_messages == 4096
+    assert config.max_outbox_bytes == 4 * 1024 * 1024
+    assert (config.log_file, config.log_level, config.pid_file) == ("", "info", "")
+
+
+# --- command-line forms ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["-max-conns", "3"],
+    ["-max-conns=3"],
+    ["--max-conns", "3"],
+    ["--max-conns=3"],
+])
+def test_flag_forms(argv):
+    """`-flag value`, `-flag=value`, `--flag value` and `--flag=value` all set the flag, as in Go."""
+    assert load_args(*argv).max_conns_per_player == 3
+
+
+def test_last_repeated_flag_wins():
+    """A flag given twice takes its last value, as Go's flag package does."""
+    assert load_args("-max-conns", "1", "-max-conns", "2").max_conns_per_player == 2
+
+
+def test_origins_are_split_and_trimmed():
+    """-origins is a comma-separated list; blanks and empty items are ignored."""
+    assert load_args("-origins", " https://a.example , b.example,,").origins == ("https://a.example", "b.example")
+
+
+def test_zero_limits_mean_unlimited_or_off():
+    """0 is accepted where it means "unlimited" or "off"."""
+    config = load_args("-max-conns", "0", "-max-queued", "0", "-offline-ttl", "0", "-rate-limit", "0")
+    assert (config.max_conns_per_player, config.max_queued, config.offline_ttl_s, config.rate_limit) == (0, 0, 0, 0)
+
+
+def test_log_level_is_case_insensitive():
+    """-log-level accepts any case and is stored lower-case."""
+    assert load_args("-log-level", "DEBUG").log_level == "debug"
+
+
+# --- durations, sizes, addresses -----------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [
+    ("250ms", 0.25), ("10s", 10.0), ("1m", 60.0), ("1h30m", 5400.0), ("1.5h", 5400.0), ("0", 0.0),
+    ("1m30.5s", 90.5), ("500us", 0.0005), ("2h45m", 9900.0),
+])
+def test_go_durations(text, seconds):
+    """Go duration syntax is read as seconds."""
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["10x", "-1s", "", "1m-", "10", "m", "1 m", "s10"])
+def test_bad_durations_refused(text):
+    """Text that Go's time.ParseDuration would not accept (or a negative one) is refused."""
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_duration_flag_reaches_config():
+    """A duration flag is stored in seconds."""
+    assert load_args("-offline-ttl", "1h30m").offline_ttl_s == 5400.0
+
+
+@pytest.mark.parametrize("text, size", [("65536", 65536), ("64KiB", 65536), ("1MiB", 1048576), ("2k", 2048)])
+def test_sizes(text, size):
+    """Sizes are bytes, with binary K/M/G multiples."""
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "1.5MiB", "-1", "64XB", "KiB"])
+def test_bad_sizes_refused(text):
+    """A size that is not a whole number with a known unit is refused."""
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text, address", [
+    (":8080", ("", 8080)),
+    ("127.0.0.1:0", ("127.0.0.1", 0)),
+    ("[::1]:8080", ("::1", 8080)),
+    ("localhost:9000", ("localhost", 9000)),
+])
+def test_listen_addresses(text, address):
+    """Go listen addresses become (host, port); an empty host means every interface."""
+    assert parse_addr(text) == address
+
+
+@pytest.mark.parametrize("text", ["8080", "", ":", ":65536", "::1:8080", "[::1]8080", "host:http", "a:b:1"])
+def test_bad_listen_addresses_refused(text):
+    """An address without a numeric port in range, or an unbracketed IPv6 host, is refused."""
+    with pytest.raises(ValueError):
+        parse_addr(text)
+
+
+def test_addr_flag_reaches_config():
+    """-addr sets the listen host and port."""
+    config = load_args("-addr", "[::1]:0")
+    assert (config.listen_host, config.listen_port) == ("::1", 0)
+
+
+# --- DSNs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dsn, url", [
+    ("file:ws_tokens.db?cache=shared", "sqlite:///ws_tokens.db"),
+    ("file:/var/lib/ws/tokens.db?cache=shared&mode=rwc", "sqlite:////var/lib/ws/tokens.db"),
+    ("file:///var/lib/ws/tokens.db?cache=shared", "sqlite:////var/lib/ws/tokens.db"),
+    ("file://localhost/var/lib/ws/tokens.db", "sqlite:////var/lib/ws/tokens.db"),
+    ("/srv/ws@blue/tokens.db", "sqlite:////srv/ws@blue/tokens.db"),
+    ("tokens.db", "sqlite:///tokens.db"),
+    ("sqlite:////var/lib/ws/tokens.db", "sqlite:////var/lib/ws/tokens.db"),
+    ("sqlite:///relative.db", "sqlite:///relative.db"),
+])
+def test_sqlite_dsns(dsn, url):
+    """Go sqlite DSNs (file:PATH?params, SQLite URIs) become SQLAlchemy URLs; URLs pass through."""
+    assert database_url("sqlite", dsn) == url
+
+
+@pytest.mark.parametrize("dsn", ["file:", "", "file::memory:?cache=shared", ":memory:"])
+def test_unusable_sqlite_dsns_refused(dsn):
+    """An empty path or an in-memory database (which would hold no tokens) is refused."""
+    with pytest.raises(ValueError):
+        database_url("sqlite", dsn)
+
+
+@pytest.mark.parametrize("dsn, url", [
+    ("root@/echoCTF", "mysql+pymysql://root@127.0.0.1:3306/echoCTF"),
+    ("root:secret@/echoCTF", "mysql+pymysql://root:secret@127.0.0.1:3306/echoCTF"),
+    ("u:p@tcp(db.example)/echoCTF", "mysql+pymysql://u:p@db.example:3306/echoCTF"),
+    ("u:p@tcp(db.example:3307)/echoCTF", "mysql+pymysql://u:p@db.example:3307/echoCTF"),
+    ("u:p@tcp([::1])/echoCTF", "mysql+pymysql://u:p@[::1]:3306/echoCTF"),
+    ("u:p@tcp(db:3306)/echoCTF?parseTime=true&charset=utf8mb4", "mysql+pymysql://u:p@db:3306/echoCTF"),
+    ("u@unix(/run/mysqld/mysqld.sock)/echoCTF",
+     "mysql+pymysql://u@localhost/echoCTF?unix_socket=/run/mysqld/mysqld.sock"),
+    ("mysql+pymysql://u:p@db/echoCTF", "mysql+pymysql://u:p@db/echoCTF"),
+    ("mysql://u:p@db/echoCTF", "mysql+pymysql://u:p@db/echoCTF"),
+    ("mariadb://u:p@db/echoCTF", "mysql+pymysql://u:p@db/echoCTF"),
+])
+def test_mysql_dsns(dsn, url):
+    """Go MySQL DSNs become pymysql URLs (Go's defaults: 127.0.0.1, port 3306); URLs pass through."""
+    assert database_url("mysql", dsn) == url
+
+
+@pytest.mark.parametrize("password", ["p@ss", "p/w", "p:q", "100%", "a b"])
+def test_mysql_password_special_characters_survive(password):
+    """A password with @, /, :, % or a space reaches SQLAlchemy unchanged (Go splits at the last @)."""
+    url = make_url(database_url("mysql", f"gw:{password}@tcp(db:3306)/echoCTF"))
+    assert (url.username, url.password, url.host, url.port, url.database) == ("gw", password, "db", 3306, "echoCTF")
+
+
+@pytest.mark.parametrize("dsn", ["file:ws_tokens.db?cache=shared", "tokens.db", "u@tcp(db)/", "u@/"])
+def test_bad_mysql_dsns_refused(dsn):
+    """A sqlite DSN or one without a database name is not a MySQL DSN."""
+    with pytest.raises(ValueError):
+        database_url("mysql", dsn)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-db", "mysql"],  # the default DSN is a sqlite one
+    ["-db", "mysql", "-dsn", "sqlite:///x.db"],
+    ["-db", "sqlite", "-dsn", "mysql+pymysql://u:p@db/echoCTF"],
+    ["-db", "sqlite", "-dsn", "u:p@tcp(db:3306)/echoCTF"],
+    ["-db", "sqlite", "-dsn", "root@/echoCTF"],
+    ["-db", "sqlite", "-dsn", "tcp(db:3306)/echoCTF"],
+    ["-db", "mysql", "-dsn", "postgresql://u@db/x"],
+])
+def test_db_and_dsn_mismatch_refused(argv):
+    """A DSN of the other database family is refused, naming -dsn."""
+    assert refusal(*argv).startswith("-dsn:")
+
+
+def test_mysql_dsn_flag_reaches_config():
+    """-db mysql with a Go DSN yields the converted URL in the config."""
+    config = load_args("-db", "mysql", "-dsn", "u:p@tcp(db:3306)/echoCTF")
+    assert (config.db, config.database_url) == ("mysql", "mysql+pymysql://u:p@db:3306/echoCTF")
+
+
+# --- config file, environment, precedence ----------------------------------------------------------
+
+def test_config_file_with_section_header(tmp_path):
+    """`-c FILE` reads `key = value` lines under an optional [gateway] header; comments are ignored."""
+    path = tmp_path / "gateway.ini"
+    path.write_text("# comment\n[gateway]\nmax-conns = 5\noffline-ttl = 30s\norigins =\n\nlog-file =\n")
+    config = load_args("-c", str(path))
+    assert (config.max_conns_per_player, config.offline_ttl_s, config.origins, config.log_file) == (5, 30.0, (), "")
+
+
+def test_config_file_without_header(tmp_path):
+    """The [gateway] header is optional; `--config` is the long form of `-c`."""
+    path = tmp_path / "gateway.ini"
+    path.write_text("max-queued = 7\n")
+    assert load_args("--config", str(path)).max_queued == 7
+
+
+def test_environment_variables():
+    """WS_GATEWAY_<FLAG> (dashes as underscores, upper case) sets a flag."""
+    config = load_args(env={"WS_GATEWAY_MAX_CONNS": "4", "WS_GATEWAY_OFFLINE_TTL": "1m",
+                            "WS_GATEWAY_DSN": "file:env.db?cache=shared"})
+    assert (config.max_conns_per_player, config.offline_ttl_s, config.database_url) == (4, 60.0, "sqlite:///env.db")
+
+
+def test_precedence_command_line_env_file_default(tmp_path):
+    """Command line beats environment, which beats the config file, which beats the default."""
+    path = tmp_path / "gateway.ini"
+    path.write_text("max-conns = 5\nmax-queued = 6\nrate-limit = 7\n")
+    env = {"WS_GATEWAY_MAX_CONNS": "50", "WS_GATEWAY_MAX_QUEUED": "60"}
+    config = load_args("-c", str(path), "-max-conns", "500", env=env)
+    assert config.max_conns_per_player == 500  # command line
+    assert config.max_queued == 60  # environment over file
+    assert config.rate_limit == 7  # file over default
+    assert config.offline_ttl_s == 10.0  # default
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [
+    ("addr", "8080"), ("db", "oracle"), ("max-conns", "-1"), ("max-conns", "ten"), ("max-queued", "1.5"),
+    ("offline-ttl", "10x"), ("offline-ttl", "-1s"), ("offline-ttl", ""), ("offline-ttl", "1m-"),
+    ("rate-limit", "x"), ("rate-period", "0"), ("revalidate-period", "0s"), ("db-timeout", "0"),
+    ("max-body", "0"), ("max-body", "1TiB"), ("max-message-size", "big"), ("ping-period", "0"),
+    ("pong-wait", "forever"), ("shutdown-timeout", "-5s"), ("max-outbox", "0"), ("max-outbox-bytes", "0"),
+    ("log-level", "verbose"), ("dsn", "file:"),
+])
+def test_bad_value_names_the_flag(flag, value):
+    """A bad value raises a one-line ConfigError that starts with `-flag:`."""
+    assert refusal(f"-{flag}={value}").startswith(f"-{flag}:")
+
+
+def test_bad_environment_value_names_the_flag():
+    """A bad WS_GATEWAY_* value is reported under the flag's name."""
+    assert refusal(env={"WS_GATEWAY_MAX_CONNS": "many"}).startswith("-max-conns:")
+
+
+def test_bad_config_file_value_names_the_flag(tmp_path):
+    """A bad value in the config file is reported under the flag's name."""
+    path = tmp_path / "gateway.ini"
+    path.write_text("rate-period = soon\n")
+    assert refusal("-c", str(path)).startswith("-rate-period:")
+
+
+def test_missing_flag_value_names_the_flag():
+    """A flag given without its value is reported as `-flag: ...`."""
+    assert refusal("-addr").startswith("-addr:")
+
+
+def test_unknown_flag_refused():
+    """An unknown flag is refused and named."""
+    assert "-max-connections" in refusal("-max-connections", "3")
+
+
+def test_abbreviated_flag_refused():
+    """A prefix of a flag is not taken for the flag (Go has no abbreviations)."""
+    assert "--max-con" in refusal("--max-con", "3")
+
+
+def test_stray_argument_refused():
+    """A positional argument is refused."""
+    assert "extra" in refusal("extra")
+
+
+def test_unknown_config_file_key_refused(tmp_path):
+    """A key in the config file that is no flag is refused and named."""
+    path = tmp_path / "gateway.ini"
+    path.write_text("[gateway]\nmax-connections = 3\n")
+    assert "max-connections" in refusal("-c", str(path))
+
+
+def test_missing_config_file_refused(tmp_path):
+    """A config file that does not exist is refused, naming -c."""
+    assert refusal("-c", str(tmp_path / "absent.ini")).startswith("-c:")
+
+
+def test_unreadable_config_file_refused(tmp_path):
+    """A config file that cannot be read (here: a directory) is refused, naming -c."""
+    assert refusal("-c", str(tmp_path)).startswith("-c:")
+
+
+@pytest.mark.parametrize("ping, pong", [("30s", "30s"), ("1m", "30s")])
+def test_pong_wait_must_exceed_ping_period(ping, pong):
+    """-pong-wait not longer than -ping-period would reap healthy sockets; it is refused."""
+    assert refusal("-ping-period", ping, "-pong-wait", pong).startswith("-pong-wait:")
