@@ -273,11 +273,29 @@ class FakeConnection:
         self.frames: list[bytes] = []
         self.pings = 0
         self.aborted_with: int | None = None
+        self.held: list[bytes] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.accepting
 
     def send(self, frame: bytes) -> bool:
+        if self.held is not None:
+            self.held.append(frame)
+            return True
         if self.accepting:
             self.frames.append(frame)
         return self.accepting
+
+    def hold(self) -> None:
+        self.held = []
+
+    def release(self, first: list[bytes]) -> int:
+        held, self.held = self.held or [], None
+        taken = sum(self.send(frame) for frame in first)
+        for frame in held:
+            self.send(frame)
+        return taken
 
     def ping(self) -> None:
         self.pings += 1

@@ -569,7 +569,7 @@ def test_readyz_reports_database_ok(gateway):
     """/readyz answers 200 with the database check ok."""
     reply = gateway.get("/readyz")
     assert reply.status == 200
-    assert reply.json == {"status": "ready", "database": "ok", "accepting": "ok"}
+    assert reply.json == {"status": "ready", "database": "ok", "broker": "ok", "accepting": "ok"}
 
 
 @pytest.mark.parametrize("path", ["/nope", "/publish/extra", "/ws/x", "/"])

@@ -1,7 +1,7 @@
 """wsgateway.delivery: publish, broadcast, offline queueing and backlog, with exact metrics."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,6 +12,7 @@ from wsgateway.delivery import Delivery, Outcome
 from wsgateway.hub import Hub
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
+from wsgateway.roster import LocalRoster
 
 
 @dataclass
@@ -22,13 +23,19 @@ class Rig:
     offline: MemoryOfflineQueue
     clock: FakeClock
     metrics: GatewayMetrics
+    seats: dict = field(default_factory=dict)
 
     def connect(self, player_id: str, **options) -> FakeConnection:
-        """A connection that reserved its slot and was connected, as the web face does it."""
-        assert self.delivery.hub.reserve(player_id)
+        """A connection that reserved its seat and was connected, as the web face does it."""
+        seat = self.delivery.roster.reserve(player_id)
+        assert seat is not None
         connection = FakeConnection(player_id, **options)
-        self.delivery.connect(connection)
+        self.delivery.connect(connection, seat)
+        self.seats[id(connection)] = seat
         return connection
+
+    def disconnect(self, connection: FakeConnection) -> None:
+        self.delivery.disconnect(connection, self.seats.pop(id(connection)))
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -41,7 +48,8 @@ def rig(max_queued: int = 100, offline_ttl_s: float = 10.0) -> Rig:
     clock = FakeClock()
     offline = MemoryOfflineQueue(max_queued, offline_ttl_s, clock=clock)
     metrics = GatewayMetrics(CollectorRegistry())
-    delivery = Delivery(Hub(max_conns_per_player=0), offline, InProcessBroker(), metrics)
+    hub = Hub()
+    delivery = Delivery(hub, LocalRoster(hub, offline, max_conns_per_player=0), InProcessBroker(), metrics)
     return Rig(delivery, offline, clock, metrics)
 
 
@@ -153,11 +161,11 @@ def test_expired_backlog_dropped_on_connect(gateway):
 
 
 def test_expired_messages_dropped_on_purge(gateway):
-    """purge_expired() frees expired offline messages and counts them (offline_expired)."""
+    """maintain() frees expired offline messages and counts them (offline_expired)."""
     gateway.delivery.publish("p", b"1")
     gateway.delivery.publish("q", b"2")
     gateway.clock.now += 10
-    gateway.delivery.purge_expired()
+    gateway.delivery.maintain()
     assert len(gateway.offline) == 0
     assert gateway.dropped("offline_expired") == 2
     assert gateway.connect("p").frames == []
@@ -176,6 +184,6 @@ def test_offline_disabled_drops_counted(max_queued, ttl_s):
 def test_disconnect_stops_delivery(gateway):
     """After disconnect a player's messages are queued again instead of delivered."""
     connection = gateway.connect("p")
-    gateway.delivery.disconnect(connection)
+    gateway.disconnect(connection)
     assert gateway.delivery.publish("p", b"later") == Outcome(delivered=0, queued=True)
     assert connection.frames == []

@@ -1,4 +1,4 @@
-"""wsgateway.hub: local connections by player, the per-player limit, and fan-out counts."""
+"""wsgateway.hub: local connections by player, and fan-out counts."""
 from __future__ import annotations
 
 from tests.helpers import FakeConnection
@@ -6,8 +6,7 @@ from wsgateway.hub import Hub
 
 
 def connected(hub: Hub, player_id: str, **options) -> FakeConnection:
-    """A connection reserved and added the way the web face does it."""
-    assert hub.reserve(player_id)
+    """A connection added to the hub."""
     connection = FakeConnection(player_id, **options)
     hub.add(connection)
     return connection
@@ -15,7 +14,7 @@ def connected(hub: Hub, player_id: str, **options) -> FakeConnection:
 
 def test_add_and_remove_accounting():
     """add() and remove() keep connection_count and is_connected right."""
-    hub = Hub(max_conns_per_player=0)
+    hub = Hub()
     first, second = connected(hub, "p"), connected(hub, "p")
     other = connected(hub, "q")
     assert hub.connection_count() == 3 and hub.is_connected("p")
@@ -29,7 +28,7 @@ def test_add_and_remove_accounting():
 
 def test_remove_twice_or_unknown_is_harmless():
     """Removing a connection that is not held changes nothing."""
-    hub = Hub(max_conns_per_player=0)
+    hub = Hub()
     held = connected(hub, "p")
     hub.remove(held)
     hub.remove(held)
@@ -37,62 +36,9 @@ def test_remove_twice_or_unknown_is_harmless():
     assert hub.connection_count() == 0
 
 
-def test_limit_enforced():
-    """A player at max_conns_per_player cannot reserve another slot until one is removed."""
-    hub = Hub(max_conns_per_player=2)
-    first = connected(hub, "p")
-    connected(hub, "p")
-    assert not hub.reserve("p")
-    assert hub.reserve("q"), "the limit is per player"
-    hub.remove(first)
-    assert hub.reserve("p")
-
-
-def test_reservations_count_against_limit():
-    """Reserved slots that are not yet connections count toward the limit."""
-    hub = Hub(max_conns_per_player=2)
-    assert hub.reserve("p")
-    assert hub.reserve("p")
-    assert not hub.reserve("p")
-    assert hub.connection_count() == 0, "reservations are not connections"
-
-
-def test_release_gives_slot_back():
-    """release() returns a reserved slot that will not become a connection."""
-    hub = Hub(max_conns_per_player=1)
-    assert hub.reserve("p")
-    hub.release("p")
-    assert hub.reserve("p")
-
-
-def test_add_consumes_reservation():
-    """add() turns the reservation into the connection: the slot is counted once, not twice."""
-    hub = Hub(max_conns_per_player=2)
-    connected(hub, "p")
-    assert hub.reserve("p")
-    assert not hub.reserve("p")
-
-
-def test_release_without_reservation_is_harmless():
-    """An extra release() does not create free slots beyond the limit."""
-    hub = Hub(max_conns_per_player=1)
-    hub.release("p")
-    assert hub.reserve("p")
-    assert not hub.reserve("p")
-
-
-def test_zero_limit_is_unlimited():
-    """max_conns_per_player 0 accepts any number of connections."""
-    hub = Hub(max_conns_per_player=0)
-    for _ in range(100):
-        connected(hub, "p")
-    assert hub.reserve("p")
-    assert hub.connection_count() == 100
-
-
 def test_deliver_reaches_only_that_player():
     """deliver() hands the frame to each of the player's connections and no one else."""
-    hub = Hub(max_conns_per_player=0)
+    hub = Hub()
     mine = [connected(hub, "p"), connected(hub, "p")]
     other = connected(hub, "q")
     assert hub.deliver("p", b"frame") == 2
@@ -102,7 +48,7 @@ def test_deliver_reaches_only_that_player():
 
 def test_deliver_counts_only_accepting_connections():
     """deliver() counts only the connections whose send returned True."""
-    hub = Hub(max_conns_per_player=0)
+    hub = Hub()
     connected(hub, "p")
     connected(hub, "p", accepting=False)
     assert hub.deliver("p", b"frame") == 1
@@ -110,12 +56,12 @@ def test_deliver_counts_only_accepting_connections():
 
 def test_deliver_to_absent_player():
     """deliver() to a player without connections reaches nobody."""
-    assert Hub(max_conns_per_player=0).deliver("nobody", b"frame") == 0
+    assert Hub().deliver("nobody", b"frame") == 0
 
 
 def test_broadcast_counts_only_accepting_connections():
     """broadcast() reaches every connection and counts those whose send returned True."""
-    hub = Hub(max_conns_per_player=0)
+    hub = Hub()
     takers = [connected(hub, "p"), connected(hub, "q"), connected(hub, "q")]
     closing = connected(hub, "r", accepting=False)
     assert hub.broadcast(b"all") == 3
@@ -125,7 +71,7 @@ def test_broadcast_counts_only_accepting_connections():
 
 def test_connections_snapshot_safe_while_removing():
     """Iterating connections() while removing them visits every connection once."""
-    hub = Hub(max_conns_per_player=0)
+    hub = Hub()
     everyone = {connected(hub, player) for player in ("a", "a", "b", "c")}
     visited = set()
     for connection in hub.connections():

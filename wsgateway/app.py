@@ -28,13 +28,14 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from wsgateway.config import Config
 from wsgateway.connection import Connection, OutboxLimits
 from wsgateway.delivery import Delivery
-from wsgateway.errors import ClientError, StoreUnavailable
+from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, StoreUnavailable
 from wsgateway.frames import Message, encode_frame
 from wsgateway.hub import Hub
 from wsgateway.logs import redact
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
 from wsgateway.protocol import event_frame
 from wsgateway.ratelimit import RateLimiter
+from wsgateway.roster import Roster, Seat
 from wsgateway.tokens import TokenStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Services(Protocol):
     config: Config
     store: TokenStore
     hub: Hub
+    roster: Roster
     delivery: Delivery
     limiter: RateLimiter
     metrics: GatewayMetrics
@@ -76,7 +78,7 @@ def create_app(services: Services) -> Flask:
         frame = _frame_of(body)
         _take_rate(services, subject_id)
         outcome = services.delivery.publish(player_id, frame)
-        return _json({"delivered": outcome.delivered, "queued": outcome.queued})
+        return _json(_outcome_body(outcome, {"delivered": outcome.delivered, "queued": outcome.queued}))
 
     @app.post("/broadcast")
     def broadcast() -> Response:
@@ -86,7 +88,7 @@ def create_app(services: Services) -> Flask:
         frame = _frame_of(body)
         _take_rate(services, subject_id)
         outcome = services.delivery.broadcast(frame, player_id)
-        return _json({"delivered": outcome.delivered})
+        return _json(_outcome_body(outcome, {"delivered": outcome.delivered}))
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
@@ -133,6 +135,13 @@ def create_app(services: Services) -> Flask:
         response.headers["Retry-After"] = "1"
         return response
 
+    @app.errorhandler(BrokerUnavailable)
+    def broker_unavailable(error: BrokerUnavailable) -> Response:
+        log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(error)})
+        response = _json({"error": "broker unavailable: message not accepted, retry later"}, 503)
+        response.headers["Retry-After"] = "1"
+        return response
+
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         messages = {404: "not found", 405: "method not allowed",
@@ -149,6 +158,14 @@ def create_app(services: Services) -> Flask:
         return _json({"error": "internal error"}, 500)
 
     return app
+
+
+def _outcome_body(outcome: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """`scope: local` tells a publisher that the broker was down and only this gateway's
+    connections got the message."""
+    if outcome.local_only:
+        body["scope"] = "local"
+    return body
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
@@ -239,6 +256,7 @@ class Admission:
 
     player_id: str
     token: str
+    seat: Seat | None = None
 
 
 class WebSocketEndpoint(Protocol):
@@ -289,20 +307,36 @@ class PlayerEndpoint:
             rejected.labels("unauthorized").inc()
             services.metrics.auth_failures.labels("player", "invalid").inc()
             raise ClientError(401, "invalid or expired token")
-        if not services.hub.reserve(player_id):
+        try:
+            seat = services.roster.reserve(player_id)
+        except BrokerUnavailable as exc:
+            rejected.labels("broker_unavailable").inc()
+            log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(exc)})
+            raise ClientError(503, "broker unavailable, retry later", {"Retry-After": "1"}) from None
+        if seat is None:
             rejected.labels("too_many_connections").inc()
-            raise ClientError(429, f"player already has {services.hub.max_conns_per_player} connections")
-        return Admission(player_id, token)
+            raise ClientError(429, f"player already has {services.config.max_conns_per_player} connections")
+        return Admission(player_id, token, seat)
 
     def cancel(self, admission: Admission) -> None:
-        self._services.hub.release(admission.player_id)
+        if admission.seat is not None:
+            try:
+                self._services.roster.cancel(admission.seat)
+            except BrokerUnavailable:
+                pass  # the reservation expires by itself
 
     def run(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
         services = self._services
         connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
                                 player_id=admission.player_id, token=admission.token, remote=remote)
+        assert admission.seat is not None
         try:
-            services.delivery.connect(connection)
+            services.delivery.connect(connection, admission.seat)
+        except BrokerUnavailable:
+            self.cancel(admission)
+            connection.abort(CloseCode.TRY_AGAIN_LATER)
+            services.metrics.disconnects.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+            return
         except BaseException:
             self.cancel(admission)
             raise
@@ -312,7 +346,7 @@ class PlayerEndpoint:
         try:
             connection.serve()
         finally:
-            services.delivery.disconnect(connection)
+            services.delivery.disconnect(connection, admission.seat)
             code = int(connection.close_code)
             services.metrics.disconnects.labels(str(code)).inc()
             if connection.dropped_frames:

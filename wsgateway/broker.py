@@ -1,61 +1,72 @@
-"""How a published message reaches the process(es) holding the player's connections.
+"""How a message reaches the gateway processes that hold its player's connections.
 
-A broker only carries envelopes: it knows no sockets, hub or routes. Whoever starts it
-hands it the function that delivers an envelope locally; this is the seam where a
-multi-process backend plugs in without the hub knowing which broker is in use.
+A broker only carries envelopes: it knows no sockets, hub, routes or queues. Whoever
+starts it hands it the function that delivers an envelope to this process's own
+connections; that is the seam where a multi-process backend (`broker_redis`) plugs in
+without the hub knowing which broker is in use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generic, Protocol, TypeVar
+from typing import Callable, Protocol
 
 
 @dataclass(frozen=True)
 class Envelope:
-    """One encoded message and where it goes.
+    """One encoded frame and where it goes.
 
-    `player_id` None means every connected player. `queue_if_offline` asks for the
-    offline queue when the player has no connection (publish does, broadcast does not).
+    `player_id` None means every connected player. `gateways` names the gateways that
+    hold the player's connections; None means every gateway (broadcasts).
     """
 
     frame: bytes
     player_id: str | None = None
-    queue_if_offline: bool = False
+    gateways: frozenset[str] | None = None
 
 
-R = TypeVar("R")
+Deliver = Callable[[Envelope], object]
 
 
-class Broker(Protocol[R]):
-    """Carries envelopes to the local delivery function of every gateway."""
+class Broker(Protocol):
+    """Carries envelopes to the local delivery function of the gateways they name.
 
-    def start(self, deliver: Callable[[Envelope], R]) -> None:
-        """Begin handing envelopes to `deliver`. Called once, before any publish."""
+    Guarantees every backend keeps: envelopes from one publisher arrive in publish order;
+    an envelope reaches each named gateway at most once; `publish` never waits on a
+    player's socket. It raises `BrokerUnavailable` when the envelope cannot be sent.
+    """
 
-    def publish(self, envelope: Envelope) -> R:
-        """Send an envelope on its way; returns what delivery reported."""
+    def start(self, deliver: Deliver) -> None:
+        """Begin handing envelopes for this gateway to `deliver`. Called once."""
+
+    def publish(self, envelope: Envelope) -> None:
+        """Send an envelope on its way."""
+
+    def state(self) -> str:
+        """"ok", or what is wrong."""
 
     def close(self) -> None:
         """Stop delivering; idempotent."""
 
 
-class InProcessBroker(Generic[R]):
+class InProcessBroker:
     """The single-process broker: `publish` delivers in the caller's greenlet, at once.
 
-    Guarantees: delivery in publish order, exactly once to the connections present at
-    the moment of publishing, and the caller learns the outcome. Never blocks.
+    Exactly once to the connections present at the moment of publishing, in call order.
     """
 
     def __init__(self) -> None:
-        self._deliver: Callable[[Envelope], R] | None = None
+        self._deliver: Deliver | None = None
 
-    def start(self, deliver: Callable[[Envelope], R]) -> None:
+    def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
-    def publish(self, envelope: Envelope) -> R:
+    def publish(self, envelope: Envelope) -> None:
         if self._deliver is None:
             raise RuntimeError("broker not started")
-        return self._deliver(envelope)
+        self._deliver(envelope)
+
+    def state(self) -> str:
+        return "ok"
 
     def close(self) -> None:
         self._deliver = None

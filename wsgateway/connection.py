@@ -56,7 +56,7 @@ class Connection:
         "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames",
         "_socket", "_raw_socket", "_rfile", "_limits", "_max_message_bytes", "_on_message",
         "_clock", "_outbox", "_outbox_bytes", "_writer", "_close_sent", "_closing", "_aborted",
-        "_close_timer",
+        "_close_timer", "_held",
     )
 
     def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
@@ -85,6 +85,11 @@ class Connection:
         self._closing = False
         self._aborted = False
         self._close_timer: Greenlet | None = None
+        self._held: list[bytes] | None = None  # live frames waiting behind the backlog
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closing
 
     # --- sending -------------------------------------------------------------------
     def send(self, frame: bytes) -> bool:
@@ -92,7 +97,27 @@ class Connection:
         (nothing was queued) or just closed itself as too slow."""
         if self._closing:
             return False
+        if self._held is not None:
+            self._held.append(frame)
+            if len(self._held) > self._limits.max_frames:
+                self.abort(CloseCode.SLOW_CONSUMER)
+                return False
+            return True
         return self._write(frame)
+
+    def hold(self) -> None:
+        """Keep live frames back until `release`: the backlog must reach the client first,
+        and fetching it may take a round trip to the shared roster."""
+        self._held = []
+
+    def release(self, first: list[bytes]) -> int:
+        """Send `first` (the backlog), then the frames held since `hold`; return how many
+        of `first` were taken."""
+        held, self._held = self._held or [], None
+        taken = sum(self.send(frame) for frame in first)
+        for frame in held:
+            self.send(frame)
+        return taken
 
     def ping(self) -> None:
         """Send a ping; the client's pong refreshes `last_heard`."""
@@ -174,6 +199,9 @@ class Connection:
             self.close_code = code
         if self._outbox:
             self.dropped_frames += len(self._outbox)
+        if self._held:
+            self.dropped_frames += len(self._held)
+        self._held = None
         mid_frame = self._writer is not None or self._outbox is not None
         self._outbox, self._outbox_bytes = None, 0
         if self._writer is not None and self._writer is not gevent.getcurrent():

@@ -1,86 +1,130 @@
-"""Getting one encoded message to its players: fan-out through the broker, local delivery,
-the offline queue, and the backlog a connecting player is owed.
+"""Getting one encoded message to its players: the fan-out logic, written once for every
+broker. The roster decides live or queued, the broker carries live messages to the
+gateways that hold the player, and each gateway hands them to its own connections.
 
-The fan-out logic is written once, here; the broker only carries envelopes and the hub
-only holds connections. Nothing here blocks or yields, so a connecting player's backlog
-reaches its socket before any live message can (ordering needs no lock).
+When the shared broker is unreachable, this gateway's own players still get their
+messages (`scope: local` in the answer); what would need the broker is refused with
+`BrokerUnavailable` rather than answered 200.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from wsgateway.broker import Broker, Envelope
+from wsgateway.errors import BrokerUnavailable
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_SLOW_CONSUMER,
                                GatewayMetrics)
-from wsgateway.offline import OfflineQueue
+from wsgateway.roster import Roster, Route, Seat
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of a message: connections that took it, and whether it was queued."""
+    """What became of a message: connections it was sent to, whether it was queued, and
+    whether only this gateway's connections could be reached."""
 
     delivered: int
     queued: bool = False
+    local_only: bool = False
+
+
+class HeldConnection(Deliverable, Protocol):
+    """What `connect` needs beyond the hub's view: holding live frames behind the backlog."""
+
+    def hold(self) -> None: ...
+
+    def release(self, first: list[bytes]) -> int: ...
 
 
 class Delivery:
-    """Publishes messages and delivers them to this process's connections."""
+    """Publishes messages and delivers the broker's envelopes to local connections."""
 
-    def __init__(self, hub: Hub, offline: OfflineQueue, broker: Broker[Outcome],
-                 metrics: GatewayMetrics) -> None:
+    def __init__(self, hub: Hub, roster: Roster, broker: Broker, metrics: GatewayMetrics) -> None:
         self.hub = hub
-        self.offline = offline
+        self.roster = roster
         self.metrics = metrics
         self._broker = broker
         broker.start(self._deliver_locally)
 
     def publish(self, player_id: str, frame: bytes) -> Outcome:
-        """To every connection of one player, or to its offline queue when it has none."""
+        """To every connection of one player, on any gateway, or to its offline queue."""
         self.metrics.messages_published.inc()
-        return self._broker.publish(Envelope(frame, player_id, queue_if_offline=True))
+        return self._to_player(player_id, frame, queue_if_offline=True)
 
     def broadcast(self, frame: bytes, player_id: str | None = None) -> Outcome:
         """To every connected player, or to one player's live connections; never queued."""
         self.metrics.messages_published.inc()
-        return self._broker.publish(Envelope(frame, player_id))
+        if player_id is not None:
+            return self._to_player(player_id, frame, queue_if_offline=False)
+        try:
+            reach = self.roster.reach()
+            self._broker.publish(Envelope(frame))
+        except BrokerUnavailable:
+            return Outcome(self._deliver_locally(Envelope(frame)), local_only=True)
+        return Outcome(reach)
 
-    def connect(self, connection: Deliverable) -> None:
-        """Send the player's backlog, then register the connection for live messages.
-        Its slot must have been reserved with `hub.reserve`."""
-        backlog = self.offline.take(connection.player_id)
+    def connect(self, connection: HeldConnection, seat: Seat) -> None:
+        """Register the connection, then send the player's backlog before any live frame.
+
+        Live frames that arrive while the backlog is fetched are held behind it."""
+        connection.hold()
+        self.hub.add(connection)
+        self.metrics.active_connections.inc()
+        try:
+            backlog = self.roster.take_seat(seat)
+        except BaseException:
+            self._forget(connection)
+            raise
         if backlog.expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
-        delivered = sum(connection.send(frame) for frame in backlog.frames)
+        delivered = connection.release(backlog.frames)
         self.metrics.messages_delivered.inc(delivered)
         if delivered < len(backlog.frames):  # the socket closed itself as too slow mid-backlog
             self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(backlog.frames) - delivered)
-        self.hub.add(connection)
 
-    def disconnect(self, connection: Deliverable) -> None:
-        self.hub.remove(connection)
+    def disconnect(self, connection: Deliverable, seat: Seat) -> None:
+        self._forget(connection)
+        try:
+            self.roster.leave(seat)
+        except BrokerUnavailable:
+            pass  # the seat expires by itself in the shared roster
 
-    def purge_expired(self) -> None:
-        """Free offline messages whose TTL ran out; they are counted as dropped."""
-        expired = self.offline.purge_expired()
+    def maintain(self) -> None:
+        """Periodic upkeep of the roster; expired offline messages are counted as dropped."""
+        expired = self.roster.maintain()
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
 
-    def _deliver_locally(self, envelope: Envelope) -> Outcome:
+    def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Outcome:
+        try:
+            route = self.roster.route(player_id, frame, queue_if_offline)
+            if route.gateways:
+                self._broker.publish(Envelope(frame, player_id, route.gateways))
+        except BrokerUnavailable:
+            delivered = self._deliver_locally(Envelope(frame, player_id))
+            if not delivered:
+                raise
+            return Outcome(delivered, local_only=True)
+        self._count_route(route)
+        return Outcome(route.connections, route.queued)
+
+    def _count_route(self, route: Route) -> None:
+        if route.queued:
+            self.metrics.messages_queued.inc()
+        if route.dropped:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(route.dropped)
+        if route.queueing_off:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
+
+    def _deliver_locally(self, envelope: Envelope) -> int:
         if envelope.player_id is None:
             delivered = self.hub.broadcast(envelope.frame)
         else:
             delivered = self.hub.deliver(envelope.player_id, envelope.frame)
         self.metrics.messages_delivered.inc(delivered)
-        # A player whose connections are all closing gets the message queued: it is
-        # about to reconnect, and the backlog is what it will be owed.
-        if delivered or not envelope.queue_if_offline:
-            return Outcome(delivered)
-        if not self.offline.enabled:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
-            return Outcome(0)
-        dropped = self.offline.push(envelope.player_id or "", envelope.frame)
-        self.metrics.messages_queued.inc()
-        if dropped:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(dropped)
-        return Outcome(0, queued=True)
+        return delivered
+
+    def _forget(self, connection: Deliverable) -> None:
+        if self.hub.remove(connection):
+            self.metrics.active_connections.dec()

@@ -4,7 +4,8 @@ Exception tree::
 
     GatewayError                 base of everything raised on purpose
     ├── ClientError              a request we refuse: HTTP status + JSON {"error": message}
-    └── StoreUnavailable         the token database cannot be reached (HTTP 503)
+    ├── StoreUnavailable         the token database cannot be reached (HTTP 503)
+    └── BrokerUnavailable        the scale-out broker (Redis) cannot be reached (HTTP 503)
     ProtocolViolation            a client WebSocket frame breaks RFC 6455 or our limits;
                                  carries the close code the connection ends with
 
@@ -29,6 +30,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008  # the player's token was revoked or expired
     MESSAGE_TOO_BIG = 1009  # client message over -max-message-size
     INTERNAL_ERROR = 1011  # a bug in the gateway
+    TRY_AGAIN_LATER = 1013  # the shared broker was unreachable while the connection was set up
     SLOW_CONSUMER = 4000  # the socket's outbox overflowed: the client reads too slowly
     PONG_TIMEOUT = 4001  # nothing heard from the client for -pong-wait
 
@@ -47,6 +49,7 @@ _REASONS = {
     CloseCode.POLICY_VIOLATION: "token revoked or expired",
     CloseCode.MESSAGE_TOO_BIG: "message too big",
     CloseCode.INTERNAL_ERROR: "internal error",
+    CloseCode.TRY_AGAIN_LATER: "broker unavailable, retry later",
     CloseCode.SLOW_CONSUMER: "client too slow: outbox overflowed",
     CloseCode.PONG_TIMEOUT: "ping timeout",
 }
@@ -68,6 +71,10 @@ class ClientError(GatewayError):
 
 class StoreUnavailable(GatewayError):
     """The token database did not answer; callers answer 503 and keep running."""
+
+
+class BrokerUnavailable(GatewayError):
+    """The shared broker did not answer; what needs it is refused (503), the rest goes on."""
 
 
 class ProtocolViolation(Exception):

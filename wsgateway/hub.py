@@ -2,7 +2,8 @@
 
 Delivery here never blocks and never yields: `send()` on a connection only writes what
 the kernel takes at once or appends to that connection's bounded outbox. So a fan-out
-loop runs to its end without another greenlet changing the maps under it.
+loop runs to its end without another greenlet changing the maps under it. The hub
+knows nothing of other gateways or of the broker: it is local by definition.
 """
 from __future__ import annotations
 
@@ -14,56 +15,33 @@ class Deliverable(Protocol):
 
     player_id: str
     token: str
+    is_open: bool  # False once closing: it takes no more frames
 
     def send(self, frame: bytes) -> bool:
         """Queue a complete frame without blocking; False if the connection is closing."""
 
 
 class Hub:
-    """Local connections by player, with the per-player connection limit.
+    """Local connections by player."""
 
-    A connection is *reserved* (counted against `max_conns_per_player`) from the moment
-    its token is accepted until it is added or released, so concurrent connects cannot
-    exceed the limit while they are being upgraded.
-    """
-
-    def __init__(self, max_conns_per_player: int) -> None:
-        self.max_conns_per_player = max_conns_per_player  # 0 = unlimited
+    def __init__(self) -> None:
         self._by_player: dict[str, list[Deliverable]] = {}
-        self._reserved: dict[str, int] = {}
         self._count = 0
 
-    def reserve(self, player_id: str) -> bool:
-        """Claim a connection slot for `player_id`; False when the player is at the limit."""
-        held = len(self._by_player.get(player_id, ())) + self._reserved.get(player_id, 0)
-        if self.max_conns_per_player and held >= self.max_conns_per_player:
-            return False
-        self._reserved[player_id] = self._reserved.get(player_id, 0) + 1
-        return True
-
-    def release(self, player_id: str) -> None:
-        """Give back a reserved slot that will not become a connection."""
-        left = self._reserved.get(player_id, 0) - 1
-        if left > 0:
-            self._reserved[player_id] = left
-        else:
-            self._reserved.pop(player_id, None)
-
     def add(self, connection: Deliverable) -> None:
-        """Register a connection whose slot was reserved."""
-        self.release(connection.player_id)
         self._by_player.setdefault(connection.player_id, []).append(connection)
         self._count += 1
 
-    def remove(self, connection: Deliverable) -> None:
-        """Forget a connection; removing one that is not held does nothing."""
+    def remove(self, connection: Deliverable) -> bool:
+        """Forget a connection; False (and nothing done) when it was not held."""
         connections = self._by_player.get(connection.player_id)
         if not connections or connection not in connections:
-            return
+            return False
         connections.remove(connection)
         if not connections:
             del self._by_player[connection.player_id]
         self._count -= 1
+        return True
 
     def deliver(self, player_id: str, frame: bytes) -> int:
         """Hand `frame` to each of the player's connections; return how many took it."""
@@ -79,6 +57,11 @@ class Hub:
 
     def is_connected(self, player_id: str) -> bool:
         return player_id in self._by_player
+
+    def count_of(self, player_id: str) -> int:
+        """How many open connections this process holds for `player_id` (closing ones
+        would take nothing: a message for a player with only those is better queued)."""
+        return sum(connection.is_open for connection in self._by_player.get(player_id, ()))
 
     def connections(self) -> Iterator[Deliverable]:
         """A snapshot of every connection, safe to iterate while connections come and go."""

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from wsgateway.app import WEBSOCKET_PATH, GatewayHandler, PlayerEndpoint, create_app
 from wsgateway.broker import InProcessBroker
 from wsgateway.config import Config
-from wsgateway.delivery import Delivery, Outcome
+from wsgateway.delivery import Delivery
 from wsgateway.errors import CloseCode
 from wsgateway.hub import Hub
 from wsgateway.keepalive import KeepAlive
@@ -34,6 +34,7 @@ from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.ratelimit import RateLimiter
 from wsgateway.revalidation import Revalidator
+from wsgateway.roster import LocalRoster
 from wsgateway.tokens import SqlTokenStore, TokenStore
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,12 @@ class Gateway:
         self.metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
         self.store: TokenStore = store if store is not None else SqlTokenStore(
             config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=config.revalidate_period_s)
-        self.hub = Hub(config.max_conns_per_player)
+        self.hub = Hub()
         self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s)
-        self.delivery = Delivery(self.hub, self.offline, InProcessBroker[Outcome](), self.metrics)
+        self.roster = LocalRoster(self.hub, self.offline, config.max_conns_per_player)
+        self.broker = InProcessBroker()
+        self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics)
         self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
-        self.metrics.active_connections.set_function(self.hub.connection_count)
         self.metrics.offline_queue_messages.set_function(lambda: len(self.offline))
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
@@ -106,7 +108,7 @@ class Gateway:
             gevent.spawn(self._every, self.keepalive.interval_s, lambda: self.keepalive.tick(time.monotonic()),
                          "keepalive"),
             gevent.spawn(self._every, self.config.revalidate_period_s, self.revalidator.run_once, "revalidation"),
-            gevent.spawn(self._every, OFFLINE_PURGE_INTERVAL_S, self.delivery.purge_expired, "offline_purge"),
+            gevent.spawn(self._every, OFFLINE_PURGE_INTERVAL_S, self.delivery.maintain, "roster_upkeep"),
         ]
         log.info("gateway listening", extra={"event": "started", "address": f"{self.address[0]}:{self.address[1]}",
                                              "db": self.config.db})
@@ -143,6 +145,7 @@ class Gateway:
             pool.join(timeout=total_s - kill_grace_s)
             pool.kill(block=True, timeout=kill_grace_s)
         gevent.killall(self._jobs, block=False)
+        self.broker.close()
         self.store.close()
         log.info("gateway stopped", extra={"event": "stopped", "connections_closed": len(connections)})
         self._stopped.set()
@@ -150,6 +153,7 @@ class Gateway:
     def is_ready(self) -> dict[str, str]:
         return {
             "database": "ok" if self.store.is_reachable() else "unreachable",
+            "broker": self.broker.state(),
             "accepting": "shutting down" if self.draining else "ok",
         }
 

@@ -1,0 +1,129 @@
+"""Where players are and what they are owed: connection seats, the per-player limit, and
+the decision, for each message, between live delivery and the offline queue.
+
+This is the state that must be shared when several gateways act as one: a player is
+offline only when no gateway holds a connection for it, `-max-conns` counts every
+gateway, and a backlog is handed to exactly one connection. `LocalRoster` keeps it in
+this process; `roster_redis.RedisRoster` keeps it in Redis for a cluster.
+
+A connection's life in the roster: `reserve` (counts against the limit, before the
+upgrade) -> `take_seat` (now present: live messages route to it; returns its backlog,
+exactly once) -> `leave`. `cancel` gives back a reservation that never took its seat.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Protocol
+
+from wsgateway.hub import Hub
+from wsgateway.offline import Backlog, MemoryOfflineQueue
+
+LOCAL_GATEWAY = ""  # the gateway id routes carry when there is only this process
+
+
+@dataclass(frozen=True)
+class Seat:
+    """One connection's place in the roster."""
+
+    player_id: str
+    seat_id: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a message for one player goes.
+
+    `gateways` hold the player's connections (`connections` of them in all) and must get
+    the message live. Otherwise it was `queued` (with `dropped` older messages pushed out of
+    a full queue) or, when queueing was not asked for or is off, it goes nowhere.
+    """
+
+    gateways: frozenset[str]
+    connections: int
+    queued: bool = False
+    dropped: int = 0
+    queueing_off: bool = False  # the player was offline, queueing was asked, and it is disabled
+
+
+class Roster(Protocol):
+    """Player presence and offline queues. Methods may block the calling greenlet on I/O
+    (never the process) and raise `BrokerUnavailable` when shared state is out of reach."""
+
+    def reserve(self, player_id: str) -> Seat | None:
+        """A seat for a new connection, or None when the player is at `-max-conns`."""
+
+    def cancel(self, seat: Seat) -> None:
+        """Give back a reservation whose connection never came."""
+
+    def take_seat(self, seat: Seat) -> Backlog:
+        """Make the seat present and return the player's backlog (empty for all but one
+        of simultaneous takers). Live messages routed after this reach the seat's gateway."""
+
+    def leave(self, seat: Seat) -> None:
+        """The connection ended."""
+
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+        """Decide, atomically with presence, whether the frame goes live or to the queue."""
+
+    def reach(self) -> int:
+        """Connections on every gateway: what a broadcast is sent to."""
+
+    def maintain(self) -> int:
+        """Periodic upkeep (expire queued frames, refresh presence); returns frames expired."""
+
+    def state(self) -> str:
+        """"ok", or what is wrong with the shared state."""
+
+
+class LocalRoster:
+    """`Roster` for a single gateway: presence is the hub, the queue is in memory.
+    Nothing here yields, so route/take_seat are atomic by construction."""
+
+    def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int) -> None:
+        self.max_conns_per_player = max_conns_per_player  # 0 = unlimited
+        self._hub = hub
+        self._offline = offline
+        self._reserved: dict[str, int] = {}
+        self._seat_numbers = itertools.count(1)
+
+    def reserve(self, player_id: str) -> Seat | None:
+        held = self._hub.count_of(player_id) + self._reserved.get(player_id, 0)
+        if self.max_conns_per_player and held >= self.max_conns_per_player:
+            return None
+        self._reserved[player_id] = self._reserved.get(player_id, 0) + 1
+        return Seat(player_id, f"local/{next(self._seat_numbers)}")
+
+    def cancel(self, seat: Seat) -> None:
+        left = self._reserved.get(seat.player_id, 0) - 1
+        if left > 0:
+            self._reserved[seat.player_id] = left
+        else:
+            self._reserved.pop(seat.player_id, None)
+
+    def take_seat(self, seat: Seat) -> Backlog:
+        self.cancel(seat)  # the hub now counts the connection itself
+        return self._offline.take(seat.player_id)
+
+    def leave(self, seat: Seat) -> None:
+        pass  # the hub forgets the connection; nothing else is kept per seat
+
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+        connections = self._hub.count_of(player_id)
+        if connections:
+            return Route(frozenset((LOCAL_GATEWAY,)), connections)
+        if not queue_if_offline:
+            return Route(frozenset(), 0)
+        if not self._offline.enabled:
+            return Route(frozenset(), 0, queueing_off=True)
+        dropped = self._offline.push(player_id, frame)
+        return Route(frozenset(), 0, queued=True, dropped=dropped)
+
+    def reach(self) -> int:
+        return self._hub.connection_count()
+
+    def maintain(self) -> int:
+        return self._offline.purge_expired()
+
+    def state(self) -> str:
+        return "ok"
