@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 from flask import Flask, Response, g, request
 from gevent import GreenletExit
 from geventwebsocket.handler import WebSocketHandler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from wsgateway.config import Config
@@ -92,7 +92,7 @@ def create_app(services: Services) -> Flask:
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -9,10 +9,11 @@ import logging
 import sys
 from typing import Sequence
 
-from wsgateway.config import ConfigError, load
-from wsgateway.errors import StoreUnavailable
+from wsgateway.config import Config, ConfigError, load
+from wsgateway.errors import BrokerUnavailable, StoreUnavailable
 from wsgateway.logs import setup_logging
 from wsgateway.server import Gateway, remove_pid_file, write_pid_file
+from wsgateway.workers import Supervisor, inherited_listener
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _fail(f"-log-file: cannot open {config.log_file!r}: {exc.strerror}", 2)
 
-    gateway = Gateway(config)
+    if config.workers > 1:
+        return _supervise(config, sys.argv[1:] if argv is None else list(argv))
+
+    gateway = Gateway(config, listener=inherited_listener())
     try:
         gateway.start()
     except StoreUnavailable as exc:
         return _fail(f"database unreachable at start ({config.db}): {exc}", 1)
+    except BrokerUnavailable as exc:
+        return _fail(f"-broker: redis unreachable at start: {exc}", 1)
     except OSError as exc:
         address = f"{config.listen_host}:{config.listen_port}"
         return _fail(f"-addr: cannot listen on {address}: {exc.strerror or exc}", 1)
@@ -52,3 +58,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.pid_file:
             remove_pid_file(config.pid_file)
     return 0
+
+
+def _supervise(config: Config, argv: list[str]) -> int:
+    """-workers N: this process only binds, supervises and relays signals."""
+    supervisor = Supervisor(config, argv)
+    if config.pid_file:
+        try:
+            write_pid_file(config.pid_file)
+        except OSError as exc:
+            return _fail(f"-pid-file: cannot write {config.pid_file!r}: {exc.strerror}", 2)
+    try:
+        return supervisor.run()
+    except OSError as exc:
+        return _fail(f"-addr: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror or exc}", 1)
+    finally:
+        if config.pid_file:
+            remove_pid_file(config.pid_file)

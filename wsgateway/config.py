@@ -49,6 +49,10 @@ class Config:
     shutdown_timeout_s: float  # how long SIGTERM waits for sockets and requests to finish
     max_outbox_messages: int  # frames waiting for a slow socket before it is closed
     max_outbox_bytes: int  # bytes waiting for a slow socket before it is closed
+    broker_url: str  # "" = in-process broker (one gateway); redis://... = a cluster of gateways
+    broker_prefix: str  # Redis key prefix: gateways sharing it act as one
+    presence_ttl_s: float  # a dead gateway's players count as offline after this
+    workers: int  # processes sharing -addr (more than 1 needs -broker)
     log_file: str  # "" = standard output
     log_level: str
     pid_file: str  # "" = none
@@ -194,6 +198,20 @@ def _positive_count(value: str) -> int:
     return count
 
 
+def _broker_url(value: str) -> str:
+    url = value.strip()
+    if url and not re.match(r"(redis|rediss|unix)://", url):
+        raise ValueError(f"{value!r} is not a Redis URL (use redis://host:6379/0, rediss://... or unix://...)")
+    return url
+
+
+def _key_prefix(value: str) -> str:
+    prefix = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
+        raise ValueError(f"{value!r} is not a key prefix (1-64 of letters, digits, _ . : -)")
+    return prefix
+
+
 def _positive_duration(value: str) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -228,6 +246,10 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("shutdown-timeout", "10s", _positive_duration, "how long shutdown waits for sockets and requests"),
     _Flag("max-outbox", "4096", _positive_count, "frames waiting for one socket before it is closed as too slow"),
     _Flag("max-outbox-bytes", "4MiB", _positive_size, "bytes waiting for one socket before it is closed as too slow"),
+    _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://): gateways sharing it act as one"),
+    _Flag("broker-prefix", "wsgw", _key_prefix, "Redis key prefix of this gateway cluster"),
+    _Flag("presence-ttl", "15s", _positive_duration, "a dead gateway's players count as offline after this"),
+    _Flag("workers", "1", _positive_count, "processes serving -addr on this host (more than 1 needs -broker)"),
     _Flag("log-file", "", _text, "JSON log file (default: standard output)"),
     _Flag("log-level", "info", _log_level, "debug, info, warning or error"),
     _Flag("pid-file", "", _text, "write the process id here while running"),
@@ -285,6 +307,8 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         raise ConfigError(f"-dsn: {exc}") from None
     if value["pong-wait"] <= value["ping-period"]:
         raise ConfigError(f"-pong-wait: {raw['pong-wait']} must be longer than -ping-period {raw['ping-period']}")
+    if value["workers"] > 1 and not value["broker"]:
+        raise ConfigError(f"-workers: {value['workers']} workers need -broker redis://... to act as one gateway")
     host, port = value["addr"]
     return Config(
         listen_host=host,
@@ -306,6 +330,10 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         shutdown_timeout_s=value["shutdown-timeout"],
         max_outbox_messages=value["max-outbox"],
         max_outbox_bytes=value["max-outbox-bytes"],
+        broker_url=value["broker"],
+        broker_prefix=value["broker-prefix"],
+        presence_ttl_s=value["presence-ttl"],
+        workers=value["workers"],
         log_file=raw["log-file"].strip(),
         log_level=value["log-level"],
         pid_file=raw["pid-file"].strip(),

@@ -70,7 +70,7 @@ class Delivery:
         Live frames that arrive while the backlog is fetched are held behind it."""
         connection.hold()
         self.hub.add(connection)
-        self.metrics.active_connections.inc()
+        self.metrics.connection_opened()
         try:
             backlog = self.roster.take_seat(seat)
         except BaseException:
@@ -114,6 +114,8 @@ class Delivery:
             self.metrics.messages_queued.inc()
         if route.dropped:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(route.dropped)
+        if route.expired:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(route.expired)
         if route.queueing_off:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
 
@@ -127,4 +129,4 @@ class Delivery:
 
     def _forget(self, connection: Deliverable) -> None:
         if self.hub.remove(connection):
-            self.metrics.active_connections.dec()
+            self.metrics.connection_closed()

@@ -4,10 +4,18 @@ The first three names are echoCTF's ws-server's, with the same meaning: publishe
 accepted publish/broadcast calls, delivered counts frames handed to sockets (offline
 flushes included). The rest are what an operator needs to see losses, abuse and load.
 The registry is injected so that every gateway in a test process has its own.
+
+With `-workers N` each worker process records into files under PROMETHEUS_MULTIPROC_DIR
+(prometheus-client's multiprocess mode, set up by the supervisor), and `/metrics` from
+any worker reports the totals of the host; `ws_worker_active_connections` keeps one
+series per worker (label `pid`).
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # echoCTF's ws-server exports no `_created` series; neither do we.
 disable_created_metrics()
@@ -24,7 +32,11 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.active_connections = Gauge(
-            "ws_active_connections", "Open player WebSocket connections.", registry=registry)
+            "ws_active_connections", "Open player WebSocket connections.", registry=registry,
+            multiprocess_mode="livesum")
+        self.worker_active_connections = Gauge(
+            "ws_worker_active_connections", "Open player WebSocket connections of each worker process.",
+            registry=registry, multiprocess_mode="liveall")
         self.messages_published = Counter(
             "ws_messages_published", "Accepted /publish and /broadcast messages.", registry=registry)
         self.messages_delivered = Counter(
@@ -33,7 +45,9 @@ class GatewayMetrics:
         self.messages_queued = Counter(
             "ws_messages_queued", "Messages put in an offline queue.", registry=registry)
         self.offline_queue_messages = Gauge(
-            "ws_offline_queue_messages", "Messages waiting in offline queues now.", registry=registry)
+            "ws_offline_queue_messages", "Messages waiting in this process's offline queues now "
+            "(in-process broker only; with -broker they wait in Redis).", registry=registry,
+            multiprocess_mode="livesum")
         self.messages_dropped = Counter(
             "ws_messages_dropped", "Messages given up, by reason.", ["reason"], registry=registry)
         self.rate_limited = Counter(
@@ -54,3 +68,20 @@ class GatewayMetrics:
             "ws_publish_duration_seconds", "Time to answer /publish and /broadcast.", ["endpoint"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=registry)
+
+    def connection_opened(self) -> None:
+        self.active_connections.inc()
+        self.worker_active_connections.inc()
+
+    def connection_closed(self) -> None:
+        self.active_connections.dec()
+        self.worker_active_connections.dec()
+
+    def exposition(self) -> bytes:
+        """The text `/metrics` serves: this process's registry, or the host's totals when
+        running as one of several workers."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            host = CollectorRegistry()
+            MultiProcessCollector(host)
+            return generate_latest(host)
+        return generate_latest(self.registry)

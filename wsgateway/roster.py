@@ -42,7 +42,8 @@ class Route:
     gateways: frozenset[str]
     connections: int
     queued: bool = False
-    dropped: int = 0
+    dropped: int = 0  # older frames pushed out of the full queue
+    expired: int = 0  # frames found expired in the queue while queueing this one
     queueing_off: bool = False  # the player was offline, queueing was asked, and it is disabled
 
 
@@ -72,8 +73,8 @@ class Roster(Protocol):
     def maintain(self) -> int:
         """Periodic upkeep (expire queued frames, refresh presence); returns frames expired."""
 
-    def state(self) -> str:
-        """"ok", or what is wrong with the shared state."""
+    def close(self) -> None:
+        """This gateway is leaving: forget what it registered."""
 
 
 class LocalRoster:
@@ -125,5 +126,5 @@ class LocalRoster:
     def maintain(self) -> int:
         return self._offline.purge_expired()
 
-    def state(self) -> str:
-        return "ok"
+    def close(self) -> None:
+        pass

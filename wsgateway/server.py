@@ -24,22 +24,22 @@ from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry
 
 from wsgateway.app import WEBSOCKET_PATH, GatewayHandler, PlayerEndpoint, create_app
-from wsgateway.broker import InProcessBroker
+from wsgateway.broker import Broker, InProcessBroker
 from wsgateway.config import Config
 from wsgateway.delivery import Delivery
-from wsgateway.errors import CloseCode
+from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.hub import Hub
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.ratelimit import RateLimiter
 from wsgateway.revalidation import Revalidator
-from wsgateway.roster import LocalRoster
+from wsgateway.roster import LocalRoster, Roster
 from wsgateway.tokens import SqlTokenStore, TokenStore
 
 log = logging.getLogger(__name__)
 
-OFFLINE_PURGE_INTERVAL_S = 1.0
+ROSTER_UPKEEP_INTERVAL_S = 1.0  # offline expiry sweeps; Redis presence heartbeats when due
 KILL_GRACE_S = 0.5  # of the shutdown timeout, kept for killing requests that did not finish
 
 
@@ -65,27 +65,60 @@ class Gateway:
     """One gateway process. Provides what `app.Services` describes."""
 
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
-                 store: TokenStore | None = None) -> None:
+                 store: TokenStore | None = None, listener: socket.socket | None = None) -> None:
+        """`listener`: an already bound socket (a worker's, inherited from the supervisor);
+        by default the gateway binds -addr itself."""
         self.config = config
         self.metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
         self.store: TokenStore = store if store is not None else SqlTokenStore(
             config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=config.revalidate_period_s)
         self.hub = Hub()
-        self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s)
-        self.roster = LocalRoster(self.hub, self.offline, config.max_conns_per_player)
-        self.broker = InProcessBroker()
+        self.roster: Roster
+        self.broker: Broker
+        self.offline: MemoryOfflineQueue | None = None  # with -broker, queues live in Redis
+        if config.broker_url:
+            self._use_redis(config)
+        else:
+            offline = self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s)
+            self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player)
+            self.broker = InProcessBroker()
+            self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
+            self.metrics.offline_queue_messages.set_function(lambda: len(offline))
         self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics)
-        self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
-        self.metrics.offline_queue_messages.set_function(lambda: len(self.offline))
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
         self.server = DrainingWSGIServer(
-            (config.listen_host, config.listen_port), create_app(self), handler_class=GatewayHandler,
+            listener if listener is not None else (config.listen_host, config.listen_port),
+            create_app(self), handler_class=GatewayHandler,
             spawn=Pool(), log=None, error_log=logging.getLogger("wsgateway.http"))
         self.server.websocket_endpoints[WEBSOCKET_PATH] = PlayerEndpoint(self)
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
         self._shutdown_started = False
+
+    def _use_redis(self, config: Config) -> None:
+        """Shared roster, broker and rate limit: every gateway on this -broker acts as one."""
+        from wsgateway.broker_redis import RedisBroker
+        from wsgateway.ratelimit_redis import RedisRateLimiter
+        from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
+        from wsgateway.roster_redis import RedisRoster
+
+        client = create_client(config.broker_url, config.db_timeout_s)
+        keys = RedisKeys(config.broker_prefix)
+        self.gateway_id = new_gateway_id()
+        roster = RedisRoster(client, keys, self.gateway_id, max_conns_per_player=config.max_conns_per_player,
+                             max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
+                             presence_ttl_s=config.presence_ttl_s)
+        self.roster = roster
+        self.broker = RedisBroker(client, keys, self.gateway_id, on_subscribed=lambda: self._quietly(roster.refresh))
+        self.limiter = RedisRateLimiter(client, keys, config.rate_limit, config.rate_period_s,
+                                        fallback=RateLimiter(config.rate_limit, config.rate_period_s))
+
+    def _quietly(self, job: Callable[[], object]) -> None:
+        try:
+            job()
+        except BrokerUnavailable as exc:
+            log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(exc)})
 
     @property
     def draining(self) -> bool:
@@ -103,12 +136,17 @@ class Gateway:
         address cannot be bound."""
         if self.store.ensure_schema():
             log.info("created table ws_token", extra={"event": "schema_created"})
+        wait_subscribed = getattr(self.broker, "wait_subscribed", None)
+        if wait_subscribed is not None and not wait_subscribed(self.config.db_timeout_s):
+            self.broker.close()
+            raise BrokerUnavailable(f"no answer from {self.config.broker_url.split('@')[-1]}")
         self.server.start()
         self._jobs = [
             gevent.spawn(self._every, self.keepalive.interval_s, lambda: self.keepalive.tick(time.monotonic()),
                          "keepalive"),
             gevent.spawn(self._every, self.config.revalidate_period_s, self.revalidator.run_once, "revalidation"),
-            gevent.spawn(self._every, OFFLINE_PURGE_INTERVAL_S, self.delivery.maintain, "roster_upkeep"),
+            gevent.spawn(self._every, ROSTER_UPKEEP_INTERVAL_S, lambda: self._quietly(self.delivery.maintain),
+                         "roster_upkeep"),
         ]
         log.info("gateway listening", extra={"event": "started", "address": f"{self.address[0]}:{self.address[1]}",
                                              "db": self.config.db})
@@ -145,6 +183,7 @@ class Gateway:
             pool.join(timeout=total_s - kill_grace_s)
             pool.kill(block=True, timeout=kill_grace_s)
         gevent.killall(self._jobs, block=False)
+        self._quietly(self.roster.close)
         self.broker.close()
         self.store.close()
         log.info("gateway stopped", extra={"event": "stopped", "connections_closed": len(connections)})

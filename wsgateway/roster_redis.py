@@ -1,0 +1,281 @@
+"""`Roster` in Redis: presence, per-player limits and offline queues shared by every gateway.
+
+Each decision that must be atomic across gateways is one Lua script, timed by Redis's own
+clock (so hosts need not agree on the time):
+
+* `reserve` counts the player's seats on every gateway against `-max-conns`;
+* `route` sees whether any seat is present; if none, the frame joins the player's queue
+  (oldest dropped past `-max-queued`), so a message is never both queued and sent live;
+* `take_seat` makes the seat present and empties the queue in one step, so of two
+  connections arriving at once on two gateways exactly one gets the backlog.
+
+Seats carry an expiry that each gateway refreshes every third of `-presence-ttl`; the
+seats of a gateway that died expire by themselves, and its players count as offline
+within `-presence-ttl`. Queued frames live until `-offline-ttl`; one gateway at a time
+sweeps expired queues and counts what they held.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import redis
+
+from wsgateway.offline import Backlog
+from wsgateway.redis_link import RedisKeys, broker_errors
+from wsgateway.roster import Route, Seat
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH = 200  # expired queues removed per sweep step
+
+_LUA_NOW_MS = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# Extend a key's expiry to `at` (ms) unless it already lasts longer.
+_LUA_EXPIRE_AT_LEAST = """
+local function expire_at_least(key, at)
+  local current = redis.call('PEXPIRETIME', key)
+  if current < at then redis.call('PEXPIREAT', key, at) end
+end
+"""
+
+# KEYS: seats. ARGV: ttl_ms, max_conns, seat. Returns 1 when the seat was granted.
+RESERVE = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local max = tonumber(ARGV[2])
+if max > 0 and redis.call('ZCARD', KEYS[1]) >= max then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
+expire_at_least(KEYS[1], now + tonumber(ARGV[1]))
+return 1
+"""
+
+# KEYS: seats, present, queue, missed, queue index, gateway connections.
+# ARGV: presence_ttl_ms, seat, gateway. Returns {frames..., expired count} of the backlog.
+TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + """
+local expiry = now + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], expiry, ARGV[2])
+redis.call('ZADD', KEYS[2], expiry, ARGV[2])
+expire_at_least(KEYS[1], expiry)
+expire_at_least(KEYS[2], expiry)
+redis.call('HINCRBY', KEYS[6], ARGV[3], 1)
+local items = redis.call('LRANGE', KEYS[3], 0, -1)
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], KEYS[3])
+local frames = {}
+local expired = 0
+for _, item in ipairs(items) do
+  local colon = string.find(item, ':', 1, true)
+  if tonumber(string.sub(item, 1, colon - 1)) > now then
+    frames[#frames + 1] = string.sub(item, colon + 1)
+  else
+    expired = expired + 1
+  end
+end
+frames[#frames + 1] = tostring(expired)
+return frames
+"""
+
+# KEYS: present, queue, missed, queue index.
+# ARGV: frame, queue_if_offline (1/0), max_queued, offline_ttl_ms.
+# Returns {queued (1/0), dropped, expired, seats...}.
+ROUTE = _LUA_NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local seats = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #seats > 0 or ARGV[2] == '0' then
+  table.insert(seats, 1, 0)
+  table.insert(seats, 1, 0)
+  table.insert(seats, 1, 0)
+  return seats
+end
+local expired = 0
+while true do
+  local head = redis.call('LINDEX', KEYS[2], 0)
+  if not head then break end
+  local colon = string.find(head, ':', 1, true)
+  if tonumber(string.sub(head, 1, colon - 1)) > now then break end
+  redis.call('LPOP', KEYS[2])
+  expired = expired + 1
+end
+local ttl = tonumber(ARGV[4])
+local length = redis.call('RPUSH', KEYS[2], (now + ttl) .. ':' .. ARGV[1])
+local dropped = 0
+if length > tonumber(ARGV[3]) then
+  dropped = length - tonumber(ARGV[3])
+  redis.call('LTRIM', KEYS[2], dropped, -1)
+end
+if dropped > 0 then redis.call('HINCRBY', KEYS[3], 'dropped', dropped) end
+if expired > 0 then redis.call('HINCRBY', KEYS[3], 'expired', expired) end
+redis.call('ZADD', KEYS[4], now + ttl, KEYS[2])
+-- a backstop only: the sweep removes (and counts) expired queues long before this
+redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
+redis.call('PEXPIRE', KEYS[3], 2 * ttl + 60000)
+return {1, dropped, expired}
+"""
+
+# KEYS: queue index. ARGV: batch, missed-key prefix, queue-key prefix.
+# Removes queues whose every frame expired; returns how many frames they held.
+SWEEP = _LUA_NOW_MS + """
+local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local expired = 0
+for _, queue in ipairs(queues) do
+  local held = redis.call('LLEN', queue)
+  if held > 0 then
+    local player = string.sub(queue, string.len(ARGV[3]) + 1)
+    redis.call('HINCRBY', ARGV[2] .. player, 'expired', held)
+    redis.call('DEL', queue)
+  end
+  redis.call('ZREM', KEYS[1], queue)
+  expired = expired + held
+end
+return expired
+"""
+
+# KEYS: gateways, gateway connections. Returns the connections of live gateways.
+REACH = _LUA_NOW_MS + """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, gateway in ipairs(dead) do redis.call('HDEL', KEYS[2], gateway) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local total = 0
+for _, gateway in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  total = total + (tonumber(redis.call('HGET', KEYS[2], gateway)) or 0)
+end
+return total
+"""
+
+# KEYS: gateways, gateway connections, alive marker. ARGV: ttl_ms, gateway, connections.
+# Returns 1 when the marker was missing: Redis lost our entries (restart) or they expired.
+HEARTBEAT = _LUA_NOW_MS + """
+local expiry = now + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], expiry, ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local missing = redis.call('EXISTS', KEYS[3]) == 0
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[1])
+if missing then return 1 end
+return 0
+"""
+
+
+
+def gateway_of(seat_id: str) -> str:
+    """The gateway id a seat id starts with (`gateway/serial`)."""
+    return seat_id.rsplit("/", 1)[0]
+
+
+class RedisRoster:
+    """`Roster` shared through Redis by every gateway started with the same -broker."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, gateway_id: str, *, max_conns_per_player: int,
+                 max_queued: int, offline_ttl_s: float, presence_ttl_s: float) -> None:
+        self.max_conns_per_player = max_conns_per_player
+        self.gateway_id = gateway_id
+        self._client = client
+        self._keys = keys
+        self._max_queued = max_queued
+        self._offline_ttl_ms = int(offline_ttl_s * 1000)
+        self._presence_ttl_ms = int(presence_ttl_s * 1000)
+        self._seat_numbers = itertools.count(1)
+        self._present: dict[str, Seat] = {}  # seat id -> seat, for this gateway's heartbeat
+        self._next_refresh_at = 0.0  # time.monotonic()
+        self._reserve = client.register_script(RESERVE)
+        self._take_seat = client.register_script(TAKE_SEAT)
+        self._route = client.register_script(ROUTE)
+        self._sweep = client.register_script(SWEEP)
+        self._reach = client.register_script(REACH)
+        self._heartbeat = client.register_script(HEARTBEAT)
+
+    @property
+    def queueing(self) -> bool:
+        return self._max_queued > 0 and self._offline_ttl_ms > 0
+
+    def reserve(self, player_id: str) -> Seat | None:
+        seat = Seat(player_id, f"{self.gateway_id}/{next(self._seat_numbers)}")
+        with broker_errors("reserve"):
+            granted = self._reserve(keys=[self._keys.seats(player_id)],
+                                    args=[self._presence_ttl_ms, self.max_conns_per_player, seat.seat_id])
+        return seat if granted else None
+
+    def cancel(self, seat: Seat) -> None:
+        with broker_errors("cancel"):
+            self._client.zrem(self._keys.seats(seat.player_id), seat.seat_id)
+
+    def take_seat(self, seat: Seat) -> Backlog:
+        keys = self._keys
+        player = seat.player_id
+        with broker_errors("take seat"):
+            reply = self._take_seat(
+                keys=[keys.seats(player), keys.present(player), keys.queue(player), keys.missed(player),
+                      keys.queue_index, keys.gateway_connections],
+                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id])
+        self._present[seat.seat_id] = seat
+        return Backlog(frames=list(reply[:-1]), expired=int(reply[-1]))
+
+    def leave(self, seat: Seat) -> None:
+        self._present.pop(seat.seat_id, None)
+        with broker_errors("leave"):
+            pipeline = self._client.pipeline(transaction=False)
+            pipeline.zrem(self._keys.seats(seat.player_id), seat.seat_id)
+            pipeline.zrem(self._keys.present(seat.player_id), seat.seat_id)
+            pipeline.hincrby(self._keys.gateway_connections, self.gateway_id, -1)
+            pipeline.execute()
+
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+        keys = self._keys
+        queue = queue_if_offline and self.queueing
+        with broker_errors("route"):
+            reply = self._route(
+                keys=[keys.present(player_id), keys.queue(player_id), keys.missed(player_id), keys.queue_index],
+                args=[frame, 1 if queue else 0, self._max_queued, self._offline_ttl_ms])
+        queued, dropped, expired, seats = int(reply[0]), int(reply[1]), int(reply[2]), reply[3:]
+        if seats:
+            return Route(frozenset(gateway_of(seat.decode()) for seat in seats), len(seats))
+        if queued:
+            return Route(frozenset(), 0, queued=True, dropped=dropped, expired=expired)
+        return Route(frozenset(), 0, queueing_off=queue_if_offline and not self.queueing)
+
+    def reach(self) -> int:
+        with broker_errors("reach"):
+            return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections]))
+
+    def maintain(self) -> int:
+        """Heartbeat this gateway's seats when due, then sweep expired queues (one gateway
+        at a time)."""
+        with broker_errors("maintain"):
+            if time.monotonic() >= self._next_refresh_at:
+                self.refresh()
+            if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True,
+                                    px=max(1000, self._presence_ttl_ms // 3)):
+                return 0
+            return int(self._sweep(keys=[self._keys.queue_index],
+                                   args=[SWEEP_BATCH, self._keys.missed(""), self._keys.queue("")]))
+
+    def refresh(self) -> None:
+        """Extend every present seat of this gateway. When Redis lost them (a restart) or
+        they expired (a long outage), write them back; otherwise only extend existing
+        entries, so that a seat that just left is never brought back."""
+        self._next_refresh_at = time.monotonic() + self._presence_ttl_ms / 3000
+        lost = bool(self._heartbeat(
+            keys=[self._keys.gateways, self._keys.gateway_connections, self._keys.alive(self.gateway_id)],
+            args=[self._presence_ttl_ms, self.gateway_id, len(self._present)]))
+        if lost and self._present:
+            log.warning("presence lost in redis, writing it back",
+                        extra={"event": "presence_restored", "seats": len(self._present)})
+        seconds, microseconds = self._client.time()
+        expiry_ms = seconds * 1000 + microseconds // 1000 + self._presence_ttl_ms
+        pipeline = self._client.pipeline(transaction=False)
+        for seat in list(self._present.values()):
+            for key in (self._keys.seats(seat.player_id), self._keys.present(seat.player_id)):
+                pipeline.zadd(key, {seat.seat_id: expiry_ms}, xx=not lost)
+                pipeline.pexpire(key, self._presence_ttl_ms, gt=not lost)
+        pipeline.execute()
+
+    def close(self) -> None:
+        with broker_errors("close"):
+            pipeline = self._client.pipeline(transaction=False)
+            pipeline.zrem(self._keys.gateways, self.gateway_id)
+            pipeline.hdel(self._keys.gateway_connections, self.gateway_id)
+            pipeline.delete(self._keys.alive(self.gateway_id))
+            pipeline.execute()

@@ -1,0 +1,134 @@
+"""`-workers N`: N gateway processes accepting on one listening socket, supervised.
+
+The supervisor binds `-addr` itself, then starts each worker as a fresh `bin/ws-gateway`
+process with the same settings (and `-workers 1`) that inherits the socket; the kernel
+spreads new connections among them. Workers are separate processes, so they share
+players only through the Redis broker, which is why `-workers` needs `-broker`.
+
+A worker that dies is replaced (after a growing pause if it keeps dying at once). A
+worker that fails at its very first start (bad settings, database down) stops the
+supervisor with the same status instead of looping. SIGTERM/SIGINT go to every worker,
+which drains as a single gateway does; the supervisor exits 0 when all are done.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import gevent
+from prometheus_client.multiprocess import mark_process_dead
+
+from wsgateway.config import Config
+
+log = logging.getLogger(__name__)
+
+LISTEN_FD_ENV = "WSGATEWAY_LISTEN_FD"  # set by the supervisor for its workers only
+LISTEN_BACKLOG = 2048
+QUICK_DEATH_S = 2.0  # a worker that dies sooner than this after starting counts as crash-looping
+RESPAWN_MAX_DELAY_S = 10.0
+STOP_GRACE_S = 2.0  # beyond -shutdown-timeout, before stragglers are killed
+GATEWAY_BIN = Path(__file__).resolve().parent.parent / "bin" / "ws-gateway"
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket every worker inherits."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(LISTEN_BACKLOG)
+    listener.set_inheritable(True)
+    return listener
+
+
+def inherited_listener() -> socket.socket | None:
+    """In a worker, the supervisor's listening socket; None in a standalone gateway."""
+    fd = os.environ.get(LISTEN_FD_ENV)
+    return socket.socket(fileno=int(fd)) if fd else None
+
+
+class Supervisor:
+    """Runs `config.workers` gateway processes on one socket until told to stop."""
+
+    def __init__(self, config: Config, argv: Sequence[str]) -> None:
+        self.config = config
+        self._argv = list(argv)
+        self._workers: dict[int, subprocess.Popen] = {}
+        self._stopping = False
+        self._exit_status = 0
+        self._metrics_dir = ""
+
+    def run(self) -> int:
+        listener = bind_listener(self.config.listen_host, self.config.listen_port)
+        self._metrics_dir = tempfile.mkdtemp(prefix="ws-gateway-metrics-")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self.stop)
+        log.info("supervisor listening", extra={
+            "event": "supervisor_started", "workers": self.config.workers,
+            "address": f"{self.config.listen_host}:{listener.getsockname()[1]}"})
+        try:
+            gevent.joinall([gevent.spawn(self._keep_running, slot, listener.fileno())
+                            for slot in range(self.config.workers)])
+        finally:
+            listener.close()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        log.info("supervisor stopped", extra={"event": "supervisor_stopped"})
+        return self._exit_status
+
+    def stop(self, status: int = 0) -> None:
+        """Drain every worker, then let `run` return `status`."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._exit_status = status
+        for worker in self._workers.values():
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        gevent.spawn_later(self.config.shutdown_timeout_s + STOP_GRACE_S, self._kill_stragglers)
+
+    def _keep_running(self, slot: int, listen_fd: int) -> None:
+        quick_deaths = 0
+        first_start = True
+        while not self._stopping:
+            started = time.monotonic()
+            worker = self._spawn(listen_fd)
+            self._workers[slot] = worker
+            status = worker.wait()
+            mark_process_dead(worker.pid, self._metrics_dir)
+            if self._stopping:
+                return
+            lived_s = time.monotonic() - started
+            if first_start and lived_s < QUICK_DEATH_S and status in (1, 2):
+                log.error("worker failed at start, stopping", extra={
+                    "event": "worker_failed_at_start", "pid": worker.pid, "status": status})
+                self.stop(status)
+                return
+            first_start = False
+            quick_deaths = quick_deaths + 1 if lived_s < QUICK_DEATH_S else 0
+            delay_s = min(RESPAWN_MAX_DELAY_S, 0.1 * 2 ** quick_deaths) if quick_deaths else 0.0
+            log.error("worker died, replacing it", extra={
+                "event": "worker_died", "pid": worker.pid, "status": status, "slot": slot, "delay_s": delay_s})
+            gevent.sleep(delay_s)
+
+    def _spawn(self, listen_fd: int) -> subprocess.Popen:
+        environment = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self._metrics_dir, **{LISTEN_FD_ENV: str(listen_fd)})
+        command = [sys.executable, str(GATEWAY_BIN), *self._argv, "-workers", "1", "-pid-file", ""]
+        worker = subprocess.Popen(command, env=environment, pass_fds=(listen_fd,))
+        log.info("worker started", extra={"event": "worker_started", "pid": worker.pid})
+        return worker
+
+    def _kill_stragglers(self) -> None:
+        for worker in self._workers.values():
+            if worker.poll() is None:
+                log.warning("worker did not stop in time, killing it", extra={"event": "worker_killed",
+                                                                              "pid": worker.pid})
+                worker.kill()
