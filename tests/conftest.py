@@ -14,7 +14,8 @@ from typing import Callable, Iterator  # noqa: E402
 import pytest  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, TokenTable, gateway_config  # noqa: E402
+from tests.helpers import (REDIS_URL, TIMEOUT_S, GatewayUnderTest, RedisServer, TokenTable,  # noqa: E402
+                           gateway_config)
 
 MYSQL_SERVER_URL = os.environ.get("WS_GATEWAY_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306")
 
@@ -80,6 +81,37 @@ def gateway(start_gateway) -> GatewayUnderTest:
 @pytest.fixture
 def tokens(gateway) -> TokenTable:
     return gateway.tokens
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix no other test uses on the shared Redis; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"wsgw-test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path) -> Iterator[RedisServer]:
+    """A running redis-server of this test's own, that the test may stop and restart."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_cluster_gateway(start_gateway, redis_prefix) -> Callable[..., GatewayUnderTest]:
+    """Start in-process gateways on the shared Redis (one cluster per test) and one sqlite file."""
+    def start(*flags: str, broker_url: str = REDIS_URL) -> GatewayUnderTest:
+        return start_gateway("-broker", broker_url, "-broker-prefix", redis_prefix, *flags)
+    return start
 
 
 def pytest_report_header() -> str:

@@ -29,6 +29,7 @@ from wsgateway.roster import Route, Seat
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 200  # expired queues removed per sweep step
+SWEEP_INTERVAL_S = 1.0  # the cluster sweeps expired queues this often (one gateway per turn)
 
 _LUA_NOW_MS = """
 local clock = redis.call('TIME')
@@ -169,7 +170,8 @@ class RedisRoster:
     """`Roster` shared through Redis by every gateway started with the same -broker."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, gateway_id: str, *, max_conns_per_player: int,
-                 max_queued: int, offline_ttl_s: float, presence_ttl_s: float) -> None:
+                 max_queued: int, offline_ttl_s: float, presence_ttl_s: float,
+                 sweep_interval_s: float = SWEEP_INTERVAL_S) -> None:
         self.max_conns_per_player = max_conns_per_player
         self.gateway_id = gateway_id
         self._client = client
@@ -177,6 +179,7 @@ class RedisRoster:
         self._max_queued = max_queued
         self._offline_ttl_ms = int(offline_ttl_s * 1000)
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
+        self._sweep_interval_ms = max(1, int(sweep_interval_s * 1000))
         self._seat_numbers = itertools.count(1)
         self._present: dict[str, Seat] = {}  # seat id -> seat, for this gateway's heartbeat
         self._next_refresh_at = 0.0  # time.monotonic()
@@ -246,8 +249,7 @@ class RedisRoster:
         with broker_errors("maintain"):
             if time.monotonic() >= self._next_refresh_at:
                 self.refresh()
-            if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True,
-                                    px=max(1000, self._presence_ttl_ms // 3)):
+            if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True, px=self._sweep_interval_ms):
                 return 0
             return int(self._sweep(keys=[self._keys.queue_index],
                                    args=[SWEEP_BATCH, self._keys.missed(""), self._keys.queue("")]))

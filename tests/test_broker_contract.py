@@ -1,0 +1,87 @@
+"""The Broker contract, run against every backend: the in-process broker and Redis pub/sub."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.helpers import REDIS_URL, TIMEOUT_S, wait_for
+from wsgateway.broker import Broker, Envelope, InProcessBroker
+from wsgateway.roster import LOCAL_GATEWAY
+
+
+@dataclass
+class Node:
+    """One gateway's broker, its id, and what its delivery function received."""
+
+    broker: Broker
+    gateway_id: str
+    received: list[Envelope]
+
+
+def in_process_node(_prefix: str) -> Node:
+    received: list[Envelope] = []
+    broker = InProcessBroker()
+    broker.start(received.append)
+    return Node(broker, LOCAL_GATEWAY, received)
+
+
+def redis_node(prefix: str) -> Node:
+    from wsgateway.broker_redis import RedisBroker
+    from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
+
+    received: list[Envelope] = []
+    gateway_id = new_gateway_id()
+    broker = RedisBroker(create_client(REDIS_URL, TIMEOUT_S), RedisKeys(prefix), gateway_id)
+    broker.start(received.append)
+    assert broker.wait_subscribed(TIMEOUT_S)
+    return Node(broker, gateway_id, received)
+
+
+@pytest.fixture(params=[in_process_node, redis_node], ids=["in-process", "redis"])
+def node(request, redis_prefix) -> Iterator[Node]:
+    made = request.param(redis_prefix)
+    yield made
+    made.broker.close()
+
+
+def arrived(node: Node, count: int) -> Callable[[], bool]:
+    return lambda: len(node.received) >= count
+
+
+def test_envelope_for_this_gateway_is_delivered_intact(node):
+    """A player envelope addressed to this gateway reaches its delivery function unchanged."""
+    envelope = Envelope(b"\x81\x05hello", "player-21", frozenset((node.gateway_id,)))
+    node.broker.publish(envelope)
+    wait_for(arrived(node, 1), what="delivery")
+    assert (node.received[0].frame, node.received[0].player_id) == (envelope.frame, "player-21")
+
+
+def test_broadcast_envelope_is_delivered(node):
+    """An envelope for every player (no player id, no gateways) is delivered as such."""
+    node.broker.publish(Envelope(b"frame"))
+    wait_for(arrived(node, 1), what="delivery")
+    assert node.received[0].player_id is None and node.received[0].frame == b"frame"
+
+
+def test_publish_order_is_kept(node):
+    """Envelopes from one publisher arrive in the order they were published."""
+    for number in range(200):
+        node.broker.publish(Envelope(str(number).encode(), "p", frozenset((node.gateway_id,))))
+    wait_for(arrived(node, 200), what="200 deliveries")
+    assert [envelope.frame for envelope in node.received] == [str(n).encode() for n in range(200)]
+
+
+def test_non_ascii_player_ids_survive(node):
+    """Player ids are carried exactly, whatever characters they hold."""
+    node.broker.publish(Envelope(b"x", "jö-玩家", frozenset((node.gateway_id,))))
+    wait_for(arrived(node, 1), what="delivery")
+    assert node.received[0].player_id == "jö-玩家"
+
+
+def test_state_is_ok_while_running_and_close_is_idempotent(node):
+    """A running broker reports ok; closing it twice is harmless."""
+    assert node.broker.state() == "ok"
+    node.broker.close()
+    node.broker.close()

@@ -1,0 +1,172 @@
+"""wsgateway.roster_redis against the real Redis: limits, routing and hand-off across gateways."""
+from __future__ import annotations
+
+import gevent
+import pytest
+import redis
+
+from tests.helpers import REDIS_URL, TIMEOUT_S, wait_for
+from wsgateway.errors import BrokerUnavailable
+from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
+from wsgateway.roster_redis import RedisRoster, gateway_of
+
+
+def make_roster(prefix: str, *, max_conns: int = 3, max_queued: int = 5, offline_ttl_s: float = 60.0,
+                presence_ttl_s: float = 15.0, url: str = REDIS_URL) -> RedisRoster:
+    """One gateway's roster in the cluster named by `prefix` (sweeping as often as asked)."""
+    return RedisRoster(create_client(url, TIMEOUT_S), RedisKeys(prefix), new_gateway_id(),
+                       max_conns_per_player=max_conns, max_queued=max_queued, offline_ttl_s=offline_ttl_s,
+                       presence_ttl_s=presence_ttl_s, sweep_interval_s=0.01)
+
+
+def seat(roster: RedisRoster, player_id: str):
+    reserved = roster.reserve(player_id)
+    assert reserved is not None
+    return reserved, roster.take_seat(reserved)
+
+
+def test_limit_holds_across_gateways(redis_prefix):
+    """-max-conns counts a player's connections on every gateway, reservations included."""
+    first, second = make_roster(redis_prefix, max_conns=3), make_roster(redis_prefix, max_conns=3)
+    seat(first, "p")
+    assert second.reserve("p") is not None
+    assert first.reserve("p") is not None
+    assert second.reserve("p") is None and first.reserve("p") is None
+    assert first.reserve("q") is not None, "the limit is per player"
+
+
+def test_leave_and_cancel_free_their_places(redis_prefix):
+    """A connection that left, or a reservation cancelled, no longer counts against the limit."""
+    roster = make_roster(redis_prefix, max_conns=1)
+    taken, _ = seat(roster, "p")
+    assert roster.reserve("p") is None
+    roster.leave(taken)
+    pending = roster.reserve("p")
+    assert pending is not None and roster.reserve("p") is None
+    roster.cancel(pending)
+    assert roster.reserve("p") is not None
+
+
+def test_route_goes_live_to_every_gateway_holding_the_player(redis_prefix):
+    """A present player's message is routed to each gateway with one of its seats, never queued."""
+    first, second = make_roster(redis_prefix), make_roster(redis_prefix)
+    seat(first, "p")
+    seat(second, "p")
+    route = first.route("p", b"frame", True)
+    assert route.gateways == frozenset((first.gateway_id, second.gateway_id))
+    assert route.connections == 2 and not route.queued
+
+
+def test_reserved_but_not_seated_player_is_still_offline(redis_prefix):
+    """A reservation counts for the limit, but messages are queued until the seat is taken."""
+    roster = make_roster(redis_prefix)
+    pending = roster.reserve("p")
+    assert roster.route("p", b"early", True).queued
+    assert roster.take_seat(pending).frames == [b"early"]
+
+
+def test_queue_keeps_order_and_drops_oldest_past_the_bound(redis_prefix):
+    """Queued frames come back in order; past -max-queued the oldest are dropped and counted."""
+    roster = make_roster(redis_prefix, max_queued=3)
+    routes = [roster.route("p", f"m{n}".encode(), True) for n in range(5)]
+    assert all(route.queued for route in routes)
+    assert [route.dropped for route in routes] == [0, 0, 0, 1, 1]
+    _, backlog = seat(roster, "p")
+    assert backlog.frames == [b"m2", b"m3", b"m4"]
+
+
+def test_backlog_is_handed_to_exactly_one_of_simultaneous_connections(redis_prefix):
+    """Two gateways taking seats for one player at the same moment: one gets the whole backlog."""
+    rosters = [make_roster(redis_prefix, max_queued=100) for _ in range(2)]
+    for number in range(50):
+        rosters[0].route("p", str(number).encode(), True)
+    reservations = [roster.reserve("p") for roster in rosters]
+    takes = [gevent.spawn(roster.take_seat, reserved) for roster, reserved in zip(rosters, reservations)]
+    gevent.joinall(takes, raise_error=True)
+    backlogs = sorted((take.value.frames for take in takes), key=len)
+    assert backlogs[0] == []
+    assert backlogs[1] == [str(number).encode() for number in range(50)]
+
+
+def test_expired_frames_are_not_handed_over_and_are_counted(redis_prefix):
+    """Frames older than -offline-ttl are skipped at hand-off and reported as expired."""
+    roster = make_roster(redis_prefix, offline_ttl_s=0.2)
+    roster.route("p", b"old", True)
+    gevent.sleep(0.3)  # the TTL itself is what is under test: let it pass
+    roster.route("q", b"other", True)
+    _, backlog = seat(roster, "p")
+    assert backlog.frames == [] and backlog.expired == 1
+
+
+def test_sweep_removes_and_counts_queues_nobody_came_back_for(redis_prefix):
+    """maintain() deletes fully expired queues and returns how many frames they held."""
+    roster = make_roster(redis_prefix, offline_ttl_s=0.2)
+    for number in range(3):
+        roster.route("gone", str(number).encode(), True)
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = RedisKeys(redis_prefix)
+    assert client.llen(keys.queue("gone")) == 3
+    expired = wait_for(lambda: roster.maintain(), what="a sweep that finds the expired queue")
+    assert expired == 3
+    assert client.llen(keys.queue("gone")) == 0
+    assert int(client.hget(keys.missed("gone"), "expired")) == 3
+
+
+def test_dead_gateways_players_count_as_offline_after_presence_ttl(redis_prefix):
+    """Seats that are no longer refreshed expire: the player is offline again and messages queue."""
+    dead = make_roster(redis_prefix, presence_ttl_s=0.3)
+    seat(dead, "p")
+    assert not dead.route("p", b"live", True).queued
+    wait_for(lambda: dead.route("p", b"x", False).connections == 0, what="presence expiry")
+    assert dead.route("p", b"queued", True).queued
+
+
+def test_refresh_keeps_seats_alive_and_rewrites_them_after_a_redis_wipe(redis_prefix):
+    """The heartbeat extends seats; if Redis lost them (a restart), it writes them back."""
+    roster = make_roster(redis_prefix, presence_ttl_s=1.0)
+    seat(roster, "p")
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{redis_prefix}:*"):
+        client.delete(key)
+    assert roster.route("p", b"x", False).connections == 0
+    roster.refresh()
+    assert roster.route("p", b"x", False).gateways == frozenset((roster.gateway_id,))
+
+
+def test_left_seat_is_not_brought_back_by_the_heartbeat(redis_prefix):
+    """A refresh only extends seats that still exist: one that just left stays gone."""
+    roster = make_roster(redis_prefix)
+    taken, _ = seat(roster, "p")
+    roster.refresh()  # first heartbeat writes the marker
+    roster._present[taken.seat_id] = taken  # as if the heartbeat raced with leave()
+    roster.leave(taken)
+    roster._present[taken.seat_id] = taken
+    roster.refresh()
+    assert roster.route("p", b"x", False).connections == 0
+
+
+def test_reach_counts_connections_of_live_gateways(redis_prefix):
+    """reach() sums the connections of every live gateway: what a broadcast goes to."""
+    first, second = make_roster(redis_prefix), make_roster(redis_prefix)
+    seat(first, "a")
+    seat(first, "b")
+    seat(second, "c")
+    first.refresh()
+    second.refresh()
+    assert first.reach() == 3
+    second.close()
+    assert first.reach() == 2
+
+
+def test_unreachable_redis_is_broker_unavailable(redis_prefix):
+    """Every roster call fails with BrokerUnavailable, not a Redis exception, when Redis is down."""
+    roster = make_roster(redis_prefix, url="redis://127.0.0.1:1/0")
+    with pytest.raises(BrokerUnavailable):
+        roster.reserve("p")
+    with pytest.raises(BrokerUnavailable):
+        roster.route("p", b"x", True)
+
+
+def test_seat_ids_name_their_gateway():
+    """A seat id starts with its gateway id, which routing relies on."""
+    assert gateway_of("host:12:abcd/7") == "host:12:abcd"
