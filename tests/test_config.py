@@ -326,3 +326,26 @@ def test_unreadable_config_file_refused(tmp_path):
 def test_pong_wait_must_exceed_ping_period(ping, pong):
     """-pong-wait not longer than -ping-period would reap healthy sockets; it is refused."""
     assert refusal("-ping-period", ping, "-pong-wait", pong).startswith("-pong-wait:")
+
+
+def test_broker_settings_parse():
+    """-broker, -broker-prefix, -presence-ttl and -workers land typed in Config."""
+    config = load_args("-broker", "redis://:pw@cache:6379/2", "-broker-prefix", "game-1",
+                       "-presence-ttl", "5s", "-workers", "3")
+    assert (config.broker_url, config.broker_prefix, config.presence_ttl_s, config.workers) == (
+        "redis://:pw@cache:6379/2", "game-1", 5.0, 3)
+    assert (load_args().broker_url, load_args().workers) == ("", 1)
+
+
+@pytest.mark.parametrize("argv, setting", [
+    (["-workers", "2"], "-workers:"),
+    (["-workers", "0", "-broker", "redis://x"], "-workers:"),
+    (["-broker", "http://cache:6379"], "-broker:"),
+    (["-broker-prefix", "has space"], "-broker-prefix:"),
+    (["-presence-ttl", "0"], "-presence-ttl:"),
+])
+def test_bad_broker_settings_are_refused_by_name(argv, setting):
+    """Workers without a broker, non-Redis URLs and bad prefixes are refused naming the flag."""
+    with pytest.raises(ConfigError) as refusal:
+        load_args(*argv)
+    assert str(refusal.value).startswith(setting)

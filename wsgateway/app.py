@@ -34,7 +34,7 @@ from wsgateway.hub import Hub
 from wsgateway.logs import redact
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
 from wsgateway.protocol import event_frame
-from wsgateway.ratelimit import RateLimiter
+from wsgateway.ratelimit import Limiter
 from wsgateway.roster import Roster, Seat
 from wsgateway.tokens import TokenStore
 
@@ -52,7 +52,7 @@ class Services(Protocol):
     hub: Hub
     roster: Roster
     delivery: Delivery
-    limiter: RateLimiter
+    limiter: Limiter
     metrics: GatewayMetrics
     draining: bool
 

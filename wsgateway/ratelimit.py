@@ -8,9 +8,16 @@ Pure and clock-injected: tests need no sleeps.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 IDLE_BUCKETS_KEPT = 10_000  # past this many subjects, full (idle) buckets are forgotten
+
+
+class Limiter(Protocol):
+    """A rate limit per server subject (this module's, or the cluster's in Redis)."""
+
+    def acquire(self, subject: str, count: int = 1) -> float:
+        """0.0 when `count` tokens were taken, else seconds until they would be available."""
 
 
 class RateLimiter:

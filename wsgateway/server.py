@@ -32,7 +32,7 @@ from wsgateway.hub import Hub
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
-from wsgateway.ratelimit import RateLimiter
+from wsgateway.ratelimit import Limiter, RateLimiter
 from wsgateway.revalidation import Revalidator
 from wsgateway.roster import LocalRoster, Roster
 from wsgateway.tokens import SqlTokenStore, TokenStore
@@ -76,6 +76,7 @@ class Gateway:
         self.roster: Roster
         self.broker: Broker
         self.offline: MemoryOfflineQueue | None = None  # with -broker, queues live in Redis
+        self.limiter: Limiter
         if config.broker_url:
             self._use_redis(config)
         else:
