@@ -59,7 +59,7 @@ def test_expired_frames_counted_on_take():
     clock.now += 6
     offline.push("p", b"new")
     clock.now += 5  # "old" is 11 s old, "new" 5 s
-    assert offline.take("p") == Backlog(frames=[b"new"], expired=1)
+    assert offline.take("p") == Backlog(frames=[b"new"], expired=1, missed_expired=1)
     assert len(offline) == 0
 
 
@@ -71,7 +71,7 @@ def test_frame_expires_exactly_at_ttl():
     assert offline.take("p").frames == [b"x"]
     offline.push("p", b"y")
     clock.now += 10.0
-    assert offline.take("p") == Backlog(frames=[], expired=1)
+    assert offline.take("p") == Backlog(frames=[], expired=1, missed_expired=1)
 
 
 def test_purge_expired():
@@ -84,8 +84,8 @@ def test_purge_expired():
     clock.now += 5
     assert offline.purge_expired() == 2
     assert len(offline) == 1
-    assert offline.take("a") == Backlog(frames=[b"a-new"], expired=0)
-    assert offline.take("b") == Backlog()
+    assert offline.take("a") == Backlog(frames=[b"a-new"], expired=0, missed_expired=1)
+    assert offline.take("b") == Backlog(missed_expired=1)
 
 
 def test_purge_with_nothing_expired():

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from flask import Flask, Response, g, request
@@ -31,6 +31,7 @@ from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, StoreUnavailable
 from wsgateway.frames import Message, encode_frame
 from wsgateway.hub import Hub
+from wsgateway.idempotency import MAX_KEY_CHARS, ClaimState, IdempotencyStore, fingerprint
 from wsgateway.logs import redact
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
 from wsgateway.protocol import event_frame
@@ -53,6 +54,7 @@ class Services(Protocol):
     roster: Roster
     delivery: Delivery
     limiter: Limiter
+    idempotency: IdempotencyStore
     metrics: GatewayMetrics
     draining: bool
 
@@ -72,23 +74,31 @@ def create_app(services: Services) -> Flask:
     @app.post("/publish")
     def publish() -> Response:
         subject_id = _authenticate_server(services)
-        body = _json_object(_request_body(services.config.max_body_bytes))
+        raw = _request_body(services.config.max_body_bytes)
+        body = _json_object(raw)
         player_id = _player_id(body.get("player_id"), required=True)
         assert player_id is not None
         frame = _frame_of(body)
-        _take_rate(services, subject_id)
-        outcome = services.delivery.publish(player_id, frame)
-        return _json(_outcome_body(outcome, {"delivered": outcome.delivered, "queued": outcome.queued}))
+
+        def deliver() -> dict[str, Any]:
+            _take_rate(services, subject_id)
+            outcome = services.delivery.publish(player_id, frame)
+            return _outcome_body(outcome, {"delivered": outcome.delivered, "queued": outcome.queued})
+        return _once(services, subject_id, fingerprint(b"/publish", raw), deliver)
 
     @app.post("/broadcast")
     def broadcast() -> Response:
         subject_id = _authenticate_server(services)
-        body = _json_object(_request_body(services.config.max_body_bytes))
+        raw = _request_body(services.config.max_body_bytes)
+        body = _json_object(raw)
         player_id = _player_id(body.get("player_id"), required=False)
         frame = _frame_of(body)
-        _take_rate(services, subject_id)
-        outcome = services.delivery.broadcast(frame, player_id)
-        return _json(_outcome_body(outcome, {"delivered": outcome.delivered}))
+
+        def deliver() -> dict[str, Any]:
+            _take_rate(services, subject_id)
+            outcome = services.delivery.broadcast(frame, player_id)
+            return _outcome_body(outcome, {"delivered": outcome.delivered})
+        return _once(services, subject_id, fingerprint(b"/broadcast", raw), deliver)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
@@ -158,6 +168,40 @@ def create_app(services: Services) -> Flask:
         return _json({"error": "internal error"}, 500)
 
     return app
+
+
+def _once(services: Services, subject_id: str, request_fingerprint: str,
+          deliver: Callable[[], dict[str, Any]]) -> Response:
+    """Run `deliver` unless the request's Idempotency-Key was already answered; see
+    wsgateway.idempotency for what is remembered and why."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return _json(deliver())
+    if not 0 < len(key) <= MAX_KEY_CHARS or not (key.isascii() and key.isprintable()):
+        raise ClientError(400, f"Idempotency-Key must be 1-{MAX_KEY_CHARS} printable ASCII characters")
+    store = services.idempotency
+    claim = store.claim(subject_id, key, request_fingerprint)
+    if claim.evicted:
+        services.metrics.idempotency_keys_evicted.inc(claim.evicted)
+    if claim.state is ClaimState.REPLAY:
+        services.metrics.idempotent_replays.inc()
+        response = _json({**(claim.result or {}), "replayed": True})
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+    if claim.state is ClaimState.MISMATCH:
+        raise ClientError(422, "Idempotency-Key was already used for a different request")
+    if claim.state is ClaimState.IN_PROGRESS:
+        raise ClientError(409, "a request with this Idempotency-Key is still in progress", {"Retry-After": "1"})
+    try:
+        result = deliver()
+    except BaseException:
+        try:
+            store.release(subject_id, key)  # refused calls are not remembered: the retry runs
+        except BrokerUnavailable:
+            pass  # the pending key expires with the window
+        raise
+    store.complete(subject_id, key, result)
+    return _json(result)
 
 
 def _outcome_body(outcome: Any, body: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class Config:
     broker_prefix: str  # Redis key prefix: gateways sharing it act as one
     presence_ttl_s: float  # a dead gateway's players count as offline after this
     workers: int  # processes sharing -addr (more than 1 needs -broker)
+    idempotency_window_s: float  # how long a publish's Idempotency-Key is remembered
+    idempotency_max_keys: int  # keys remembered at once; past it the oldest are forgotten
+    notify_missed: bool  # tell a reconnecting player what its offline queue lost
     log_file: str  # "" = standard output
     log_level: str
     pid_file: str  # "" = none
@@ -164,13 +167,16 @@ def database_url(db: str, dsn: str) -> str:
 
 
 class _Flag:
-    """One setting: its Go-style name, default text, parser and help."""
+    """One setting: its Go-style name, default text, parser and help. A `switch` is a Go
+    boolean flag: `-name` alone means true, `-name=false` turns it off."""
 
-    def __init__(self, name: str, default: str, parse: Callable[[str], object], help: str) -> None:
+    def __init__(self, name: str, default: str, parse: Callable[[str], object], help: str,
+                 switch: bool = False) -> None:
         self.name = name
         self.default = default
         self.parse = parse
         self.help = help
+        self.switch = switch
 
 
 def _text(value: str) -> str:
@@ -182,6 +188,16 @@ def _log_level(value: str) -> str:
     if level not in ("debug", "info", "warning", "error"):
         raise ValueError(f"{value!r} is not a log level (use debug, info, warning or error)")
     return level
+
+
+def parse_bool(value: str) -> bool:
+    """Go's boolean flag values."""
+    word = value.strip().lower()
+    if word in ("1", "t", "true", "yes", "on"):
+        return True
+    if word in ("0", "f", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
 
 
 def _database_driver(value: str) -> str:
@@ -250,6 +266,11 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("broker-prefix", "wsgw", _key_prefix, "Redis key prefix of this gateway cluster"),
     _Flag("presence-ttl", "15s", _positive_duration, "a dead gateway's players count as offline after this"),
     _Flag("workers", "1", _positive_count, "processes serving -addr on this host (more than 1 needs -broker)"),
+    _Flag("idempotency-window", "5m", _positive_duration,
+          "a repeated Idempotency-Key from the same server token is answered, not delivered, this long"),
+    _Flag("idempotency-max-keys", "100000", _positive_count, "idempotency keys remembered at once (oldest forgotten)"),
+    _Flag("notify-missed", "false", parse_bool,
+          "send gateway.missed before the backlog when a player's offline queue lost messages", switch=True),
     _Flag("log-file", "", _text, "JSON log file (default: standard output)"),
     _Flag("log-level", "info", _log_level, "debug, info, warning or error"),
     _Flag("pid-file", "", _text, "write the process id here while running"),
@@ -280,9 +301,10 @@ def build_parser() -> configargparse.ArgumentParser:
         allow_abbrev=False,
     )
     for flag in FLAGS:
+        switch = {"nargs": "?", "const": "true"} if flag.switch else {}
         parser.add_argument(f"-{flag.name}", f"--{flag.name}", dest=flag.name.replace("-", "_"),
                             default=flag.default, metavar="VALUE",
-                            help=f"{flag.help} (default {flag.default!r})")
+                            help=f"{flag.help} (default {flag.default!r})", **switch)
     return parser
 
 
@@ -334,6 +356,9 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         broker_prefix=value["broker-prefix"],
         presence_ttl_s=value["presence-ttl"],
         workers=value["workers"],
+        idempotency_window_s=value["idempotency-window"],
+        idempotency_max_keys=value["idempotency-max-keys"],
+        notify_missed=value["notify-missed"],
         log_file=raw["log-file"].strip(),
         log_level=value["log-level"],
         pid_file=raw["pid-file"].strip(),

@@ -16,7 +16,10 @@ from wsgateway.errors import BrokerUnavailable
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_SLOW_CONSUMER,
                                GatewayMetrics)
+from wsgateway.protocol import event_frame
 from wsgateway.roster import Roster, Route, Seat
+
+MISSED_EVENT = "gateway.missed"
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,12 @@ class HeldConnection(Deliverable, Protocol):
 class Delivery:
     """Publishes messages and delivers the broker's envelopes to local connections."""
 
-    def __init__(self, hub: Hub, roster: Roster, broker: Broker, metrics: GatewayMetrics) -> None:
+    def __init__(self, hub: Hub, roster: Roster, broker: Broker, metrics: GatewayMetrics,
+                 notify_missed: bool = False) -> None:
+        """`notify_missed`: a connection that takes a backlog from a queue that lost
+        messages first gets `{"event": "gateway.missed", "payload": {"dropped", "expired"}}`."""
         self.hub = hub
+        self.notify_missed = notify_missed
         self.roster = roster
         self.metrics = metrics
         self._broker = broker
@@ -78,10 +85,15 @@ class Delivery:
             raise
         if backlog.expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
-        delivered = connection.release(backlog.frames)
+        frames = backlog.frames
+        if self.notify_missed and (backlog.missed_dropped or backlog.missed_expired):
+            self.metrics.missed_notices.inc()
+            frames = [event_frame(MISSED_EVENT, {"dropped": backlog.missed_dropped,
+                                                 "expired": backlog.missed_expired}), *frames]
+        delivered = connection.release(frames)
         self.metrics.messages_delivered.inc(delivered)
-        if delivered < len(backlog.frames):  # the socket closed itself as too slow mid-backlog
-            self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(backlog.frames) - delivered)
+        if delivered < len(frames):  # the socket closed itself as too slow mid-backlog
+            self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(frames) - delivered)
 
     def disconnect(self, connection: Deliverable, seat: Seat) -> None:
         self._forget(connection)

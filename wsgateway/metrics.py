@@ -50,6 +50,15 @@ class GatewayMetrics:
             multiprocess_mode="livesum")
         self.messages_dropped = Counter(
             "ws_messages_dropped", "Messages given up, by reason.", ["reason"], registry=registry)
+        self.missed_notices = Counter(
+            "ws_missed_notices", "gateway.missed notices sent to reconnecting players (-notify-missed).",
+            registry=registry)
+        self.idempotent_replays = Counter(
+            "ws_idempotent_replays", "Publishes answered from an earlier call with the same Idempotency-Key "
+            "(nothing delivered).", registry=registry)
+        self.idempotency_keys_evicted = Counter(
+            "ws_idempotency_keys_evicted", "Idempotency keys forgotten before their window ended because "
+            "-idempotency-max-keys was reached.", registry=registry)
         self.rate_limited = Counter(
             "ws_rate_limited", "Publish requests refused by the rate limit (429).", registry=registry)
         self.auth_failures = Counter(

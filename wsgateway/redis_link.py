@@ -49,6 +49,7 @@ class RedisKeys:
         self.gateway_connections = f"{prefix}:gateway-connections"  # HASH gateway -> connections
         self.broadcast_channel = f"{prefix}:all"
         self.sweep_lock = f"{prefix}:sweep-lock"
+        self.idempotency_index = f"{prefix}:idempotency"  # ZSET entry key -> expiry
 
     def seats(self, player_id: str) -> str:
         """ZSET seat -> expiry: every connection of the player, reserved or present."""
@@ -73,6 +74,10 @@ class RedisKeys:
     def alive(self, gateway_id: str) -> str:
         """Exists while the gateway's presence entries are known to be in Redis."""
         return f"{self.prefix}:alive:{gateway_id}"
+
+    def idempotency(self, subject_id: str, key: str) -> str:
+        """One remembered publish: its fingerprint and, once known, its answer."""
+        return f"{self.prefix}:idempotency:{len(subject_id)}:{subject_id}:{key}"
 
     def rate(self, subject_id: str) -> str:
         return f"{self.prefix}:rate:{subject_id}"

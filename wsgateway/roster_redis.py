@@ -22,13 +22,14 @@ import time
 
 import redis
 
-from wsgateway.offline import Backlog
+from wsgateway.offline import MISSED_RETENTION_S, Backlog
 from wsgateway.redis_link import RedisKeys, broker_errors
 from wsgateway.roster import Route, Seat
 
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 200  # expired queues removed per sweep step
+_MISSED_RETENTION_MS = int(MISSED_RETENTION_S * 1000)
 SWEEP_INTERVAL_S = 1.0  # the cluster sweeps expired queues this often (one gateway per turn)
 
 _LUA_NOW_MS = """
@@ -55,7 +56,8 @@ return 1
 """
 
 # KEYS: seats, present, queue, missed, queue index, gateway connections.
-# ARGV: presence_ttl_ms, seat, gateway. Returns {frames..., expired count} of the backlog.
+# ARGV: presence_ttl_ms, seat, gateway.
+# Returns {frames..., expired now, dropped since last connection, expired since last connection}.
 TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + """
 local expiry = now + tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
@@ -64,6 +66,7 @@ expire_at_least(KEYS[1], expiry)
 expire_at_least(KEYS[2], expiry)
 redis.call('HINCRBY', KEYS[6], ARGV[3], 1)
 local items = redis.call('LRANGE', KEYS[3], 0, -1)
+local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], KEYS[3])
 local frames = {}
@@ -77,11 +80,13 @@ for _, item in ipairs(items) do
   end
 end
 frames[#frames + 1] = tostring(expired)
+frames[#frames + 1] = tostring(tonumber(missed[1]) or 0)
+frames[#frames + 1] = tostring((tonumber(missed[2]) or 0) + expired)
 return frames
 """
 
 # KEYS: present, queue, missed, queue index.
-# ARGV: frame, queue_if_offline (1/0), max_queued, offline_ttl_ms.
+# ARGV: frame, queue_if_offline (1/0), max_queued, offline_ttl_ms, missed retention ms.
 # Returns {queued (1/0), dropped, expired, seats...}.
 ROUTE = _LUA_NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -113,11 +118,11 @@ if expired > 0 then redis.call('HINCRBY', KEYS[3], 'expired', expired) end
 redis.call('ZADD', KEYS[4], now + ttl, KEYS[2])
 -- a backstop only: the sweep removes (and counts) expired queues long before this
 redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
-redis.call('PEXPIRE', KEYS[3], 2 * ttl + 60000)
+if dropped > 0 or expired > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
 return {1, dropped, expired}
 """
 
-# KEYS: queue index. ARGV: batch, missed-key prefix, queue-key prefix.
+# KEYS: queue index. ARGV: batch, missed-key prefix, queue-key prefix, missed retention ms.
 # Removes queues whose every frame expired; returns how many frames they held.
 SWEEP = _LUA_NOW_MS + """
 local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
@@ -127,6 +132,7 @@ for _, queue in ipairs(queues) do
   if held > 0 then
     local player = string.sub(queue, string.len(ARGV[3]) + 1)
     redis.call('HINCRBY', ARGV[2] .. player, 'expired', held)
+    redis.call('PEXPIRE', ARGV[2] .. player, ARGV[4])
     redis.call('DEL', queue)
   end
   redis.call('ZREM', KEYS[1], queue)
@@ -214,7 +220,8 @@ class RedisRoster:
                       keys.queue_index, keys.gateway_connections],
                 args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id])
         self._present[seat.seat_id] = seat
-        return Backlog(frames=list(reply[:-1]), expired=int(reply[-1]))
+        return Backlog(frames=list(reply[:-3]), expired=int(reply[-3]), missed_dropped=int(reply[-2]),
+                       missed_expired=int(reply[-1]))
 
     def leave(self, seat: Seat) -> None:
         self._present.pop(seat.seat_id, None)
@@ -231,7 +238,7 @@ class RedisRoster:
         with broker_errors("route"):
             reply = self._route(
                 keys=[keys.present(player_id), keys.queue(player_id), keys.missed(player_id), keys.queue_index],
-                args=[frame, 1 if queue else 0, self._max_queued, self._offline_ttl_ms])
+                args=[frame, 1 if queue else 0, self._max_queued, self._offline_ttl_ms, _MISSED_RETENTION_MS])
         queued, dropped, expired, seats = int(reply[0]), int(reply[1]), int(reply[2]), reply[3:]
         if seats:
             return Route(frozenset(gateway_of(seat.decode()) for seat in seats), len(seats))
@@ -252,7 +259,8 @@ class RedisRoster:
             if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True, px=self._sweep_interval_ms):
                 return 0
             return int(self._sweep(keys=[self._keys.queue_index],
-                                   args=[SWEEP_BATCH, self._keys.missed(""), self._keys.queue("")]))
+                                   args=[SWEEP_BATCH, self._keys.missed(""), self._keys.queue(""),
+                                         _MISSED_RETENTION_MS]))
 
     def refresh(self) -> None:
         """Extend every present seat of this gateway. When Redis lost them (a restart) or

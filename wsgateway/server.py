@@ -29,6 +29,7 @@ from wsgateway.config import Config
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.hub import Hub
+from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
@@ -77,6 +78,7 @@ class Gateway:
         self.broker: Broker
         self.offline: MemoryOfflineQueue | None = None  # with -broker, queues live in Redis
         self.limiter: Limiter
+        self.idempotency: IdempotencyStore
         if config.broker_url:
             self._use_redis(config)
         else:
@@ -84,8 +86,10 @@ class Gateway:
             self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player)
             self.broker = InProcessBroker()
             self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
+            self.idempotency = MemoryIdempotencyStore(config.idempotency_window_s, config.idempotency_max_keys)
             self.metrics.offline_queue_messages.set_function(lambda: len(offline))
-        self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics)
+        self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics,
+                                 notify_missed=config.notify_missed)
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
         self.server = DrainingWSGIServer(
@@ -100,6 +104,7 @@ class Gateway:
     def _use_redis(self, config: Config) -> None:
         """Shared roster, broker and rate limit: every gateway on this -broker acts as one."""
         from wsgateway.broker_redis import RedisBroker
+        from wsgateway.idempotency_redis import RedisIdempotencyStore
         from wsgateway.ratelimit_redis import RedisRateLimiter
         from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
         from wsgateway.roster_redis import RedisRoster
@@ -114,6 +119,8 @@ class Gateway:
         self.broker = RedisBroker(client, keys, self.gateway_id, on_subscribed=lambda: self._quietly(roster.refresh))
         self.limiter = RedisRateLimiter(client, keys, config.rate_limit, config.rate_period_s,
                                         fallback=RateLimiter(config.rate_limit, config.rate_period_s))
+        self.idempotency = RedisIdempotencyStore(client, keys, config.idempotency_window_s,
+                                                 config.idempotency_max_keys)
 
     def _quietly(self, job: Callable[[], object]) -> None:
         try:
