@@ -32,7 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _fail(f"-log-file: cannot open {config.log_file!r}: {exc.strerror}", 2)
 
-    gateway = Gateway(config)
+    try:
+        gateway = Gateway(config)
+    except ConfigError as exc:  # -tls-cert / -tls-key files unusable
+        return _fail(str(exc), 2)
     try:
         gateway.start()
     except StoreUnavailable as exc:
