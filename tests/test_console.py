@@ -17,8 +17,8 @@ from wsgateway.errors import CloseCode
 
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-# CI sets this once it has installed Chromium and playwright-core: then a missing piece fails the test.
-BROWSER_REQUIRED = os.environ.get("WS_GATEWAY_TEST_BROWSER") == "required"
+# CI sets this once it has installed the test tools: then a missing piece fails the test.
+BROWSER_REQUIRED = os.environ.get("WS_GATEWAY_TEST_TOOLS") == "required"
 SCREENSHOT = os.environ.get("WS_GATEWAY_CONSOLE_SCREENSHOT")  # `make console-screenshot` sets it
 BROWSER_STEP_TIMEOUT_S = 6 * TIMEOUT_S  # a cold Chromium start is slow on a loaded 2-core machine
 
@@ -48,9 +48,9 @@ def browser_missing() -> str | None:
     if shutil.which("node") is None:
         return "node is not installed"
     if not Path(CHROMIUM).exists():
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium; `make install-browser` does it)"
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium; `make install-test-tools` does it)"
     if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return "playwright-core is not installed in tests/browser (`make install-browser`)"
+        return "playwright-core is not installed in tests/browser (`make install-test-tools`)"
     return None
 
 
