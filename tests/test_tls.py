@@ -6,6 +6,7 @@ import http.client
 import socket
 import ssl
 
+import gevent
 import pytest
 import websocket
 
@@ -68,8 +69,11 @@ def test_large_and_many_frames_arrive_intact_over_wss(tls_gateway, tls_files):
 def test_shutdown_closes_wss_sockets_with_1001(tls_gateway, tls_files):
     """Shutdown sends the 1001 close frame through TLS, readable by the client."""
     client = wss_connect(tls_gateway, tls_files, tls_gateway.tokens.player(21))
-    tls_gateway.gateway.shutdown(timeout_s=TIMEOUT_S)
+    stopper = gevent.spawn(tls_gateway.gateway.shutdown, TIMEOUT_S)
     assert receive_close(client) == (1001, "server shutting down")
+    client.send_close(1001)  # answer the close, so shutdown need not wait for its handshake timeout
+    stopper.join(TIMEOUT_S)
+    assert stopper.successful() and tls_gateway.gateway.hub.connection_count() == 0
 
 
 def test_plain_http_to_a_tls_port_fails_without_harming_the_gateway(tls_gateway, tls_files):
