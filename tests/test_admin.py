@@ -38,7 +38,7 @@ def test_init_schema_is_idempotent_and_never_touches_an_existing_table(any_datab
         assert admin.init_schema() is True
         token = admin.add(player="21", ttl_s=60)
         assert admin.init_schema() is False
-        assert [row.token for row in admin.list()] == [token]
+        assert [row.token for row in admin.list_tokens()] == [token]
     finally:
         admin.close()
 
@@ -70,7 +70,7 @@ def test_ttl_sets_the_expiry(any_database_url):
         admin.init_schema()
         admin.add(server="backend-1", ttl_s=86400)
         admin.add(player="21", ttl_s=90)
-        rows = admin.list()
+        rows = admin.list_tokens()
         assert [(row.kind, row.identity, row.expires_at) for row in rows] == [
             ("server", "backend-1", moment + timedelta(days=1)), ("player", "21", moment + timedelta(seconds=90))]
         later = moment + timedelta(minutes=2)
@@ -85,10 +85,10 @@ def test_list_reads_rows_written_by_the_application(admin, any_database_url):
     written = table.player(7, subject_id="p7", token="application-written-token")
     table.server("scoreboard", token="server-written-token")
     table.engine.dispose()
-    players = admin.list("player")
+    players = admin.list_tokens("player")
     assert [(row.token, row.player_id, row.subject_id, row.identity) for row in players] == [
         (written, 7, "p7", "7")]
-    assert [row.identity for row in admin.list("server")] == ["scoreboard"]
+    assert [row.identity for row in admin.list_tokens("server")] == ["scoreboard"]
 
 
 def test_revoke_returns_the_row_and_then_nothing(admin, store):
@@ -111,9 +111,9 @@ def test_revoke_finds_a_token_stored_as_bytes_in_sqlite(sqlite_url):
             connection.execute(text("INSERT INTO ws_token VALUES (:token, 21, :subject, 0, :expires)"),
                                {"token": b"blob-token", "subject": b"p21",
                                 "expires": (utc_now() + timedelta(hours=1)).isoformat(" ")})
-        assert [row.token for row in admin.list()] == ["blob-token"]
+        assert [row.token for row in admin.list_tokens()] == ["blob-token"]
         assert admin.revoke("blob-token") is not None
-        assert admin.list() == []
+        assert admin.list_tokens() == []
     finally:
         admin.close()
 
@@ -133,7 +133,7 @@ def test_bad_input_is_refused_naming_the_option(admin, arguments, option):
     """Refused input raises ValueError naming the option, and stores nothing."""
     with pytest.raises(ValueError, match=re.escape(option)):
         admin.add(**arguments)
-    assert admin.list() == []
+    assert admin.list_tokens() == []
 
 
 def test_unreachable_database_raises_store_unavailable():
@@ -141,7 +141,7 @@ def test_unreachable_database_raises_store_unavailable():
     admin = TokenAdmin("mysql+pymysql://root@127.0.0.1:1/x", db_timeout_s=1)
     try:
         with pytest.raises(StoreUnavailable, match="Can't connect"):
-            admin.list()
+            admin.list_tokens()
     finally:
         admin.close()
 

@@ -124,7 +124,7 @@ class TokenAdmin:
             return rows[0] if rows else None
         return self._run(delete)
 
-    def list(self, kind: str | None = None) -> list[TokenRow]:
+    def list_tokens(self, kind: str | None = None) -> list[TokenRow]:
         """Every token (or every `kind` = "player"/"server" token), servers first, then
         by expiry."""
         where = "" if kind is None else "WHERE is_server = :is_server"

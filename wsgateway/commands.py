@@ -25,6 +25,7 @@ import json
 import os
 import ssl
 import sys
+from datetime import datetime
 from typing import Any, Sequence
 
 from wsgateway.admin import TokenAdmin, TokenRow, masked
@@ -151,7 +152,7 @@ def _token_revoke(options: argparse.Namespace, config: Config) -> int:
 def _token_list(options: argparse.Namespace, config: Config) -> int:
     admin = _admin(config)
     try:
-        rows = admin.list(options.kind)
+        rows = admin.list_tokens(options.kind)
         now = admin.now()
     finally:
         admin.close()
@@ -159,7 +160,7 @@ def _token_list(options: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _table(rows: list[TokenRow], now: Any, show_tokens: bool) -> str:
+def _table(rows: list[TokenRow], now: datetime, show_tokens: bool) -> str:
     lines = [("TOKEN", "KIND", "PLAYER/SUBJECT", "EXPIRES (UTC)", "EXPIRED")]
     for row in rows:
         expires = row.expires_at.strftime("%Y-%m-%d %H:%M:%S") if row.expires_at else "?"
