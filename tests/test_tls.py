@@ -3,6 +3,7 @@ and clients that verify it against its CA; refused TLS settings."""
 from __future__ import annotations
 
 import http.client
+import logging
 import socket
 import ssl
 
@@ -76,8 +77,10 @@ def test_shutdown_closes_wss_sockets_with_1001(tls_gateway, tls_files):
     assert stopper.successful() and tls_gateway.gateway.hub.connection_count() == 0
 
 
-def test_plain_http_to_a_tls_port_fails_without_harming_the_gateway(tls_gateway, tls_files):
-    """A plain-HTTP client and a client that does not trust the certificate fail; the gateway keeps serving."""
+def test_plain_http_to_a_tls_port_fails_without_harming_the_gateway(tls_gateway, tls_files, caplog):
+    """A plain-HTTP client and a client that does not trust the certificate fail, each logged as one
+    tls_handshake_failed line; the gateway keeps serving."""
+    caplog.set_level(logging.INFO, logger="wsgateway.server")
     plain = http.client.HTTPConnection("127.0.0.1", tls_gateway.port, timeout=TIMEOUT_S)
     with pytest.raises((http.client.HTTPException, OSError)):
         plain.request("GET", "/healthz")
@@ -91,6 +94,10 @@ def test_plain_http_to_a_tls_port_fails_without_harming_the_gateway(tls_gateway,
     secure.request("GET", "/healthz")
     assert secure.getresponse().status == 200
     secure.close()
+    def failures() -> list[logging.LogRecord]:
+        return [record for record in caplog.records if getattr(record, "event", "") == "tls_handshake_failed"]
+    wait_for(lambda: len(failures()) == 2, what="two tls_handshake_failed log records")
+    assert all(record.exc_info is None for record in failures())
 
 
 @pytest.mark.parametrize("given, named", [
