@@ -303,18 +303,18 @@ def build_parser(epilog: str | None = None) -> configargparse.ArgumentParser:
     return parser
 
 
-def _switches_spelled_long(argv: Sequence[str]) -> list[str]:
-    """argv with `-console[=V]` rewritten as `--console[=V]`: ConfigArgParse looks for
-    `-c FILE` with a parser that knows no other option, and would read `-console` as
-    `-c onsole`. Values of other options are left alone."""
-    switches = {f"-{flag.name}" for flag in FLAGS if flag.switch}
+def _settings_spelled_long(argv: Sequence[str]) -> list[str]:
+    """argv with each setting's `-name[=V]` rewritten as `--name[=V]`. ConfigArgParse looks
+    for `-c FILE` with a parser that knows no other option, and would read any setting
+    that starts with c (`-console`) as `-c onsole`. Values are left alone."""
     rewritten: list[str] = []
     value_follows = False
     for arg in argv:
-        if not value_follows and arg.split("=", 1)[0] in switches:
+        is_setting, takes_value = (False, False) if value_follows else setting_option(arg)
+        if is_setting and not arg.startswith("--") and arg.split("=", 1)[0] not in _CONFIG_FILE_OPTIONS:
             arg = "-" + arg
         rewritten.append(arg)
-        value_follows = not value_follows and setting_option(arg)[1]
+        value_follows = takes_value
     return rewritten
 
 
@@ -330,7 +330,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
     """Parse argv, environment and config file into a `Config`, or raise `ConfigError`.
     `--help` prints the settings (and `epilog`) and raises SystemExit(0)."""
     parser = build_parser(epilog)
-    namespace = parser.parse_args(_switches_spelled_long(sys.argv[1:] if argv is None else argv),
+    namespace = parser.parse_args(_settings_spelled_long(sys.argv[1:] if argv is None else argv),
                                   env_vars=os.environ if env is None else env)
     raw = {flag.name: str(getattr(namespace, flag.name.replace("-", "_"))) for flag in FLAGS}
     value: dict[str, Any] = {flag.name: _parsed(flag, raw[flag.name]) for flag in FLAGS}
