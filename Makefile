@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test install install-test clean
+BROWSER_DIR := tests/browser
+
+.PHONY: run test install install-test install-test-tools console-screenshot clean
 
 run: install
 	bin/ws-gateway -c etc/gateway.ini
@@ -24,5 +26,29 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# Programs the end-to-end tests drive, from Debian's and npm's registries: Chromium (apt,
+# as root) with playwright-core (npm) for the console, never Playwright's own browser
+# download; and nginx, unpacked from its .deb under tests/.tools (never installed as a
+# service) for the proxy site. CI runs this before the tests.
+TOOLS_DIR := tests/.tools
+NGINX := $(TOOLS_DIR)/nginx/usr/sbin/nginx
+
+install-test-tools: $(BROWSER_DIR)/node_modules/.installed $(NGINX)
+	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+$(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
+	cd $(BROWSER_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(NGINX):
+	rm -rf $(TOOLS_DIR)/nginx && mkdir -p $(TOOLS_DIR)/nginx
+	cd $(TOOLS_DIR)/nginx && { apt-get download nginx 2>/dev/null || { apt-get update -q && apt-get download nginx; }; } \
+	    && dpkg-deb -x nginx_*.deb . && rm nginx_*.deb
+	$(NGINX) -v
+
+# docs/console.png, the README's screenshot, taken by the browser test.
+console-screenshot: install-test install-test-tools
+	WS_GATEWAY_CONSOLE_SCREENSHOT=$(CURDIR)/docs/console.png $(PY) -m pytest -q tests/test_console.py -k browser
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis $(BROWSER_DIR)/node_modules $(TOOLS_DIR)

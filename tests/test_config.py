@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.engine import make_url
 
-from wsgateway.config import ConfigError, database_url, load, parse_addr, parse_duration, parse_size
+from wsgateway.config import (FLAGS, ConfigError, database_url, load, parse_addr, parse_duration, parse_size,
+                              setting_option)
 
 
 def load_args(*argv: str, env: dict[str, str] | None = None):
@@ -349,3 +350,76 @@ def test_bad_broker_settings_are_refused_by_name(argv, setting):
     with pytest.raises(ConfigError) as refusal:
         load_args(*argv)
     assert str(refusal.value).startswith(setting)
+
+
+# --- -console, -tls-cert, -tls-key (operator tools) ----------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["-console"], ["-console=true"], ["--console"], ["--console=yes"], ["-console", "-max-conns", "3"],
+    ["-max-conns", "3", "-console"],
+], ids=["bare", "equals-true", "double-dash", "double-dash-yes", "before-a-flag", "last"])
+def test_console_switch_forms(argv):
+    """`-console` alone turns the console on, as do `-console=true` and `--console`; it never eats the next flag."""
+    config = load_args(*argv)
+    assert config.console is True
+    assert config.max_conns_per_player == (3 if "-max-conns" in argv else 10)
+
+
+def test_console_is_off_by_default_and_can_be_turned_off():
+    """The console is off by default; `-console=false` keeps it off even when the environment says true."""
+    assert load_args().console is False
+    assert load_args("-console=false", env={"WS_GATEWAY_CONSOLE": "true"}).console is False
+
+
+@pytest.mark.parametrize("line, expected", [("console = true", True), ("console = false", False),
+                                            ("console =", False), ("console = on", True)])
+def test_console_in_config_file(tmp_path, line, expected):
+    """`console = true` in the -c file turns it on; false or empty leaves it off."""
+    path = tmp_path / "gateway.ini"
+    path.write_text(f"[gateway]\n{line}\n")
+    assert load_args("-c", str(path)).console is expected
+
+
+def test_console_from_environment():
+    """WS_GATEWAY_CONSOLE=true turns the console on."""
+    assert load_args(env={"WS_GATEWAY_CONSOLE": "true"}).console is True
+
+
+def test_bad_console_value_names_the_flag():
+    """`-console=maybe` (or an environment value that is no boolean) is refused naming -console."""
+    assert refusal("-console=maybe").startswith("-console:")
+    assert refusal(env={"WS_GATEWAY_CONSOLE": "sometimes"}).startswith("-console:")
+
+
+def test_tls_files_reach_config():
+    """-tls-cert and -tls-key together set the certificate and key paths; neither means plain http."""
+    config = load_args("-tls-cert", "/etc/ws/cert.pem", "-tls-key", "/etc/ws/key.pem")
+    assert (config.tls_cert_file, config.tls_key_file) == ("/etc/ws/cert.pem", "/etc/ws/key.pem")
+    assert (load_args().tls_cert_file, load_args().tls_key_file) == ("", "")
+
+
+@pytest.mark.parametrize("argv, missing", [(["-tls-cert", "c.pem"], "-tls-key"),
+                                           (["-tls-key", "k.pem"], "-tls-cert")])
+def test_tls_flags_come_together(argv, missing):
+    """One TLS flag without the other is refused, naming the missing one."""
+    assert refusal(*argv).startswith(f"{missing}:")
+
+
+def test_setting_option_tells_settings_and_their_values_apart():
+    """setting_option knows which words are settings and which of those take the next word as value."""
+    assert setting_option("-dsn") == (True, True)
+    assert setting_option("--dsn=x") == (True, False)
+    assert setting_option("-c") == (True, True)
+    assert setting_option("-console") == (True, False)
+    assert setting_option("--player") == (False, False)
+    assert setting_option("token") == (False, False)
+
+
+def test_example_config_file_lists_every_setting():
+    """etc/gateway.ini names every flag and loads as it is."""
+    from pathlib import Path
+    example = Path(__file__).resolve().parent.parent / "etc" / "gateway.ini"
+    keys = {line.split("=", 1)[0].strip() for line in example.read_text().splitlines()
+            if "=" in line and not line.lstrip().startswith("#")}
+    assert keys == {flag.name for flag in FLAGS}
+    assert load_args("-c", str(example)).console is False

@@ -1,6 +1,7 @@
 """The gateway's web face: the Flask app for HTTP, and the WebSocket route in front of it.
 
-`/publish`, `/broadcast`, `/metrics`, `/healthz` and `/readyz` are Flask views.
+`/publish`, `/broadcast`, `/metrics`, `/healthz` and `/readyz` are Flask views, and
+`/console` when `-console` is set.
 `/ws` upgrades are handled by `GatewayHandler` before Flask, for two reasons:
 gevent-websocket answers `101 Switching Protocols` before any WSGI view runs, so a view
 could never refuse with 401/403/429/503; and a socket that lives for hours should not
@@ -27,6 +28,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from wsgateway.config import Config
 from wsgateway.connection import Connection, OutboxLimits
+from wsgateway.console import console_blueprint
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, StoreUnavailable
 from wsgateway.frames import Message, encode_frame
@@ -99,6 +101,9 @@ def create_app(services: Services) -> Flask:
             outcome = services.delivery.broadcast(frame, player_id)
             return _outcome_body(outcome, {"delivered": outcome.delivered})
         return _once(services, subject_id, fingerprint(b"/broadcast", raw), deliver)
+
+    if services.config.console:
+        app.register_blueprint(console_blueprint())
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:

@@ -2,6 +2,9 @@
 
 Exit status: 0 after a graceful shutdown, 2 for a refused setting (one line on stderr
 naming it), 1 when the database or the listen address is unusable at start.
+
+A command word (`db`, `token`, `publish`, `broadcast`) anywhere among the settings runs
+that operations command instead (`commands`); without one, the gateway serves.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import logging
 import sys
 from typing import Sequence
 
+from wsgateway import commands
 from wsgateway.config import Config, ConfigError, load
 from wsgateway.errors import BrokerUnavailable, StoreUnavailable
 from wsgateway.logs import setup_logging
@@ -24,8 +28,12 @@ def _fail(message: str, status: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    settings, command, command_arguments = commands.split_command(arguments)
+    if command is not None:
+        return commands.run(command, command_arguments, settings)
     try:
-        config = load(argv)
+        config = load(arguments, epilog=commands.SUMMARY)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     try:
@@ -34,9 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"-log-file: cannot open {config.log_file!r}: {exc.strerror}", 2)
 
     if config.workers > 1:
-        return _supervise(config, sys.argv[1:] if argv is None else list(argv))
+        return _supervise(config, arguments)
 
-    gateway = Gateway(config, listener=inherited_listener())
+    try:
+        gateway = Gateway(config, listener=inherited_listener())
+    except ConfigError as exc:  # -tls-cert / -tls-key files unusable
+        return _fail(str(exc), 2)
     try:
         gateway.start()
     except StoreUnavailable as exc:

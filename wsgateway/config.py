@@ -59,6 +59,9 @@ class Config:
     log_file: str  # "" = standard output
     log_level: str
     pid_file: str  # "" = none
+    console: bool  # serve the browser console at /console
+    tls_cert_file: str  # PEM certificate chain; "" = plain http:// and ws://
+    tls_key_file: str  # PEM private key of tls_cert_file; set together with it
 
 
 _DURATION_UNITS_S = {
@@ -167,11 +170,11 @@ def database_url(db: str, dsn: str) -> str:
 
 
 class _Flag:
-    """One setting: its Go-style name, default text, parser and help. A `switch` is a Go
-    boolean flag: `-name` alone means true, `-name=false` turns it off."""
+    """One setting: its Go-style name, default text, parser and help. A switch is a
+    boolean that, like in Go, takes its value only as `-flag=value` (`-flag` alone = true)."""
 
     def __init__(self, name: str, default: str, parse: Callable[[str], object], help: str,
-                 switch: bool = False) -> None:
+                 *, switch: bool = False) -> None:
         self.name = name
         self.default = default
         self.parse = parse
@@ -190,21 +193,22 @@ def _log_level(value: str) -> str:
     return level
 
 
-def parse_bool(value: str) -> bool:
-    """Go's boolean flag values."""
-    word = value.strip().lower()
-    if word in ("1", "t", "true", "yes", "on"):
-        return True
-    if word in ("0", "f", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a boolean (use true or false)")
-
-
 def _database_driver(value: str) -> str:
     driver = value.strip().lower()
     if driver not in ("sqlite", "mysql"):
         raise ValueError(f"unknown database driver {value!r} (use sqlite or mysql)")
     return driver
+
+
+def parse_boolean(text: str) -> bool:
+    """Go's and ConfigArgParse's spellings of a boolean: true/false, yes/no, on/off, 1/0;
+    empty (`console =` in a file) is false."""
+    word = text.strip().lower()
+    if word in ("true", "yes", "on", "1", "t"):
+        return True
+    if word in ("false", "no", "off", "0", "f", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
 
 
 def _positive_count(value: str) -> int:
@@ -269,12 +273,29 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("idempotency-window", "5m", _positive_duration,
           "a repeated Idempotency-Key from the same server token is answered, not delivered, this long"),
     _Flag("idempotency-max-keys", "100000", _positive_count, "idempotency keys remembered at once (oldest forgotten)"),
-    _Flag("notify-missed", "false", parse_bool,
+    _Flag("notify-missed", "false", parse_boolean,
           "send gateway.missed before the backlog when a player's offline queue lost messages", switch=True),
     _Flag("log-file", "", _text, "JSON log file (default: standard output)"),
     _Flag("log-level", "info", _log_level, "debug, info, warning or error"),
     _Flag("pid-file", "", _text, "write the process id here while running"),
+    _Flag("console", "false", parse_boolean, "serve the browser console at /console", switch=True),
+    _Flag("tls-cert", "", _text, "PEM certificate (chain) file: serve https:// and wss:// (with -tls-key)"),
+    _Flag("tls-key", "", _text, "PEM private key file of -tls-cert"),
 )
+_CONFIG_FILE_OPTIONS = ("-c", "--config")
+
+
+def setting_option(arg: str) -> tuple[bool, bool]:
+    """Whether command-line word `arg` is one of the settings' options, and if so whether
+    the next word is its value. Lets a caller pick the settings out of a longer command
+    line (`ws-gateway -c FILE token list`)."""
+    name, has_value = arg.split("=", 1)[0], "=" in arg
+    if name in _CONFIG_FILE_OPTIONS:
+        return True, not has_value
+    for flag in FLAGS:
+        if name in (f"-{flag.name}", f"--{flag.name}"):
+            return True, not has_value and not flag.switch
+    return False, False
 
 
 class _OneLineErrorParser(configargparse.ArgumentParser):
@@ -290,22 +311,41 @@ class _OneLineErrorParser(configargparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser() -> configargparse.ArgumentParser:
-    """The parser: every flag as `-name` and `--name`, `WS_GATEWAY_NAME`, and `-c FILE`."""
+def build_parser(epilog: str | None = None) -> configargparse.ArgumentParser:
+    """The parser: every flag as `-name` and `--name`, `WS_GATEWAY_NAME`, and `-c FILE`.
+    `epilog` ends the --help text."""
     parser = _OneLineErrorParser(
         prog="ws-gateway",
         description="Real-time WebSocket message gateway (drop-in for echoCTF's ws-server).",
+        epilog=epilog,
+        formatter_class=configargparse.RawDescriptionHelpFormatter,
         auto_env_var_prefix=ENV_PREFIX,
-        args_for_setting_config_path=["-c", "--config"],
+        args_for_setting_config_path=list(_CONFIG_FILE_OPTIONS),
         config_arg_help_message="config file of `name = value` lines using the flag names",
         allow_abbrev=False,
     )
     for flag in FLAGS:
-        switch = {"nargs": "?", "const": "true"} if flag.switch else {}
+        # A switch is an optional-value option: `-console` alone stores "true"; the config
+        # file and the environment hand it over as `--console=VALUE`.
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if flag.switch else {"metavar": "VALUE"}
         parser.add_argument(f"-{flag.name}", f"--{flag.name}", dest=flag.name.replace("-", "_"),
-                            default=flag.default, metavar="VALUE",
-                            help=f"{flag.help} (default {flag.default!r})", **switch)
+                            default=flag.default, help=f"{flag.help} (default {flag.default!r})", **extra)
     return parser
+
+
+def _settings_spelled_long(argv: Sequence[str]) -> list[str]:
+    """argv with each setting's `-name[=V]` rewritten as `--name[=V]`. ConfigArgParse looks
+    for `-c FILE` with a parser that knows no other option, and would read any setting
+    that starts with c (`-console`) as `-c onsole`. Values are left alone."""
+    rewritten: list[str] = []
+    value_follows = False
+    for arg in argv:
+        is_setting, takes_value = (False, False) if value_follows else setting_option(arg)
+        if is_setting and not arg.startswith("--") and arg.split("=", 1)[0] not in _CONFIG_FILE_OPTIONS:
+            arg = "-" + arg
+        rewritten.append(arg)
+        value_follows = takes_value
+    return rewritten
 
 
 def _parsed(flag: _Flag, raw: str) -> object:
@@ -315,10 +355,12 @@ def _parsed(flag: _Flag, raw: str) -> object:
         raise ConfigError(f"-{flag.name}: {exc}") from None
 
 
-def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Config:
-    """Parse argv, environment and config file into a `Config`, or raise `ConfigError`."""
-    parser = build_parser()
-    namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv),
+def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
+         *, epilog: str | None = None) -> Config:
+    """Parse argv, environment and config file into a `Config`, or raise `ConfigError`.
+    `--help` prints the settings (and `epilog`) and raises SystemExit(0)."""
+    parser = build_parser(epilog)
+    namespace = parser.parse_args(_settings_spelled_long(sys.argv[1:] if argv is None else argv),
                                   env_vars=os.environ if env is None else env)
     raw = {flag.name: str(getattr(namespace, flag.name.replace("-", "_"))) for flag in FLAGS}
     value: dict[str, Any] = {flag.name: _parsed(flag, raw[flag.name]) for flag in FLAGS}
@@ -331,6 +373,10 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         raise ConfigError(f"-pong-wait: {raw['pong-wait']} must be longer than -ping-period {raw['ping-period']}")
     if value["workers"] > 1 and not value["broker"]:
         raise ConfigError(f"-workers: {value['workers']} workers need -broker redis://... to act as one gateway")
+    tls_cert, tls_key = raw["tls-cert"].strip(), raw["tls-key"].strip()
+    if bool(tls_cert) != bool(tls_key):
+        missing, given = ("-tls-key", "-tls-cert") if tls_cert else ("-tls-cert", "-tls-key")
+        raise ConfigError(f"{missing}: required with {given} (give both, or neither for plain http)")
     host, port = value["addr"]
     return Config(
         listen_host=host,
@@ -362,4 +408,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         log_file=raw["log-file"].strip(),
         log_level=value["log-level"],
         pid_file=raw["pid-file"].strip(),
+        console=value["console"],
+        tls_cert_file=tls_cert,
+        tls_key_file=tls_key,
     )

@@ -20,6 +20,7 @@ from typing import Callable
 
 import gevent
 from gevent import Greenlet
+from gevent.ssl import SSLSocket
 
 from wsgateway.errors import CloseCode, ProtocolViolation
 from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, Ping,
@@ -68,8 +69,10 @@ class Connection:
         self.remote = remote
         self._socket = sock
         # gevent's socket wraps a real non-blocking socket; sending on it directly returns
-        # at once with what the kernel took, where gevent's send() would wait.
-        self._raw_socket = getattr(sock, "_sock", sock)
+        # at once with what the kernel took, where gevent's send() would wait. Under TLS
+        # that socket carries ciphertext, so there is no direct path: every frame goes
+        # through the outbox and the writer's sendall on the TLS socket (None below).
+        self._raw_socket = None if isinstance(sock, SSLSocket) else getattr(sock, "_sock", sock)
         self._rfile = rfile
         self._limits = limits
         self._max_message_bytes = max_message_bytes
@@ -124,7 +127,7 @@ class Connection:
         self.send(PING_FRAME)
 
     def _write(self, frame: bytes) -> bool:
-        if self._outbox is None and self._writer is None:
+        if self._outbox is None and self._writer is None and self._raw_socket is not None:
             try:
                 sent = self._raw_socket.send(frame)
             except BlockingIOError:
@@ -210,10 +213,24 @@ class Connection:
         if not mid_frame and not self._close_sent and code != CloseCode.ABNORMAL:
             self._close_sent = True
             try:
-                self._raw_socket.send(close_frame(code, code.reason))
-            except OSError:
+                self._send_now(close_frame(code, code.reason))
+            except OSError:  # ssl.SSLError included: under TLS the close frame is best effort
                 pass
         self._shutdown()
+
+    def _send_now(self, data: bytes) -> None:
+        """One write that never waits (what the socket does not take is lost)."""
+        if self._raw_socket is not None:
+            self._raw_socket.send(data)
+            return
+        # A TLS socket with timeout 0 answers "would block" with 0 instead of waiting. No
+        # other greenlet runs before the timeout is restored: nothing here yields.
+        timeout_s = self._socket.gettimeout()
+        self._socket.settimeout(0.0)
+        try:
+            self._socket.send(data)
+        finally:
+            self._socket.settimeout(timeout_s)
 
     def _send_close(self, code: int, reason: str) -> None:
         if not self._close_sent:

@@ -14,10 +14,13 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
+from contextlib import closing
 from typing import Any, Callable
 
 import gevent
+import gevent.ssl
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
@@ -25,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from wsgateway.app import WEBSOCKET_PATH, GatewayHandler, PlayerEndpoint, create_app
 from wsgateway.broker import Broker, InProcessBroker
-from wsgateway.config import Config
+from wsgateway.config import Config, ConfigError
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.hub import Hub
@@ -53,6 +56,19 @@ class DrainingWSGIServer(WSGIServer):
         self.draining = False
         self.idle_handlers: set[Any] = set()
         self.websocket_endpoints: dict[str, Any] = {}
+
+    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
+        """With TLS: a failed handshake (a plain-HTTP client, a client that does not trust
+        the certificate) is one log line, where gevent would print a traceback."""
+        try:
+            tls_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            log.info("TLS handshake failed", extra={
+                "event": "tls_handshake_failed", "remote": address[0] if isinstance(address, tuple) else "",
+                "detail": getattr(exc, "reason", None) or type(exc).__name__})
+            return None
+        with closing(tls_socket):
+            return self.handle(tls_socket, address)
 
     def end_idle_connections(self) -> None:
         for handler in list(self.idle_handlers):
@@ -92,10 +108,13 @@ class Gateway:
                                  notify_missed=config.notify_missed)
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
+        tls: dict[str, Any] = {}
+        if config.tls_cert_file:
+            tls["ssl_context"] = tls_context(config.tls_cert_file, config.tls_key_file)
         self.server = DrainingWSGIServer(
             listener if listener is not None else (config.listen_host, config.listen_port),
             create_app(self), handler_class=GatewayHandler,
-            spawn=Pool(), log=None, error_log=logging.getLogger("wsgateway.http"))
+            spawn=Pool(), log=None, error_log=logging.getLogger("wsgateway.http"), **tls)
         self.server.websocket_endpoints[WEBSOCKET_PATH] = PlayerEndpoint(self)
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
@@ -127,6 +146,11 @@ class Gateway:
             job()
         except BrokerUnavailable as exc:
             log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(exc)})
+
+    @property
+    def scheme(self) -> str:
+        """"https" when serving TLS, else "http" (WebSocket: "wss" or "ws")."""
+        return "https" if self.config.tls_cert_file else "http"
 
     @property
     def draining(self) -> bool:
@@ -212,6 +236,28 @@ class Gateway:
                 job()
             except Exception:
                 log.exception("periodic job failed", extra={"event": "job_failed", "job": name})
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The server's TLS context (TLS 1.2 and newer) from PEM files; `ConfigError` naming
+    the flag when a file cannot be read or the two do not make a certificate and its key.
+    A gevent context, so that handshakes and reads wait cooperatively."""
+    for flag, path, marker, what in (("-tls-cert", cert_file, "CERTIFICATE-----", "PEM certificate"),
+                                     ("-tls-key", key_file, "PRIVATE KEY-----", "PEM private key")):
+        try:
+            with open(path, "rb") as handle:
+                if marker.encode() not in handle.read():
+                    raise ConfigError(f"{flag}: {path!r} holds no {what}")
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot read {path!r}: {exc.strerror or exc}") from None
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"-tls-key: {key_file!r} cannot be used with -tls-cert {cert_file!r}: "
+                          f"{exc.reason or exc}") from None
+    return context
 
 
 def write_pid_file(path: str) -> None:

@@ -1,0 +1,33 @@
+# ws-gateway in a container, configured by WS_GATEWAY_* environment variables
+# (every flag: WS_GATEWAY_MAX_CONNS=5, WS_GATEWAY_DB=mysql, WS_GATEWAY_DSN=..., ...).
+#
+# Not built in CI: these machines have no container engine. It runs only the commands CI
+# does run: `make install` (a venv from requirements.txt) and bin/ws-gateway.
+#
+#   docker build -t ws-gateway .
+#   docker run -p 8080:8080 -v ws-data:/var/lib/ws-gateway ws-gateway
+#   docker run --rm -v ws-data:/var/lib/ws-gateway ws-gateway token add --player 21 --ttl 24h
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --home-dir /var/lib/ws-gateway --create-home ws-gateway
+
+WORKDIR /opt/ws-gateway
+COPY Makefile requirements.txt ./
+RUN make install
+COPY bin/ bin/
+COPY wsgateway/ wsgateway/
+
+USER ws-gateway
+WORKDIR /var/lib/ws-gateway
+ENV WS_GATEWAY_ADDR=:8080 \
+    WS_GATEWAY_DSN=file:/var/lib/ws-gateway/ws_tokens.db?cache=shared
+VOLUME /var/lib/ws-gateway
+EXPOSE 8080
+# SIGTERM drains (players get 1001) within -shutdown-timeout: give `docker stop -t` more.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s \
+    CMD ["/opt/ws-gateway/.venv/bin/python", "-c", "import os, urllib.request; port = os.environ['WS_GATEWAY_ADDR'].rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
+ENTRYPOINT ["/opt/ws-gateway/bin/ws-gateway"]

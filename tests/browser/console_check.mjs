@@ -1,0 +1,92 @@
+// Drives the gateway's /console page in Debian's headless Chromium, as a person would,
+// for tests/test_console.py. Steps are reported as JSON lines on stdout; where the test
+// must act on the gateway (close a socket, revoke a token) the script waits for a line
+// on stdin before going on.
+//
+//   node console_check.mjs '{"url": "http://127.0.0.1:PORT", "playerToken": "...",
+//                            "serverToken": "...", "playerId": "21", "screenshot": "path or null"}'
+import { createInterface } from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const options = JSON.parse(process.argv[2]);
+const STEP_TIMEOUT_MS = Number(process.env.STEP_TIMEOUT_MS || 15000);
+const input = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+
+function report(step, details = {}) {
+  process.stdout.write(JSON.stringify({ step, ...details }) + '\n');
+}
+
+async function waitForLine(expected) {
+  const { value, done } = await input.next();
+  if (done || value.trim() !== expected) throw new Error(`expected "${expected}" on stdin, got ${value}`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync', '--no-first-run'],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1200, height: 860 } });
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(String(error)));
+  page.on('console', (message) => { if (message.type() === 'error') problems.push(message.text()); });
+
+  await page.goto(options.url + '/console');
+  report('loaded', { title: await page.title(), state: await page.textContent('#state') });
+
+  // Connect as the player.
+  await page.fill('#player-token', options.playerToken);
+  await page.click('#connect');
+  await page.waitForSelector('#state[data-state="open"]');
+  report('open', { opened: await page.textContent('#opened') });
+
+  // Publish a test event with the server token, and read it from the page.
+  await page.fill('#server-token', options.serverToken);
+  await page.fill('#player-id', options.playerId);
+  await page.fill('#event-name', 'flag_captured');
+  await page.fill('#payload', '{"target": "web01", "points": 100}');
+  await page.click('#publish');
+  const row = await page.waitForSelector('#events tr.event[data-event="flag_captured"]');
+  await page.waitForSelector('#publish-result[data-status="200"]');
+  report('received', {
+    time: await row.$eval('td.time', (cell) => cell.textContent),
+    event: await row.$eval('td.name', (cell) => cell.textContent),
+    payload: JSON.parse(await row.$eval('td.payload', (cell) => cell.textContent)),
+    publishResult: await page.textContent('#publish-result'),
+    count: await page.textContent('#event-count'),
+  });
+
+  // The test closes the socket from the gateway's side (1001, as a restart does).
+  report('waiting', { for: 'closed-1001' });
+  await waitForLine('closed-1001');
+  await page.waitForSelector('#close-code[data-code="1001"]');
+  await page.waitForFunction(() => document.querySelector('#opened').textContent === '2'
+    && document.querySelector('#state').dataset.state === 'open');
+  const connectionLog = await page.$$eval('#connection-log tr', (rows) => rows.map((r) => r.textContent));
+  report('reconnected', { closeCode: await page.textContent('#close-code'), log: connectionLog });
+
+  // Broadcast from the page too, so the screenshot shows a lived-in console.
+  await page.fill('#player-id', '');
+  await page.fill('#event-name', 'round_over');
+  await page.fill('#payload', '{"round": 3}');
+  await page.click('#broadcast');
+  await page.waitForSelector('#events tr.event[data-event="round_over"]');
+  if (options.screenshot) {
+    await page.screenshot({ path: options.screenshot, fullPage: true });
+  }
+  report('broadcast', { count: await page.textContent('#event-count') });
+
+  // The test revokes the token: a 1008 close must not be retried.
+  report('waiting', { for: 'revoked' });
+  await waitForLine('revoked');
+  await page.waitForSelector('#close-code[data-code="1008"]');
+  await page.waitForSelector('#state[data-state="closed"]');
+  report('stopped', { state: await page.textContent('#state'), detail: await page.textContent('#state-detail'),
+                      closeCode: await page.textContent('#close-code'), problems });
+} finally {
+  await browser.close();
+}
+process.exit(0);

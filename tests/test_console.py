@@ -1,0 +1,135 @@
+"""The browser console: /console only with -console, its headers, and the page driven end to end in
+Debian's headless Chromium (connect, publish, read the event, reconnect after 1001, stop after 1008)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from tests.helpers import TIMEOUT_S, wait_for
+from wsgateway.errors import CloseCode
+
+BROWSER_DIR = Path(__file__).resolve().parent / "browser"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+# CI sets this once it has installed the test tools: then a missing piece fails the test.
+BROWSER_REQUIRED = os.environ.get("WS_GATEWAY_TEST_TOOLS") == "required"
+SCREENSHOT = os.environ.get("WS_GATEWAY_CONSOLE_SCREENSHOT")  # `make console-screenshot` sets it
+BROWSER_STEP_TIMEOUT_S = 6 * TIMEOUT_S  # a cold Chromium start is slow on a loaded 2-core machine
+
+
+def test_console_is_404_unless_enabled(gateway):
+    """Without -console, /console and its script are 404 like any unknown path."""
+    assert gateway.get("/console").status == 404
+    assert gateway.get("/console/console.js").status == 404
+
+
+def test_console_page_and_script_are_served_with_a_strict_policy(start_gateway):
+    """With -console, the page and its script are served, with a CSP that allows only their own origin."""
+    gateway = start_gateway("-console")
+    page = gateway.get("/console")
+    assert page.status == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert b'<script src="console/console.js">' in page.body
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "default-src 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    script = gateway.get("/console/console.js")
+    assert script.status == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert b"new WebSocket" in script.body
+
+
+def browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None when it can."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not Path(CHROMIUM).exists():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium; `make install-test-tools` does it)"
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed in tests/browser (`make install-test-tools`)"
+    return None
+
+
+class BrowserScript:
+    """tests/browser/console_check.mjs as a child process: JSON step reports in, commands out."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.process = subprocess.Popen(
+            ["node", "console_check.mjs", json.dumps(options)], cwd=BROWSER_DIR, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "CHROMIUM_PATH": CHROMIUM, "STEP_TIMEOUT_MS": str(int(BROWSER_STEP_TIMEOUT_S * 1000))})
+
+    def step(self, name: str) -> dict[str, Any]:
+        """The next report, which must be step `name`."""
+        with gevent.Timeout(BROWSER_STEP_TIMEOUT_S + TIMEOUT_S, AssertionError(f"no '{name}' step from the browser")):
+            line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=TIMEOUT_S)
+            raise AssertionError(f"browser script ended before '{name}': {self.process.stderr.read()}")
+        report = json.loads(line)
+        assert report["step"] == name, report
+        return report
+
+    def tell(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def finish(self) -> int:
+        return self.process.wait(timeout=BROWSER_STEP_TIMEOUT_S)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=TIMEOUT_S)
+
+
+def test_console_in_a_real_browser(start_gateway):
+    """In headless Chromium the console connects, publishes, shows the event, reconnects after 1001, stops at 1008."""
+    missing = browser_missing()
+    if missing:
+        if BROWSER_REQUIRED:
+            pytest.fail(f"the browser test is required here but cannot run: {missing}")
+        pytest.skip(missing)
+    gateway = start_gateway("-console")
+    player_token, server_token = gateway.tokens.player(21), gateway.tokens.server()
+    browser = BrowserScript({"url": f"http://{gateway.host}:{gateway.port}", "playerToken": player_token,
+                             "serverToken": server_token, "playerId": "21", "screenshot": SCREENSHOT})
+    try:
+        loaded = browser.step("loaded")
+        assert (loaded["title"], loaded["state"]) == ("ws-gateway console", "idle")
+        assert browser.step("open")["opened"] == "1"
+        assert gateway.gateway.hub.connection_count() == 1
+
+        received = browser.step("received")
+        assert (received["event"], received["payload"]) == ("flag_captured", {"target": "web01", "points": 100})
+        assert len(received["time"]) == len("12:34:56.789")
+        assert "200" in received["publishResult"] and '"delivered": 1' in received["publishResult"]
+        assert gateway.metric("ws_messages_delivered_total") == 1
+
+        assert browser.step("waiting")["for"] == "closed-1001"
+        for connection in list(gateway.gateway.hub.connections()):
+            connection.close(CloseCode.GOING_AWAY)
+        browser.tell("closed-1001")
+        reconnected = browser.step("reconnected")
+        assert reconnected["closeCode"].startswith("1001 gateway shutting down")
+        assert any("reconnecting in" in entry for entry in reconnected["log"])
+        wait_for(lambda: gateway.gateway.hub.connection_count() == 1, what="the page's new connection")
+        assert browser.step("broadcast")["count"] == "2"
+
+        assert browser.step("waiting")["for"] == "revoked"
+        gateway.tokens.revoke(player_token)
+        gateway.gateway.revalidator.run_once()
+        browser.tell("revoked")
+        stopped = browser.step("stopped")
+        assert stopped["state"] == "closed" and "not reconnecting" in stopped["detail"]
+        assert stopped["closeCode"].startswith("1008 token revoked or expired")
+        assert stopped["problems"] == []
+        assert browser.finish() == 0
+        assert gateway.gateway.hub.connection_count() == 0
+        assert gateway.metric("ws_disconnects_total", code="1008") == 1
+    finally:
+        browser.kill()

@@ -1,0 +1,243 @@
+"""Publishing to a gateway from Python: `GatewayClient`, for sync codebases.
+
+Standard library only (http.client), so it works in any process: plain threads, or
+gevent-patched (its sockets then wait cooperatively). It does not import the rest of
+`wsgateway`, and can be copied into a project on its own.
+
+    from wsgateway.client import GatewayClient
+    gateway = GatewayClient("http://127.0.0.1:8080", "SERVER_TOKEN")
+    gateway.publish(21, "flag_captured", {"target": "web01"})  # PublishResult(delivered=1, queued=False)
+    gateway.broadcast("round_over")                            # 1423 sockets reached
+
+Retries: a connection error, a timeout or a 5xx answer is retried up to `retries` times,
+after `backoff_s`, then twice that, and so on (at most `max_backoff_s`); a 429 is retried
+after the `Retry-After` the gateway sent (never sooner), or given up at once when that is
+longer than `max_backoff_s`. Other 4xx answers are never retried: sending the same
+request again cannot succeed. A retried request may have been delivered the first time
+(the answer was lost), so delivery is at least once: pass `idempotency_key=` to publish
+and broadcast and every retry carries the same key, so a gateway that knows the
+`Idempotency-Key` header delivers it once (one that does not ignores it).
+
+Errors (the gateway's `{"error": ...}` message is the exception's message)::
+
+    GatewayError            base: `status` (HTTP status, None when no answer) and `message`
+    ├── BadRequest          400, 413: the request itself is wrong
+    ├── AuthError           401, 403: missing, unknown, expired or non-server token
+    ├── RateLimited         429 after the retries: `retry_after` seconds
+    └── Unavailable         5xx after the retries, or no answer at all (refused, timeout)
+
+Other statuses (404 for an endpoint the gateway does not have, 405) raise `GatewayError`.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import urlsplit
+
+USER_AGENT = "ws-gateway-client/1"
+
+
+class GatewayError(Exception):
+    """The gateway refused the request, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message if self.status is None else f"{self.status}: {self.message}"
+
+
+class BadRequest(GatewayError):
+    """400 or 413: the gateway refuses this request as it is; retrying cannot help."""
+
+
+class AuthError(GatewayError):
+    """401 or 403: the server token is missing, unknown, expired or a player's."""
+
+
+class RateLimited(GatewayError):
+    """429: this server token's rate limit is exhausted; try again after `retry_after` s."""
+
+    def __init__(self, message: str, status: int | None = 429, retry_after: float = 1.0) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class Unavailable(GatewayError):
+    """5xx, or no answer (connection refused or reset, timeout): the gateway or its
+    database is down or overloaded. `status` is None when nothing answered;
+    `retry_after` is the gateway's `Retry-After` in seconds, if it sent one."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """How one published message went: handed to `delivered` sockets, or `queued` for
+    an offline player."""
+
+    delivered: int
+    queued: bool
+
+
+class GatewayClient:
+    """A publisher for one gateway and one server token. Safe to share between threads
+    and greenlets: every call opens its own connection."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 5.0, retries: int = 3,
+                 backoff_s: float = 0.2, max_backoff_s: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        """`url`: the gateway's base URL (`http://host:port`, `https://host/prefix`).
+        `timeout_s`: for connecting and for each read. `retries`: extra attempts after the
+        first. `ssl_context`: for https (default: the system's trusted CAs). `sleep` waits
+        between attempts (tests pass one that records instead)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"gateway URL must be http://HOST[:PORT] or https://..., not {url!r}")
+        if not token:
+            raise ValueError("a server token is required")
+        if retries < 0 or timeout_s <= 0 or backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0, timeout_s > 0")
+        self.url = url.rstrip("/")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._token = token
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._ssl_context = ssl_context
+        self._sleep = sleep
+
+    # --- the gateway's publishing endpoints -----------------------------------------------
+    def publish(self, player_id: int | str, event: str, payload: Any = None, *,
+                idempotency_key: str | None = None) -> PublishResult:
+        """Send `event` with `payload` to one player; queued by the gateway while the
+        player is offline. A payload that is not JSON (NaN, a set) raises ValueError or
+        TypeError before anything is sent."""
+        answer = self._post("/publish", {"player_id": player_id, "event": event, "payload": payload},
+                            idempotency_key)
+        return _publish_result(answer)
+
+    def broadcast(self, event: str, payload: Any = None, player_id: int | str | None = None, *,
+                  idempotency_key: str | None = None) -> int:
+        """Send `event` to every connected player (or only to `player_id`'s live
+        connections, never queued); returns the number of sockets it was handed to."""
+        body: dict[str, Any] = {"event": event, "payload": payload}
+        if player_id is not None:
+            body["player_id"] = player_id
+        return int(self._post("/broadcast", body, idempotency_key)["delivered"])
+
+    def publish_batch(self, messages: Iterable[Mapping[str, Any]]) -> list[PublishResult]:
+        """Publish several messages in one request (`POST /publish/batch`); each message
+        is `{"player_id": ..., "event": ..., "payload": ...}`. Results are in the same
+        order. The whole batch is refused (400 naming `messages[i]`, 429) or accepted."""
+        answer = self._post("/publish/batch", {"messages": [dict(message) for message in messages]}, None)
+        return [_publish_result(result) for result in answer["results"]]
+
+    # --- HTTP with retries ----------------------------------------------------------------
+    def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
+        data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json",
+                   "Accept": "application/json", "User-Agent": USER_AGENT}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key  # the same on every retry
+        attempt = 0
+        while True:
+            try:
+                return self._post_once(self._prefix + path, data, headers)
+            except (Unavailable, RateLimited) as failure:
+                wait_s = self._wait_before_retry(failure, attempt)
+                if wait_s is None:
+                    raise
+            attempt += 1
+            self._sleep(wait_s)
+
+    def _wait_before_retry(self, failure: Unavailable | RateLimited, attempt: int) -> float | None:
+        """Seconds to wait before retrying after `failure`, or None to give up. Never
+        sooner than the gateway's Retry-After; never longer than `max_backoff_s`."""
+        if attempt >= self.retries:
+            return None
+        asked_s = failure.retry_after
+        if asked_s is not None and asked_s > self.max_backoff_s:
+            return None
+        if isinstance(failure, RateLimited):
+            return asked_s
+        backoff_s = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
+        return backoff_s if asked_s is None else max(backoff_s, asked_s)
+
+    def _post_once(self, path: str, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        connection = self._connection()
+        try:
+            connection.request("POST", path or "/", body=data, headers=headers)
+            response = connection.getresponse()
+            status, retry_after, raw = response.status, response.getheader("Retry-After"), response.read()
+        except ssl.SSLCertVerificationError as exc:  # not transient: never retried
+            raise GatewayError(f"the TLS certificate of {self.url} is not trusted: {exc.verify_message}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, bad answer
+            raise Unavailable(f"no answer from {self.url}: {_describe(exc)}") from exc
+        finally:
+            connection.close()
+        answer = _json_or_none(raw)
+        if 200 <= status < 300:
+            if not isinstance(answer, dict):
+                raise GatewayError(f"answer is not a JSON object: {raw[:200]!r}", status)
+            return answer
+        message = answer.get("error") if isinstance(answer, dict) and isinstance(answer.get("error"), str) \
+            else (raw[:200].decode("utf-8", "replace").strip() or http.client.responses.get(status, "error"))
+        raise _error_for(status, message, _seconds(retry_after))
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._https:
+            context = self._ssl_context or ssl.create_default_context()
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s, context=context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+
+
+def _error_for(status: int, message: str, retry_after_s: float | None) -> GatewayError:
+    if status in (400, 413):
+        return BadRequest(message, status)
+    if status in (401, 403):
+        return AuthError(message, status)
+    if status == 429:
+        return RateLimited(message, status, 1.0 if retry_after_s is None else retry_after_s)
+    if status >= 500:
+        return Unavailable(message, status, retry_after_s)
+    return GatewayError(message, status)
+
+
+def _publish_result(answer: Mapping[str, Any]) -> PublishResult:
+    return PublishResult(delivered=int(answer["delivered"]), queued=bool(answer.get("queued", False)))
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """`Retry-After` in seconds; the HTTP-date form is not used by the gateway."""
+    try:
+        return max(0.0, float(retry_after)) if retry_after is not None else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    return str(exc) or type(exc).__name__

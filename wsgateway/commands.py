@@ -1,0 +1,333 @@
+"""The operations subcommands of `ws-gateway`: `db`, `token`, `publish`, `broadcast`.
+
+    ws-gateway [SETTINGS] db init
+    ws-gateway [SETTINGS] token add (--player ID | --server SUBJECT) --ttl DURATION
+    ws-gateway [SETTINGS] token revoke TOKEN
+    ws-gateway [SETTINGS] token list [--show-tokens] [--kind player|server]
+    ws-gateway [SETTINGS] publish [--url URL] --token TOKEN --player ID --event E [--payload JSON]
+    ws-gateway [SETTINGS] broadcast [--url URL] --token TOKEN --event E [--player ID] [--payload JSON]
+
+The gateway's settings (`-c FILE`, `WS_GATEWAY_*`, `-db`, `-dsn`, `-db-timeout`, ...) may
+stand anywhere on the line and are read by `config.load`, exactly as when serving: `db`
+and `token` work on the database the gateway uses, and `publish`/`broadcast` default to
+the gateway's own `-addr` (https when it has `-tls-cert`). The work itself is in
+`admin` (database) and `client` (HTTP); this module parses, prints and picks exit codes.
+
+Exit status: 0 done; 2 bad usage or input (argparse's usage line, or one line naming the
+option); 1 the database or the gateway failed or refused (one line with its message).
+Standard output carries only the result (`token add`: the token alone), so scripts can
+capture it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import sys
+from datetime import datetime
+from typing import Any, Sequence
+
+from wsgateway.admin import TokenAdmin, TokenRow, masked
+from wsgateway.client import GatewayClient, GatewayError
+from wsgateway.config import Config, ConfigError, load, parse_count, parse_duration, setting_option
+from wsgateway.errors import StoreUnavailable
+
+COMMANDS = ("db", "token", "publish", "broadcast")
+TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # publish/broadcast's --token, kept out of `ps`
+
+SUMMARY = """commands (each has --help):
+  db init                      create the ws_token table if it is missing
+  token add|revoke|list        manage player and server tokens
+  publish                      send an event to one player of a running gateway
+  broadcast                    send an event to every connected player
+Settings (-c FILE, WS_GATEWAY_*, -db, -dsn, ...) apply to the commands too.
+Without a command, ws-gateway serves."""
+
+_SETTINGS_NOTE = ("The database is the gateway's: -c FILE, WS_GATEWAY_* variables, -db, -dsn and "
+                  "-db-timeout are read as when serving, and may stand before or after the command.")
+
+
+class UsageError(Exception):
+    """Input we refuse (exit 2); the message names the option."""
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
+    """(settings words, command or None, the command's own words) from a command line.
+
+    The command is the first word that is not a setting or a setting's value; settings
+    may come before or after it. After `--`, every word is the command's."""
+    settings: list[str] = []
+    command: str | None = None
+    own: list[str] = []
+    words = list(argv)
+    index = 0
+    while index < len(words):
+        word = words[index]
+        if command is not None and word == "--":
+            own.extend(words[index:])
+            break
+        is_setting, value_follows = setting_option(word)
+        if is_setting:
+            settings.append(word)
+            if value_follows and index + 1 < len(words):
+                index += 1
+                settings.append(words[index])
+        elif command is None and word in COMMANDS:
+            command = word
+        elif command is None:
+            settings.append(word)
+        else:
+            own.append(word)
+        index += 1
+    return settings, command, own
+
+
+def run(command: str, arguments: Sequence[str], settings: Sequence[str]) -> int:
+    """Run one subcommand; returns the exit status."""
+    try:
+        options = _parser().parse_args([command, *arguments])
+    except SystemExit as done:  # --help (0), or bad usage (2) after printing the usage line
+        return int(done.code or 0)
+    name = " ".join(part for part in ("ws-gateway", command, getattr(options, "action", None)) if part)
+    try:
+        config = load(settings)
+        return options.handler(options, config)
+    except (ConfigError, UsageError) as exc:
+        return _fail(name, str(exc), 2)
+    except StoreUnavailable as exc:
+        return _fail(name, str(exc), 1)
+    except GatewayError as exc:
+        answered = f"the gateway answered {exc.status}: " if exc.status is not None else ""
+        return _fail(name, answered + exc.message, 1)
+
+
+def _fail(name: str, message: str, status: int) -> int:
+    print(f"{name}: {message}", file=sys.stderr)
+    return status
+
+
+# --- db and token -------------------------------------------------------------------------
+def _admin(config: Config) -> TokenAdmin:
+    return TokenAdmin(config.database_url, db_timeout_s=config.db_timeout_s)
+
+
+def _db_init(options: argparse.Namespace, config: Config) -> int:
+    admin = _admin(config)
+    try:
+        created = admin.init_schema()
+    finally:
+        admin.close()
+    print("created table ws_token" if created else "table ws_token exists, left as it is")
+    return 0
+
+
+def _token_add(options: argparse.Namespace, config: Config) -> int:
+    ttl_s = _duration("--ttl", options.ttl)
+    admin = _admin(config)
+    try:
+        token = admin.add(ttl_s=ttl_s, player=options.player, server=options.server, subject=options.subject)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        admin.close()
+    print(token)
+    return 0
+
+
+def _token_revoke(options: argparse.Namespace, config: Config) -> int:
+    admin = _admin(config)
+    try:
+        row = admin.revoke(options.token)
+    finally:
+        admin.close()
+    if row is None:
+        print("ws-gateway token revoke: no such token", file=sys.stderr)
+        return 1
+    print(f"revoked {masked(row.token)} ({row.kind} {row.identity}); "
+          "live connections holding it close at the next revalidation")
+    return 0
+
+
+def _token_list(options: argparse.Namespace, config: Config) -> int:
+    admin = _admin(config)
+    try:
+        rows = admin.list_tokens(options.kind)
+        now = admin.now()
+    finally:
+        admin.close()
+    print(_table(rows, now, options.show_tokens), end="")
+    return 0
+
+
+def _table(rows: list[TokenRow], now: datetime, show_tokens: bool) -> str:
+    lines = [("TOKEN", "KIND", "PLAYER/SUBJECT", "EXPIRES (UTC)", "EXPIRED")]
+    for row in rows:
+        expires = row.expires_at.strftime("%Y-%m-%d %H:%M:%S") if row.expires_at else "?"
+        lines.append((row.token if show_tokens else masked(row.token), row.kind, row.identity, expires,
+                      "yes" if row.expired(now) else "no"))
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    return "".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n"
+                   for line in lines)
+
+
+# --- publish and broadcast ----------------------------------------------------------------
+def _client(options: argparse.Namespace, config: Config) -> GatewayClient:
+    token = options.token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise UsageError(f"--token: a server token is required (or set {TOKEN_ENV})")
+    url = options.url or _own_url(config)
+    context = None
+    if options.cacert:
+        try:
+            context = ssl.create_default_context(cafile=options.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--cacert: cannot load {options.cacert!r}: {exc}") from None
+    try:
+        return GatewayClient(url, token, timeout_s=_duration("--timeout", options.timeout),
+                             retries=_count("--retries", options.retries), ssl_context=context)
+    except ValueError as exc:
+        raise UsageError(f"--url: {exc}") from None
+
+
+def _own_url(config: Config) -> str:
+    """The URL of the gateway these settings describe, as seen from this machine."""
+    host = config.listen_host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if config.tls_cert_file else "http"
+    return f"{scheme}://{host}:{config.listen_port}"
+
+
+def _payload(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--payload: not valid JSON: {exc}") from None
+
+
+def _player(text: str | None) -> int | str | None:
+    """A numeric player id goes as a number, like the Go original's backends send it."""
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def _publish(options: argparse.Namespace, config: Config) -> int:
+    payload = _payload(options.payload)
+    result = _client(options, config).publish(_player(options.player), options.event, payload,
+                                              idempotency_key=options.idempotency_key)
+    print(json.dumps({"delivered": result.delivered, "queued": result.queued}))
+    return 0
+
+
+def _broadcast(options: argparse.Namespace, config: Config) -> int:
+    payload = _payload(options.payload)
+    delivered = _client(options, config).broadcast(options.event, payload, _player(options.player),
+                                                   idempotency_key=options.idempotency_key)
+    print(json.dumps({"delivered": delivered}))
+    return 0
+
+
+def _duration(option: str, text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+    if seconds <= 0:
+        raise UsageError(f"{option}: must be longer than zero")
+    return seconds
+
+
+def _count(option: str, text: str) -> int:
+    try:
+        return parse_count(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+# --- the parser -------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ws-gateway", allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = commands.add_parser("db", help="the token database", description="The token database.",
+                             epilog=_SETTINGS_NOTE, allow_abbrev=False)
+    db_actions = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = db_actions.add_parser(
+        "init", help="create the ws_token table and its index if missing",
+        description="Create the ws_token table and its index if they are missing, on sqlite or "
+                    "MySQL/MariaDB. Idempotent: an existing table is left as it is.",
+        epilog=_SETTINGS_NOTE, allow_abbrev=False)
+    init.set_defaults(handler=_db_init)
+
+    token = commands.add_parser("token", help="player and server tokens",
+                                description="Add, revoke and list player and server tokens.",
+                                epilog=_SETTINGS_NOTE, allow_abbrev=False)
+    token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = token_actions.add_parser(
+        "add", help="create a random token and print it",
+        description="Create a random token (32 characters) and print it, and only it, on standard output.",
+        epilog="examples:\n  ws-gateway token add --player 21 --ttl 24h\n"
+               "  ws-gateway token add --server backend-1 --ttl 365d\n\n" + _SETTINGS_NOTE,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    who = add.add_mutually_exclusive_group(required=True)
+    who.add_argument("--player", metavar="ID",
+                     help="a player token: a numeric player id, or a player name (at most 32 bytes)")
+    who.add_argument("--server", metavar="SUBJECT", help="a server token for this subject (at most 32 bytes)")
+    add.add_argument("--ttl", required=True, metavar="DURATION",
+                     help="how long the token is valid: Go duration, e.g. 24h, 90m, 365d")
+    add.add_argument("--subject", metavar="NAME",
+                     help="subject_id stored for a numeric player (default: the player id)")
+    add.set_defaults(handler=_token_add)
+
+    revoke = token_actions.add_parser(
+        "revoke", help="delete a token",
+        description="Delete a token. The gateway closes live connections holding it (1008) at its next "
+                    "revalidation (-revalidate-period). Exit 1 when there is no such token.",
+        epilog="A token that starts with '-' goes after '--': ws-gateway token revoke -- -TOKEN\n\n"
+               + _SETTINGS_NOTE, allow_abbrev=False)
+    revoke.add_argument("token", metavar="TOKEN")
+    revoke.set_defaults(handler=_token_revoke)
+
+    listing = token_actions.add_parser(
+        "list", help="list tokens (masked)",
+        description="List tokens: masked token, kind, player id or subject, expiry (UTC), expired or not.",
+        epilog=_SETTINGS_NOTE, allow_abbrev=False)
+    listing.add_argument("--show-tokens", action="store_true", help="print whole tokens instead of a prefix")
+    listing.add_argument("--kind", choices=("player", "server"), help="only tokens of this kind")
+    listing.set_defaults(handler=_token_list)
+
+    for name, handler in (("publish", _publish), ("broadcast", _broadcast)):
+        publish = name == "publish"
+        sub = commands.add_parser(
+            name, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+            help="send an event to one player" if publish else "send an event to every connected player",
+            description=("POST /publish to a running gateway: one event to one player (queued while the "
+                         "player is offline). Prints the gateway's answer." if publish else
+                         "POST /broadcast to a running gateway: one event to every connected player, or to "
+                         "one player's live connections. Prints the gateway's answer."),
+            epilog=(f"example:\n  ws-gateway {name} --url http://127.0.0.1:8080 --token SERVER_TOKEN "
+                    + ("--player 21 " if publish else "") + "--event e --payload '{\"a\": 1}'\n\n"
+                    "Connection errors and 5xx are retried with exponential backoff, 429 after its "
+                    "Retry-After; other refusals exit 1 with the gateway's message."))
+        sub.add_argument("--url", help="the gateway's base URL (default: from the settings' -addr, "
+                                       "https with -tls-cert)")
+        sub.add_argument("--token", help=f"a server token (default: ${TOKEN_ENV})")
+        sub.add_argument("--player", required=publish, metavar="ID",
+                         help="the player id" if publish else "only this player's live connections")
+        sub.add_argument("--event", required=True, help="the event name")
+        sub.add_argument("--payload", metavar="JSON", help="the payload, any JSON (default null)")
+        sub.add_argument("--idempotency-key", metavar="KEY",
+                         help="sent as Idempotency-Key, the same on every retry")
+        sub.add_argument("--timeout", default="5s", metavar="DURATION", help="per attempt (default 5s)")
+        sub.add_argument("--retries", default="3", metavar="N", help="retries after the first attempt (default 3)")
+        sub.add_argument("--cacert", metavar="FILE", help="trust this CA (PEM) for an https gateway")
+        sub.set_defaults(handler=handler)
+    return parser

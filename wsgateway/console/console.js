@@ -1,0 +1,229 @@
+// ws-gateway console: a player's live event stream, and publishing test events.
+//
+// Behaves like a real client should: on an unexpected close it reconnects after a
+// capped exponential backoff with jitter (so a restarted gateway is not hit by every
+// client at once), and it does not reconnect after a close that reconnecting cannot
+// fix (revoked token, protocol or size errors). Endpoints are found relative to this
+// page's URL, so the console works behind a proxy under a path prefix. Tokens stay in
+// memory: never in the URL bar, storage or the log shown on the page.
+'use strict';
+
+(function () {
+  // The gateway's close-code catalogue (wsgateway/errors.py, README "Errors").
+  const CLOSE_CODES = {
+    1000: 'normal closure',
+    1001: 'gateway shutting down',
+    1002: 'protocol error',
+    1005: 'closed without a code',
+    1006: 'connection lost, or refused at the handshake (bad token, origin, too many connections, 503)',
+    1007: 'invalid UTF-8',
+    1008: 'token revoked or expired',
+    1009: 'message too big',
+    1011: 'internal error',
+    4000: 'client too slow',
+    4001: 'ping timeout',
+  };
+  // Closes that a reconnect cannot fix: a new token or a client fix is needed.
+  const NO_RECONNECT = new Set([1002, 1007, 1008, 1009]);
+  const BACKOFF_INITIAL_MS = 500;
+  const BACKOFF_MAX_MS = 30000;
+  const MAX_ROWS = 500; // events kept on the page
+
+  const $ = (id) => document.getElementById(id);
+  const base = new URL('.', window.location.href); // the gateway's root, whatever the prefix
+
+  let socket = null;
+  let wanted = false; // the user asked to be connected
+  let attempt = 0; // reconnects since the last successful open
+  let reconnectTimer = null;
+  let countdownTimer = null;
+  let opened = 0;
+  let received = 0;
+
+  function now() {
+    return new Date().toISOString().slice(11, 23); // HH:MM:SS.mmm (UTC)
+  }
+
+  function setState(state, detail) {
+    $('state').dataset.state = state;
+    $('state').textContent = state;
+    $('state-detail').textContent = detail || '';
+    $('connect').disabled = wanted;
+    $('disconnect').disabled = !wanted;
+  }
+
+  function logConnection(text) {
+    const row = document.createElement('tr');
+    const time = document.createElement('td');
+    time.textContent = now();
+    const what = document.createElement('td');
+    what.textContent = text;
+    row.append(time, what);
+    $('connection-log').prepend(row);
+  }
+
+  function describeClose(code, reason) {
+    const meaning = CLOSE_CODES[code] || (code >= 4000 ? 'application close' : 'unknown');
+    return code + ' ' + meaning + (reason ? ' (' + reason + ')' : '');
+  }
+
+  function socketUrl(token) {
+    const url = new URL('ws', base);
+    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    url.search = '?token=' + encodeURIComponent(token);
+    return url.href;
+  }
+
+  function backoffMs() {
+    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_INITIAL_MS * 2 ** attempt);
+    return Math.round(ceiling / 2 + Math.random() * ceiling / 2); // "equal jitter"
+  }
+
+  function open() {
+    clearTimers();
+    const token = $('player-token').value.trim();
+    if (!token) {
+      wanted = false;
+      setState('idle', 'paste a player token first');
+      return;
+    }
+    setState('connecting', attempt ? 'attempt ' + (attempt + 1) : '');
+    logConnection('connecting');
+    const ws = new WebSocket(socketUrl(token));
+    socket = ws;
+    ws.onopen = () => {
+      if (ws !== socket) return;
+      attempt = 0;
+      opened += 1;
+      $('opened').textContent = String(opened);
+      setState('open', 'receiving events');
+      logConnection('open');
+    };
+    ws.onmessage = (message) => {
+      if (ws !== socket) return;
+      showEvent(message.data);
+    };
+    ws.onclose = (close) => {
+      if (ws !== socket) return;
+      socket = null;
+      $('close-code').dataset.code = String(close.code);
+      $('close-code').textContent = describeClose(close.code, close.reason);
+      logConnection('closed: ' + describeClose(close.code, close.reason));
+      if (!wanted) {
+        setState('closed', 'disconnected');
+      } else if (NO_RECONNECT.has(close.code)) {
+        wanted = false;
+        setState('closed', 'not reconnecting: ' + (CLOSE_CODES[close.code] || close.code));
+      } else if (!$('auto-reconnect').checked) {
+        wanted = false;
+        setState('closed', 'reconnecting is off');
+      } else {
+        scheduleReconnect();
+      }
+    };
+  }
+
+  function scheduleReconnect() {
+    const delayMs = backoffMs();
+    attempt += 1;
+    const due = Date.now() + delayMs;
+    const tick = () => setState('reconnecting', 'in ' + ((due - Date.now()) / 1000).toFixed(1) + ' s');
+    tick();
+    logConnection('reconnecting in ' + (delayMs / 1000).toFixed(1) + ' s');
+    countdownTimer = setInterval(tick, 100);
+    reconnectTimer = setTimeout(open, delayMs);
+  }
+
+  function clearTimers() {
+    clearTimeout(reconnectTimer);
+    clearInterval(countdownTimer);
+    reconnectTimer = countdownTimer = null;
+  }
+
+  function showEvent(data) {
+    let event = '(not JSON)';
+    let payload = data;
+    try {
+      const message = JSON.parse(data);
+      event = String(message.event);
+      payload = JSON.stringify(message.payload, null, 1);
+    } catch (error) {
+      // shown as it came
+    }
+    received += 1;
+    $('event-count').textContent = String(received);
+    const row = document.createElement('tr');
+    row.className = 'event';
+    row.dataset.event = event;
+    for (const [name, text] of [['time', now()], ['name', event], ['payload', payload]]) {
+      const cell = document.createElement('td');
+      cell.className = name;
+      cell.textContent = text;
+      row.append(cell);
+    }
+    const rows = $('events');
+    rows.prepend(row);
+    while (rows.rows.length > MAX_ROWS) rows.deleteRow(-1);
+  }
+
+  async function send(path) {
+    const result = $('publish-result');
+    const body = { event: $('event-name').value };
+    const playerId = $('player-id').value.trim();
+    if (playerId) body.player_id = /^\d+$/.test(playerId) ? Number(playerId) : playerId;
+    const payloadText = $('payload').value.trim();
+    try {
+      body.payload = payloadText ? JSON.parse(payloadText) : null;
+    } catch (error) {
+      result.dataset.ok = 'false';
+      result.dataset.status = '';
+      result.textContent = 'payload is not valid JSON: ' + error.message;
+      return;
+    }
+    result.dataset.ok = '';
+    result.textContent = 'sending…';
+    try {
+      const response = await fetch(new URL(path, base), {
+        method: 'POST',
+        headers: {
+          'Authorization': 'Bearer ' + $('server-token').value.trim(),
+          'Content-Type': 'application/json',
+        },
+        body: JSON.stringify(body),
+      });
+      const text = await response.text();
+      result.dataset.status = String(response.status);
+      result.dataset.ok = String(response.ok);
+      const retry = response.headers.get('Retry-After');
+      result.textContent = now() + ' ' + path + ' → ' + response.status + ' ' + text +
+        (retry ? ' (retry after ' + retry + ' s)' : '');
+    } catch (error) {
+      result.dataset.status = '0';
+      result.dataset.ok = 'false';
+      result.textContent = now() + ' ' + path + ' failed: ' + error.message;
+    }
+  }
+
+  $('connect').addEventListener('click', () => {
+    wanted = true;
+    attempt = 0;
+    open();
+  });
+  $('disconnect').addEventListener('click', () => {
+    wanted = false;
+    clearTimers();
+    if (socket) {
+      socket.close(1000);
+    } else {
+      setState('closed', 'disconnected');
+    }
+  });
+  $('publish').addEventListener('click', () => send('publish'));
+  $('broadcast').addEventListener('click', () => send('broadcast'));
+  $('clear').addEventListener('click', () => {
+    $('events').replaceChildren();
+    received = 0;
+    $('event-count').textContent = '0';
+  });
+  setState('idle', 'paste a player token and connect');
+})();
