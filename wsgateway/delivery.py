@@ -2,8 +2,10 @@
 the offline queue, and the backlog a connecting player is owed.
 
 The fan-out logic is written once, here; the broker only carries envelopes and the hub
-only holds connections. Nothing here blocks or yields, so a connecting player's backlog
-reaches its socket before any live message can (ordering needs no lock).
+only holds connections. Nothing here blocks, and only a broadcast yields (between slices
+of connections, with the hub keeping each socket's order across its pauses); `connect`
+never yields, so a connecting player's backlog reaches its socket before any live
+message can (ordering needs no lock).
 """
 from __future__ import annotations
 

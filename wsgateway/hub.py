@@ -1,12 +1,24 @@
 """The connections held by this process, by player.
 
-Delivery here never blocks and never yields: `send()` on a connection only writes what
-the kernel takes at once or appends to that connection's bounded outbox. So a fan-out
-loop runs to its end without another greenlet changing the maps under it.
+Delivery here never blocks: `send()` on a connection only writes what the kernel takes at
+once or appends to that connection's bounded outbox. A publish to one player runs to its
+end without yielding. A broadcast to many connections is cut into slices of
+`broadcast_slice` connections, and between two slices the hub calls `pause()` (the
+gateway passes a yield to the other greenlets), so that a broadcast to thousands of
+players does not hold up other publishes while it is delivered.
+
+Ordering survives the pauses. A broadcast goes to a snapshot of the connections taken
+when it starts; while it is unfinished, it remembers which of them it still owes the
+frame. Anything sent through the hub to such a connection meanwhile (a publish, another
+broadcast) first hands it the frames of the unfinished broadcasts it is owed, oldest
+first. So on every socket, a message published after a broadcast started never arrives
+before that broadcast's frame, and no connection gets a broadcast twice.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
+
+BROADCAST_SLICE = 256  # connections a broadcast serves between two pauses
 
 
 class Deliverable(Protocol):
@@ -27,11 +39,15 @@ class Hub:
     exceed the limit while they are being upgraded.
     """
 
-    def __init__(self, max_conns_per_player: int) -> None:
+    def __init__(self, max_conns_per_player: int, *, pause: Callable[[], None] | None = None,
+                 broadcast_slice: int = BROADCAST_SLICE) -> None:
         self.max_conns_per_player = max_conns_per_player  # 0 = unlimited
+        self.pause = pause  # None: a broadcast never pauses (runs to its end at once)
+        self.broadcast_slice = broadcast_slice
         self._by_player: dict[str, list[Deliverable]] = {}
         self._reserved: dict[str, int] = {}
         self._count = 0
+        self._unfinished: list[_UnfinishedBroadcast] = []  # paused broadcasts, oldest first
 
     def reserve(self, player_id: str) -> bool:
         """Claim a connection slot for `player_id`; False when the player is at the limit."""
@@ -67,15 +83,50 @@ class Hub:
 
     def deliver(self, player_id: str, frame: bytes) -> int:
         """Hand `frame` to each of the player's connections; return how many took it."""
-        return sum(connection.send(frame) for connection in self._by_player.get(player_id, ()))
+        connections = self._by_player.get(player_id)
+        if not connections:
+            return 0
+        if self._unfinished:
+            for connection in connections:
+                self._catch_up(connection, None)
+        return sum(connection.send(frame) for connection in connections)
 
     def broadcast(self, frame: bytes) -> int:
-        """Hand `frame` to every connection; return how many took it."""
-        delivered = 0
-        for connections in self._by_player.values():
-            for connection in connections:
+        """Hand `frame` to every connection present now; return how many took it. May
+        call `pause()` between slices of connections (see the module docstring)."""
+        snapshot = [connection for connections in self._by_player.values() for connection in connections]
+        if self.pause is None or len(snapshot) <= self.broadcast_slice:
+            delivered = 0
+            for connection in snapshot:
+                if self._unfinished:
+                    self._catch_up(connection, None)
                 delivered += connection.send(frame)
-        return delivered
+            return delivered
+        broadcast = _UnfinishedBroadcast(frame, set(snapshot))
+        self._unfinished.append(broadcast)
+        try:
+            for start in range(0, len(snapshot), self.broadcast_slice):
+                if start:
+                    self.pause()
+                owed = broadcast.owed
+                for connection in snapshot[start:start + self.broadcast_slice]:
+                    if connection in owed:  # else a publish caught it up during a pause
+                        self._catch_up(connection, broadcast)
+                        owed.discard(connection)
+                        broadcast.delivered += connection.send(frame)
+        finally:
+            self._unfinished.remove(broadcast)
+        return broadcast.delivered
+
+    def _catch_up(self, connection: Deliverable, until: _UnfinishedBroadcast | None) -> None:
+        """Send `connection` the frames it is owed by unfinished broadcasts older than
+        `until` (all of them when None), oldest first."""
+        for broadcast in self._unfinished:
+            if broadcast is until:
+                return
+            if connection in broadcast.owed:
+                broadcast.owed.discard(connection)
+                broadcast.delivered += connection.send(broadcast.frame)
 
     def is_connected(self, player_id: str) -> bool:
         return player_id in self._by_player
@@ -86,3 +137,14 @@ class Hub:
 
     def connection_count(self) -> int:
         return self._count
+
+
+class _UnfinishedBroadcast:
+    """A broadcast between two slices: its frame, and the connections still owed it."""
+
+    __slots__ = ("frame", "owed", "delivered")
+
+    def __init__(self, frame: bytes, owed: set[Deliverable]) -> None:
+        self.frame = frame
+        self.owed = owed
+        self.delivered = 0  # connections that took the frame, caught up ones included

@@ -81,7 +81,7 @@ class Gateway:
         self.metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
         self.store: TokenStore = store if store is not None else SqlTokenStore(
             config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=config.revalidate_period_s)
-        self.hub = Hub(config.max_conns_per_player)
+        self.hub = Hub(config.max_conns_per_player, pause=_yield_to_other_greenlets)
         self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s)
         self.delivery = Delivery(self.hub, self.offline, InProcessBroker[Outcome](), self.metrics)
         self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
@@ -173,6 +173,10 @@ class Gateway:
                 job()
             except Exception:
                 log.exception("periodic job failed", extra={"event": "job_failed", "job": name})
+
+
+def _yield_to_other_greenlets() -> None:
+    gevent.sleep(0)
 
 
 def write_pid_file(path: str) -> None:
