@@ -1,6 +1,8 @@
 """The gateway's web face: the Flask app for HTTP, and the WebSocket route in front of it.
 
-`/publish`, `/broadcast`, `/metrics`, `/healthz` and `/readyz` are Flask views.
+`/publish`, `/publish/batch` and `/broadcast` are served in front of Flask by
+`publishing.PublishingRoutes` (the hot paths); `/metrics`, `/healthz` and `/readyz` are
+Flask views.
 `/ws` upgrades are handled by `GatewayHandler` before Flask, for two reasons:
 gevent-websocket answers `101 Switching Protocols` before any WSGI view runs, so a view
 could never refuse with 401/403/429/503; and a socket that lives for hours should not
@@ -12,18 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 from gevent import GreenletExit
 from geventwebsocket.handler import WebSocketHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from wsgateway.config import Config
 from wsgateway.connection import Connection, OutboxLimits
@@ -33,13 +34,12 @@ from wsgateway.frames import Message, encode_frame
 from wsgateway.hub import Hub
 from wsgateway.logs import redact
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
-from wsgateway.protocol import event_frame
+from wsgateway.publishing import PublishingRoutes
 from wsgateway.ratelimit import RateLimiter
 from wsgateway.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
-MAX_PLAYER_ID_CHARS = 64  # ws_token ids are an unsigned INT or 32 bytes; longer cannot exist
 WEBSOCKET_PATH = "/ws"
 
 
@@ -67,27 +67,6 @@ def create_app(services: Services) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes + 1
     metrics = services.metrics
 
-    @app.post("/publish")
-    def publish() -> Response:
-        subject_id = _authenticate_server(services)
-        body = _json_object(_request_body(services.config.max_body_bytes))
-        player_id = _player_id(body.get("player_id"), required=True)
-        assert player_id is not None
-        frame = _frame_of(body)
-        _take_rate(services, subject_id)
-        outcome = services.delivery.publish(player_id, frame)
-        return _json({"delivered": outcome.delivered, "queued": outcome.queued})
-
-    @app.post("/broadcast")
-    def broadcast() -> Response:
-        subject_id = _authenticate_server(services)
-        body = _json_object(_request_body(services.config.max_body_bytes))
-        player_id = _player_id(body.get("player_id"), required=False)
-        frame = _frame_of(body)
-        _take_rate(services, subject_id)
-        outcome = services.delivery.broadcast(frame, player_id)
-        return _json({"delivered": outcome.delivered})
-
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
@@ -108,29 +87,10 @@ def create_app(services: Services) -> Flask:
         response.headers["Upgrade"] = "websocket"
         return response
 
-    @app.before_request
-    def start_timer() -> None:
-        g.started = time.perf_counter()
-
     @app.after_request
     def count_request(response: Response) -> Response:
         endpoint = request.url_rule.endpoint if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
-        if endpoint in ("publish", "broadcast"):
-            metrics.publish_duration.labels(endpoint).observe(time.perf_counter() - g.started)
-        return response
-
-    @app.errorhandler(ClientError)
-    def client_error(error: ClientError) -> Response:
-        response = _json({"error": error.message}, error.status)
-        response.headers.update(error.headers)
-        return response
-
-    @app.errorhandler(StoreUnavailable)
-    def store_unavailable(error: StoreUnavailable) -> Response:
-        log.warning("token store unavailable", extra={"event": "store_unavailable", "detail": str(error)})
-        response = _json({"error": "token store unavailable, retry later"}, 503)
-        response.headers["Retry-After"] = "1"
         return response
 
     @app.errorhandler(HTTPException)
@@ -148,88 +108,12 @@ def create_app(services: Services) -> Flask:
         log.error("unhandled error", exc_info=error, extra={"event": "internal_error", "path": request.path})
         return _json({"error": "internal error"}, 500)
 
+    app.wsgi_app = PublishingRoutes(services, app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, content_type="application/json")
-
-
-def _authenticate_server(services: Services) -> str:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        services.metrics.auth_failures.labels("server", "missing").inc()
-        raise ClientError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
-    subject_id = services.store.authenticate_server(token)
-    if subject_id is None:
-        services.metrics.auth_failures.labels("server", "invalid").inc()
-        raise ClientError(403, "invalid, expired or non-server token")
-    g.subject_id = subject_id
-    return subject_id
-
-
-def _take_rate(services: Services, subject_id: str) -> None:
-    wait_s = services.limiter.acquire(subject_id)
-    if wait_s:
-        services.metrics.rate_limited.inc()
-        raise ClientError(429, "rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait_s)))})
-
-
-def _request_body(max_body_bytes: int) -> bytes:
-    """The request body, or 413 when it is larger than `max_body_bytes`, chunked or not."""
-    body = request.get_data(cache=False)
-    if len(body) > max_body_bytes:
-        raise RequestEntityTooLarge()
-    return body
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if math.isinf(number):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return number
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ClientError(400, "body is not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, our checks
-        raise ClientError(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ClientError(400, "body must be a JSON object")
-    return body
-
-
-def _player_id(value: Any, *, required: bool) -> str | None:
-    """`player_id` as a string: a non-empty string, or a non-negative integer."""
-    if value is None and not required:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        value = str(value)  # then held to the same length as a string id
-    if isinstance(value, str) and 0 < len(value) <= MAX_PLAYER_ID_CHARS:
-        return value
-    if value is None:
-        raise ClientError(400, "player_id is required")
-    raise ClientError(400, f"player_id must be a non-empty string of at most {MAX_PLAYER_ID_CHARS} "
-                           "characters or a non-negative integer")
-
-
-def _frame_of(body: dict[str, Any]) -> bytes:
-    event = body.get("event")
-    if not isinstance(event, str) or not event:
-        raise ClientError(400, "event must be a non-empty string")
-    try:
-        return event_frame(event, body.get("payload"))
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800") parses but has no UTF-8 form
-        raise ClientError(400, "event and payload must be valid Unicode: lone surrogate") from None
 
 
 # --- WebSocket -----------------------------------------------------------------------------
@@ -407,6 +291,26 @@ class GatewayHandler(WebSocketHandler):
         super().handle_one_response()
         if getattr(self.server, "draining", False):
             self.close_connection = True
+
+    def _write_with_headers(self, data: bytes) -> None:
+        """pywsgi sends a response's headers, then its first body chunk: two syscalls,
+        two wakeups of the client, and gevent's sendall asks the kernel for the socket's
+        buffer size each time. Collect both parts and hand them to the non-blocking
+        socket in one send; only what it does not take goes through pywsgi's sendall."""
+        parts: list[bytes] = []
+        self._sendall = parts.append  # shadows the method while pywsgi formats the response
+        try:
+            super()._write_with_headers(data)
+        finally:
+            del self._sendall
+        response = b"".join(parts)
+        try:
+            sent = getattr(self.socket, "_sock", self.socket).send(response)
+        except OSError:  # would block, or failed: pywsgi's sendall waits, or reports the error
+            sent = 0
+        self.response_length += sent
+        if sent < len(response):
+            self._sendall(response[sent:])
 
     def run_application(self) -> None:
         super().run_application()
