@@ -12,6 +12,7 @@ Every refusal is `{"error": "..."}` with the status from the README's table.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -185,6 +186,7 @@ class PlayerEndpoint:
         services = self._services
         connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
                                 player_id=admission.player_id, token=admission.token, remote=remote)
+        del rfile  # the connection drops it once it has taken what it read ahead
         try:
             services.delivery.connect(connection)
         except BaseException:
@@ -221,8 +223,10 @@ class EchoEndpoint:
         pass
 
     def run(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
-        Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
-                   remote=remote, on_message=_echo).serve()
+        connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
+                                remote=remote, on_message=_echo)
+        del rfile
+        connection.serve()
 
 
 def _echo(connection: Connection, message: Message) -> None:
@@ -243,6 +247,10 @@ class _OriginPolicy:
             return True
         origin = origin.lower().rstrip("/")
         return origin in self._allowed or urlsplit(origin).netloc in self._allowed
+
+
+_NO_FURTHER_REQUESTS = io.BytesIO()
+_NO_FURTHER_REQUESTS.close()
 
 
 class GatewayHandler(WebSocketHandler):
@@ -269,11 +277,21 @@ class GatewayHandler(WebSocketHandler):
         return result
 
     def run_websocket(self) -> None:
-        try:
-            self._endpoint.run(self._admission, self.socket, self.rfile, self._remote())
-        finally:
-            self.environ["wsgi.websocket"] = None
-            self.websocket = None
+        # An idle socket may live for hours: keep nothing it does not need. The library's
+        # WebSocket object goes (it is marked closed), and so does every reference to the
+        # buffered reader and its 8 KiB buffer: `Connection` takes what it read ahead,
+        # then reads the socket directly. The closed stand-in tells pywsgi that no
+        # further request follows on this socket.
+        self.environ["wsgi.websocket"] = None
+        self.environ["wsgi.input"] = None  # for an upgrade, pywsgi puts the reader itself here
+        self.websocket = None
+        self.wsgi_input.rfile = None  # an upgrade request has no body left to discard
+        self._endpoint.run(self._admission, self.socket, self._hand_over_reader(), self._remote())
+
+    def _hand_over_reader(self) -> Any:
+        """The buffered reader, which from now on only the endpoint's `Connection` holds."""
+        rfile, self.rfile = self.rfile, _NO_FURTHER_REQUESTS
+        return rfile
 
     def read_requestline(self) -> str:
         """Marks the connection idle while it waits for a request, so shutdown can end it;

@@ -203,10 +203,15 @@ class Connection:
         """Read until the connection ends; return the close code it ended with."""
         parser = FrameParser(self._max_message_bytes)
         try:
+            data = self._take_buffered_input()
             while True:
-                data = self._rfile.read1(READ_CHUNK_BYTES)
                 if not data:
-                    return self.close_code
+                    # Straight from the socket: the bytes object for a read is allocated
+                    # when data is there, so an idle connection holds no read buffer
+                    # (a buffered reader's read1 would hold READ_CHUNK_BYTES while it waits).
+                    data = self._socket.recv(READ_CHUNK_BYTES)
+                    if not data:
+                        return self.close_code
                 self.last_heard = self._clock()
                 for event in parser.feed(data):
                     if isinstance(event, Close):
@@ -215,6 +220,7 @@ class Connection:
                         self.send(encode_frame(OP_PONG, event.payload))
                     elif isinstance(event, Message) and self._on_message is not None and not self._closing:
                         self._on_message(self, event)
+                data = b""
         except ProtocolViolation as violation:
             log.info("websocket protocol violation", extra={
                 "event": "protocol_violation", "player_id": self.player_id, "remote": self.remote,
@@ -225,6 +231,20 @@ class Connection:
             return self.close_code
         finally:
             self._finish()
+
+    def _take_buffered_input(self) -> bytes:
+        """What the HTTP layer already read past the handshake (a client may send frames
+        right behind its upgrade request), without waiting; the reader is then dropped."""
+        rfile, self._rfile = self._rfile, None
+        if rfile is None:
+            return b""
+        timeout_s = self._socket.gettimeout()
+        self._socket.settimeout(0.0)  # peek returns what is buffered, or b"" at once
+        try:
+            buffered = rfile.peek(READ_CHUNK_BYTES)
+        finally:
+            self._socket.settimeout(timeout_s)
+        return rfile.read1(len(buffered)) if buffered else b""
 
     def _answer_close(self, event: Close) -> int:
         if not self._closing:
@@ -248,7 +268,7 @@ class Connection:
             discarded = 0
             with gevent.Timeout(CLOSE_HANDSHAKE_TIMEOUT_S, False):
                 while discarded < LINGER_BYTES:
-                    data = self._rfile.read1(READ_CHUNK_BYTES)
+                    data = self._socket.recv(READ_CHUNK_BYTES)
                     if not data:
                         break
                     discarded += len(data)
