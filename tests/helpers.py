@@ -279,6 +279,9 @@ class FakeConnection:
             self.frames.append(frame)
         return self.accepting
 
+    def send_later(self, frame: bytes) -> bool:
+        return self.send(frame)  # in order with send(), as a Connection keeps them
+
     def ping(self) -> None:
         self.pings += 1
 

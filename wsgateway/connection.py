@@ -28,6 +28,7 @@ from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, 
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 65536
+FLUSH_SLICE = 256  # connections the flusher writes between two yields to other greenlets
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0  # how long a close we started waits for the client's answer
 LINGER_BYTES = 1 << 20  # after failing a connection, bytes read and discarded while our close frame drains
 WRITE_CHUNK_BYTES = 256 * 1024  # the writer joins queued frames into sends of about this size
@@ -44,6 +45,43 @@ class OutboxLimits:
         self.write_timeout_s = write_timeout_s
 
 
+class Flusher:
+    """Writes, from one greenlet, the frames that `Connection.send_later` queued.
+
+    A broadcast queues its frame on every connection (cheap: no syscall) and leaves the
+    writing to the flusher, which sends each connection's queued frames with one
+    non-blocking send, yielding to other greenlets every `FLUSH_SLICE` connections.
+    Broadcasts that arrive while it works add to the same queues, so a burst of them
+    reaches each socket in few sends: per delivery, the kernel's send cost is shared.
+    A socket that does not take everything gets its own writer for the rest, as with
+    `send()`. The flusher greenlet exists only while there is something to flush."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._greenlet: Greenlet | None = None
+
+    def add(self, connection: Connection) -> None:
+        self._dirty.append(connection)
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                for index, connection in enumerate(dirty):
+                    if index and not index % FLUSH_SLICE:
+                        gevent.sleep(0)
+                    connection.flush()
+        except Exception:  # the flusher's top level: logged, and the next add() starts a new one
+            log.exception("flusher failed", extra={"event": "internal_error"})
+        finally:
+            self._greenlet = None
+
+
+FLUSHER = Flusher()  # one per process, like gevent's hub
+
+
 class Connection:
     """A WebSocket connection over an upgraded gevent socket.
 
@@ -56,13 +94,13 @@ class Connection:
         "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames",
         "_socket", "_raw_socket", "_rfile", "_limits", "_max_message_bytes", "_on_message",
         "_clock", "_outbox", "_outbox_bytes", "_writer", "_close_sent", "_closing", "_aborted",
-        "_close_timer",
+        "_close_timer", "_flush_pending", "_flusher",
     )
 
     def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
                  player_id: str = "", token: str = "", remote: str = "",
                  on_message: Callable[[Connection, Message], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER) -> None:
         self.player_id = player_id
         self.token = token  # kept for revalidation; never logged
         self.remote = remote
@@ -85,6 +123,8 @@ class Connection:
         self._closing = False
         self._aborted = False
         self._close_timer: Greenlet | None = None
+        self._flush_pending = False
+        self._flusher = flusher
 
     # --- sending -------------------------------------------------------------------
     def send(self, frame: bytes) -> bool:
@@ -93,6 +133,41 @@ class Connection:
         if self._closing:
             return False
         return self._write(frame)
+
+    def send_later(self, frame: bytes) -> bool:
+        """Queue one complete frame for the shared flusher to write soon, after anything
+        queued before it; for broadcasts, whose frames to one socket then leave together.
+        Same answers and bounds as `send()`."""
+        if self._closing:
+            return False
+        if not self._append(frame):
+            return False
+        if not self._flush_pending and self._writer is None:
+            self._flush_pending = True
+            self._flusher.add(self)
+        return True
+
+    def flush(self) -> None:
+        """The flusher's turn: hand what is queued to the socket without waiting; a
+        writer greenlet takes what the kernel does not (or a backlog over one chunk)."""
+        self._flush_pending = False
+        if self._writer is not None or not self._outbox:
+            return  # a writer drains the outbox already, or the connection was aborted
+        chunk = self._take_chunk()
+        try:
+            sent = self._raw_socket.send(chunk)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort(CloseCode.ABNORMAL)
+            return
+        if sent < len(chunk):
+            if self._outbox is None:
+                self._outbox = deque()
+            self._outbox.appendleft(chunk[sent:])
+            self._outbox_bytes += len(chunk) - sent
+        if self._outbox:
+            self._writer = gevent.spawn(self._drain_outbox)
 
     def ping(self) -> None:
         """Send a ping; the client's pong refreshes `last_heard`."""
@@ -110,9 +185,19 @@ class Connection:
             if sent == len(frame):
                 return True
             frame = frame[sent:]
+        elif self._flush_pending:
+            return self._append(frame)  # behind the frames the flusher is about to write
         return self._enqueue(frame)
 
     def _enqueue(self, frame: bytes) -> bool:
+        if not self._append(frame):
+            return False
+        if self._writer is None:
+            self._writer = gevent.spawn(self._drain_outbox)
+        return True
+
+    def _append(self, frame: bytes) -> bool:
+        """Add to the outbox; past its bound, the client is too slow and is aborted."""
         if self._outbox is None:
             self._outbox = deque()
         self._outbox.append(frame)
@@ -120,8 +205,6 @@ class Connection:
         if len(self._outbox) > self._limits.max_frames or self._outbox_bytes > self._limits.max_bytes:
             self.abort(CloseCode.SLOW_CONSUMER)
             return False
-        if self._writer is None:
-            self._writer = gevent.spawn(self._drain_outbox)
         return True
 
     def _drain_outbox(self) -> None:
@@ -174,7 +257,9 @@ class Connection:
             self.close_code = code
         if self._outbox:
             self.dropped_frames += len(self._outbox)
-        mid_frame = self._writer is not None or self._outbox is not None
+        # Only a writer can have put part of a frame on the wire (a partial send always
+        # hands the rest to one); frames merely queued for the flusher are whole.
+        mid_frame = self._writer is not None
         self._outbox, self._outbox_bytes = None, 0
         if self._writer is not None and self._writer is not gevent.getcurrent():
             self._writer.kill(block=False)

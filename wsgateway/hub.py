@@ -7,6 +7,10 @@ end without yielding. A broadcast to many connections is cut into slices of
 gateway passes a yield to the other greenlets), so that a broadcast to thousands of
 players does not hold up other publishes while it is delivered.
 
+A broadcast hands its frame to `send_later`: the connections queue it and one writer
+sends each socket's queue in one syscall, so a burst of broadcasts costs few sends per
+socket. A publish to one player uses `send`, which writes at once when nothing is queued.
+
 Ordering survives the pauses. A broadcast goes to a snapshot of the connections taken
 when it starts; while it is unfinished, it remembers which of them it still owes the
 frame. Anything sent through the hub to such a connection meanwhile (a publish, another
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Protocol
 
-BROADCAST_SLICE = 256  # connections a broadcast serves between two pauses
+BROADCAST_SLICE = 4096  # connections a broadcast queues its frame on between two pauses
 
 
 class Deliverable(Protocol):
@@ -29,6 +33,11 @@ class Deliverable(Protocol):
 
     def send(self, frame: bytes) -> bool:
         """Queue a complete frame without blocking; False if the connection is closing."""
+
+    def send_later(self, frame: bytes) -> bool:
+        """Like `send`, but the frame may wait for a shared writer, after anything sent
+        before it: many connections are served by one pass, and a burst of frames to one
+        connection leaves together."""
 
 
 class Hub:
@@ -100,7 +109,7 @@ class Hub:
             for connection in snapshot:
                 if self._unfinished:
                     self._catch_up(connection, None)
-                delivered += connection.send(frame)
+                delivered += connection.send_later(frame)
             return delivered
         broadcast = _UnfinishedBroadcast(frame, set(snapshot))
         self._unfinished.append(broadcast)
@@ -113,7 +122,7 @@ class Hub:
                     if connection in owed:  # else a publish caught it up during a pause
                         self._catch_up(connection, broadcast)
                         owed.discard(connection)
-                        broadcast.delivered += connection.send(frame)
+                        broadcast.delivered += connection.send_later(frame)
         finally:
             self._unfinished.remove(broadcast)
         return broadcast.delivered
@@ -126,7 +135,7 @@ class Hub:
                 return
             if connection in broadcast.owed:
                 broadcast.owed.discard(connection)
-                broadcast.delivered += connection.send(broadcast.frame)
+                broadcast.delivered += connection.send_later(broadcast.frame)
 
     def is_connected(self, player_id: str) -> bool:
         return player_id in self._by_player
