@@ -82,3 +82,24 @@ def test_one_flusher_serves_many_connections():
     for _, client_end in ends:
         client_end.settimeout(5)
         assert received(client_end, len(frame)) == frame
+
+
+class IdleFlusher(Flusher):
+    """A flusher that has not had its turn yet."""
+
+    def add(self, connection: Connection) -> None:
+        pass
+
+
+def test_close_answered_while_frames_wait_for_the_flusher_sends_them_first():
+    """A client's close arriving while broadcast frames wait for the flusher: they, then the echoed close, are sent."""
+    server_end, client_end = socket.socketpair()
+    connection = Connection(server_end, None, limits=OutboxLimits(10, 1 << 20, 5), max_message_bytes=1024,
+                            flusher=IdleFlusher())
+    frame = text_frame(b"queued")
+    assert connection.send_later(frame)
+    reader = gevent.spawn(connection.serve)
+    client_end.sendall(bytes((0x88, 0x82)) + b"\0\0\0\0" + struct.pack("!H", 1000))
+    client_end.settimeout(5)
+    assert received(client_end, len(frame) + 4) == frame + bytes((0x88, 2)) + struct.pack("!H", 1000)
+    assert reader.get(timeout=5) == 1000

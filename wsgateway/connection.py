@@ -361,6 +361,9 @@ class Connection:
             pass
 
     def _flush(self, timeout_s: float) -> None:
+        """Write what is queued (our close frame last) before the connection ends."""
+        if self._flush_pending:
+            self.flush()  # do not leave it to the flusher: the reader is about to finish
         if self._writer is not None:
             self._writer.join(timeout_s)
 
