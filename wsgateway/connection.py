@@ -72,9 +72,12 @@ class Flusher:
                 for index, connection in enumerate(dirty):
                     if index and not index % FLUSH_SLICE:
                         gevent.sleep(0)
-                    connection.flush()
-        except Exception:  # the flusher's top level: logged, and the next add() starts a new one
-            log.exception("flusher failed", extra={"event": "internal_error"})
+                    try:
+                        connection.flush()
+                    except Exception:  # the flusher's top level: one bad socket must not stall the rest
+                        log.exception("flush failed", extra={
+                            "event": "internal_error", "player_id": connection.player_id, "remote": connection.remote})
+                        connection.abort(CloseCode.INTERNAL_ERROR)
         finally:
             self._greenlet = None
 
