@@ -297,6 +297,9 @@ class FakeConnection:
             self.send(frame)
         return taken
 
+    def send_later(self, frame: bytes) -> bool:
+        return self.send(frame)  # in order with send(), as a Connection keeps them
+
     def ping(self) -> None:
         self.pings += 1
 

@@ -124,3 +124,57 @@ def test_window_is_shared_by_the_cluster(start_cluster_gateway):
     gevent.joinall(twins, raise_error=True)
     assert sorted(twin.value.json.get("replayed", False) for twin in twins) == [False, True]
     assert len(events_until_marker(first, server, client)) == 2
+
+
+def batch(gateway, token, messages):
+    return gateway.post("/publish/batch", {"messages": messages}, token=token)
+
+
+def test_batch_items_with_keys_are_delivered_once(start_gateway):
+    """A batch retried whole delivers nothing again, answers from the first call, and costs no tokens."""
+    gateway = start_gateway("-rate-limit", "3", "-rate-period", "1m")
+    server = gateway.tokens.server()
+    client = gateway.connect(gateway.tokens.player(21))
+    messages = [{"player_id": 21, "event": "a", "idempotency_key": "m1"},
+                {"player_id": 21, "event": "b", "idempotency_key": "m2"}]
+    first = batch(gateway, server, messages)
+    assert first.status == 200 and first.json == {"results": [{"delivered": 1, "queued": False}] * 2}
+    retry = batch(gateway, server, messages)
+    assert retry.json == {"results": [{"delivered": 1, "queued": False, "replayed": True}] * 2}
+    assert gateway.publish(server, 21, "marker").status == 200, "the replay took no rate tokens"
+    assert [receive_event(client)["event"] for _ in range(3)] == ["a", "b", "marker"]
+
+
+def test_single_publish_retried_inside_a_batch_is_recognised(rig):
+    """A message first sent to /publish with a key is a replay when it comes again as a batch item."""
+    gateway, server, client = rig
+    assert send(gateway, server, "once").status == 200
+    retry = batch(gateway, server, [{**BODY, "idempotency_key": "once"}, {"player_id": 21, "event": "new"}])
+    assert retry.json["results"][0]["replayed"] is True
+    assert [event["event"] for event in events_until_marker(gateway, server, client)] == ["flag", "new"]
+
+
+def test_batch_key_errors_name_the_item_and_deliver_nothing(rig):
+    """A key repeated within a batch is 400, a key reused for another message 422; nothing is delivered."""
+    gateway, server, client = rig
+    repeated = batch(gateway, server, [{**BODY, "idempotency_key": "k"}, {**BODY, "idempotency_key": "k"}])
+    assert repeated.status == 400 and repeated.json["error"].startswith("messages[1]: idempotency_key repeats")
+    send(gateway, server, "taken")
+    reused = batch(gateway, server, [{"player_id": 21, "event": "x", "idempotency_key": "free"},
+                                     {"player_id": 21, "event": "other", "idempotency_key": "taken"}])
+    assert reused.status == 422 and reused.json["error"].startswith("messages[1]:")
+    assert batch(gateway, server, [{"player_id": 21, "event": "x", "idempotency_key": "free"}]).status == 200, \
+        "the refused batch released the keys it had claimed"
+    assert [event["event"] for event in events_until_marker(gateway, server, client)] == ["flag", "x"]
+
+
+def test_batch_interrupted_by_a_redis_outage_says_what_was_accepted(start_cluster_gateway, private_redis):
+    """With Redis down mid-batch, the 503 lists the messages accepted before it (local delivery)."""
+    gateway = start_cluster_gateway(broker_url=private_redis.url)
+    server = gateway.tokens.server()
+    client = gateway.connect(gateway.tokens.player(21))
+    private_redis.stop()
+    reply = batch(gateway, server, [{"player_id": 21, "event": "here"}, {"player_id": 22, "event": "elsewhere"}])
+    assert reply.status == 503 and reply.json["error"].startswith("broker unavailable: messages[1:]")
+    assert reply.json["results"] == [{"delivered": 1, "queued": False, "scope": "local"}]
+    assert receive_event(client)["event"] == "here"

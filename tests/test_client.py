@@ -143,16 +143,11 @@ def test_database_outage_503_is_retried_until_the_gateway_answers(start_gateway,
 
 
 def test_batch_publish_against_the_gateway(gateway, tokens):
-    """publish_batch returns one result per message, in order (needs POST /publish/batch)."""
+    """publish_batch returns one result per message, in order."""
     publisher = client_for(gateway, tokens.server(), retries=0)
     client = gateway.connect(tokens.player(21))
-    try:
-        results = publisher.publish_batch([{"player_id": 21, "event": "a", "payload": 1},
-                                           {"player_id": 22, "event": "b"}])
-    except GatewayError as error:
-        if error.status == 404:
-            pytest.skip("POST /publish/batch is not on this branch (it comes with the performance work)")
-        raise
+    results = publisher.publish_batch([{"player_id": 21, "event": "a", "payload": 1},
+                                       {"player_id": 22, "event": "b"}])
     assert results == [PublishResult(1, False), PublishResult(0, True)]
     assert receive_event(client) == {"event": "a", "payload": 1}
 

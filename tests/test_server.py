@@ -167,3 +167,25 @@ def test_logs_are_json_lines_without_tokens(gateway_process):
     assert {"started", "ws_connected", "ws_disconnected", "http_request", "stopped"} <= events
     for secret in (player_token, bad_token, server_token):
         assert secret not in text
+
+
+def test_keep_alive_publishes_do_not_wait_for_delayed_acks(gateway, tokens):
+    """Publishes on one keep-alive connection are answered at once, not ~40 ms late (Nagle's algorithm is off)."""
+    server = tokens.server()
+    client = gateway.connect(tokens.player(21))
+    connection = http.client.HTTPConnection(gateway.host, gateway.port, timeout=TIMEOUT_S)
+    body = json.dumps({"player_id": 21, "event": "e"})
+    durations = []
+    try:
+        for _ in range(20):
+            started = time.monotonic()
+            connection.request("POST", "/publish", body, {"Authorization": f"Bearer {server}"})
+            response = connection.getresponse()
+            response.read()
+            durations.append(time.monotonic() - started)
+            assert response.status == 200
+            receive_event(client)
+    finally:
+        connection.close()
+    durations.sort()
+    assert durations[len(durations) // 2] < 0.02, durations

@@ -382,3 +382,21 @@ def test_slow_consumer_is_closed_while_others_receive_everything(start_gateway):
     assert gateway.metric("ws_messages_dropped_total", reason="slow_consumer") >= 1
     assert gateway.gateway.hub.is_connected("22")
     slow.close()
+
+
+def test_frames_sent_right_behind_the_upgrade_request_are_read(gateway, tokens):
+    """A ping sent in the same packet as the upgrade request (read ahead by the HTTP layer) is answered."""
+    token = tokens.player(21)
+    ping = bytes((0x80 | OP_PING, 0x80 | 5)) + b"\0\0\0\0" + b"early"  # all-zero mask
+    with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(f"GET /ws?token={token} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode() + ping)
+        received = b""
+        while b"early" not in received:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    head, frames = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert frames == bytes((0x80 | OP_PONG, 5)) + b"early"

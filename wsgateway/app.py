@@ -1,7 +1,8 @@
 """The gateway's web face: the Flask app for HTTP, and the WebSocket route in front of it.
 
-`/publish`, `/broadcast`, `/metrics`, `/healthz` and `/readyz` are Flask views, and
-`/console` when `-console` is set.
+`/publish`, `/publish/batch` and `/broadcast` are served in front of Flask by
+`publishing.PublishingRoutes` (the hot paths); `/metrics`, `/healthz` and `/readyz` are
+Flask views, and `/console` when `-console` is set.
 `/ws` upgrades are handled by `GatewayHandler` before Flask, for two reasons:
 gevent-websocket answers `101 Switching Protocols` before any WSGI view runs, so a view
 could never refuse with 401/403/429/503; and a socket that lives for hours should not
@@ -11,39 +12,41 @@ Every refusal is `{"error": "..."}` with the status from the README's table.
 """
 from __future__ import annotations
 
+import email.parser
+import http.client
+import io
 import json
 import logging
-import math
+import re
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from flask import Flask, Response, g, request
-from gevent import GreenletExit
+from flask import Flask, Response, request
+from gevent import GreenletExit, pywsgi
 from geventwebsocket.handler import WebSocketHandler
 from prometheus_client import CONTENT_TYPE_LATEST
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from wsgateway.config import Config
-from wsgateway.connection import Connection, OutboxLimits
+from wsgateway.connection import Connection, OutboxLimits, direct_socket
 from wsgateway.console import console_blueprint
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, StoreUnavailable
 from wsgateway.frames import Message, encode_frame
 from wsgateway.hub import Hub
-from wsgateway.idempotency import MAX_KEY_CHARS, ClaimState, IdempotencyStore, fingerprint
+from wsgateway.idempotency import IdempotencyStore
 from wsgateway.logs import redact
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
-from wsgateway.protocol import event_frame
+from wsgateway.publishing import PublishingRoutes
 from wsgateway.ratelimit import Limiter
 from wsgateway.roster import Roster, Seat
 from wsgateway.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
-MAX_PLAYER_ID_CHARS = 64  # ws_token ids are an unsigned INT or 32 bytes; longer cannot exist
 WEBSOCKET_PATH = "/ws"
 
 
@@ -73,35 +76,6 @@ def create_app(services: Services) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes + 1
     metrics = services.metrics
 
-    @app.post("/publish")
-    def publish() -> Response:
-        subject_id = _authenticate_server(services)
-        raw = _request_body(services.config.max_body_bytes)
-        body = _json_object(raw)
-        player_id = _player_id(body.get("player_id"), required=True)
-        assert player_id is not None
-        frame = _frame_of(body)
-
-        def deliver() -> dict[str, Any]:
-            _take_rate(services, subject_id)
-            outcome = services.delivery.publish(player_id, frame)
-            return _outcome_body(outcome, {"delivered": outcome.delivered, "queued": outcome.queued})
-        return _once(services, subject_id, fingerprint(b"/publish", raw), deliver)
-
-    @app.post("/broadcast")
-    def broadcast() -> Response:
-        subject_id = _authenticate_server(services)
-        raw = _request_body(services.config.max_body_bytes)
-        body = _json_object(raw)
-        player_id = _player_id(body.get("player_id"), required=False)
-        frame = _frame_of(body)
-
-        def deliver() -> dict[str, Any]:
-            _take_rate(services, subject_id)
-            outcome = services.delivery.broadcast(frame, player_id)
-            return _outcome_body(outcome, {"delivered": outcome.delivered})
-        return _once(services, subject_id, fingerprint(b"/broadcast", raw), deliver)
-
     if services.config.console:
         app.register_blueprint(console_blueprint())
 
@@ -125,36 +99,10 @@ def create_app(services: Services) -> Flask:
         response.headers["Upgrade"] = "websocket"
         return response
 
-    @app.before_request
-    def start_timer() -> None:
-        g.started = time.perf_counter()
-
     @app.after_request
     def count_request(response: Response) -> Response:
         endpoint = request.url_rule.endpoint if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
-        if endpoint in ("publish", "broadcast"):
-            metrics.publish_duration.labels(endpoint).observe(time.perf_counter() - g.started)
-        return response
-
-    @app.errorhandler(ClientError)
-    def client_error(error: ClientError) -> Response:
-        response = _json({"error": error.message}, error.status)
-        response.headers.update(error.headers)
-        return response
-
-    @app.errorhandler(StoreUnavailable)
-    def store_unavailable(error: StoreUnavailable) -> Response:
-        log.warning("token store unavailable", extra={"event": "store_unavailable", "detail": str(error)})
-        response = _json({"error": "token store unavailable, retry later"}, 503)
-        response.headers["Retry-After"] = "1"
-        return response
-
-    @app.errorhandler(BrokerUnavailable)
-    def broker_unavailable(error: BrokerUnavailable) -> Response:
-        log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(error)})
-        response = _json({"error": "broker unavailable: message not accepted, retry later"}, 503)
-        response.headers["Retry-After"] = "1"
         return response
 
     @app.errorhandler(HTTPException)
@@ -172,130 +120,12 @@ def create_app(services: Services) -> Flask:
         log.error("unhandled error", exc_info=error, extra={"event": "internal_error", "path": request.path})
         return _json({"error": "internal error"}, 500)
 
+    app.wsgi_app = PublishingRoutes(services, app.wsgi_app)  # type: ignore[method-assign]
     return app
-
-
-def _once(services: Services, subject_id: str, request_fingerprint: str,
-          deliver: Callable[[], dict[str, Any]]) -> Response:
-    """Run `deliver` unless the request's Idempotency-Key was already answered; see
-    wsgateway.idempotency for what is remembered and why."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return _json(deliver())
-    if not 0 < len(key) <= MAX_KEY_CHARS or not (key.isascii() and key.isprintable()):
-        raise ClientError(400, f"Idempotency-Key must be 1-{MAX_KEY_CHARS} printable ASCII characters")
-    store = services.idempotency
-    claim = store.claim(subject_id, key, request_fingerprint)
-    if claim.evicted:
-        services.metrics.idempotency_keys_evicted.inc(claim.evicted)
-    if claim.state is ClaimState.REPLAY:
-        services.metrics.idempotent_replays.inc()
-        response = _json({**(claim.result or {}), "replayed": True})
-        response.headers["Idempotent-Replayed"] = "true"
-        return response
-    if claim.state is ClaimState.MISMATCH:
-        raise ClientError(422, "Idempotency-Key was already used for a different request")
-    if claim.state is ClaimState.IN_PROGRESS:
-        raise ClientError(409, "a request with this Idempotency-Key is still in progress", {"Retry-After": "1"})
-    try:
-        result = deliver()
-    except BaseException:
-        try:
-            store.release(subject_id, key)  # refused calls are not remembered: the retry runs
-        except BrokerUnavailable:
-            pass  # the pending key expires with the window
-        raise
-    store.complete(subject_id, key, result)
-    return _json(result)
-
-
-def _outcome_body(outcome: Any, body: dict[str, Any]) -> dict[str, Any]:
-    """`scope: local` tells a publisher that the broker was down and only this gateway's
-    connections got the message."""
-    if outcome.local_only:
-        body["scope"] = "local"
-    return body
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, content_type="application/json")
-
-
-def _authenticate_server(services: Services) -> str:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        services.metrics.auth_failures.labels("server", "missing").inc()
-        raise ClientError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
-    subject_id = services.store.authenticate_server(token)
-    if subject_id is None:
-        services.metrics.auth_failures.labels("server", "invalid").inc()
-        raise ClientError(403, "invalid, expired or non-server token")
-    g.subject_id = subject_id
-    return subject_id
-
-
-def _take_rate(services: Services, subject_id: str) -> None:
-    wait_s = services.limiter.acquire(subject_id)
-    if wait_s:
-        services.metrics.rate_limited.inc()
-        raise ClientError(429, "rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait_s)))})
-
-
-def _request_body(max_body_bytes: int) -> bytes:
-    """The request body, or 413 when it is larger than `max_body_bytes`, chunked or not."""
-    body = request.get_data(cache=False)
-    if len(body) > max_body_bytes:
-        raise RequestEntityTooLarge()
-    return body
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if math.isinf(number):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return number
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ClientError(400, "body is not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, our checks
-        raise ClientError(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ClientError(400, "body must be a JSON object")
-    return body
-
-
-def _player_id(value: Any, *, required: bool) -> str | None:
-    """`player_id` as a string: a non-empty string, or a non-negative integer."""
-    if value is None and not required:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        value = str(value)  # then held to the same length as a string id
-    if isinstance(value, str) and 0 < len(value) <= MAX_PLAYER_ID_CHARS:
-        return value
-    if value is None:
-        raise ClientError(400, "player_id is required")
-    raise ClientError(400, f"player_id must be a non-empty string of at most {MAX_PLAYER_ID_CHARS} "
-                           "characters or a non-negative integer")
-
-
-def _frame_of(body: dict[str, Any]) -> bytes:
-    event = body.get("event")
-    if not isinstance(event, str) or not event:
-        raise ClientError(400, "event must be a non-empty string")
-    try:
-        return event_frame(event, body.get("payload"))
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800") parses but has no UTF-8 form
-        raise ClientError(400, "event and payload must be valid Unicode: lone surrogate") from None
 
 
 # --- WebSocket -----------------------------------------------------------------------------
@@ -379,6 +209,7 @@ class PlayerEndpoint:
         connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
                                 player_id=admission.player_id, token=admission.token, remote=remote)
         assert admission.seat is not None
+        del rfile  # the connection drops it once it has taken what it read ahead
         try:
             services.delivery.connect(connection, admission.seat)
         except BrokerUnavailable:
@@ -420,8 +251,10 @@ class EchoEndpoint:
         pass
 
     def run(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
-        Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
-                   remote=remote, on_message=_echo).serve()
+        connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
+                                remote=remote, on_message=_echo)
+        del rfile
+        connection.serve()
 
 
 def _echo(connection: Connection, message: Message) -> None:
@@ -444,9 +277,40 @@ class _OriginPolicy:
         return origin in self._allowed or urlsplit(origin).netloc in self._allowed
 
 
+_NO_FURTHER_REQUESTS = io.BytesIO()
+_NO_FURTHER_REQUESTS.close()
+_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # what the email parser takes as a header name
+
+
+def _read_headers(rfile: Any) -> Any:
+    """pywsgi's request headers, parsed without the email package's feed parser (a
+    sixth of a publish's CPU). The lines are read by http.client with its limits, and
+    plain `Name: value` lines give exactly the (name, value) pairs the email parser
+    would; anything else (folded lines, a stray CR, a line without a name) goes to the
+    email parser itself, as pywsgi does it."""
+    try:
+        lines = http.client._read_headers(rfile)  # noqa: SLF001 - the reader parse_headers uses
+    except http.client.LineTooLong:
+        message = pywsgi.OldMessage()
+        message.status = "Line too long"
+        return message
+    message = pywsgi.OldMessage()
+    for raw in lines[:-1]:
+        line = raw.decode("iso-8859-1").rstrip("\r\n")
+        name, colon, value = line.partition(":")
+        if not colon or "\r" in line or not _HEADER_NAME.fullmatch(name):
+            text = b"".join(lines).decode("iso-8859-1")
+            return email.parser.Parser(_class=pywsgi.OldMessage).parsestr(text)
+        message.set_raw(name, value.lstrip(" \t"))
+    return message
+
+
 class GatewayHandler(WebSocketHandler):
     """gevent-websocket's handler, with admission before the upgrade, our own frame layer
     after it, and logs that never show a query string (it carries the player's token)."""
+
+    def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - pywsgi's name
+        return _read_headers(rfile)
 
     def upgrade_websocket(self) -> Any:
         endpoint = getattr(self.server, "websocket_endpoints", {}).get(self.environ.get("PATH_INFO", ""))
@@ -468,11 +332,21 @@ class GatewayHandler(WebSocketHandler):
         return result
 
     def run_websocket(self) -> None:
-        try:
-            self._endpoint.run(self._admission, self.socket, self.rfile, self._remote())
-        finally:
-            self.environ["wsgi.websocket"] = None
-            self.websocket = None
+        # An idle socket may live for hours: keep nothing it does not need. The library's
+        # WebSocket object goes (it is marked closed), and so does every reference to the
+        # buffered reader and its 8 KiB buffer: `Connection` takes what it read ahead,
+        # then reads the socket directly. The closed stand-in tells pywsgi that no
+        # further request follows on this socket.
+        self.environ["wsgi.websocket"] = None
+        self.environ["wsgi.input"] = None  # for an upgrade, pywsgi puts the reader itself here
+        self.websocket = None
+        self.wsgi_input.rfile = None  # an upgrade request has no body left to discard
+        self._endpoint.run(self._admission, self.socket, self._hand_over_reader(), self._remote())
+
+    def _hand_over_reader(self) -> Any:
+        """The buffered reader, which from now on only the endpoint's `Connection` holds."""
+        rfile, self.rfile = self.rfile, _NO_FURTHER_REQUESTS
+        return rfile
 
     def read_requestline(self) -> str:
         """Marks the connection idle while it waits for a request, so shutdown can end it;
@@ -490,6 +364,27 @@ class GatewayHandler(WebSocketHandler):
         super().handle_one_response()
         if getattr(self.server, "draining", False):
             self.close_connection = True
+
+    def _write_with_headers(self, data: bytes) -> None:
+        """pywsgi sends a response's headers, then its first body chunk: two syscalls,
+        two wakeups of the client, and gevent's sendall asks the kernel for the socket's
+        buffer size each time. Collect both parts and hand them to the non-blocking
+        socket in one send; only what it does not take goes through pywsgi's sendall."""
+        parts: list[bytes] = []
+        self._sendall = parts.append  # shadows the method while pywsgi formats the response
+        try:
+            super()._write_with_headers(data)
+        finally:
+            del self._sendall
+        response = b"".join(parts)
+        raw = direct_socket(self.socket)
+        try:
+            sent = raw.send(response) if raw is not None else 0
+        except OSError:  # would block, or failed: pywsgi's sendall waits, or reports the error
+            sent = 0
+        self.response_length += sent
+        if sent < len(response):
+            self._sendall(response[sent:])
 
     def run_application(self) -> None:
         super().run_application()

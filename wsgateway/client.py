@@ -143,7 +143,9 @@ class GatewayClient:
     def publish_batch(self, messages: Iterable[Mapping[str, Any]]) -> list[PublishResult]:
         """Publish several messages in one request (`POST /publish/batch`); each message
         is `{"player_id": ..., "event": ..., "payload": ...}`. Results are in the same
-        order. The whole batch is refused (400 naming `messages[i]`, 429) or accepted."""
+        order. The whole batch is refused (400 naming `messages[i]`, 429) or accepted.
+        Retries resend the whole batch: give each message an `idempotency_key` so that a
+        retry never delivers one twice."""
         answer = self._post("/publish/batch", {"messages": [dict(message) for message in messages]}, None)
         return [_publish_result(result) for result in answer["results"]]
 

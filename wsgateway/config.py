@@ -43,6 +43,7 @@ class Config:
     revalidate_period_s: float  # live tokens rechecked, server tokens cached, this often
     db_timeout_s: float  # a database call taking longer fails (503) instead of hanging
     max_body_bytes: int  # largest accepted HTTP request body
+    max_batch: int  # messages in one /publish/batch request (at least 1)
     max_message_bytes: int  # largest accepted client WebSocket message
     ping_period_s: float  # server ping interval
     pong_wait_s: float  # a socket silent this long is closed
@@ -260,6 +261,7 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("revalidate-period", "1m", _positive_duration, "token revalidation interval"),
     _Flag("db-timeout", "5s", _positive_duration, "longest wait for the database before answering 503"),
     _Flag("max-body", "1MiB", _positive_size, "largest HTTP request body"),
+    _Flag("max-batch", "1000", _positive_count, "most messages in one /publish/batch request"),
     _Flag("max-message-size", "64KiB", _positive_size, "largest client WebSocket message (larger: close 1009)"),
     _Flag("ping-period", "30s", _positive_duration, "server ping interval"),
     _Flag("pong-wait", "60s", _positive_duration, "close a socket silent for this long"),
@@ -392,6 +394,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
         revalidate_period_s=value["revalidate-period"],
         db_timeout_s=value["db-timeout"],
         max_body_bytes=value["max-body"],
+        max_batch=value["max-batch"],
         max_message_bytes=value["max-message-size"],
         ping_period_s=value["ping-period"],
         pong_wait_s=value["pong-wait"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Callable
@@ -29,9 +30,19 @@ from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, 
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 65536
+FLUSH_SLICE = 256  # connections the flusher writes between two yields to other greenlets
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0  # how long a close we started waits for the client's answer
 LINGER_BYTES = 1 << 20  # after failing a connection, bytes read and discarded while our close frame drains
 WRITE_CHUNK_BYTES = 256 * 1024  # the writer joins queued frames into sends of about this size
+
+
+def direct_socket(sock: socket.socket) -> socket.socket | None:
+    """The real non-blocking socket inside a gevent socket: sending on it returns at once
+    with what the kernel took, where gevent's send() would wait. None under TLS, where
+    every byte must go through the TLS layer (the caller then uses sendall)."""
+    if isinstance(sock, SSLSocket):
+        return None
+    return getattr(sock, "_sock", sock)
 
 
 class OutboxLimits:
@@ -43,6 +54,46 @@ class OutboxLimits:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.write_timeout_s = write_timeout_s
+
+
+class Flusher:
+    """Writes, from one greenlet, the frames that `Connection.send_later` queued.
+
+    A broadcast queues its frame on every connection (cheap: no syscall) and leaves the
+    writing to the flusher, which sends each connection's queued frames with one
+    non-blocking send, yielding to other greenlets every `FLUSH_SLICE` connections.
+    Broadcasts that arrive while it works add to the same queues, so a burst of them
+    reaches each socket in few sends: per delivery, the kernel's send cost is shared.
+    A socket that does not take everything gets its own writer for the rest, as with
+    `send()`. The flusher greenlet exists only while there is something to flush."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Connection] = []
+        self._greenlet: Greenlet | None = None
+
+    def add(self, connection: Connection) -> None:
+        self._dirty.append(connection)
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        try:
+            while self._dirty:
+                dirty, self._dirty = self._dirty, []
+                for index, connection in enumerate(dirty):
+                    if index and not index % FLUSH_SLICE:
+                        gevent.sleep(0)
+                    try:
+                        connection.flush()
+                    except Exception:  # the flusher's top level: one bad socket must not stall the rest
+                        log.exception("flush failed", extra={
+                            "event": "internal_error", "player_id": connection.player_id, "remote": connection.remote})
+                        connection.abort(CloseCode.INTERNAL_ERROR)
+        finally:
+            self._greenlet = None
+
+
+FLUSHER = Flusher()  # one per process, like gevent's hub
 
 
 class Connection:
@@ -57,22 +108,18 @@ class Connection:
         "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames",
         "_socket", "_raw_socket", "_rfile", "_limits", "_max_message_bytes", "_on_message",
         "_clock", "_outbox", "_outbox_bytes", "_writer", "_close_sent", "_closing", "_aborted",
-        "_close_timer", "_held",
+        "_close_timer", "_held", "_flush_pending", "_flusher",
     )
 
     def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
                  player_id: str = "", token: str = "", remote: str = "",
                  on_message: Callable[[Connection, Message], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER) -> None:
         self.player_id = player_id
         self.token = token  # kept for revalidation; never logged
         self.remote = remote
         self._socket = sock
-        # gevent's socket wraps a real non-blocking socket; sending on it directly returns
-        # at once with what the kernel took, where gevent's send() would wait. Under TLS
-        # that socket carries ciphertext, so there is no direct path: every frame goes
-        # through the outbox and the writer's sendall on the TLS socket (None below).
-        self._raw_socket = None if isinstance(sock, SSLSocket) else getattr(sock, "_sock", sock)
+        self._raw_socket = direct_socket(sock)
         self._rfile = rfile
         self._limits = limits
         self._max_message_bytes = max_message_bytes
@@ -89,6 +136,8 @@ class Connection:
         self._aborted = False
         self._close_timer: Greenlet | None = None
         self._held: list[bytes] | None = None  # live frames waiting behind the backlog
+        self._flush_pending = False
+        self._flusher = flusher
 
     @property
     def is_open(self) -> bool:
@@ -101,12 +150,16 @@ class Connection:
         if self._closing:
             return False
         if self._held is not None:
-            self._held.append(frame)
-            if len(self._held) > self._limits.max_frames:
-                self.abort(CloseCode.SLOW_CONSUMER)
-                return False
-            return True
+            return self._hold_back(frame)
         return self._write(frame)
+
+    def _hold_back(self, frame: bytes) -> bool:
+        assert self._held is not None
+        self._held.append(frame)
+        if len(self._held) > self._limits.max_frames:
+            self.abort(CloseCode.SLOW_CONSUMER)
+            return False
+        return True
 
     def hold(self) -> None:
         """Keep live frames back until `release`: the backlog must reach the client first,
@@ -121,6 +174,46 @@ class Connection:
         for frame in held:
             self.send(frame)
         return taken
+
+    def send_later(self, frame: bytes) -> bool:
+        """Queue one complete frame for the shared flusher to write soon, after anything
+        queued before it; for broadcasts, whose frames to one socket then leave together.
+        Same answers and bounds as `send()`."""
+        if self._closing:
+            return False
+        if self._held is not None:
+            return self._hold_back(frame)
+        if not self._append(frame):
+            return False
+        if not self._flush_pending and self._writer is None:
+            self._flush_pending = True
+            self._flusher.add(self)
+        return True
+
+    def flush(self) -> None:
+        """The flusher's turn: hand what is queued to the socket without waiting; a
+        writer greenlet takes what the kernel does not (or a backlog over one chunk)."""
+        self._flush_pending = False
+        if self._writer is not None or not self._outbox:
+            return  # a writer drains the outbox already, or the connection was aborted
+        if self._raw_socket is None:  # TLS: only the writer's sendall may touch the socket
+            self._writer = gevent.spawn(self._drain_outbox)
+            return
+        chunk = self._take_chunk()
+        try:
+            sent = self._raw_socket.send(chunk)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort(CloseCode.ABNORMAL)
+            return
+        if sent < len(chunk):
+            if self._outbox is None:
+                self._outbox = deque()
+            self._outbox.appendleft(chunk[sent:])
+            self._outbox_bytes += len(chunk) - sent
+        if self._outbox:
+            self._writer = gevent.spawn(self._drain_outbox)
 
     def ping(self) -> None:
         """Send a ping; the client's pong refreshes `last_heard`."""
@@ -138,9 +231,19 @@ class Connection:
             if sent == len(frame):
                 return True
             frame = frame[sent:]
+        elif self._flush_pending:
+            return self._append(frame)  # behind the frames the flusher is about to write
         return self._enqueue(frame)
 
     def _enqueue(self, frame: bytes) -> bool:
+        if not self._append(frame):
+            return False
+        if self._writer is None:
+            self._writer = gevent.spawn(self._drain_outbox)
+        return True
+
+    def _append(self, frame: bytes) -> bool:
+        """Add to the outbox; past its bound, the client is too slow and is aborted."""
         if self._outbox is None:
             self._outbox = deque()
         self._outbox.append(frame)
@@ -148,8 +251,6 @@ class Connection:
         if len(self._outbox) > self._limits.max_frames or self._outbox_bytes > self._limits.max_bytes:
             self.abort(CloseCode.SLOW_CONSUMER)
             return False
-        if self._writer is None:
-            self._writer = gevent.spawn(self._drain_outbox)
         return True
 
     def _drain_outbox(self) -> None:
@@ -205,7 +306,9 @@ class Connection:
         if self._held:
             self.dropped_frames += len(self._held)
         self._held = None
-        mid_frame = self._writer is not None or self._outbox is not None
+        # Only a writer can have put part of a frame on the wire (a partial send always
+        # hands the rest to one); frames merely queued for the flusher are whole.
+        mid_frame = self._writer is not None
         self._outbox, self._outbox_bytes = None, 0
         if self._writer is not None and self._writer is not gevent.getcurrent():
             self._writer.kill(block=False)
@@ -248,10 +351,15 @@ class Connection:
         """Read until the connection ends; return the close code it ended with."""
         parser = FrameParser(self._max_message_bytes)
         try:
+            data = self._take_buffered_input()
             while True:
-                data = self._rfile.read1(READ_CHUNK_BYTES)
                 if not data:
-                    return self.close_code
+                    # Straight from the socket: the bytes object for a read is allocated
+                    # when data is there, so an idle connection holds no read buffer
+                    # (a buffered reader's read1 would hold READ_CHUNK_BYTES while it waits).
+                    data = self._socket.recv(READ_CHUNK_BYTES)
+                    if not data:
+                        return self.close_code
                 self.last_heard = self._clock()
                 for event in parser.feed(data):
                     if isinstance(event, Close):
@@ -260,6 +368,7 @@ class Connection:
                         self.send(encode_frame(OP_PONG, event.payload))
                     elif isinstance(event, Message) and self._on_message is not None and not self._closing:
                         self._on_message(self, event)
+                data = b""
         except ProtocolViolation as violation:
             log.info("websocket protocol violation", extra={
                 "event": "protocol_violation", "player_id": self.player_id, "remote": self.remote,
@@ -270,6 +379,22 @@ class Connection:
             return self.close_code
         finally:
             self._finish()
+
+    def _take_buffered_input(self) -> bytes:
+        """What the HTTP layer already read past the handshake (a client may send frames
+        right behind its upgrade request), without waiting; the reader is then dropped."""
+        rfile, self._rfile = self._rfile, None
+        if rfile is None:
+            return b""
+        timeout_s = self._socket.gettimeout()
+        self._socket.settimeout(0.0)  # peek returns what is buffered, or b"" at once
+        try:
+            buffered = rfile.peek(READ_CHUNK_BYTES)
+        except ssl.SSLWantReadError:  # TLS with nothing buffered says so instead of b""
+            buffered = b""
+        finally:
+            self._socket.settimeout(timeout_s)
+        return rfile.read1(len(buffered)) if buffered else b""
 
     def _answer_close(self, event: Close) -> int:
         if not self._closing:
@@ -293,7 +418,7 @@ class Connection:
             discarded = 0
             with gevent.Timeout(CLOSE_HANDSHAKE_TIMEOUT_S, False):
                 while discarded < LINGER_BYTES:
-                    data = self._rfile.read1(READ_CHUNK_BYTES)
+                    data = self._socket.recv(READ_CHUNK_BYTES)
                     if not data:
                         break
                     discarded += len(data)
@@ -301,6 +426,9 @@ class Connection:
             pass
 
     def _flush(self, timeout_s: float) -> None:
+        """Write what is queued (our close frame last) before the connection ends."""
+        if self._flush_pending:
+            self.flush()  # do not leave it to the flusher: the reader is about to finish
         if self._writer is not None:
             self._writer.join(timeout_s)
 

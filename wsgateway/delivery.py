@@ -2,6 +2,10 @@
 broker. The roster decides live or queued, the broker carries live messages to the
 gateways that hold the player, and each gateway hands them to its own connections.
 
+Nothing here blocks. A broadcast may yield between slices of connections (the hub keeps
+each socket's order across its pauses). `connect` holds the new connection's live frames
+behind its backlog, so the backlog comes first even when fetching it yields (Redis).
+
 When the shared broker is unreachable, this gateway's own players still get their
 messages (`scope: local` in the answer); what would need the broker is refused with
 `BrokerUnavailable` rather than answered 200.

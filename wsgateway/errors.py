@@ -60,13 +60,16 @@ class GatewayError(Exception):
 
 
 class ClientError(GatewayError):
-    """A request refused with an HTTP status and a JSON `{"error": message}` body."""
+    """A request refused with an HTTP status and a JSON `{"error": message}` body, plus
+    `details` (e.g. what part of a batch was accepted before it stopped)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 details: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.details = details or {}
 
 
 class StoreUnavailable(GatewayError):

@@ -1,13 +1,30 @@
 """The connections held by this process, by player.
 
-Delivery here never blocks and never yields: `send()` on a connection only writes what
-the kernel takes at once or appends to that connection's bounded outbox. So a fan-out
-loop runs to its end without another greenlet changing the maps under it. The hub
-knows nothing of other gateways or of the broker: it is local by definition.
+The hub knows nothing of other gateways or of the broker: it is local by definition.
+
+Delivery here never blocks: `send()` on a connection only writes what the kernel takes at
+once or appends to that connection's bounded outbox. A publish to one player runs to its
+end without yielding. A broadcast to many connections is cut into slices of
+`broadcast_slice` connections, and between two slices the hub calls `pause()` (the
+gateway passes a yield to the other greenlets), so that a broadcast to thousands of
+players does not hold up other publishes while it is delivered.
+
+A broadcast hands its frame to `send_later`: the connections queue it and one writer
+sends each socket's queue in one syscall, so a burst of broadcasts costs few sends per
+socket. A publish to one player uses `send`, which writes at once when nothing is queued.
+
+Ordering survives the pauses. A broadcast goes to a snapshot of the connections taken
+when it starts; while it is unfinished, it remembers which of them it still owes the
+frame. Anything sent through the hub to such a connection meanwhile (a publish, another
+broadcast) first hands it the frames of the unfinished broadcasts it is owed, oldest
+first. So on every socket, a message published after a broadcast started never arrives
+before that broadcast's frame, and no connection gets a broadcast twice.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
+
+BROADCAST_SLICE = 4096  # connections a broadcast queues its frame on between two pauses
 
 
 class Deliverable(Protocol):
@@ -20,13 +37,22 @@ class Deliverable(Protocol):
     def send(self, frame: bytes) -> bool:
         """Queue a complete frame without blocking; False if the connection is closing."""
 
+    def send_later(self, frame: bytes) -> bool:
+        """Like `send`, but the frame may wait for a shared writer, after anything sent
+        before it: many connections are served by one pass, and a burst of frames to one
+        connection leaves together."""
+
 
 class Hub:
     """Local connections by player."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pause: Callable[[], None] | None = None,
+                 broadcast_slice: int = BROADCAST_SLICE) -> None:
+        self.pause = pause  # None: a broadcast never pauses (runs to its end at once)
+        self.broadcast_slice = broadcast_slice
         self._by_player: dict[str, list[Deliverable]] = {}
         self._count = 0
+        self._unfinished: list[_UnfinishedBroadcast] = []  # paused broadcasts, oldest first
 
     def add(self, connection: Deliverable) -> None:
         self._by_player.setdefault(connection.player_id, []).append(connection)
@@ -41,19 +67,56 @@ class Hub:
         if not connections:
             del self._by_player[connection.player_id]
         self._count -= 1
+        for broadcast in self._unfinished:
+            broadcast.owed.discard(connection)
         return True
 
     def deliver(self, player_id: str, frame: bytes) -> int:
         """Hand `frame` to each of the player's connections; return how many took it."""
-        return sum(connection.send(frame) for connection in self._by_player.get(player_id, ()))
+        connections = self._by_player.get(player_id)
+        if not connections:
+            return 0
+        if self._unfinished:
+            for connection in connections:
+                self._catch_up(connection, None)
+        return sum(connection.send(frame) for connection in connections)
 
     def broadcast(self, frame: bytes) -> int:
-        """Hand `frame` to every connection; return how many took it."""
-        delivered = 0
-        for connections in self._by_player.values():
-            for connection in connections:
-                delivered += connection.send(frame)
-        return delivered
+        """Hand `frame` to every connection present now; return how many took it. May
+        call `pause()` between slices of connections (see the module docstring)."""
+        snapshot = [connection for connections in self._by_player.values() for connection in connections]
+        if self.pause is None or len(snapshot) <= self.broadcast_slice:
+            delivered = 0
+            for connection in snapshot:
+                if self._unfinished:
+                    self._catch_up(connection, None)
+                delivered += connection.send_later(frame)
+            return delivered
+        broadcast = _UnfinishedBroadcast(frame, set(snapshot))
+        self._unfinished.append(broadcast)
+        try:
+            for start in range(0, len(snapshot), self.broadcast_slice):
+                if start:
+                    self.pause()
+                owed = broadcast.owed
+                for connection in snapshot[start:start + self.broadcast_slice]:
+                    if connection in owed:  # else a publish caught it up during a pause
+                        self._catch_up(connection, broadcast)
+                        owed.discard(connection)
+                        broadcast.delivered += connection.send_later(frame)
+        finally:
+            self._unfinished.remove(broadcast)
+        return broadcast.delivered
+
+    def _catch_up(self, connection: Deliverable, until: _UnfinishedBroadcast | None) -> None:
+        """Send `connection` the frames it is owed by unfinished broadcasts older than
+        `until` (all of them when None), oldest first."""
+        for broadcast in self._unfinished:
+            if broadcast is until:
+                return
+            if connection in broadcast.owed:
+                broadcast.owed.discard(connection)
+                broadcast.delivered += connection.send_later(broadcast.frame)
 
     def is_connected(self, player_id: str) -> bool:
         return player_id in self._by_player
@@ -69,3 +132,14 @@ class Hub:
 
     def connection_count(self) -> int:
         return self._count
+
+
+class _UnfinishedBroadcast:
+    """A broadcast between two slices: its frame, and the connections still owed it."""
+
+    __slots__ = ("frame", "owed", "delivered")
+
+    def __init__(self, frame: bytes, owed: set[Deliverable]) -> None:
+        self.frame = frame
+        self.owed = owed
+        self.delivered = 0  # connections that took the frame, caught up ones included

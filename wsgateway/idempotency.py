@@ -56,7 +56,8 @@ class IdempotencyStore(Protocol):
 
     def complete(self, subject_id: str, key: str, result: dict[str, Any]) -> None: ...
 
-    def release(self, subject_id: str, key: str) -> None: ...
+    def release(self, subject_id: str, key: str) -> None:
+        """Forget a key whose call was refused; a completed key is kept."""
 
 
 @dataclass
@@ -104,8 +105,9 @@ class MemoryIdempotencyStore:
             entry.settled.set()
 
     def release(self, subject_id: str, key: str) -> None:
-        entry = self._entries.pop((subject_id, key), None)
-        if entry is not None:
+        entry = self._entries.get((subject_id, key))
+        if entry is not None and entry.result is None:
+            del self._entries[(subject_id, key)]
             entry.settled.set()
 
     def __len__(self) -> int:

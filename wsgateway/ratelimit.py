@@ -16,6 +16,8 @@ IDLE_BUCKETS_KEPT = 10_000  # past this many subjects, full (idle) buckets are f
 class Limiter(Protocol):
     """A rate limit per server subject (this module's, or the cluster's in Redis)."""
 
+    limit: int  # the bucket size; 0 = unlimited
+
     def acquire(self, subject: str, count: int = 1) -> float:
         """0.0 when `count` tokens were taken, else seconds until they would be available."""
 

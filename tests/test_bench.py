@@ -1,0 +1,27 @@
+"""bench/bench.py in a tiny configuration, so that the benchmark cannot rot: every scenario
+runs against a real bin/ws-gateway and prints its figure (the figures are not judged)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import PROCESS_START_TIMEOUT_S, gateway_environment
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+def test_bench_runs_every_scenario_and_prints_the_figures(tmp_path):
+    """The bench starts a gateway, runs all scenarios with a few connections, and prints each figure and the core count."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--connections", "20", "--broadcasts", "3", "--rounds", "1",
+         "--publishers", "2", "--http-clients", "1", "--batch-size", "5", "--duration-s", "0.5",
+         "--latency-rate", "200", "--hold", "30", "--connections-per-client", "25"],
+        cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
+        timeout=4 * PROCESS_START_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr + result.stdout
+    output = result.stdout
+    assert "cores" in output.splitlines()[0]
+    for figure in ("KiB per idle connection", "fan-out deliveries/s", "server CPU µs/delivery",
+                   "/publish requests/s", "batch messages/s", "latency p99 ms", "connections held"):
+        assert f"| {figure}" in output, output

@@ -1,0 +1,417 @@
+"""The publishing API: `POST /publish`, `POST /publish/batch` and `POST /broadcast`.
+
+These are the gateway's hot paths, so they are served as plain WSGI in front of Flask
+(`PublishingRoutes` wraps the Flask app's `wsgi_app`, Flask's documented middleware
+seam). Profiled, a Flask request context, URL map, hooks and `Response` cost more than
+everything else a publish does; here a request is read straight from the WSGI environ
+and answered with one JSON body. Every other path (and Flask's 404) stays Flask's.
+
+What a client sees is the README's table: `{"error": "..."}` with the status of the
+`ClientError`, 503 with `Retry-After: 1` when the token store does not answer, 500 for
+a bug. Metrics are those the Flask views produced: `ws_http_requests_total{endpoint,
+status}` (endpoint `publish`, `publish_batch`, `broadcast`, or `unmatched` for a wrong
+method) and `ws_publish_duration_seconds{endpoint}`.
+
+Validation lives here once: a `/publish/batch` item is checked by the same function as
+a `/publish` body, and its error names the item (`messages[3]: ...`). So does
+idempotency: the `Idempotency-Key` header of a single call and the `idempotency_key` of
+a batch item go through the same store (see `wsgateway.idempotency`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
+
+import gevent
+
+from wsgateway.config import Config
+from wsgateway.delivery import Delivery, Outcome
+from wsgateway.errors import BrokerUnavailable, ClientError, StoreUnavailable
+from wsgateway.idempotency import MAX_KEY_CHARS, Claim, ClaimState, IdempotencyStore, fingerprint
+from wsgateway.metrics import GatewayMetrics
+from wsgateway.protocol import event_frame
+from wsgateway.ratelimit import Limiter
+from wsgateway.tokens import TokenStore
+
+log = logging.getLogger(__name__)
+
+MAX_PLAYER_ID_CHARS = 64  # ws_token ids are an unsigned INT or 32 bytes; longer cannot exist
+BATCH_SLICE = 256  # batch messages delivered between two yields to other greenlets
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict, StartResponse], Iterable[bytes]]
+Answer = tuple[dict[str, Any], dict[str, str]]  # a 200's JSON body and extra headers
+
+
+class PublishingServices(Protocol):
+    """What the publishing API uses of the gateway (server.Gateway provides it)."""
+
+    config: Config
+    store: TokenStore
+    delivery: Delivery
+    limiter: Limiter
+    idempotency: IdempotencyStore
+    metrics: GatewayMetrics
+
+
+class PublishingRoutes:
+    """WSGI middleware: the publishing endpoints, and `fallback` (Flask) for the rest."""
+
+    def __init__(self, services: PublishingServices, fallback: WsgiApp) -> None:
+        self._services = services
+        self._fallback = fallback
+        self._max_body_bytes = services.config.max_body_bytes
+        self._max_batch = services.config.max_batch
+        self._routes: dict[str, tuple[str, Callable[[dict], Answer]]] = {
+            "/publish": ("publish", self._publish),
+            "/publish/batch": ("publish_batch", self._publish_batch),
+            "/broadcast": ("broadcast", self._broadcast),
+        }
+        metrics = services.metrics
+        # prometheus-client's labels() takes a lock and builds a key; the children are reused.
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._durations = {endpoint: metrics.publish_duration.labels(endpoint)
+                           for endpoint, _ in self._routes.values()}
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        route = self._routes.get(environ.get("PATH_INFO", ""))
+        if route is None:
+            return self._fallback(environ, start_response)
+        endpoint, handle = route
+        if environ.get("REQUEST_METHOD") != "POST":
+            # Flask counted a wrong method as "unmatched" and timed nothing; so do we.
+            return self._answer(start_response, "unmatched", 405, {"error": "method not allowed"}, {"Allow": "POST"})
+        started = time.perf_counter()
+        headers: dict[str, str] = {}
+        try:
+            status, (body, headers) = 200, handle(environ)
+        except ClientError as error:
+            status, body, headers = error.status, {"error": error.message, **error.details}, error.headers
+        except StoreUnavailable as error:
+            log.warning("token store unavailable", extra={"event": "store_unavailable", "detail": str(error)})
+            status, body, headers = 503, {"error": "token store unavailable, retry later"}, {"Retry-After": "1"}
+        except BrokerUnavailable as error:
+            log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(error)})
+            status, body = 503, {"error": "broker unavailable: message not accepted, retry later"}
+            headers = {"Retry-After": "1"}
+        except Exception as error:  # the request's top level: answered 500 and logged, never a traceback
+            log.error("unhandled error", exc_info=error,
+                      extra={"event": "internal_error", "path": environ.get("PATH_INFO", "")})
+            status, body = 500, {"error": "internal error"}
+        self._durations[endpoint].observe(time.perf_counter() - started)
+        return self._answer(start_response, endpoint, status, body, headers)
+
+    def _answer(self, start_response: StartResponse, endpoint: str, status: int, body: dict[str, Any],
+                headers: dict[str, str]) -> list[bytes]:
+        counter = self._request_counters.get((endpoint, status))
+        if counter is None:
+            counter = self._request_counters[(endpoint, status)] = \
+                self._services.metrics.http_requests.labels(endpoint, str(status))
+        counter.inc()
+        data = json.dumps(body).encode()
+        start_response(f"{status} {HTTPStatus(status).phrase}",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                        *headers.items()])
+        return [data]
+
+    # --- the endpoints --------------------------------------------------------------------
+    def _publish(self, environ: dict) -> Answer:
+        services = self._services
+        subject_id = authenticate_server(services, environ)
+        body = json_object(read_body(environ, self._max_body_bytes))
+        player_id, frame = publish_message(body)
+
+        def deliver() -> dict[str, Any]:
+            take_rate(services, subject_id)
+            return publish_answer(services.delivery.publish(player_id, frame))
+        return self._once(environ, subject_id, fingerprint(b"/publish", canonical(body)), deliver)
+
+    def _publish_batch(self, environ: dict) -> Answer:
+        services = self._services
+        subject_id = authenticate_server(services, environ)
+        body = json_object(read_body(environ, self._max_body_bytes))
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ClientError(400, "messages must be a non-empty array")
+        if len(messages) > self._max_batch:
+            raise ClientError(400, f"messages: {len(messages)} messages, at most {self._max_batch} per batch")
+        validated = [_batch_item(index, message) for index, message in enumerate(messages)]
+        _refuse_repeated_keys(validated)
+        limit = services.limiter.limit
+        if limit and len(validated) > limit:
+            raise ClientError(400, f"a batch of {len(validated)} messages can never pass the rate limit of "
+                                   f"{limit} messages per {services.config.rate_period_s:g}s: send smaller batches")
+        claims = self._claim_batch(subject_id, validated)
+        try:
+            fresh = sum(1 for claim in claims if claim is None or claim.state is ClaimState.FRESH)
+            if fresh:
+                take_rate(services, subject_id, fresh)
+            return {"results": self._deliver_batch(subject_id, validated, claims)}, {}
+        finally:
+            self._release_unanswered(subject_id, validated, claims)
+
+    def _claim_batch(self, subject_id: str, items: list[_BatchItem]) -> list[Claim | None]:
+        """Each keyed item's claim, in order; on a refusal, what was claimed is released."""
+        claims: list[Claim | None] = []
+        try:
+            for index, item in enumerate(items):
+                if item.key is None:
+                    claims.append(None)
+                    continue
+                try:
+                    claims.append(self._claim(subject_id, item.key, item.fingerprint))
+                except ClientError as error:
+                    raise ClientError(error.status, f"messages[{index}]: {error.message}", error.headers) from None
+        except BaseException:
+            self._release_unanswered(subject_id, items, claims)
+            raise
+        return claims
+
+    def _deliver_batch(self, subject_id: str, items: list[_BatchItem],
+                       claims: list[Claim | None]) -> list[dict[str, Any]]:
+        """Deliver in order, answering replays from the store. If the broker fails midway,
+        the 503 says which messages were accepted before it did (`results`)."""
+        publish = self._services.delivery.publish
+        store = self._services.idempotency
+        results: list[dict[str, Any]] = []
+        for index, (item, claim) in enumerate(zip(items, claims)):
+            if index and not index % BATCH_SLICE:
+                gevent.sleep(0)  # let other publishers in; this batch's order is kept
+            if claim is not None and claim.state is ClaimState.REPLAY:
+                results.append(self._replay(claim))
+                continue
+            try:
+                result = publish_answer(publish(item.player_id, item.frame))
+            except BrokerUnavailable:
+                raise ClientError(503, f"broker unavailable: messages[{index}:] not accepted, retry them later",
+                                  {"Retry-After": "1"}, {"results": results}) from None
+            if item.key is not None:
+                store.complete(subject_id, item.key, result)
+            results.append(result)
+        return results
+
+    def _release_unanswered(self, subject_id: str, items: list[_BatchItem], claims: list[Claim | None]) -> None:
+        """Release fresh claims whose message was not delivered (completed ones stay)."""
+        store = self._services.idempotency
+        for item, claim in zip(items, claims):
+            if claim is not None and claim.state is ClaimState.FRESH and item.key is not None:
+                try:
+                    store.release(subject_id, item.key)  # a no-op once completed
+                except BrokerUnavailable:
+                    pass
+
+    def _broadcast(self, environ: dict) -> Answer:
+        services = self._services
+        subject_id = authenticate_server(services, environ)
+        body = json_object(read_body(environ, self._max_body_bytes))
+        player_id = player_id_of(body.get("player_id"), required=False)
+        frame = frame_of(body)
+
+        def deliver() -> dict[str, Any]:
+            take_rate(services, subject_id)
+            outcome = services.delivery.broadcast(frame, player_id)
+            return with_scope(outcome, {"delivered": outcome.delivered})
+        return self._once(environ, subject_id, fingerprint(b"/broadcast", canonical(body)), deliver)
+
+    def _once(self, environ: dict, subject_id: str, request_fingerprint: str,
+              deliver: Callable[[], dict[str, Any]]) -> Answer:
+        """Run `deliver` unless the request's Idempotency-Key was answered already."""
+        key = environ.get("HTTP_IDEMPOTENCY_KEY")
+        if key is None:
+            return deliver(), {}
+        check_idempotency_key(key)
+        claim = self._claim(subject_id, key, request_fingerprint)
+        if claim.state is ClaimState.REPLAY:
+            return self._replay(claim), {"Idempotent-Replayed": "true"}
+        return self._remembered(subject_id, key, deliver), {}
+
+    def _claim(self, subject_id: str, key: str, request_fingerprint: str) -> Claim:
+        """Claim a key; a mismatch is 422 and an unfinished twin 409 (messages say which)."""
+        claim = self._services.idempotency.claim(subject_id, key, request_fingerprint)
+        if claim.evicted:
+            self._services.metrics.idempotency_keys_evicted.inc(claim.evicted)
+        if claim.state is ClaimState.MISMATCH:
+            raise ClientError(422, "Idempotency-Key was already used for a different request")
+        if claim.state is ClaimState.IN_PROGRESS:
+            raise ClientError(409, "a request with this Idempotency-Key is still in progress", {"Retry-After": "1"})
+        return claim
+
+    def _replay(self, claim: Claim) -> dict[str, Any]:
+        self._services.metrics.idempotent_replays.inc()
+        return {**(claim.result or {}), "replayed": True}
+
+    def _remembered(self, subject_id: str, key: str, deliver: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`deliver` for a claimed key: its answer is remembered; a refused call (an
+        exception) releases the key so that the retry really runs."""
+        store = self._services.idempotency
+        try:
+            result = deliver()
+        except BaseException:
+            try:
+                store.release(subject_id, key)
+            except BrokerUnavailable:
+                pass  # the pending key expires with the window
+            raise
+        store.complete(subject_id, key, result)
+        return result
+
+
+class _BatchItem(NamedTuple):
+    player_id: str
+    frame: bytes
+    key: str | None  # the item's idempotency_key
+    fingerprint: str
+
+
+def _batch_item(index: int, message: Any) -> _BatchItem:
+    """One batch message checked like a /publish body; errors name the item."""
+    try:
+        if not isinstance(message, dict):
+            raise ClientError(400, "must be a JSON object")
+        key = message.get("idempotency_key")
+        if key is not None:
+            if not isinstance(key, str):
+                raise ClientError(400, "idempotency_key must be a string")
+            check_idempotency_key(key, name="idempotency_key")
+        player_id, frame = publish_message(message)
+    except ClientError as error:
+        raise ClientError(error.status, f"messages[{index}]: {error.message}") from None
+    unkeyed = {name: value for name, value in message.items() if name != "idempotency_key"}
+    return _BatchItem(player_id, frame, key, fingerprint(b"/publish", canonical(unkeyed)))
+
+
+def _refuse_repeated_keys(items: list[_BatchItem]) -> None:
+    first_use: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.key is None:
+            continue
+        if item.key in first_use:
+            raise ClientError(400, f"messages[{index}]: idempotency_key repeats that of messages[{first_use[item.key]}]")
+        first_use[item.key] = index
+
+
+# --- validation: each check written once -------------------------------------------------------
+def check_idempotency_key(key: str, name: str = "Idempotency-Key") -> None:
+    if not 0 < len(key) <= MAX_KEY_CHARS or not (key.isascii() and key.isprintable()):
+        raise ClientError(400, f"{name} must be 1-{MAX_KEY_CHARS} printable ASCII characters")
+
+
+def canonical(body: dict[str, Any]) -> bytes:
+    """A body's identity for idempotency: the same JSON however it was spaced or ordered,
+    so a /publish and a batch item carrying the same message match."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def publish_answer(outcome: Outcome) -> dict[str, Any]:
+    return with_scope(outcome, {"delivered": outcome.delivered, "queued": outcome.queued})
+
+
+def with_scope(outcome: Outcome, body: dict[str, Any]) -> dict[str, Any]:
+    """`scope: local` tells a publisher that the broker was down and only this gateway's
+    connections got the message."""
+    if outcome.local_only:
+        body["scope"] = "local"
+    return body
+
+def authenticate_server(services: PublishingServices, environ: dict) -> str:
+    """The subject id of the request's server token, or 401/403."""
+    scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        services.metrics.auth_failures.labels("server", "missing").inc()
+        raise ClientError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+    subject_id = services.store.authenticate_server(token)
+    if subject_id is None:
+        services.metrics.auth_failures.labels("server", "invalid").inc()
+        raise ClientError(403, "invalid, expired or non-server token")
+    return subject_id
+
+
+def take_rate(services: PublishingServices, subject_id: str, count: int = 1) -> None:
+    """Take `count` messages from the subject's budget, all or nothing, or 429."""
+    wait_s = services.limiter.acquire(subject_id, count)
+    if wait_s:
+        services.metrics.rate_limited.inc()
+        raise ClientError(429, "rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait_s)))})
+
+
+def read_body(environ: dict, max_body_bytes: int) -> bytes:
+    """The request body, or 413 when it is larger than `max_body_bytes`, chunked or not.
+
+    A declared length over the limit is refused before a byte is read (the web face then
+    hangs up rather than drain it); a chunked body is read one byte past the limit."""
+    stream = environ["wsgi.input"]
+    length = environ.get("CONTENT_LENGTH")
+    if length:
+        declared = int(length)  # pywsgi refused a malformed Content-Length already
+        if declared > max_body_bytes:
+            raise ClientError(413, f"body larger than {max_body_bytes} bytes")
+        return stream.read(declared)
+    if environ.get("wsgi.input_terminated"):  # chunked: no length to check up front
+        body = stream.read(max_body_bytes + 1)
+        if len(body) > max_body_bytes:
+            raise ClientError(413, f"body larger than {max_body_bytes} bytes")
+        return body
+    return b""
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return number
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ClientError(400, "body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, our checks
+        raise ClientError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ClientError(400, "body must be a JSON object")
+    return body
+
+
+def publish_message(body: dict[str, Any]) -> tuple[str, bytes]:
+    """A `/publish` body (or one batch item) checked: its player id and encoded frame."""
+    player_id = player_id_of(body.get("player_id"), required=True)
+    assert player_id is not None
+    return player_id, frame_of(body)
+
+
+def player_id_of(value: Any, *, required: bool) -> str | None:
+    """`player_id` as a string: a non-empty string, or a non-negative integer."""
+    if value is None and not required:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = str(value)  # then held to the same length as a string id
+    if isinstance(value, str) and 0 < len(value) <= MAX_PLAYER_ID_CHARS:
+        return value
+    if value is None:
+        raise ClientError(400, "player_id is required")
+    raise ClientError(400, f"player_id must be a non-empty string of at most {MAX_PLAYER_ID_CHARS} "
+                           "characters or a non-negative integer")
+
+
+def frame_of(body: dict[str, Any]) -> bytes:
+    """The frame for the body's `event` and `payload`, or 400."""
+    event = body.get("event")
+    if not isinstance(event, str) or not event:
+        raise ClientError(400, "event must be a non-empty string")
+    try:
+        return event_frame(event, body.get("payload"))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") parses but has no UTF-8 form
+        raise ClientError(400, "event and payload must be valid Unicode: lone surrogate") from None
+    except RecursionError:  # parsed near the depth limit, but encoding needs a few frames more
+        raise ClientError(400, "payload is nested too deeply") from None
