@@ -1,18 +1,21 @@
 """Pings, and the reaping of connections that stopped answering.
 
-One loop serves every connection (a timer per socket would cost a greenlet each): it
-pings all of them every `ping_period_s` and closes with 4001 any that has sent nothing,
-not even a pong, for `pong_wait_s`. Half-open sockets and vanished clients are thus
-released within `pong_wait_s` plus one check interval.
+One loop serves every connection (a timer per socket would cost a greenlet each). Each
+tick it closes with 4001 any connection that has sent nothing, not even a pong, for
+`pong_wait_s`, and pings one slice of the connections: each connection belongs to one of
+the ping period's ticks (by its identity hash), so every connection is pinged once per
+`ping_period_s` and the pings, and the pongs that answer them, are spread over the period
+instead of arriving in one burst (a burst of 10,000 pongs stalls publishing for that
+moment). Half-open sockets and vanished clients are released within `pong_wait_s` plus
+one tick.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterable, Protocol
 
 from wsgateway.errors import CloseCode
 
-CHECK_INTERVAL_S = 1.0  # how often silence is checked, at most
+CHECK_INTERVAL_S = 1.0  # how often silence is checked (and a slice pinged), at most
 
 
 class Pingable(Protocol):
@@ -27,26 +30,23 @@ class KeepAlive:
     """Decides, at each `tick(now)`, which connections to ping and which to reap."""
 
     def __init__(self, connections: Callable[[], Iterable[Pingable]], ping_period_s: float,
-                 pong_wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 pong_wait_s: float) -> None:
         self._connections = connections
         self.ping_period_s = ping_period_s
         self.pong_wait_s = pong_wait_s
-        self._next_ping_at = clock() + ping_period_s
-
-    @property
-    def interval_s(self) -> float:
-        return min(CHECK_INTERVAL_S, self.ping_period_s)
+        self.interval_s = min(CHECK_INTERVAL_S, ping_period_s)
+        self._slots = max(1, round(ping_period_s / self.interval_s))  # ticks in one ping period
+        self._ticks = 0
 
     def tick(self, now: float) -> int:
-        """Reap the silent, ping the rest when a ping is due; return how many were reaped."""
-        ping_due = now >= self._next_ping_at
-        if ping_due:
-            self._next_ping_at = now + self.ping_period_s
+        """Reap the silent, ping this tick's slice of the rest; return how many were reaped."""
+        slot = self._ticks % self._slots
+        self._ticks += 1
         reaped = 0
         for connection in self._connections():
             if now - connection.last_heard > self.pong_wait_s:
                 connection.abort(CloseCode.PONG_TIMEOUT)
                 reaped += 1
-            elif ping_due:
+            elif hash(connection) % self._slots == slot:
                 connection.ping()
         return reaped
