@@ -7,12 +7,10 @@ without the hub knowing which broker is in use.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     """One encoded frame and where it goes.
 
     `player_id` None means every connected player. `gateways` names the gateways that

@@ -12,8 +12,7 @@ messages (`scope: local` in the answer); what would need the broker is refused w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from wsgateway.broker import Broker, Envelope
 from wsgateway.errors import BrokerUnavailable
@@ -26,8 +25,7 @@ from wsgateway.roster import Roster, Route, Seat
 MISSED_EVENT = "gateway.missed"
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What became of a message: connections it was sent to, whether it was queued, and
     whether only this gateway's connections could be reached."""
 

@@ -124,7 +124,11 @@ class Hub:
     def count_of(self, player_id: str) -> int:
         """How many open connections this process holds for `player_id` (closing ones
         would take nothing: a message for a player with only those is better queued)."""
-        return sum(connection.is_open for connection in self._by_player.get(player_id, ()))
+        count = 0
+        for connection in self._by_player.get(player_id, ()):  # a loop: this is on every publish
+            if connection.is_open:
+                count += 1
+        return count
 
     def connections(self) -> Iterator[Deliverable]:
         """A snapshot of every connection, safe to iterate while connections come and go."""

@@ -264,7 +264,7 @@ class _BatchItem(NamedTuple):
     player_id: str
     frame: bytes
     key: str | None  # the item's idempotency_key
-    fingerprint: str
+    fingerprint: str  # "" without a key
 
 
 def _batch_item(index: int, message: Any) -> _BatchItem:
@@ -280,6 +280,8 @@ def _batch_item(index: int, message: Any) -> _BatchItem:
         player_id, frame = publish_message(message)
     except ClientError as error:
         raise ClientError(error.status, f"messages[{index}]: {error.message}") from None
+    if key is None:
+        return _BatchItem(player_id, frame, None, "")
     unkeyed = {name: value for name, value in message.items() if name != "idempotency_key"}
     return _BatchItem(player_id, frame, key, fingerprint(b"/publish", canonical(unkeyed)))
 

@@ -13,8 +13,7 @@ exactly once) -> `leave`. `cancel` gives back a reservation that never took its 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from wsgateway.hub import Hub
 from wsgateway.offline import Backlog, MemoryOfflineQueue
@@ -22,16 +21,14 @@ from wsgateway.offline import Backlog, MemoryOfflineQueue
 LOCAL_GATEWAY = ""  # the gateway id routes carry when there is only this process
 
 
-@dataclass(frozen=True)
-class Seat:
+class Seat(NamedTuple):
     """One connection's place in the roster."""
 
     player_id: str
     seat_id: str
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """Where a message for one player goes.
 
     `gateways` hold the player's connections (`connections` of them in all) and must get
