@@ -14,7 +14,9 @@ next to the server's), then runs these scenarios and prints one figure per line:
 * batch: `POST /publish/batch` of `--batch-size` messages to random players, messages/s;
 * latency: `--latency-rate` publishes/s to random players, publish-to-receipt p50/p99;
 * hold: `--hold` connections in total (the rest opened now), RSS per connection, and one
-  broadcast to all of them.
+  broadcast to all of them;
+* scaleout: the fan-out again over the Redis broker (`--redis`): one gateway process, then
+  `-workers 2` on one port, then the publisher on one gateway and every player on another.
 
 Figures are printed, never asserted. A progress line on stderr shows what runs.
 
@@ -83,10 +85,17 @@ def load_average() -> str:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
+    """User + system CPU seconds of a process and its live children (a `-workers`
+    supervisor's workers), from /proc."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * CLOCK_TICKS_S
+    own_s = (int(fields[11]) + int(fields[12])) * CLOCK_TICKS_S
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            children = [int(child) for child in handle.read().split()]
+    except OSError:
+        children = []
+    return own_s + sum(process_cpu_s(child) for child in children)
 
 
 def process_rss_bytes(pid: int) -> int:
@@ -211,9 +220,13 @@ class Worker:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, gateway: GatewayUnderBench) -> None:
+    def __init__(self, args: argparse.Namespace, gateway: GatewayUnderBench,
+                 publisher: GatewayUnderBench | None = None) -> None:
+        """`publisher`: the gateway the broadcasts are sent to, when not `gateway` (which
+        holds the connections)."""
         self.args = args
         self.gateway = gateway
+        self.publisher = publisher or gateway
         self.results: dict[str, float] = {}
         self.notes: dict[str, str] = {}
         self.ws_workers: list[Worker] = []
@@ -282,18 +295,18 @@ class Bench:
             f"{count:,} connections, RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
         self.report("memory", f"{per_connection_kib:.1f} KiB per idle connection ({self.notes['kib_per_idle_connection']})")
 
-    def fanout(self) -> None:
+    def fanout(self, key: str = "fanout", label: str = "fan-out") -> None:
         """`--broadcasts` broadcasts to every connection, sent back to back on one keep-alive
-        connection; the best of `--rounds` rounds."""
+        connection; the best of `--rounds` rounds. Results are stored under `key`."""
         connections = len(self.connected_tokens)
         expected = connections * self.args.broadcasts
         payload = {"round": 0, "text": "x" * 100}  # a frame of ~150 bytes
         rates, cpus, client_cpus = [], [], []
         for round_index in range(self.args.rounds):
             self.reset_counters()
-            connection = http.client.HTTPConnection("127.0.0.1", self.gateway.port, timeout=60)
+            connection = http.client.HTTPConnection("127.0.0.1", self.publisher.port, timeout=60)
             headers = {"Authorization": f"Bearer {self.gateway.server_token}", "Content-Type": "application/json"}
-            cpu_before = self.gateway.cpu_s
+            cpu_before = self.gateway.cpu_s + (self.publisher.cpu_s if self.publisher is not self.gateway else 0.0)
             started = time.monotonic()
             for index in range(self.args.broadcasts):
                 payload["round"] = index
@@ -304,22 +317,22 @@ class Bench:
                 if response.status != 200:
                     raise SystemExit(f"/broadcast answered {response.status}")
             connection.close()
-            last_rx, client_cpu = self.wait_frames(expected, f"fan-out round {round_index + 1}/{self.args.rounds}")
-            cpu = self.gateway.cpu_s - cpu_before
+            last_rx, client_cpu = self.wait_frames(expected, f"{label} round {round_index + 1}/{self.args.rounds}")
+            cpu = self.gateway.cpu_s + (self.publisher.cpu_s if self.publisher is not self.gateway else 0.0) - cpu_before
             rates.append(expected / (last_rx - started))
             cpus.append(cpu / expected * 1e6)
             client_cpus.append(client_cpu / expected * 1e6)
         best = max(range(len(rates)), key=rates.__getitem__)
-        self.results["fanout_deliveries_per_s"] = rates[best]
-        self.results["fanout_cpu_us_per_delivery"] = min(cpus)
-        self.notes["fanout_deliveries_per_s"] = (
+        self.results[f"{key}_deliveries_per_s"] = rates[best]
+        self.results[f"{key}_cpu_us_per_delivery"] = min(cpus)
+        self.notes[f"{key}_deliveries_per_s"] = (
             f"{connections:,} connections x {self.args.broadcasts} broadcasts; rounds: "
             + ", ".join(f"{rate:,.0f}" for rate in rates))
-        self.notes["fanout_cpu_us_per_delivery"] = (
+        self.notes[f"{key}_cpu_us_per_delivery"] = (
             "rounds: " + ", ".join(f"{cpu:.2f}" for cpu in cpus)
             + f"; clients' CPU {statistics.median(client_cpus):.2f} µs/delivery")
-        self.report("fan-out", f"{rates[best]:,.0f} deliveries/s, server CPU {min(cpus):.2f} µs/delivery "
-                               f"({self.notes['fanout_deliveries_per_s']}; {self.notes['fanout_cpu_us_per_delivery']})")
+        self.report(label, f"{rates[best]:,.0f} deliveries/s, server CPU {min(cpus):.2f} µs/delivery "
+                           f"({self.notes[f'{key}_deliveries_per_s']}; {self.notes[f'{key}_cpu_us_per_delivery']})")
 
     def http_load(self, label: str, spec: dict[str, Any]) -> dict[str, float]:
         """Run `--http-clients` HTTP client processes sharing `--publishers` connections."""
@@ -459,6 +472,56 @@ class Bench:
             worker.stop()
 
 
+def scale_out(args: argparse.Namespace, directory: Path) -> dict[str, float]:
+    """The fan-out over the Redis broker, three ways: one gateway process; `-workers 2`
+    on one port; and broadcasts sent to gateway A while every player is on gateway B."""
+    results: dict[str, float] = {}
+    players = args.connections + 1
+    cluster = f"wsgw-bench-{os.getpid()}-{int(time.time())}"
+
+    def gateway(name: str, prefix: str, *flags: str) -> GatewayUnderBench:
+        home = directory / name
+        home.mkdir()
+        return GatewayUnderBench(home, players, ["-broker", args.redis, "-broker-prefix", prefix,
+                                                 *flags, *args.gateway_flag])
+
+    for key, label, flags in (("scaleout_1_worker", "1 worker", ()),
+                              ("scaleout_2_workers", "2 workers", ("-workers", "2"))):
+        single = gateway(key, f"{cluster}-{key}", *flags)
+        bench = Bench(args, single)
+        try:
+            bench.open_connections(single.player_tokens[:args.connections], args.connections_per_client)
+            bench.fanout(key, f"redis, {label}")
+            results.update(bench.results)
+        finally:
+            bench.close()
+            single.stop()
+    publisher = gateway("scaleout_a", f"{cluster}-cross")
+    holder = gateway("scaleout_b", f"{cluster}-cross")
+    bench = Bench(args, holder, publisher=publisher)
+    try:
+        bench.open_connections(holder.player_tokens[:args.connections], args.connections_per_client)
+        bench.fanout("scaleout_cross", "redis, A -> B")
+        results.update(bench.results)
+    finally:
+        bench.close()
+        holder.stop()
+        publisher.stop()
+        _forget_cluster(args.redis, cluster)
+    return results
+
+
+def _forget_cluster(url: str, prefix: str) -> None:
+    """Delete what the bench's gateways left in Redis."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
 def print_summary(results: dict[str, float], cores: int) -> None:
     labels = {
         "fanout_deliveries_per_s": ("fan-out deliveries/s", "{:,.0f}"),
@@ -469,6 +532,12 @@ def print_summary(results: dict[str, float], cores: int) -> None:
         "publish_requests_per_s_wrk": ("/publish requests/s (wrk)", "{:,.0f}"),
         "batch_messages_per_s": ("batch messages/s", "{:,.0f}"),
         "latency_p99_ms": ("latency p99 ms", "{:.2f}"),
+        "scaleout_1_worker_deliveries_per_s": ("redis 1 worker deliveries/s", "{:,.0f}"),
+        "scaleout_1_worker_cpu_us_per_delivery": ("redis 1 worker µs/delivery", "{:.2f}"),
+        "scaleout_2_workers_deliveries_per_s": ("redis 2 workers deliveries/s", "{:,.0f}"),
+        "scaleout_2_workers_cpu_us_per_delivery": ("redis 2 workers µs/delivery", "{:.2f}"),
+        "scaleout_cross_deliveries_per_s": ("redis A->B deliveries/s", "{:,.0f}"),
+        "scaleout_cross_cpu_us_per_delivery": ("redis A->B µs/delivery", "{:.2f}"),
     }
     print(f"\nsummary ({cores} cores, load {load_average()}):")
     print(f"| {'figure':<27} | {'measured':>10} | {'Go ws-server':>12} | {'goal':>10} | met |")
@@ -501,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=5.0, help="length of each HTTP scenario")
     parser.add_argument("--hold", type=int, default=10_000, help="connections to hold at the end (0: skip)")
     parser.add_argument("--connections-per-client", type=int, default=2500, help="connections per client process")
-    parser.add_argument("--scenarios", default="memory,fanout,publish,batch,latency,hold",
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the scaleout scenario")
+    parser.add_argument("--scenarios", default="memory,fanout,publish,batch,latency,hold,scaleout",
                         help="comma-separated subset to run (memory always opens the connections)")
     parser.add_argument("--wrk", action="store_true", help="also measure /publish with wrk, if installed")
     parser.add_argument("--gateway-flag", action="append", default=[], metavar="FLAG",
@@ -531,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
         gateway.stop()
+    try:
+        if "scaleout" in scenarios:
+            bench.results.update(scale_out(args, directory))
+    finally:
         progress("")
         if args.keep:
             print(f"kept {directory}")
