@@ -179,9 +179,7 @@ class PlayerEndpoint:
         try:
             player_id = services.store.authenticate_player(token)
         except StoreUnavailable as exc:
-            rejected.labels("store_unavailable").inc()
-            log.warning("token store unavailable", extra={"event": "store_unavailable", "detail": str(exc)})
-            raise ClientError(503, "token store unavailable, retry later", {"Retry-After": "1"}) from None
+            raise self._unavailable("store_unavailable", "token store", exc) from None
         if player_id is None:
             rejected.labels("unauthorized").inc()
             services.metrics.auth_failures.labels("player", "invalid").inc()
@@ -189,13 +187,17 @@ class PlayerEndpoint:
         try:
             seat = services.roster.reserve(player_id)
         except BrokerUnavailable as exc:
-            rejected.labels("broker_unavailable").inc()
-            log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(exc)})
-            raise ClientError(503, "broker unavailable, retry later", {"Retry-After": "1"}) from None
+            raise self._unavailable("broker_unavailable", "broker", exc) from None
         if seat is None:
             rejected.labels("too_many_connections").inc()
             raise ClientError(429, f"player already has {services.config.max_conns_per_player} connections")
         return Admission(player_id, token, seat)
+
+    def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:
+        """The 503 for a dependency that did not answer, counted and logged under `reason`."""
+        self._services.metrics.connections_rejected.labels(reason).inc()
+        log.warning(f"{what} unavailable", extra={"event": reason, "detail": str(cause)})
+        return ClientError(503, f"{what} unavailable, retry later", {"Retry-After": "1"})
 
     def cancel(self, admission: Admission) -> None:
         if admission.seat is not None:

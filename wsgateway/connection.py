@@ -200,12 +200,8 @@ class Connection:
             self._writer = gevent.spawn(self._drain_outbox)
             return
         chunk = self._take_chunk()
-        try:
-            sent = self._raw_socket.send(chunk)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort(CloseCode.ABNORMAL)
+        sent = self._send_now(self._raw_socket, chunk)
+        if sent is None:
             return
         if sent < len(chunk):
             if self._outbox is None:
@@ -221,12 +217,8 @@ class Connection:
 
     def _write(self, frame: bytes) -> bool:
         if self._outbox is None and self._writer is None and self._raw_socket is not None:
-            try:
-                sent = self._raw_socket.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.abort(CloseCode.ABNORMAL)
+            sent = self._send_now(self._raw_socket, frame)
+            if sent is None:
                 return False
             if sent == len(frame):
                 return True
@@ -234,6 +226,17 @@ class Connection:
         elif self._flush_pending:
             return self._append(frame)  # behind the frames the flusher is about to write
         return self._enqueue(frame)
+
+    def _send_now(self, raw_socket: socket.socket, data: bytes) -> int | None:
+        """What the kernel takes of `data` at once (0 when it would block); None, and the
+        connection aborted, when the socket failed."""
+        try:
+            return raw_socket.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.abort(CloseCode.ABNORMAL)
+            return None
 
     def _enqueue(self, frame: bytes) -> bool:
         if not self._append(frame):
