@@ -200,7 +200,7 @@ class Connection:
             self._writer = gevent.spawn(self._drain_outbox)
             return
         chunk = self._take_chunk()
-        sent = self._send_now(self._raw_socket, chunk)
+        sent = self._send_or_abort(self._raw_socket, chunk)
         if sent is None:
             return
         if sent < len(chunk):
@@ -217,7 +217,7 @@ class Connection:
 
     def _write(self, frame: bytes) -> bool:
         if self._outbox is None and self._writer is None and self._raw_socket is not None:
-            sent = self._send_now(self._raw_socket, frame)
+            sent = self._send_or_abort(self._raw_socket, frame)
             if sent is None:
                 return False
             if sent == len(frame):
@@ -227,7 +227,7 @@ class Connection:
             return self._append(frame)  # behind the frames the flusher is about to write
         return self._enqueue(frame)
 
-    def _send_now(self, raw_socket: socket.socket, data: bytes) -> int | None:
+    def _send_or_abort(self, raw_socket: socket.socket, data: bytes) -> int | None:
         """What the kernel takes of `data` at once (0 when it would block); None, and the
         connection aborted, when the socket failed."""
         try:
