@@ -128,7 +128,7 @@ class PublishingRoutes:
         def deliver() -> dict[str, Any]:
             take_rate(services, subject_id)
             return publish_answer(services.delivery.publish(player_id, frame))
-        return self._once(environ, subject_id, fingerprint(b"/publish", canonical(body)), deliver)
+        return self._once(environ, subject_id, lambda: fingerprint(b"/publish", canonical(body)), deliver)
 
     def _publish_batch(self, environ: dict) -> Answer:
         services = self._services
@@ -215,16 +215,17 @@ class PublishingRoutes:
             take_rate(services, subject_id)
             outcome = services.delivery.broadcast(frame, player_id)
             return with_scope(outcome, {"delivered": outcome.delivered})
-        return self._once(environ, subject_id, fingerprint(b"/broadcast", canonical(body)), deliver)
+        return self._once(environ, subject_id, lambda: fingerprint(b"/broadcast", canonical(body)), deliver)
 
-    def _once(self, environ: dict, subject_id: str, request_fingerprint: str,
+    def _once(self, environ: dict, subject_id: str, request_fingerprint: Callable[[], str],
               deliver: Callable[[], dict[str, Any]]) -> Answer:
-        """Run `deliver` unless the request's Idempotency-Key was answered already."""
+        """Run `deliver` unless the request's Idempotency-Key was answered already (the
+        fingerprint is computed only for keyed requests: it costs a JSON dump and a hash)."""
         key = environ.get("HTTP_IDEMPOTENCY_KEY")
         if key is None:
             return deliver(), {}
         check_idempotency_key(key)
-        claim = self._claim(subject_id, key, request_fingerprint)
+        claim = self._claim(subject_id, key, request_fingerprint())
         if claim.state is ClaimState.REPLAY:
             return self._replay(claim), {"Idempotent-Replayed": "true"}
         return self._remembered(subject_id, key, deliver), {}
