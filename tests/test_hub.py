@@ -133,3 +133,25 @@ def test_connections_snapshot_safe_while_removing():
         hub.remove(connection)
     assert visited == everyone
     assert hub.connection_count() == 0
+
+
+def test_total_limit_counts_connections_and_reservations():
+    """With max_total_conns, connections and reservations of all players together are capped."""
+    hub = Hub(max_conns_per_player=0, max_total_conns=3)
+    first = connected(hub, "p")
+    connected(hub, "q")
+    assert hub.reserve("r")
+    assert hub.at_capacity()
+    assert not hub.reserve("s")
+    hub.release("r")
+    assert not hub.at_capacity() and hub.reserve("s")
+    hub.remove(first)
+    assert hub.reserve("p"), "a removed connection frees its place"
+
+
+def test_zero_total_limit_is_unlimited():
+    """max_total_conns 0 never reports capacity reached."""
+    hub = Hub(max_conns_per_player=0, max_total_conns=0)
+    for index in range(100):
+        connected(hub, str(index))
+    assert not hub.at_capacity()

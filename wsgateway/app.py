@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from flask import Flask, Response, g, request
+import gevent
 from gevent import GreenletExit
 from geventwebsocket.handler import WebSocketHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,6 +41,7 @@ from wsgateway.tokens import TokenStore
 log = logging.getLogger(__name__)
 
 MAX_PLAYER_ID_CHARS = 64  # ws_token ids are an unsigned INT or 32 bytes; longer cannot exist
+CAPACITY_RETRY_AFTER_S = 5  # Retry-After when -max-total-conns is reached: spreads the reconnect wave
 WEBSOCKET_PATH = "/ws"
 
 
@@ -274,6 +276,8 @@ class PlayerEndpoint:
         if not self._origins.allows(environ.get("HTTP_ORIGIN")):
             rejected.labels("origin").inc()
             raise ClientError(403, "origin not allowed")
+        if services.hub.at_capacity():  # before the token query: a flood at the cap costs no database work
+            raise self._at_capacity()
         token = (parse_qs(environ.get("QUERY_STRING", "")).get("token") or [""])[0]
         if not token:
             rejected.labels("unauthorized").inc()
@@ -290,9 +294,16 @@ class PlayerEndpoint:
             services.metrics.auth_failures.labels("player", "invalid").inc()
             raise ClientError(401, "invalid or expired token")
         if not services.hub.reserve(player_id):
+            if services.hub.at_capacity():  # filled up while the token was being checked
+                raise self._at_capacity()
             rejected.labels("too_many_connections").inc()
             raise ClientError(429, f"player already has {services.hub.max_conns_per_player} connections")
         return Admission(player_id, token)
+
+    def _at_capacity(self) -> ClientError:
+        self._services.metrics.connections_rejected.labels("capacity").inc()
+        return ClientError(503, f"gateway at its limit of {self._services.hub.max_total_conns} connections, "
+                                "retry later", {"Retry-After": str(CAPACITY_RETRY_AFTER_S)})
 
     def cancel(self, admission: Admission) -> None:
         self._services.hub.release(admission.player_id)
@@ -361,9 +372,34 @@ class _OriginPolicy:
         return origin in self._allowed or urlsplit(origin).netloc in self._allowed
 
 
+class _HeaderTimeout(ValueError):
+    """-header-timeout passed before the request line and headers were in. A ValueError
+    so that pywsgi hands it to `_handle_client_error` as the client's fault."""
+
+
+def _raw_error_response(status: str, message: str) -> bytes:
+    """A complete JSON error response for pywsgi's early refusals, which have no WSGI app."""
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode("latin-1") + body
+
+
+_REQUEST_TIMEOUT_RESPONSE = ("408", _raw_error_response("408 Request Timeout", "request headers not received in time"))
+_BAD_REQUEST_RESPONSE = ("400", _raw_error_response("400 Bad Request", "malformed HTTP request"))
+_URI_TOO_LONG_RESPONSE = ("414", _raw_error_response("414 URI Too Long", "request line too long"))
+
+
 class GatewayHandler(WebSocketHandler):
     """gevent-websocket's handler, with admission before the upgrade, our own frame layer
-    after it, and logs that never show a query string (it carries the player's token)."""
+    after it, and logs that never show a query string (it carries the player's token).
+
+    Slowloris defence: from the moment it waits for a request, a connection has the
+    server's `header_timeout_s` to deliver the request line and headers. A connection
+    that sent nothing in that time is closed quietly (an idle keep-alive connection); one
+    that sent part of a request gets 408. Malformed requests get a JSON 400 or 414, like
+    every other refusal."""
+
+    _header_deadline: gevent.Timeout | None = None
 
     def upgrade_websocket(self) -> Any:
         endpoint = getattr(self.server, "websocket_endpoints", {}).get(self.environ.get("PATH_INFO", ""))
@@ -391,17 +427,53 @@ class GatewayHandler(WebSocketHandler):
             self.environ["wsgi.websocket"] = None
             self.websocket = None
 
+    def handle_one_request(self) -> Any:
+        try:
+            result = super().handle_one_request()
+        except _HeaderTimeout:  # raised while the request line was arriving
+            return _REQUEST_TIMEOUT_RESPONSE
+        finally:
+            self._cancel_header_deadline()
+        if isinstance(result, tuple) and result[0] == "414":
+            return _URI_TOO_LONG_RESPONSE
+        return result
+
     def read_requestline(self) -> str:
         """Marks the connection idle while it waits for a request, so shutdown can end it;
-        once the server drains, a keep-alive connection takes no further request."""
+        once the server drains, a keep-alive connection takes no further request. Starts
+        the header deadline; an idle connection that reaches it is closed without a word."""
         if getattr(self.server, "draining", False):
             return ""
+        timeout_s = getattr(self.server, "header_timeout_s", 0)
+        if timeout_s:
+            self._header_deadline = gevent.Timeout.start_new(timeout_s, _HeaderTimeout)
         idle = getattr(self.server, "idle_handlers", set())
         idle.add(self)
         try:
+            try:
+                if not self.rfile.peek(1):
+                    return ""
+            except _HeaderTimeout:
+                return ""
             return super().read_requestline()
         finally:
             idle.discard(self)
+
+    def read_request(self, raw_requestline: str) -> bool:
+        parsed = super().read_request(raw_requestline)
+        self._cancel_header_deadline()  # what follows (body, application, WebSocket) has other bounds
+        return parsed
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.close()
+            self._header_deadline = None
+
+    def _handle_client_error(self, error: Exception) -> tuple[str, bytes]:
+        if isinstance(error, _HeaderTimeout):
+            return _REQUEST_TIMEOUT_RESPONSE
+        super()._handle_client_error(error)  # logs it (redacted, see log_error)
+        return _BAD_REQUEST_RESPONSE
 
     def handle_one_response(self) -> None:
         super().handle_one_response()

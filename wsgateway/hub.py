@@ -20,34 +20,47 @@ class Deliverable(Protocol):
 
 
 class Hub:
-    """Local connections by player, with the per-player connection limit.
+    """Local connections by player, with the per-player and the total connection limits.
 
-    A connection is *reserved* (counted against `max_conns_per_player`) from the moment
-    its token is accepted until it is added or released, so concurrent connects cannot
-    exceed the limit while they are being upgraded.
+    A connection is *reserved* (counted against both limits) from the moment its token
+    is accepted until it is added or released, so concurrent connects cannot exceed a
+    limit while they are being upgraded.
     """
 
-    def __init__(self, max_conns_per_player: int) -> None:
+    def __init__(self, max_conns_per_player: int, max_total_conns: int = 0) -> None:
         self.max_conns_per_player = max_conns_per_player  # 0 = unlimited
+        self.max_total_conns = max_total_conns  # 0 = unlimited
         self._by_player: dict[str, list[Deliverable]] = {}
         self._reserved: dict[str, int] = {}
+        self._reserved_total = 0
         self._count = 0
 
+    def at_capacity(self) -> bool:
+        """Whether connections and reservations together have reached `max_total_conns`."""
+        return bool(self.max_total_conns) and self._count + self._reserved_total >= self.max_total_conns
+
     def reserve(self, player_id: str) -> bool:
-        """Claim a connection slot for `player_id`; False when the player is at the limit."""
+        """Claim a connection slot for `player_id`; False when the player or the hub is at
+        its limit (`at_capacity()` tells which)."""
         held = len(self._by_player.get(player_id, ())) + self._reserved.get(player_id, 0)
         if self.max_conns_per_player and held >= self.max_conns_per_player:
             return False
+        if self.at_capacity():
+            return False
         self._reserved[player_id] = self._reserved.get(player_id, 0) + 1
+        self._reserved_total += 1
         return True
 
     def release(self, player_id: str) -> None:
         """Give back a reserved slot that will not become a connection."""
-        left = self._reserved.get(player_id, 0) - 1
-        if left > 0:
-            self._reserved[player_id] = left
+        held = self._reserved.get(player_id, 0)
+        if not held:
+            return
+        self._reserved_total -= 1
+        if held > 1:
+            self._reserved[player_id] = held - 1
         else:
-            self._reserved.pop(player_id, None)
+            del self._reserved[player_id]
 
     def add(self, connection: Deliverable) -> None:
         """Register a connection whose slot was reserved."""

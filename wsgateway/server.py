@@ -51,6 +51,7 @@ class DrainingWSGIServer(WSGIServer):
         self.draining = False
         self.idle_handlers: set[Any] = set()
         self.websocket_endpoints: dict[str, Any] = {}
+        self.header_timeout_s = 0.0  # see GatewayHandler; 0 = no limit
 
     def end_idle_connections(self) -> None:
         for handler in list(self.idle_handlers):
@@ -69,7 +70,7 @@ class Gateway:
         self.metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
         self.store: TokenStore = store if store is not None else SqlTokenStore(
             config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=config.revalidate_period_s)
-        self.hub = Hub(config.max_conns_per_player)
+        self.hub = Hub(config.max_conns_per_player, config.max_total_conns)
         self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s)
         self.delivery = Delivery(self.hub, self.offline, InProcessBroker[Outcome](), self.metrics)
         self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
@@ -81,6 +82,7 @@ class Gateway:
             (config.listen_host, config.listen_port), create_app(self), handler_class=GatewayHandler,
             spawn=Pool(), log=None, error_log=logging.getLogger("wsgateway.http"))
         self.server.websocket_endpoints[WEBSOCKET_PATH] = PlayerEndpoint(self)
+        self.server.header_timeout_s = config.header_timeout_s
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
         self._shutdown_started = False
