@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import gevent
+import gevent.event
 import websocket
 from sqlalchemy import create_engine, text
 
@@ -377,8 +378,10 @@ class GatewayProcess:
 
 
 class TcpForwarder:
-    """A TCP relay to `target` that a test can cut, to make a real server unreachable
-    and reachable again. While cut, it hangs up on every connection, old and new."""
+    """A TCP relay to `target` that a test can cut or pause, to make a real server
+    unreachable and reachable again. Cut: it hangs up on every connection, old and new
+    (a server that is down). Paused: connections are accepted and bytes are taken but
+    nothing is passed on until `resume()` (a network partition: no error, just silence)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -387,6 +390,8 @@ class TcpForwarder:
         self.listener.listen(64)
         self.port: int = self.listener.getsockname()[1]
         self.is_cut = False
+        self._flowing = gevent.event.Event()
+        self._flowing.set()
         self._sockets: set[socket.socket] = set()
         self._acceptor = gevent.spawn(self._accept)
 
@@ -396,15 +401,22 @@ class TcpForwarder:
             if self.is_cut:
                 client.close()
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=TIMEOUT_S)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            self._sockets.update((client, upstream))
-            gevent.spawn(self._relay, client, upstream)
-            gevent.spawn(self._relay, upstream, client)
+            gevent.spawn(self._connect, client)
+
+    def _connect(self, client: socket.socket) -> None:
+        self._sockets.add(client)
+        self._flowing.wait()
+        if client not in self._sockets:  # cut while it waited
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=TIMEOUT_S)
+        except OSError:
+            self._hang_up(client)
+            return
+        upstream.settimeout(None)
+        self._sockets.add(upstream)
+        gevent.spawn(self._relay, client, upstream)
+        gevent.spawn(self._relay, upstream, client)
 
     def _relay(self, source: socket.socket, destination: socket.socket) -> None:
         try:
@@ -412,6 +424,7 @@ class TcpForwarder:
                 data = source.recv(65536)
                 if not data:
                     break
+                self._flowing.wait()
                 destination.sendall(data)
         except OSError:
             pass
@@ -436,7 +449,15 @@ class TcpForwarder:
     def restore(self) -> None:
         self.is_cut = False
 
+    def pause(self) -> None:
+        """Stop passing bytes on, in both directions, without closing anything."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._acceptor.kill()
         self.listener.close()
         self.cut()
+        self.resume()

@@ -7,14 +7,13 @@ import json
 import socket
 import struct
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import gevent
 import pytest
 import websocket
-from sqlalchemy.engine import make_url
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, TcpForwarder, receive_event, wait_for
+from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, receive_event, wait_for
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 KEEPALIVE_FLAGS = ("-ping-period", "100ms", "-pong-wait", "300ms")
@@ -184,34 +183,6 @@ def test_malformed_handshake_is_refused_as_json(start_gateway, version, headers,
     if status == 426:
         assert answer_headers["sec-websocket-version"] == "13"
     gateway.connect(token)
-
-
-@pytest.fixture
-def mysql_forwarder(mysql_url) -> Iterator[tuple[TcpForwarder, str]]:
-    """A relay to MariaDB that the test can cut, and the database URL through it."""
-    url = make_url(mysql_url)
-    forwarder = TcpForwarder((url.host or "127.0.0.1", url.port or 3306))
-    yield forwarder, url.set(host="127.0.0.1", port=forwarder.port).render_as_string(hide_password=False)
-    forwarder.close()
-
-
-def test_database_unreachable_is_refused_503(start_gateway, mysql_forwarder):
-    """While the database cannot be reached, upgrades get 503 and /readyz fails; afterwards players connect."""
-    forwarder, url = mysql_forwarder
-    gateway = start_gateway("-db-timeout", "1s", database_url=url)
-    token = gateway.tokens.player(21)
-    server_token = gateway.tokens.server()
-    forwarder.cut()
-    started = time.monotonic()
-    assert gateway.refused(f"?token={token}") == (503, {"error": "token store unavailable, retry later"})
-    assert time.monotonic() - started < TIMEOUT_S
-    assert rejected(gateway, "store_unavailable") == 1
-    readiness = gateway.get("/readyz")
-    assert readiness.status == 503 and readiness.json["database"] == "unreachable"
-    forwarder.restore()
-    client = gateway.connect(token)
-    assert gateway.publish(server_token, 21, "back").status == 200
-    assert receive_event(client) == {"event": "back", "payload": None}
 
 
 # --- wire format -----------------------------------------------------------------------------------

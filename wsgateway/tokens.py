@@ -218,8 +218,10 @@ class SqlTokenStore:
         """Run database work with a deadline; in the thread pool for sqlite."""
         try:
             if self._threads is None:
-                # PyMySQL's own read/connect timeouts fire first; this is the backstop.
-                with gevent.Timeout(2 * self._db_timeout_s + 1):
+                # One deadline for the whole call: a pre-ping that times out and the reconnect
+                # after it would each get PyMySQL's full timeout (2x in a partition). SQLAlchemy
+                # invalidates a connection interrupted by it, so no half-read reply is reused.
+                with gevent.Timeout(self._db_timeout_s):
                     return work()
             # The thread hands back its exception instead of raising it there, where gevent
             # would print it to stderr; it is re-raised here, in the waiting greenlet.
