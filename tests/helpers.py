@@ -247,6 +247,18 @@ class RawClient:
         self.sock.close()
 
 
+def answer_pings(client: RawClient, received: list[bytes]) -> None:
+    """Greenlet: a live client that answers every ping and keeps the text it receives."""
+    while True:
+        opcode, payload = client.read_frame()
+        if opcode == 0x9:  # ping
+            client.send_frame(0xA, payload)  # pong
+        elif opcode == 0x1:  # text
+            received.append(payload)
+        elif opcode == 0x8:  # close
+            return
+
+
 # --- fakes for the pure-module unit tests -----------------------------------------------------
 
 class FakeClock:

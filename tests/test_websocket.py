@@ -13,7 +13,7 @@ import gevent
 import pytest
 import websocket
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, receive_event, wait_for
+from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, answer_pings, receive_event, wait_for
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 KEEPALIVE_FLAGS = ("-ping-period", "100ms", "-pong-wait", "300ms")
@@ -48,18 +48,6 @@ def read_frame_bits(client: RawClient) -> tuple[bool, int, int, bool, bytes]:
     mask = need(4) if second & 0x80 else b""
     payload = need(length)
     return bool(first & 0x80), (first >> 4) & 0x7, first & 0x0F, bool(mask), payload
-
-
-def answer_pings(client: RawClient, received: list[bytes]) -> None:
-    """Greenlet: a live client that answers every ping and keeps the text it receives."""
-    while True:
-        opcode, payload = client.read_frame()
-        if opcode == OP_PING:
-            client.send_frame(OP_PONG, payload)
-        elif opcode == OP_TEXT:
-            received.append(payload)
-        elif opcode == OP_CLOSE:
-            return
 
 
 def disconnects(gateway: GatewayUnderTest, code: int) -> float:

@@ -76,6 +76,7 @@ def create_app(services: Services) -> Flask:
         player_id = _player_id(body.get("player_id"), required=True)
         assert player_id is not None
         frame = _frame_of(body)
+        _refuse_while_draining(services)
         _take_rate(services, subject_id)
         outcome = services.delivery.publish(player_id, frame)
         return _json({"delivered": outcome.delivered, "queued": outcome.queued})
@@ -86,6 +87,7 @@ def create_app(services: Services) -> Flask:
         body = _json_object(_request_body(services.config.max_body_bytes))
         player_id = _player_id(body.get("player_id"), required=False)
         frame = _frame_of(body)
+        _refuse_while_draining(services)
         _take_rate(services, subject_id)
         outcome = services.delivery.broadcast(frame, player_id)
         return _json({"delivered": outcome.delivered})
@@ -169,6 +171,15 @@ def _authenticate_server(services: Services) -> str:
         raise ClientError(403, "invalid, expired or non-server token")
     g.subject_id = subject_id
     return subject_id
+
+
+def _refuse_while_draining(services: Services) -> None:
+    """Once shutdown has begun every socket is closing, so a publish would only reach the
+    offline queue, which dies with the process: answer 503 so the publisher knows it was
+    not delivered. Nothing yields between this check and delivery, so a publish that
+    passes it reaches live sockets before their 1001 close frame."""
+    if services.draining:
+        raise ClientError(503, "server shutting down", {"Retry-After": "1"})
 
 
 def _take_rate(services: Services, subject_id: str) -> None:
