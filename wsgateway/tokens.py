@@ -254,13 +254,16 @@ def _capture(work: Callable[[], T]) -> T | _Raised:
 
 
 def _create_engine(database_url: str, db_timeout_s: float) -> Engine:
+    # hide_parameters: SQLAlchemy's error messages otherwise quote the bound parameters,
+    # which are tokens; a traceback logged anywhere would carry them.
     if database_url.startswith("sqlite"):
         # A fresh sqlite3 connection per query: cheap, and no pool state shared across threads.
-        return create_engine(database_url, pool_size=4, max_overflow=0,
+        return create_engine(database_url, pool_size=4, max_overflow=0, hide_parameters=True,
                              connect_args={"timeout": db_timeout_s, "check_same_thread": False})
     timeout = max(1, int(round(db_timeout_s)))
     return create_engine(
         database_url,
+        hide_parameters=True,
         pool_pre_ping=True,
         pool_recycle=1800,  # below MySQL's default wait_timeout of 8 hours, and proxies'
         pool_size=10,
