@@ -216,6 +216,13 @@ def _fragments_too_big(client: RawClient) -> None:
     client.send_frame(OP_CONTINUATION, b"x" * 800)
 
 
+def _invalid_utf8_then_stall(client: RawClient) -> None:
+    """A text frame announcing 500 bytes of which only the first 10, with invalid UTF-8,
+    are sent: the close must come without waiting for the rest."""
+    mask = b"\x00\x00\x00\x00"
+    client.sock.sendall(struct.pack("!BBH", 0x80 | OP_TEXT, 0x80 | 126, 500) + mask + b"ok \xc0\xaf more")
+
+
 BAD_FRAMES = {
     "announced-2**40": (_announce_huge, 1009),
     "complete-over-limit": (_complete_too_big, 1009),
@@ -224,6 +231,12 @@ BAD_FRAMES = {
     "unmasked": (lambda client: client.send_frame(OP_TEXT, b"hi", masked=False), 1002),
     "reserved-bits": (lambda client: client.send_frame(OP_TEXT, b"hi", rsv=0b100), 1002),
     "fragmented-ping": (lambda client: client.send_frame(OP_PING, b"p", fin=False), 1002),
+    "invalid-utf8-mid-frame": (_invalid_utf8_then_stall, 1007),
+    "reserved-opcode": (lambda client: client.send_frame(0x3, b"hi"), 1002),
+    "oversized-ping": (lambda client: client.send_frame(OP_PING, b"p" * 126), 1002),
+    "invalid-close-code": (lambda client: client.send_frame(OP_CLOSE, struct.pack("!H", 999)), 1002),
+    "close-reason-not-utf8": (lambda client: client.send_frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007),
+    "continuation-without-start": (lambda client: client.send_frame(OP_CONTINUATION, b"x"), 1002),
 }
 
 
