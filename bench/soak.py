@@ -183,6 +183,7 @@ class Soak:
         self.publishes: list[Publish] = []
         self.broadcasts: dict[int, int] = {}  # seq -> delivered
         self.next_seq: dict[int, int] = {}
+        self.go = Event()
         self.stopping = Event()
         self.final = Event()
         self.connect_failures: Counter = Counter()
@@ -245,11 +246,11 @@ class Soak:
                 connection.close()
 
     @staticmethod
-    def wait_for(condition, what: str, timeout_s: float = STEP_TIMEOUT_S) -> None:
+    def wait_for(condition, what, timeout_s: float = STEP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if time.monotonic() > deadline:
-                raise SystemExit(f"soak: timed out waiting for {what}")
+                raise SystemExit(f"soak: timed out waiting for {what() if callable(what) else what}")
             gevent.sleep(0.05)
 
     # --- clients ------------------------------------------------------------------------
@@ -269,6 +270,7 @@ class Soak:
             self.live[slot] = connection
             if self.final.is_set():
                 return
+            self.go.wait()  # lives start counting once everyone is in and the start figures taken
             life_s = rng.expovariate(1 / self.options.mean_life)
             gevent.wait([self.final, connection.closed], timeout=life_s, count=1)
             if self.final.is_set() and not connection.closed.is_set():
@@ -325,9 +327,12 @@ class Soak:
         self.start_gateway()
         cold = self.stats()
         clients = [gevent.spawn(self.client, slot) for slot in self.slots]
-        self.wait_for(lambda: self.active() == len(self.slots), "every client connected")
+        self.wait_for(lambda: self.active() == len(self.slots),
+                      lambda: f"every client connected ({self.active()} of {len(self.slots)}; connect failures: "
+                              f"{dict(self.connect_failures)})")
         start = self.stats()
         started = time.monotonic()
+        self.go.set()
         traffic = [gevent.spawn(self.publisher, index) for index in range(PUBLISHERS)]
         traffic.append(gevent.spawn(self.broadcaster))
         peak_rss_kib = start["rss_kib"]
