@@ -209,6 +209,7 @@ class Soak:
             [sys.executable, str(GATEWAY), "-addr", f"127.0.0.1:{self.port}", "-dsn", f"file:{database}",
              "-rate-limit", "0", "-max-conns", "5", "-max-queued", str(MAX_QUEUED),
              "-offline-ttl", f"{OFFLINE_TTL_S:g}s", "-ping-period", "10s", "-pong-wait", "30s",
+             "-revalidate-period", "5s",  # revalidation runs often, over a changing set of live tokens
              "-log-level", "warning", "-log-file", str(self.workdir / "gateway.log"), "-shutdown-timeout", "10s"],
             env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "gateway.stderr", "w"))
@@ -307,7 +308,7 @@ class Soak:
 
     def broadcaster(self) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=STEP_TIMEOUT_S)
-        seq = 0
+        seq = max(self.broadcasts, default=0)
         while not self.stopping.is_set():
             seq += 1
             self.broadcast(seq, connection)
@@ -323,9 +324,22 @@ class Soak:
 
     # --- the run ------------------------------------------------------------------------
     def run(self) -> dict:
-        options = self.options
+        """`--rounds` rounds on one gateway process; memory after the clients of each round
+        have left shows whether anything stays behind (a leak grows round after round, a
+        warmed-up allocator does not)."""
         self.start_gateway()
         cold = self.stats()
+        rounds = [self.round(self.options.duration / self.options.rounds) for _ in range(self.options.rounds)]
+        metrics = self.metrics()
+        self.process.send_signal(signal.SIGTERM)
+        exit_status = self.process.wait(STEP_TIMEOUT_S)
+        return self.report(cold, rounds, metrics, exit_status)
+
+    def round(self, duration_s: float) -> dict:
+        """All clients in, traffic with reconnects for `duration_s`, the final check, all out."""
+        for event in (self.go, self.stopping, self.final):
+            event.clear()
+        self.live.clear()
         clients = [gevent.spawn(self.client, slot) for slot in self.slots]
         self.wait_for(lambda: self.active() == len(self.slots),
                       lambda: f"every client connected ({self.active()} of {len(self.slots)}; connect failures: "
@@ -336,8 +350,8 @@ class Soak:
         traffic = [gevent.spawn(self.publisher, index) for index in range(PUBLISHERS)]
         traffic.append(gevent.spawn(self.broadcaster))
         peak_rss_kib = start["rss_kib"]
-        while time.monotonic() - started < options.duration:
-            gevent.sleep(min(5.0, max(0.0, options.duration - (time.monotonic() - started))))
+        while time.monotonic() - started < duration_s:
+            gevent.sleep(min(5.0, max(0.0, duration_s - (time.monotonic() - started))))
             peak_rss_kib = max(peak_rss_kib, self.rss_kib())
         self.stopping.set()
         gevent.joinall(traffic, timeout=STEP_TIMEOUT_S, raise_error=True)
@@ -348,7 +362,7 @@ class Soak:
         self.final.set()
         gevent.joinall(clients, timeout=STEP_TIMEOUT_S, raise_error=True)
         self.wait_for(lambda: self.active() == len(self.slots), "every client back for the final check")
-        for player in range(1, options.players + 1):
+        for player in range(1, self.options.players + 1):
             self.publish(player)
         final_broadcast = max(self.broadcasts, default=0) + 1
         self.broadcast(final_broadcast)
@@ -361,11 +375,9 @@ class Soak:
             gevent.spawn(connection.close)
         self.wait_for(lambda: self.active() == 0 and all(c.closed.is_set() for c in self.connections),
                       "every client gone")
-        metrics = self.metrics()
         end = self.stats()
-        self.process.send_signal(signal.SIGTERM)
-        exit_status = self.process.wait(STEP_TIMEOUT_S)
-        return self.report(cold, start, end_connected, end, peak_rss_kib, metrics, traffic_s, exit_status)
+        return {"traffic_s": traffic_s, "start": start, "peak_rss_kib": peak_rss_kib,
+                "end_connected": end_connected, "end": end}
 
     def active(self) -> int:
         return int(self.metrics().get(("ws_active_connections", ()), -1))
@@ -375,8 +387,10 @@ class Soak:
             return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
     # --- the verdict --------------------------------------------------------------------
-    def report(self, cold: dict, start: dict, end_connected: dict, end: dict, peak_rss_kib: int,
-               metrics: dict, traffic_s: float, exit_status: int) -> dict:
+    def report(self, cold: dict, rounds: list[dict], metrics: dict, exit_status: int) -> dict:
+        def mib(kib: float) -> float:
+            return round(kib / 1024, 1)
+
         receipts: Counter = Counter()  # (player, seq) -> connections that received it
         broadcast_receipts: Counter = Counter()
         reordered = duplicates = 0
@@ -416,7 +430,8 @@ class Soak:
         unaccounted = lost_queued - int(dropped_offline)
         losses = lost_live + max(0, unaccounted)
         result = {
-            "duration_s": round(traffic_s, 1),
+            "duration_s": round(sum(round_["traffic_s"] for round_ in rounds), 1),
+            "rounds": len(rounds),
             "players": self.options.players,
             "connection_slots": len(self.slots),
             "connections_opened": len(self.connections),
@@ -438,12 +453,18 @@ class Soak:
             "refused_publishes": dict(self.publish_failures),
             "connect_failures": dict(self.connect_failures),
             "close_codes": dict(Counter(c.close_code for c in self.connections)),
-            "rss_mib": {"cold": round(cold["rss_kib"] / 1024, 1), "start": round(start["rss_kib"] / 1024, 1),
-                        "peak": round(peak_rss_kib / 1024, 1), "end_connected": round(end_connected["rss_kib"] / 1024, 1),
-                        "after_clients_left": round(end["rss_kib"] / 1024, 1)},
-            "greenlets": {"cold": cold["greenlets"], "start": start["greenlets"],
-                          "end_connected": end_connected["greenlets"], "after_clients_left": end["greenlets"]},
-            "open_fds": {"cold": cold["open_fds"], "after_clients_left": end["open_fds"]},
+            "rss_mib": {"cold": mib(cold["rss_kib"]), "start": mib(rounds[0]["start"]["rss_kib"]),
+                        "peak": mib(max(round_["peak_rss_kib"] for round_ in rounds)),
+                        "end_connected": [mib(round_["end_connected"]["rss_kib"]) for round_ in rounds],
+                        "after_clients_left": [mib(round_["end"]["rss_kib"]) for round_ in rounds],
+                        "after_clients_left_trimmed": [mib(round_["end"]["rss_trimmed_kib"]) for round_ in rounds]},
+            "greenlets": {"cold": cold["greenlets"], "start": rounds[0]["start"]["greenlets"],
+                          "end_connected": [round_["end_connected"]["greenlets"] for round_ in rounds],
+                          "after_clients_left": [round_["end"]["greenlets"] for round_ in rounds]},
+            "open_fds": {"cold": cold["open_fds"], "after_clients_left": [round_["end"]["open_fds"] for round_ in rounds]},
+            "gc_objects": {"cold": cold["objects"], "after_clients_left": [round_["end"]["objects"] for round_ in rounds]},
+            "allocated_blocks": {"cold": cold["allocated_blocks"],
+                                 "after_clients_left": [round_["end"]["allocated_blocks"] for round_ in rounds]},
             "gateway_exit_status": exit_status,
             "load_average": [round(value, 2) for value in os.getloadavg()],
         }
@@ -454,7 +475,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--players", type=int, default=1000)
     parser.add_argument("--multi", type=float, default=0.1, help="share of players with 2 or 3 connections")
-    parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic")
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic, all rounds together")
+    parser.add_argument("--rounds", type=int, default=4, help="times all clients come, trade and leave")
     parser.add_argument("--publish-rate", type=float, default=200.0, help="single-player publishes per second")
     parser.add_argument("--broadcast-rate", type=float, default=2.0, help="broadcasts per second")
     parser.add_argument("--mean-life", type=float, default=20.0, help="mean seconds a connection lives")
@@ -472,14 +494,16 @@ def main() -> int:
             if stderr.exists() and stderr.read_text():
                 print(f"gateway stderr:\n{stderr.read_text()[-3000:]}", file=sys.stderr)
     print(f"soak: {result['players']} players on {result['connection_slots']} connection slots, "
-          f"{result['connections_opened']} connections opened over {result['duration_s']} s")
+          f"{result['connections_opened']} connections opened over {result['duration_s']} s "
+          f"in {result['rounds']} rounds")
     print(f"  publishes: {result['publishes']} ({result['publishes_live']} live, {result['publishes_queued']} queued "
           f"offline), broadcasts: {result['broadcasts']}, frames received: {result['frames_received']}")
     print(f"  offline messages given up: {result['queued_dropped_seen']} seen, metrics "
           f"{result['queued_dropped_metrics']}")
     print(f"  losses: {result['losses']}, duplicates: {result['duplicates']}, reordered: {result['reordered']}")
-    print(f"  gateway memory (MiB): {result['rss_mib']}")
-    print(f"  gateway greenlets: {result['greenlets']}, open fds: {result['open_fds']}")
+    print(f"  gateway memory (MiB, lists are per round): {result['rss_mib']}")
+    print(f"  gateway greenlets: {result['greenlets']}, open fds: {result['open_fds']}, "
+          f"objects tracked by gc: {result['gc_objects']}, allocated blocks: {result['allocated_blocks']}")
     print(f"  close codes: {result['close_codes']}, refused publishes: {result['refused_publishes']}, "
           f"connect failures: {result['connect_failures']}, gateway exit: {result['gateway_exit_status']}, "
           f"load: {result['load_average']}")

@@ -445,3 +445,13 @@ def test_database_error_never_quotes_the_token(sqlite_url):
         assert token not in rendered
     finally:
         store.close()
+
+
+def test_lookups_compile_once_whatever_the_batch_size(any_database_url, store, table):
+    """Revalidating 1 to 40 tokens adds one compiled statement, not one per batch size (memory would grow)."""
+    tokens = [table.player(index) for index in range(40)]
+    store.authenticate_player(tokens[0])
+    before = len(store.engine._compiled_cache)
+    for size in range(1, 41):
+        assert store.valid_player_tokens(tokens[:size]) == set(tokens[:size])
+    assert len(store.engine._compiled_cache) - before <= 1
