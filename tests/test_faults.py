@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import random
 import signal
 import socket
 import sqlite3
 import struct
 import time
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import gevent

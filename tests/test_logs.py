@@ -7,7 +7,6 @@ import secrets
 import signal
 import socket
 import sqlite3
-import time
 
 import pytest
 import websocket

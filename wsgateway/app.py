@@ -19,8 +19,8 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from flask import Flask, Response, g, request
 import gevent
+from flask import Flask, Response, g, request
 from gevent import GreenletExit
 from geventwebsocket.handler import WebSocketHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

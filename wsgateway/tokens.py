@@ -21,7 +21,6 @@ from gevent.threadpool import ThreadPool
 from sqlalchemy import bindparam, create_engine, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
 
 from wsgateway.errors import StoreUnavailable
