@@ -20,6 +20,7 @@ import ctypes  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
+import tracemalloc  # noqa: E402
 
 import gevent  # noqa: E402
 import greenlet  # noqa: E402
@@ -44,6 +45,8 @@ def write_stats() -> None:
     """Collect garbage first, so that only what is still referenced is counted."""
     global _samples
     gc.collect()
+    if tracemalloc.is_tracing() and os.environ.get("WS_SOAK_TRACE_DIR"):
+        tracemalloc.take_snapshot().dump(os.path.join(os.environ["WS_SOAK_TRACE_DIR"], f"{_samples + 1}.trace"))
     _samples += 1
     rss_kib = resident_kib()
     _libc.malloc_trim(0)  # hand free heap pages back: what stays resident after it is really in use
@@ -56,6 +59,8 @@ def write_stats() -> None:
         # if something leaks, where resident memory may also grow from fragmentation.
         "objects": len(gc.get_objects()),
         "allocated_blocks": sys.getallocatedblocks(),
+        # with PYTHONTRACEMALLOC=1: every byte Python allocated and still holds, large objects included
+        "traced_kib": tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else None,
         # minus the greenlet running this handler
         "greenlets": sum(1 for item in gc.get_objects() if isinstance(item, greenlet.greenlet) and not item.dead) - 1,
     }
