@@ -15,9 +15,8 @@ import json
 import logging
 from typing import Any, Callable, Iterable
 
-from wsgateway.app import GatewayHandler
+from wsgateway.app import EchoEndpoint, GatewayHandler
 from wsgateway.connection import OutboxLimits
-from wsgateway.app import EchoEndpoint
 from wsgateway.server import DrainingWSGIServer
 
 # Section 9's largest message is 16 MiB; the echo of one must fit the outbox whole.
