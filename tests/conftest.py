@@ -12,10 +12,21 @@ import uuid  # noqa: E402
 from typing import Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from tests.helpers import (REDIS_URL, TIMEOUT_S, GatewayUnderTest, RedisServer, TokenTable,  # noqa: E402
                            gateway_config)
+
+# Property-based tests: the same examples on every run (derandomized, no example database),
+# few enough for CI; WS_GATEWAY_HYPOTHESIS_EXAMPLES raises the count for a deeper search, and
+# `--hypothesis-profile ws-gateway-explore` draws new examples on every run.
+_EXAMPLES = int(os.environ.get("WS_GATEWAY_HYPOTHESIS_EXAMPLES", "150"))
+settings.register_profile("ws-gateway", derandomize=True, database=None, deadline=None, print_blob=True,
+                          max_examples=_EXAMPLES)
+settings.register_profile("ws-gateway-explore", database=None, deadline=None, print_blob=True,
+                          max_examples=_EXAMPLES)
+settings.load_profile("ws-gateway")
 
 MYSQL_SERVER_URL = os.environ.get("WS_GATEWAY_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306")
 

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import gevent
+import gevent.event
 import websocket
 from sqlalchemy import create_engine, text
 
@@ -147,11 +148,12 @@ class GatewayUnderTest:
 
     # --- WebSocket -------------------------------------------------------------------------
     def connect(self, token: str, **options: Any) -> websocket.WebSocket:
-        """A connected client; waits until the gateway has registered it."""
-        before = self.gateway.hub.connection_count()
+        """A connected client; waits until the gateway has registered it and its seat is
+        taken (with -broker, until every gateway routes the player's messages to it)."""
+        before = self.metric("ws_active_connections")
         client = websocket.create_connection(f"{self.ws_url}?token={token}", timeout=TIMEOUT_S, **options)
         self.clients.append(client)
-        wait_for(lambda: self.gateway.hub.connection_count() > before, what="connection registered")
+        wait_for(lambda: self.metric("ws_active_connections") > before, what="connection registered")
         return client
 
     def refused(self, query: str = "", **options: Any) -> tuple[int, Any]:
@@ -244,6 +246,18 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def answer_pings(client: RawClient, received: list[bytes]) -> None:
+    """Greenlet: a live client that answers every ping and keeps the text it receives."""
+    while True:
+        opcode, payload = client.read_frame()
+        if opcode == 0x9:  # ping
+            client.send_frame(0xA, payload)  # pong
+        elif opcode == 0x1:  # text
+            received.append(payload)
+        elif opcode == 0x8:  # close
+            return
 
 
 # --- fakes for the pure-module unit tests -----------------------------------------------------
@@ -398,8 +412,10 @@ class GatewayProcess:
 
 
 class TcpForwarder:
-    """A TCP relay to `target` that a test can cut, to make a real server unreachable
-    and reachable again. While cut, it hangs up on every connection, old and new."""
+    """A TCP relay to `target` that a test can cut or pause, to make a real server
+    unreachable and reachable again. Cut: it hangs up on every connection, old and new
+    (a server that is down). Paused: connections are accepted and bytes are taken but
+    nothing is passed on until `resume()` (a network partition: no error, just silence)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -408,6 +424,8 @@ class TcpForwarder:
         self.listener.listen(64)
         self.port: int = self.listener.getsockname()[1]
         self.is_cut = False
+        self._flowing = gevent.event.Event()
+        self._flowing.set()
         self._sockets: set[socket.socket] = set()
         self._acceptor = gevent.spawn(self._accept)
 
@@ -417,15 +435,22 @@ class TcpForwarder:
             if self.is_cut:
                 client.close()
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=TIMEOUT_S)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            self._sockets.update((client, upstream))
-            gevent.spawn(self._relay, client, upstream)
-            gevent.spawn(self._relay, upstream, client)
+            gevent.spawn(self._connect, client)
+
+    def _connect(self, client: socket.socket) -> None:
+        self._sockets.add(client)
+        self._flowing.wait()
+        if client not in self._sockets:  # cut while it waited
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=TIMEOUT_S)
+        except OSError:
+            self._hang_up(client)
+            return
+        upstream.settimeout(None)
+        self._sockets.add(upstream)
+        gevent.spawn(self._relay, client, upstream)
+        gevent.spawn(self._relay, upstream, client)
 
     def _relay(self, source: socket.socket, destination: socket.socket) -> None:
         try:
@@ -433,6 +458,7 @@ class TcpForwarder:
                 data = source.recv(65536)
                 if not data:
                     break
+                self._flowing.wait()
                 destination.sendall(data)
         except OSError:
             pass
@@ -457,10 +483,18 @@ class TcpForwarder:
     def restore(self) -> None:
         self.is_cut = False
 
+    def pause(self) -> None:
+        """Stop passing bytes on, in both directions, without closing anything."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._acceptor.kill()
         self.listener.close()
         self.cut()
+        self.resume()
 
 
 # --- Redis: a unique key prefix per test, and a private server that can be restarted -------------

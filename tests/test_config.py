@@ -50,6 +50,8 @@ def test_new_flag_defaults():
     assert config.shutdown_timeout_s == 10.0
     assert config.max_outbox_messages == 4096
     assert config.max_outbox_bytes == 4 * 1024 * 1024
+    assert config.max_total_conns == 0
+    assert config.header_timeout_s == 10.0
     assert (config.log_file, config.log_level, config.pid_file) == ("", "info", "")
 
 
@@ -78,8 +80,10 @@ def test_origins_are_split_and_trimmed():
 
 def test_zero_limits_mean_unlimited_or_off():
     """0 is accepted where it means "unlimited" or "off"."""
-    config = load_args("-max-conns", "0", "-max-queued", "0", "-offline-ttl", "0", "-rate-limit", "0")
+    config = load_args("-max-conns", "0", "-max-queued", "0", "-offline-ttl", "0", "-rate-limit", "0",
+                       "-max-total-conns", "0", "-header-timeout", "0")
     assert (config.max_conns_per_player, config.max_queued, config.offline_ttl_s, config.rate_limit) == (0, 0, 0, 0)
+    assert (config.max_total_conns, config.header_timeout_s) == (0, 0.0)
 
 
 def test_log_level_is_case_insensitive():
@@ -267,7 +271,7 @@ def test_precedence_command_line_env_file_default(tmp_path):
     ("rate-limit", "x"), ("rate-period", "0"), ("revalidate-period", "0s"), ("db-timeout", "0"),
     ("max-body", "0"), ("max-body", "1TiB"), ("max-message-size", "big"), ("ping-period", "0"),
     ("pong-wait", "forever"), ("shutdown-timeout", "-5s"), ("max-outbox", "0"), ("max-outbox-bytes", "0"),
-    ("log-level", "verbose"), ("dsn", "file:"),
+    ("log-level", "verbose"), ("dsn", "file:"), ("max-total-conns", "-1"), ("header-timeout", "5"),
 ])
 def test_bad_value_names_the_flag(flag, value):
     """A bad value raises a one-line ConfigError that starts with `-flag:`."""

@@ -364,3 +364,12 @@ def test_close_frame_truncates_long_reason(reason):
     assert struct.unpack("!H", frame[2:4])[0] == 1001
     kept = frame[4:].decode("utf-8")
     assert reason.startswith(kept) and len(frame[4:]) > 120
+
+
+def test_events_before_a_bad_frame_are_kept():
+    """A violation carries the events its read completed before the bad frame, so they are handled first."""
+    data = client_frame(OP_TEXT, b"first") + client_frame(OP_PING, b"p") + client_frame(OP_TEXT, b"x", rsv=0b010)
+    with pytest.raises(ProtocolViolation) as caught:
+        FrameParser(LIMIT).feed(data)
+    assert caught.value.code == CloseCode.PROTOCOL_ERROR
+    assert caught.value.events == [Message(OP_TEXT, b"first"), Ping(b"p")]

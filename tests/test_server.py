@@ -31,9 +31,9 @@ class HalfSentRequest:
         self.sock.sendall(request_line.encode())
         wait_for(lambda: not server.idle_handlers, what="gateway reading the headers")
 
-    def finish(self, headers: str) -> tuple[int, dict]:
+    def finish(self, headers: str, body: bytes = b"") -> tuple[int, dict]:
         """Send the rest; return the status and JSON body of the response."""
-        self.sock.sendall(headers.encode() + b"\r\n")
+        self.sock.sendall(headers.encode() + b"\r\n" + body)
         response = http.client.HTTPResponse(self.sock)
         response.begin()
         body = json.loads(response.read())
@@ -62,6 +62,23 @@ def test_shutdown_closes_sockets_with_1001_and_refuses_newcomers(gateway, tokens
     assert gateway.metric("ws_disconnects_total", code="1001") == 2
     assert gateway.metric("ws_connections_rejected_total", reason="shutting_down") == 1
     assert gateway.gateway.hub.connection_count() == 0
+
+
+def test_publish_in_flight_at_shutdown_is_refused_503_not_queued(gateway, tokens):
+    """A publish still being read when shutdown begins gets 503, not a 200 "queued" that dies with the process."""
+    client = gateway.connect(tokens.player(21))
+    server_token = tokens.server()
+    body = json.dumps({"player_id": 21, "event": "late"}).encode()
+    publish = HalfSentRequest(gateway, "POST /publish HTTP/1.1\r\n")
+    stopper = gevent.spawn(gateway.gateway.shutdown, TIMEOUT_S)
+    wait_for(lambda: gateway.gateway.draining, what="draining")
+    status, answer = publish.finish(f"Host: gateway\r\nAuthorization: Bearer {server_token}\r\n"
+                                    f"Content-Length: {len(body)}\r\n", body)
+    assert (status, answer) == (503, {"error": "server shutting down"})
+    opcode, frame = client.recv_data_frame(True)  # the very next frame: no "late" event came first
+    assert (opcode, frame.data[:2]) == (websocket.ABNF.OPCODE_CLOSE, b"\x03\xe9")  # 1001
+    stopper.join(TIMEOUT_S)
+    assert gateway.metric("ws_messages_queued_total") == 0
 
 
 def test_idle_keepalive_connection_does_not_hold_shutdown(gateway):

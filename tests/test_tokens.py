@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import traceback
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
@@ -430,3 +431,27 @@ def test_locked_sqlite_raises_store_unavailable_without_blocking_others(sqlite_u
         ticker.kill()
         locker.close()
         store.close()
+
+
+def test_database_error_never_quotes_the_token(sqlite_url):
+    """A failed lookup's whole exception chain, as a logged traceback would show it, never contains the token."""
+    store = make_store(sqlite_url)  # no schema: the query fails with "no such table"
+    token = "f00d" * 8
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            store.authenticate_player(token)
+        rendered = "".join(traceback.format_exception(caught.value))
+        assert "no such table" in rendered and "[SQL: SELECT" in rendered
+        assert token not in rendered
+    finally:
+        store.close()
+
+
+def test_lookups_compile_once_whatever_the_batch_size(any_database_url, store, table):
+    """Revalidating 1 to 40 tokens adds one compiled statement, not one per batch size (memory would grow)."""
+    tokens = [table.player(index) for index in range(40)]
+    store.authenticate_player(tokens[0])
+    before = len(store.engine._compiled_cache)
+    for size in range(1, 41):
+        assert store.valid_player_tokens(tokens[:size]) == set(tokens[:size])
+    assert len(store.engine._compiled_cache) - before <= 1

@@ -7,14 +7,13 @@ import json
 import socket
 import struct
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import gevent
 import pytest
 import websocket
-from sqlalchemy.engine import make_url
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, TcpForwarder, receive_event, wait_for
+from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, answer_pings, receive_event, wait_for
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 KEEPALIVE_FLAGS = ("-ping-period", "100ms", "-pong-wait", "300ms")
@@ -49,18 +48,6 @@ def read_frame_bits(client: RawClient) -> tuple[bool, int, int, bool, bytes]:
     mask = need(4) if second & 0x80 else b""
     payload = need(length)
     return bool(first & 0x80), (first >> 4) & 0x7, first & 0x0F, bool(mask), payload
-
-
-def answer_pings(client: RawClient, received: list[bytes]) -> None:
-    """Greenlet: a live client that answers every ping and keeps the text it receives."""
-    while True:
-        opcode, payload = client.read_frame()
-        if opcode == OP_PING:
-            client.send_frame(OP_PONG, payload)
-        elif opcode == OP_TEXT:
-            received.append(payload)
-        elif opcode == OP_CLOSE:
-            return
 
 
 def disconnects(gateway: GatewayUnderTest, code: int) -> float:
@@ -186,34 +173,6 @@ def test_malformed_handshake_is_refused_as_json(start_gateway, version, headers,
     gateway.connect(token)
 
 
-@pytest.fixture
-def mysql_forwarder(mysql_url) -> Iterator[tuple[TcpForwarder, str]]:
-    """A relay to MariaDB that the test can cut, and the database URL through it."""
-    url = make_url(mysql_url)
-    forwarder = TcpForwarder((url.host or "127.0.0.1", url.port or 3306))
-    yield forwarder, url.set(host="127.0.0.1", port=forwarder.port).render_as_string(hide_password=False)
-    forwarder.close()
-
-
-def test_database_unreachable_is_refused_503(start_gateway, mysql_forwarder):
-    """While the database cannot be reached, upgrades get 503 and /readyz fails; afterwards players connect."""
-    forwarder, url = mysql_forwarder
-    gateway = start_gateway("-db-timeout", "1s", database_url=url)
-    token = gateway.tokens.player(21)
-    server_token = gateway.tokens.server()
-    forwarder.cut()
-    started = time.monotonic()
-    assert gateway.refused(f"?token={token}") == (503, {"error": "token store unavailable, retry later"})
-    assert time.monotonic() - started < TIMEOUT_S
-    assert rejected(gateway, "store_unavailable") == 1
-    readiness = gateway.get("/readyz")
-    assert readiness.status == 503 and readiness.json["database"] == "unreachable"
-    forwarder.restore()
-    client = gateway.connect(token)
-    assert gateway.publish(server_token, 21, "back").status == 200
-    assert receive_event(client) == {"event": "back", "payload": None}
-
-
 # --- wire format -----------------------------------------------------------------------------------
 def test_event_is_exactly_one_text_frame(gateway, tokens):
     """Each event reaches the client as one unmasked, unfragmented text frame {"event", "payload"}."""
@@ -257,6 +216,13 @@ def _fragments_too_big(client: RawClient) -> None:
     client.send_frame(OP_CONTINUATION, b"x" * 800)
 
 
+def _invalid_utf8_then_stall(client: RawClient) -> None:
+    """A text frame announcing 500 bytes of which only the first 10, with invalid UTF-8,
+    are sent: the close must come without waiting for the rest."""
+    mask = b"\x00\x00\x00\x00"
+    client.sock.sendall(struct.pack("!BBH", 0x80 | OP_TEXT, 0x80 | 126, 500) + mask + b"ok \xc0\xaf more")
+
+
 BAD_FRAMES = {
     "announced-2**40": (_announce_huge, 1009),
     "complete-over-limit": (_complete_too_big, 1009),
@@ -265,6 +231,12 @@ BAD_FRAMES = {
     "unmasked": (lambda client: client.send_frame(OP_TEXT, b"hi", masked=False), 1002),
     "reserved-bits": (lambda client: client.send_frame(OP_TEXT, b"hi", rsv=0b100), 1002),
     "fragmented-ping": (lambda client: client.send_frame(OP_PING, b"p", fin=False), 1002),
+    "invalid-utf8-mid-frame": (_invalid_utf8_then_stall, 1007),
+    "reserved-opcode": (lambda client: client.send_frame(0x3, b"hi"), 1002),
+    "oversized-ping": (lambda client: client.send_frame(OP_PING, b"p" * 126), 1002),
+    "invalid-close-code": (lambda client: client.send_frame(OP_CLOSE, struct.pack("!H", 999)), 1002),
+    "close-reason-not-utf8": (lambda client: client.send_frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007),
+    "continuation-without-start": (lambda client: client.send_frame(OP_CONTINUATION, b"x"), 1002),
 }
 
 

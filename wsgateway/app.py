@@ -24,6 +24,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+import gevent
 from flask import Flask, Response, request
 from gevent import GreenletExit, pywsgi
 from geventwebsocket.handler import WebSocketHandler
@@ -47,6 +48,7 @@ from wsgateway.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
+CAPACITY_RETRY_AFTER_S = 5  # Retry-After when -max-total-conns is reached: spreads the reconnect wave
 WEBSOCKET_PATH = "/ws"
 
 
@@ -161,6 +163,8 @@ class PlayerEndpoint:
         self._limits = OutboxLimits(config.max_outbox_messages, config.max_outbox_bytes,
                                     write_timeout_s=config.pong_wait_s)
         self._max_message_bytes = config.max_message_bytes
+        self._max_total_conns = config.max_total_conns  # 0 = unlimited
+        self._upgrading = 0  # admitted connections not yet registered in the hub
 
     def admit(self, environ: dict[str, Any]) -> Admission:
         services = self._services
@@ -171,6 +175,8 @@ class PlayerEndpoint:
         if not self._origins.allows(environ.get("HTTP_ORIGIN")):
             rejected.labels("origin").inc()
             raise ClientError(403, "origin not allowed")
+        if self._at_capacity():  # before the token query: a flood at the cap costs no database work
+            raise self._capacity_refusal()
         token = (parse_qs(environ.get("QUERY_STRING", "")).get("token") or [""])[0]
         if not token:
             rejected.labels("unauthorized").inc()
@@ -184,14 +190,24 @@ class PlayerEndpoint:
             rejected.labels("unauthorized").inc()
             services.metrics.auth_failures.labels("player", "invalid").inc()
             raise ClientError(401, "invalid or expired token")
+        if self._at_capacity():  # filled up while the token was being checked
+            raise self._capacity_refusal()
+        self._upgrading += 1  # counted before reserve() may yield, so the cap holds under a rush
         try:
             seat = services.roster.reserve(player_id)
         except BrokerUnavailable as exc:
+            self._upgrading -= 1
             raise self._unavailable("broker_unavailable", "broker", exc) from None
         if seat is None:
+            self._upgrading -= 1
             rejected.labels("too_many_connections").inc()
             raise ClientError(429, f"player already has {services.config.max_conns_per_player} connections")
         return Admission(player_id, token, seat)
+
+    def _at_capacity(self) -> bool:
+        """Whether this process holds, or is upgrading, `-max-total-conns` connections."""
+        return bool(self._max_total_conns) and (
+            self._services.hub.connection_count() + self._upgrading >= self._max_total_conns)
 
     def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:
         """The 503 for a dependency that did not answer, counted and logged under `reason`."""
@@ -199,7 +215,16 @@ class PlayerEndpoint:
         log.warning(f"{what} unavailable", extra={"event": reason, "detail": str(cause)})
         return ClientError(503, f"{what} unavailable, retry later", {"Retry-After": "1"})
 
+    def _capacity_refusal(self) -> ClientError:
+        self._services.metrics.connections_rejected.labels("capacity").inc()
+        return ClientError(503, f"gateway at its limit of {self._max_total_conns} connections, "
+                                "retry later", {"Retry-After": str(CAPACITY_RETRY_AFTER_S)})
+
     def cancel(self, admission: Admission) -> None:
+        self._upgrading -= 1
+        self._give_back_seat(admission)
+
+    def _give_back_seat(self, admission: Admission) -> None:
         if admission.seat is not None:
             try:
                 self._services.roster.cancel(admission.seat)
@@ -212,15 +237,16 @@ class PlayerEndpoint:
                                 player_id=admission.player_id, token=admission.token, remote=remote)
         assert admission.seat is not None
         del rfile  # the connection drops it once it has taken what it read ahead
+        self._upgrading -= 1  # from here the hub counts it (connect adds it before any yield)
         try:
             services.delivery.connect(connection, admission.seat)
         except BrokerUnavailable:
-            self.cancel(admission)
+            self._give_back_seat(admission)
             connection.abort(CloseCode.TRY_AGAIN_LATER)
             services.metrics.disconnects.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
             return
         except BaseException:
-            self.cancel(admission)
+            self._give_back_seat(admission)
             raise
         started = time.monotonic()
         context = {"player_id": admission.player_id, "remote": remote}
@@ -307,9 +333,34 @@ def _read_headers(rfile: Any) -> Any:
     return message
 
 
+class _HeaderTimeout(ValueError):
+    """-header-timeout passed before the request line and headers were in. A ValueError
+    so that pywsgi hands it to `_handle_client_error` as the client's fault."""
+
+
+def _raw_error_response(status: str, message: str) -> bytes:
+    """A complete JSON error response for pywsgi's early refusals, which have no WSGI app."""
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode("latin-1") + body
+
+
+_REQUEST_TIMEOUT_RESPONSE = ("408", _raw_error_response("408 Request Timeout", "request headers not received in time"))
+_BAD_REQUEST_RESPONSE = ("400", _raw_error_response("400 Bad Request", "malformed HTTP request"))
+_URI_TOO_LONG_RESPONSE = ("414", _raw_error_response("414 URI Too Long", "request line too long"))
+
+
 class GatewayHandler(WebSocketHandler):
     """gevent-websocket's handler, with admission before the upgrade, our own frame layer
-    after it, and logs that never show a query string (it carries the player's token)."""
+    after it, and logs that never show a query string (it carries the player's token).
+
+    Slowloris defence: from the moment it waits for a request, a connection has the
+    server's `header_timeout_s` to deliver the request line and headers. A connection
+    that sent nothing in that time is closed quietly (an idle keep-alive connection); one
+    that sent part of a request gets 408. Malformed requests get a JSON 400 or 414, like
+    every other refusal."""
+
+    _header_deadline: gevent.Timeout | None = None
 
     def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - pywsgi's name
         return _read_headers(rfile)
@@ -350,17 +401,53 @@ class GatewayHandler(WebSocketHandler):
         rfile, self.rfile = self.rfile, _NO_FURTHER_REQUESTS
         return rfile
 
+    def handle_one_request(self) -> Any:
+        try:
+            result = super().handle_one_request()
+        except _HeaderTimeout:  # raised while the request line was arriving
+            return _REQUEST_TIMEOUT_RESPONSE
+        finally:
+            self._cancel_header_deadline()
+        if isinstance(result, tuple) and result[0] == "414":
+            return _URI_TOO_LONG_RESPONSE
+        return result
+
     def read_requestline(self) -> str:
         """Marks the connection idle while it waits for a request, so shutdown can end it;
-        once the server drains, a keep-alive connection takes no further request."""
+        once the server drains, a keep-alive connection takes no further request. Starts
+        the header deadline; an idle connection that reaches it is closed without a word."""
         if getattr(self.server, "draining", False):
             return ""
+        timeout_s = getattr(self.server, "header_timeout_s", 0)
+        if timeout_s:
+            self._header_deadline = gevent.Timeout.start_new(timeout_s, _HeaderTimeout)
         idle = getattr(self.server, "idle_handlers", set())
         idle.add(self)
         try:
+            try:
+                if not self.rfile.peek(1):
+                    return ""
+            except _HeaderTimeout:
+                return ""
             return super().read_requestline()
         finally:
             idle.discard(self)
+
+    def read_request(self, raw_requestline: str) -> bool:
+        parsed = super().read_request(raw_requestline)
+        self._cancel_header_deadline()  # what follows (body, application, WebSocket) has other bounds
+        return parsed
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.close()
+            self._header_deadline = None
+
+    def _handle_client_error(self, error: Exception) -> tuple[str, bytes]:
+        if isinstance(error, _HeaderTimeout):
+            return _REQUEST_TIMEOUT_RESPONSE
+        super()._handle_client_error(error)  # logs it (redacted, see log_error)
+        return _BAD_REQUEST_RESPONSE
 
     def handle_one_response(self) -> None:
         super().handle_one_response()

@@ -36,6 +36,7 @@ class Config:
     database_url: str  # SQLAlchemy URL derived from -dsn
     origins: tuple[str, ...]  # allowed Origin headers; empty = any origin
     max_conns_per_player: int  # 0 = unlimited
+    max_total_conns: int  # player WebSocket connections held at once, all players; 0 = unlimited
     max_queued: int  # offline messages kept per player; 0 = offline queueing off
     offline_ttl_s: float  # how long an offline message waits; 0 = offline queueing off
     rate_limit: int  # bucket size (burst) per server subject; 0 = unlimited
@@ -48,6 +49,7 @@ class Config:
     ping_period_s: float  # server ping interval
     pong_wait_s: float  # a socket silent this long is closed
     shutdown_timeout_s: float  # how long SIGTERM waits for sockets and requests to finish
+    header_timeout_s: float  # a connection must send a request's line and headers this fast; 0 = no limit
     max_outbox_messages: int  # frames waiting for a slow socket before it is closed
     max_outbox_bytes: int  # bytes waiting for a slow socket before it is closed
     broker_url: str  # "" = in-process broker (one gateway); redis://... = a cluster of gateways
@@ -254,6 +256,8 @@ FLAGS: tuple[_Flag, ...] = (
           "database DSN (Go forms, or a SQLAlchemy URL)"),
     _Flag("origins", "", _text, "comma-separated allowed WebSocket Origins (empty = any)"),
     _Flag("max-conns", "10", parse_count, "max WebSocket connections per player (0 = unlimited)"),
+    _Flag("max-total-conns", "0", parse_count,
+          "max WebSocket connections of all players together; more get 503 (0 = unlimited)"),
     _Flag("max-queued", "100", parse_count, "max offline messages per player, oldest dropped (0 = no queue)"),
     _Flag("offline-ttl", "10s", parse_duration, "how long an offline message waits (0 = no queue)"),
     _Flag("rate-limit", "200", parse_count, "messages per rate period per server token (0 = unlimited)"),
@@ -266,6 +270,8 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("ping-period", "30s", _positive_duration, "server ping interval"),
     _Flag("pong-wait", "60s", _positive_duration, "close a socket silent for this long"),
     _Flag("shutdown-timeout", "10s", _positive_duration, "how long shutdown waits for sockets and requests"),
+    _Flag("header-timeout", "10s", parse_duration,
+          "time allowed to send a request line and headers, or to stay idle between requests (0 = no limit)"),
     _Flag("max-outbox", "4096", _positive_count, "frames waiting for one socket before it is closed as too slow"),
     _Flag("max-outbox-bytes", "4MiB", _positive_size, "bytes waiting for one socket before it is closed as too slow"),
     _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://): gateways sharing it act as one"),
@@ -387,6 +393,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
         database_url=url,
         origins=tuple(origin.strip() for origin in raw["origins"].split(",") if origin.strip()),
         max_conns_per_player=value["max-conns"],
+        max_total_conns=value["max-total-conns"],
         max_queued=value["max-queued"],
         offline_ttl_s=value["offline-ttl"],
         rate_limit=value["rate-limit"],
@@ -399,6 +406,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
         ping_period_s=value["ping-period"],
         pong_wait_s=value["pong-wait"],
         shutdown_timeout_s=value["shutdown-timeout"],
+        header_timeout_s=value["header-timeout"],
         max_outbox_messages=value["max-outbox"],
         max_outbox_bytes=value["max-outbox-bytes"],
         broker_url=value["broker"],

@@ -364,20 +364,25 @@ class Connection:
                     if not data:
                         return self.close_code
                 self.last_heard = self._clock()
-                for event in parser.feed(data):
+                violation = None
+                try:
+                    events = parser.feed(data)
+                except ProtocolViolation as caught:
+                    events, violation = caught.events, caught
+                for event in events:  # what the client sent before a bad frame counts
                     if isinstance(event, Close):
                         return self._answer_close(event)
                     if isinstance(event, Ping):
                         self.send(encode_frame(OP_PONG, event.payload))
                     elif isinstance(event, Message) and self._on_message is not None and not self._closing:
                         self._on_message(self, event)
+                if violation is not None:
+                    log.info("websocket protocol violation", extra={
+                        "event": "protocol_violation", "player_id": self.player_id, "remote": self.remote,
+                        "code": int(violation.code), "detail": violation.detail})
+                    self._fail(violation.code)
+                    return self.close_code
                 data = b""
-        except ProtocolViolation as violation:
-            log.info("websocket protocol violation", extra={
-                "event": "protocol_violation", "player_id": self.player_id, "remote": self.remote,
-                "code": int(violation.code), "detail": violation.detail})
-            self._fail(violation.code)
-            return self.close_code
         except OSError:
             return self.close_code
         finally:

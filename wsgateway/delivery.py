@@ -76,15 +76,17 @@ class Delivery:
     def connect(self, connection: HeldConnection, seat: Seat) -> None:
         """Register the connection, then send the player's backlog before any live frame.
 
-        Live frames that arrive while the backlog is fetched are held behind it."""
+        Live frames that arrive while the backlog is fetched are held behind it. The
+        connection counts as open (the gauge) once it took its seat: from then on every
+        gateway routes the player's messages to it."""
         connection.hold()
         self.hub.add(connection)
-        self.metrics.connection_opened()
         try:
             backlog = self.roster.take_seat(seat)
         except BaseException:
-            self._forget(connection)
+            self.hub.remove(connection)
             raise
+        self.metrics.connection_opened()
         if backlog.expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
         frames = backlog.frames

@@ -81,9 +81,13 @@ class BrokerUnavailable(GatewayError):
 
 
 class ProtocolViolation(Exception):
-    """A client frame we refuse; the connection is closed with `code`."""
+    """A client frame we refuse; the connection is closed with `code`.
+
+    `events` holds what the same read completed before the bad frame: those messages are
+    the client's and are handled before the connection is failed (Autobahn 3.2, 5.15)."""
 
     def __init__(self, code: CloseCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.events: list = []

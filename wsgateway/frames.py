@@ -133,28 +133,33 @@ class FrameParser:
         self._utf8: codecs.IncrementalDecoder | None = None
 
     def feed(self, data: bytes) -> list[Event]:
-        """Consume `data`; return the completed events, or raise `ProtocolViolation`."""
+        """Consume `data`; return the completed events, or raise `ProtocolViolation`
+        carrying in its `events` those completed before the bad frame."""
         events: list[Event] = []
         buffer = self._buffer + data if self._buffer else data
         position = 0
-        while True:
-            if not self._in_payload:
-                consumed = self._read_header(buffer, position)
-                if not consumed:
+        try:
+            while True:
+                if not self._in_payload:
+                    consumed = self._read_header(buffer, position)
+                    if not consumed:
+                        break
+                    position += consumed
+                take = min(self._remaining, len(buffer) - position)
+                if take:
+                    self._consume_payload(buffer[position:position + take])
+                    position += take
+                    self._remaining -= take
+                if self._remaining:
                     break
-                position += consumed
-            take = min(self._remaining, len(buffer) - position)
-            if take:
-                self._consume_payload(buffer[position:position + take])
-                position += take
-                self._remaining -= take
-            if self._remaining:
-                break
-            event = self._finish_frame()
-            if event is not None:
-                events.append(event)
-                if isinstance(event, Close):
-                    break
+                event = self._finish_frame()
+                if event is not None:
+                    events.append(event)
+                    if isinstance(event, Close):
+                        break
+        except ProtocolViolation as violation:
+            violation.events = events
+            raise
         self._buffer = buffer[position:]
         return events
 

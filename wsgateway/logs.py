@@ -3,8 +3,9 @@
 Each line is one JSON object: `time`, `level`, `logger`, `event` (a stable snake_case
 name), `message`, plus the context given in `extra=` (`player_id`, `subject_id`,
 `remote`, `code`, ...). The gateway never passes a token to a log call; the formatter
-still masks anything shaped like `token=...` or `Bearer ...`, so a library that logs a
-request line or a header cannot leak one either.
+still masks anything shaped like `token=...` (percent-encoded letters included, since
+the query parser decodes them) or `Bearer ...`, so a library that logs a request line or
+a header cannot leak one either.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ import sys
 from datetime import datetime, timezone
 
 _STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-_SECRETS = re.compile(r"(?i)(token=|bearer\s+)[^\s&\"'\\]+")
+# "token=" in any spelling a query parser decodes to it: each letter (and the "=") may be
+# percent-encoded, as in "?%74oken=SECRET".
+_TOKEN_KEY = "".join(f"(?:{letter}|%{ord(letter):02x}|%{ord(letter.upper()):02x})" for letter in "token") + "(?:=|%3d)"
+_SECRETS = re.compile(rf"(?i)({_TOKEN_KEY}|bearer\s+)[^\s&\"'\\]+")
 
 
 def redact(text: str) -> str:

@@ -56,6 +56,7 @@ class PublishingServices(Protocol):
     limiter: Limiter
     idempotency: IdempotencyStore
     metrics: GatewayMetrics
+    draining: bool
 
 
 class PublishingRoutes:
@@ -127,6 +128,7 @@ class PublishingRoutes:
 
         def deliver() -> dict[str, Any]:
             take_rate(services, subject_id)
+            refuse_while_draining(services)
             return publish_answer(services.delivery.publish(player_id, frame))
         return self._once(environ, subject_id, lambda: fingerprint(b"/publish", canonical(body)), deliver)
 
@@ -181,6 +183,12 @@ class PublishingRoutes:
         for index, (item, claim) in enumerate(zip(items, claims)):
             if index and not index % BATCH_SLICE:
                 gevent.sleep(0)  # let other publishers in; this batch's order is kept
+            if not index or not index % BATCH_SLICE:
+                try:
+                    refuse_while_draining(self._services)
+                except ClientError as error:
+                    raise ClientError(error.status, f"{error.message}: messages[{index}:] not delivered",
+                                      error.headers, {"results": results}) from None
             if claim is not None and claim.state is ClaimState.REPLAY:
                 results.append(self._replay(claim))
                 continue
@@ -213,6 +221,7 @@ class PublishingRoutes:
 
         def deliver() -> dict[str, Any]:
             take_rate(services, subject_id)
+            refuse_while_draining(services)
             outcome = services.delivery.broadcast(frame, player_id)
             return with_scope(outcome, {"delivered": outcome.delivered})
         return self._once(environ, subject_id, lambda: fingerprint(b"/broadcast", canonical(body)), deliver)
@@ -334,6 +343,15 @@ def authenticate_server(services: PublishingServices, environ: dict) -> str:
     return subject_id
 
 
+def refuse_while_draining(services: PublishingServices) -> None:
+    """Once shutdown has begun every socket is closing, so a publish would only reach the
+    offline queue, which dies with the process: answer 503 so the publisher knows it was
+    not delivered. Nothing yields between this check and an in-process delivery, so a
+    publish that passes it reaches live sockets before their 1001 close frame."""
+    if services.draining:
+        raise ClientError(503, "server shutting down", {"Retry-After": "1"})
+
+
 def take_rate(services: PublishingServices, subject_id: str, count: int = 1) -> None:
     """Take `count` messages from the subject's budget, all or nothing, or 429."""
     wait_s = services.limiter.acquire(subject_id, count)
@@ -346,19 +364,23 @@ def read_body(environ: dict, max_body_bytes: int) -> bytes:
     """The request body, or 413 when it is larger than `max_body_bytes`, chunked or not.
 
     A declared length over the limit is refused before a byte is read (the web face then
-    hangs up rather than drain it); a chunked body is read one byte past the limit."""
+    hangs up rather than drain it); a chunked body is read one byte past the limit. A body
+    that ends before its declared length, or broken chunking, is a 400."""
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH")
-    if length:
-        declared = int(length)  # pywsgi refused a malformed Content-Length already
-        if declared > max_body_bytes:
-            raise ClientError(413, f"body larger than {max_body_bytes} bytes")
-        return stream.read(declared)
-    if environ.get("wsgi.input_terminated"):  # chunked: no length to check up front
-        body = stream.read(max_body_bytes + 1)
-        if len(body) > max_body_bytes:
-            raise ClientError(413, f"body larger than {max_body_bytes} bytes")
-        return body
+    try:
+        if length:
+            declared = int(length)  # pywsgi refused a malformed Content-Length already
+            if declared > max_body_bytes:
+                raise ClientError(413, f"body larger than {max_body_bytes} bytes")
+            return stream.read(declared)
+        if environ.get("wsgi.input_terminated"):  # chunked: no length to check up front
+            body = stream.read(max_body_bytes + 1)
+            if len(body) > max_body_bytes:
+                raise ClientError(413, f"body larger than {max_body_bytes} bytes")
+            return body
+    except (OSError, ValueError):  # pywsgi's "unexpected end of file", bad chunk sizes
+        raise ClientError(400, "incomplete or malformed request body") from None
     return b""
 
 

@@ -56,6 +56,7 @@ class DrainingWSGIServer(WSGIServer):
         self.draining = False
         self.idle_handlers: set[Any] = set()
         self.websocket_endpoints: dict[str, Any] = {}
+        self.header_timeout_s = 0.0  # see GatewayHandler; 0 = no limit
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
         """With TLS: a failed handshake (a plain-HTTP client, a client that does not trust
@@ -128,6 +129,7 @@ class Gateway:
             create_app(self), handler_class=GatewayHandler,
             spawn=Pool(), log=None, error_log=logging.getLogger("wsgateway.http"), **tls)
         self.server.websocket_endpoints[WEBSOCKET_PATH] = PlayerEndpoint(self)
+        self.server.header_timeout_s = config.header_timeout_s
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
         self._shutdown_started = False

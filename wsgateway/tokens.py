@@ -18,10 +18,10 @@ from typing import Callable, Iterable, Protocol, TypeVar
 
 import gevent
 from gevent.threadpool import ThreadPool
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import bindparam, create_engine, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import TextClause
 
 from wsgateway.errors import StoreUnavailable
 
@@ -54,6 +54,11 @@ SQLITE_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS idx_ws_token_server_exp ON ws_token (is_server, expires_at)",
 )
 _MYSQL_DUPLICATE_KEY_NAME = 1061
+
+_TOKEN_ROW = text("SELECT player_id, subject_id, is_server, expires_at FROM ws_token WHERE token IN :tokens"
+                  ).bindparams(bindparam("tokens", expanding=True))
+_VALID_PLAYER_TOKENS = text("SELECT token, expires_at FROM ws_token WHERE is_server = 0 AND token IN :tokens"
+                            ).bindparams(bindparam("tokens", expanding=True))
 
 
 def utc_now() -> datetime:
@@ -163,9 +168,7 @@ class SqlTokenStore:
         valid: set[str] = set()
         for start in range(0, len(wanted), REVALIDATION_BATCH):
             batch = wanted[start:start + REVALIDATION_BATCH]
-            for row in self._query(
-                    "SELECT token, expires_at FROM ws_token WHERE is_server = 0 AND token IN ({})",
-                    batch):
+            for row in self._query(_VALID_PLAYER_TOKENS, batch):
                 if self._unexpired(row.expires_at):
                     valid.add(_as_text(row.token))
         return valid
@@ -188,26 +191,24 @@ class SqlTokenStore:
     def _lookup(self, token: str):  # -> Row | None
         if not _storable(token):
             return None
-        rows = self._query(
-            "SELECT player_id, subject_id, is_server, expires_at FROM ws_token WHERE token IN ({})",
-            [token])
+        rows = self._query(_TOKEN_ROW, [token])
         return rows[0] if rows else None
 
-    def _query(self, sql_template: str, tokens: list[str]) -> list:
-        """Run `sql_template` with its `{}` filled by one bound parameter per token form.
+    def _query(self, statement: TextClause, tokens: list[str]) -> list:
+        """Run `statement`, whose `:tokens` is an expanding IN list, for `tokens`.
 
         In MySQL a VARBINARY compares equal to the same text; in sqlite a BLOB never equals
-        TEXT, and existing sqlite files hold either, so both forms are looked up there."""
-        params: dict[str, object] = {}
-        for index, token in enumerate(tokens):
-            params[f"t{index}"] = token
-            if self._is_sqlite:
-                params[f"b{index}"] = token.encode("utf-8")
-        statement = text(sql_template.format(", ".join(f":{name}" for name in params)))
+        TEXT, and existing sqlite files hold either, so both forms are looked up there.
+        The statement is compiled once whatever the list's length: with one bound parameter
+        per token, every batch size was a new entry in SQLAlchemy's compiled cache (500
+        entries of up to 1,000 parameters each), memory that grew with every revalidation."""
+        values: list[object] = list(tokens)
+        if self._is_sqlite:
+            values += [token.encode("utf-8") for token in tokens]
 
         def run() -> list:
             with self.engine.connect() as connection:
-                return list(connection.execute(statement, params))
+                return list(connection.execute(statement, {"tokens": values}))
         return self._run(run)
 
     def _execute_scalar(self, sql: str) -> object:
@@ -218,8 +219,10 @@ class SqlTokenStore:
         """Run database work with a deadline; in the thread pool for sqlite."""
         try:
             if self._threads is None:
-                # PyMySQL's own read/connect timeouts fire first; this is the backstop.
-                with gevent.Timeout(2 * self._db_timeout_s + 1):
+                # One deadline for the whole call: a pre-ping that times out and the reconnect
+                # after it would each get PyMySQL's full timeout (2x in a partition). SQLAlchemy
+                # invalidates a connection interrupted by it, so no half-read reply is reused.
+                with gevent.Timeout(self._db_timeout_s):
                     return work()
             # The thread hands back its exception instead of raising it there, where gevent
             # would print it to stderr; it is re-raised here, in the waiting greenlet.
@@ -252,13 +255,16 @@ def _capture(work: Callable[[], T]) -> T | _Raised:
 
 
 def _create_engine(database_url: str, db_timeout_s: float) -> Engine:
+    # hide_parameters: SQLAlchemy's error messages otherwise quote the bound parameters,
+    # which are tokens; a traceback logged anywhere would carry them.
     if database_url.startswith("sqlite"):
         # A fresh sqlite3 connection per query: cheap, and no pool state shared across threads.
-        return create_engine(database_url, pool_size=4, max_overflow=0,
+        return create_engine(database_url, pool_size=4, max_overflow=0, hide_parameters=True,
                              connect_args={"timeout": db_timeout_s, "check_same_thread": False})
     timeout = max(1, int(round(db_timeout_s)))
     return create_engine(
         database_url,
+        hide_parameters=True,
         pool_pre_ping=True,
         pool_recycle=1800,  # below MySQL's default wait_timeout of 8 hours, and proxies'
         pool_size=10,

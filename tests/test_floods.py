@@ -1,0 +1,145 @@
+"""Connection floods and slow clients at the HTTP layer: slowloris, idle sockets, the global
+connection cap, and malformed requests. The gateway must keep serving everyone else."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import gevent
+import websocket
+
+from tests.helpers import TIMEOUT_S, GatewayUnderTest, receive_event, wait_for
+
+HEADER_TIMEOUT_S = 1.0
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float = TIMEOUT_S) -> bytes:
+    """Everything the gateway sends until it hangs up; fails if it has not within `timeout_s`."""
+    sock.settimeout(timeout_s)
+    received = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"the gateway kept the connection open; got {received!r}")
+
+
+def status_and_json(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def served_quickly(gateway: GatewayUnderTest, player_id: int) -> None:
+    """A new player connects and gets a publish, and the publish is answered fast."""
+    client = gateway.connect(gateway.tokens.player(player_id))
+    started = time.monotonic()
+    assert gateway.publish(gateway.tokens.server(), player_id, "served").status == 200
+    assert time.monotonic() - started < 0.5
+    assert receive_event(client) == {"event": "served", "payload": None}
+    client.close()
+
+
+def test_slowloris_does_not_starve_others_and_gets_408(start_gateway):
+    """200 sockets dribbling headers byte by byte: others are served meanwhile, and each slow one gets 408."""
+    gateway = start_gateway("-header-timeout", f"{HEADER_TIMEOUT_S}s")
+    request = f"GET /ws?token={'a' * 32} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\n".encode()
+    answers: list[bytes] = []
+
+    def dribble() -> None:
+        with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as sock:
+            try:
+                for byte in request:
+                    sock.sendall(bytes([byte]))
+                    gevent.sleep(0.05)  # the attack's pace, not a wait for the gateway
+            except OSError:
+                pass  # the gateway hung up mid-dribble, as it should
+            answers.append(read_until_closed(sock))
+
+    started = time.monotonic()
+    attackers = [gevent.spawn(dribble) for _ in range(200)]
+    wait_for(lambda: len(gateway.gateway.server.pool) >= 200, what="the slow sockets accepted")
+    for player_id in range(21, 24):
+        served_quickly(gateway, player_id)
+    gevent.joinall(attackers, timeout=HEADER_TIMEOUT_S + TIMEOUT_S, raise_error=True)
+    assert time.monotonic() - started < HEADER_TIMEOUT_S + TIMEOUT_S
+    assert len(answers) == 200
+    assert all(status_and_json(answer) == (408, {"error": "request headers not received in time"})
+               for answer in answers), answers[0]
+    wait_for(lambda: len(gateway.gateway.server.pool) == 0, what="every slow socket's greenlet gone")
+
+
+def test_silent_and_idle_connections_are_closed_quietly_at_header_timeout(start_gateway):
+    """A socket that never sends, and a keep-alive one idle after a request, are closed without a response."""
+    gateway = start_gateway("-header-timeout", f"{HEADER_TIMEOUT_S}s")
+    silent = socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S)
+    idle = socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S)
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    started = time.monotonic()
+    first = read_until_closed(idle)
+    assert first.startswith(b"HTTP/1.1 200") and first.count(b"HTTP/1.1") == 1
+    assert read_until_closed(silent) == b""
+    assert HEADER_TIMEOUT_S * 0.9 < time.monotonic() - started < HEADER_TIMEOUT_S + TIMEOUT_S / 2
+    wait_for(lambda: len(gateway.gateway.server.pool) == 0, what="their greenlets gone")
+    silent.close()
+    idle.close()
+
+
+def test_websocket_outlives_header_timeout(start_gateway):
+    """The header deadline ends with the headers: an upgraded socket lives on past it."""
+    gateway = start_gateway("-header-timeout", "200ms", "-ping-period", "400ms", "-pong-wait", "5s")
+    client = gateway.connect(gateway.tokens.player(21))
+    opcode, _ = client.recv_data_frame(True)  # the first ping comes after the header deadline
+    assert opcode == websocket.ABNF.OPCODE_PING
+    assert gateway.publish(gateway.tokens.server(), 21, "still").status == 200
+    assert receive_event(client) == {"event": "still", "payload": None}
+
+
+def test_connection_cap_refuses_503_and_keeps_serving(start_gateway):
+    """At -max-total-conns, upgrades get 503 with Retry-After; publishing goes on; a freed place is reusable."""
+    gateway = start_gateway("-max-total-conns", "5")
+    server = gateway.tokens.server()
+    clients = [gateway.connect(gateway.tokens.player(player_id)) for player_id in range(1, 6)]
+    tokens = [gateway.tokens.player(100 + index) for index in range(30)]
+
+    def attempt(token: str) -> tuple[int, str | None, dict]:
+        try:
+            client = websocket.create_connection(f"{gateway.ws_url}?token={token}", timeout=TIMEOUT_S)
+        except websocket.WebSocketBadStatusException as refusal:
+            return refusal.status_code, refusal.resp_headers.get("retry-after"), json.loads(refusal.resp_body)
+        gateway.clients.append(client)
+        return 101, None, {}
+
+    flood = [gevent.spawn(attempt, token) for token in tokens]
+    gevent.joinall(flood, timeout=TIMEOUT_S, raise_error=True)
+    answers = [attempt.value for attempt in flood]
+    assert all(status == 503 and retry_after == "5" for status, retry_after, _ in answers), answers
+    assert answers[0][2] == {"error": "gateway at its limit of 5 connections, retry later"}
+    assert gateway.metric("ws_connections_rejected_total", reason="capacity") == 30
+    assert gateway.gateway.hub.connection_count() == 5
+    assert gateway.publish(server, 3, "live").status == 200
+    assert receive_event(clients[2]) == {"event": "live", "payload": None}
+    clients[0].close()
+    wait_for(lambda: gateway.gateway.hub.connection_count() == 4, what="a place freed")
+    gateway.connect(tokens[0])
+
+
+def test_malformed_requests_get_json_400_or_414(gateway):
+    """Requests pywsgi cannot parse are answered with a JSON error (400, or 414 for an overlong line)."""
+    cases = [
+        (b"NONSENSE\r\n\r\n", 400),
+        (b"GET /healthz HTTP/9.9\r\n\r\n", 400),
+        (b"POST /publish HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    ]
+    for request, status in cases:
+        with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as sock:
+            sock.sendall(request)
+            answer_status, body = status_and_json(read_until_closed(sock))
+            assert answer_status == status and set(body) == {"error"}, (request[:40], answer_status, body)
+    assert gateway.get("/healthz").status == 200
