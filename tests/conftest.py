@@ -125,5 +125,16 @@ def start_cluster_gateway(start_gateway, redis_prefix) -> Callable[..., GatewayU
     return start
 
 
+@pytest.fixture
+def server_token(tokens) -> str:
+    return tokens.server()
+
+
+@pytest.fixture
+def listener(gateway, tokens):
+    """Player 21, connected: any message wrongly delivered to it shows up before a marker."""
+    return gateway.connect(tokens.player(21))
+
+
 def pytest_report_header() -> str:
     return f"ws-gateway tests: timeout unit {TIMEOUT_S}s"

@@ -185,6 +185,27 @@ def receive_close(client: websocket.WebSocket) -> tuple[int, str]:
             return struct.unpack("!H", data[:2])[0], data[2:].decode("utf-8")
 
 
+CLIENT_MASK = b"\x37\xfa\x21\x3d"  # a fixed mask keeps hand-built frames reproducible
+
+
+def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, masked: bool = True,
+                 announced_length: int | None = None) -> bytes:
+    """A client frame as a browser sends it (masked, shortest length encoding), or bent
+    the ways a hostile client would: unmasked, reserved bits, a length it does not send."""
+    length = len(payload) if announced_length is None else announced_length
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        header = struct.pack("!BB", first, mask_bit | length)
+    elif length < 0x10000:
+        header = struct.pack("!BBH", first, mask_bit | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, length)
+    if not masked:
+        return header + payload
+    return header + CLIENT_MASK + bytes(byte ^ CLIENT_MASK[index % 4] for index, byte in enumerate(payload))
+
+
 class RawClient:
     """A hand-driven WebSocket client for frames no well-behaved library would send."""
 
@@ -202,25 +223,12 @@ class RawClient:
         head, self.pending = response.split(b"\r\n\r\n", 1)
         self.status = int(head.split(b" ", 2)[1])
 
-    def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True,
-                   rsv: int = 0, announced_length: int | None = None) -> None:
-        length = len(payload) if announced_length is None else announced_length
-        first = (0x80 if fin else 0) | (rsv << 4) | opcode
-        mask_bit = 0x80 if masked else 0
-        if length < 126:
-            header = struct.pack("!BB", first, mask_bit | length)
-        elif length < 0x10000:
-            header = struct.pack("!BBH", first, mask_bit | 126, length)
-        else:
-            header = struct.pack("!BBQ", first, mask_bit | 127, length)
-        if masked:
-            mask = os.urandom(4)
-            payload = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-            header += mask
-        self.sock.sendall(header + payload)
+    def send_frame(self, opcode: int, payload: bytes, **shape: Any) -> None:
+        """Send one frame built by `client_frame` (same keyword arguments)."""
+        self.sock.sendall(client_frame(opcode, payload, **shape))
 
-    def read_frame(self) -> tuple[int, bytes]:
-        """The next server frame (opcode, payload); raises on EOF."""
+    def read_frame_bits(self) -> tuple[bool, int, int, bool, bytes]:
+        """The next server frame as (fin, rsv bits, opcode, masked, payload); raises on EOF."""
         def need(count: int) -> bytes:
             while len(self.pending) < count:
                 chunk = self.sock.recv(65536)
@@ -235,7 +243,13 @@ class RawClient:
             length = struct.unpack("!H", need(2))[0]
         elif length == 127:
             length = struct.unpack("!Q", need(8))[0]
-        return first & 0x0F, need(length)
+        mask = need(4) if second & 0x80 else b""
+        return bool(first & 0x80), (first >> 4) & 0x7, first & 0x0F, bool(mask), need(length)
+
+    def read_frame(self) -> tuple[int, bytes]:
+        """The next server frame (opcode, payload); raises on EOF."""
+        _, _, opcode, _, payload = self.read_frame_bits()
+        return opcode, payload
 
     def read_close(self) -> int:
         """Skip frames until the server's close frame; return its code."""

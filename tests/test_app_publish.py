@@ -17,15 +17,6 @@ from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, Reply, receive
 PLAYER = 21
 
 
-@pytest.fixture
-def server_token(tokens) -> str:
-    return tokens.server()
-
-
-@pytest.fixture
-def listener(gateway, tokens):
-    """Player 21, connected: any message wrongly delivered to it shows up before a marker."""
-    return gateway.connect(tokens.player(PLAYER))
 
 
 def assert_next_is_marker(gateway: GatewayUnderTest, server_token: str, *clients: Any) -> None:

@@ -6,6 +6,8 @@ import struct
 
 import pytest
 
+from tests.helpers import CLIENT_MASK as MASK
+from tests.helpers import client_frame
 from wsgateway.errors import CloseCode, ProtocolViolation
 from wsgateway.frames import (
     OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Close, FrameParser, Message, Ping, Pong,
@@ -13,24 +15,6 @@ from wsgateway.frames import (
 )
 
 LIMIT = 1000  # max_message_bytes of the parsers below
-MASK = b"\x37\xfa\x21\x3d"
-
-
-def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, masked: bool = True,
-                 announced_length: int | None = None) -> bytes:
-    """A client frame as a browser sends it: masked, with the shortest length encoding."""
-    length = len(payload) if announced_length is None else announced_length
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask_bit = 0x80 if masked else 0
-    if length < 126:
-        header = struct.pack("!BB", first, mask_bit | length)
-    elif length < 0x10000:
-        header = struct.pack("!BBH", first, mask_bit | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, length)
-    if not masked:
-        return header + payload
-    return header + MASK + bytes(byte ^ MASK[index % 4] for index, byte in enumerate(payload))
 
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:

@@ -44,14 +44,6 @@ def assert_next_is_marker(gateway: GatewayUnderTest, server_token: str, client: 
     assert receive_event(client) == {"event": "marker", "payload": None}
 
 
-@pytest.fixture
-def server_token(tokens) -> str:
-    return tokens.server()
-
-
-@pytest.fixture
-def listener(gateway, tokens):
-    return gateway.connect(tokens.player(PLAYER))
 
 
 # --- POST /publish/batch ------------------------------------------------------------------------

@@ -29,27 +29,6 @@ def connect_raw(gateway: GatewayUnderTest, token: str) -> RawClient:
     return client
 
 
-def read_frame_bits(client: RawClient) -> tuple[bool, int, int, bool, bytes]:
-    """The next server frame as (fin, rsv bits, opcode, masked, payload)."""
-    def need(count: int) -> bytes:
-        while len(client.pending) < count:
-            chunk = client.sock.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed")
-            client.pending += chunk
-        data, client.pending = client.pending[:count], client.pending[count:]
-        return data
-    first, second = need(2)
-    length = second & 0x7F
-    if length == 126:
-        length = struct.unpack("!H", need(2))[0]
-    elif length == 127:
-        length = struct.unpack("!Q", need(8))[0]
-    mask = need(4) if second & 0x80 else b""
-    payload = need(length)
-    return bool(first & 0x80), (first >> 4) & 0x7, first & 0x0F, bool(mask), payload
-
-
 def disconnects(gateway: GatewayUnderTest, code: int) -> float:
     return gateway.metric("ws_disconnects_total", code=str(code))
 
@@ -181,7 +160,7 @@ def test_event_is_exactly_one_text_frame(gateway, tokens):
     assert gateway.publish(server, 21, "score", {"points": 5, "team": "ünïcödé"}).status == 200
     assert gateway.publish(server, 21, "bare").status == 200
     for event, payload in (("score", {"points": 5, "team": "ünïcödé"}), ("bare", None)):
-        fin, rsv, opcode, masked, data = read_frame_bits(client)
+        fin, rsv, opcode, masked, data = client.read_frame_bits()
         assert (fin, rsv, opcode, masked) == (True, 0, OP_TEXT, False)
         message = json.loads(data.decode("utf-8"))
         assert list(message) == ["event", "payload"]
