@@ -26,11 +26,12 @@ from gevent.ssl import SSLSocket
 from wsgateway.errors import CloseCode, ProtocolViolation
 from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, Ping,
                               close_frame, encode_frame)
+from wsgateway.scheduling import let_io_in
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 65536
-FLUSH_SLICE = 256  # connections the flusher writes between two yields to other greenlets
+FLUSH_SLICE = 32  # connections the flusher writes between two turns of the event loop
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0  # how long a close we started waits for the client's answer
 LINGER_BYTES = 1 << 20  # after failing a connection, bytes read and discarded while our close frame drains
 WRITE_CHUNK_BYTES = 256 * 1024  # the writer joins queued frames into sends of about this size
@@ -61,9 +62,10 @@ class Flusher:
 
     A broadcast queues its frame on every connection (cheap: no syscall) and leaves the
     writing to the flusher, which sends each connection's queued frames with one
-    non-blocking send, yielding to other greenlets every `FLUSH_SLICE` connections.
-    Broadcasts that arrive while it works add to the same queues, so a burst of them
-    reaches each socket in few sends: per delivery, the kernel's send cost is shared.
+    non-blocking send. Before every `FLUSH_SLICE` connections it lets the event loop
+    turn (`let_io_in`), so publishes that arrived meanwhile are served, and broadcasts
+    among them add to the same queues: a burst of broadcasts reaches each socket in few
+    sends, and per delivery the kernel's send cost is shared.
     A socket that does not take everything gets its own writer for the rest, as with
     `send()`. The flusher greenlet exists only while there is something to flush."""
 
@@ -81,8 +83,8 @@ class Flusher:
             while self._dirty:
                 dirty, self._dirty = self._dirty, []
                 for index, connection in enumerate(dirty):
-                    if index and not index % FLUSH_SLICE:
-                        gevent.sleep(0)
+                    if not index % FLUSH_SLICE:
+                        let_io_in()
                     try:
                         connection.flush()
                     except Exception:  # the flusher's top level: one bad socket must not stall the rest

@@ -6,8 +6,8 @@ Delivery here never blocks: `send()` on a connection only writes what the kernel
 once or appends to that connection's bounded outbox. A publish to one player runs to its
 end without yielding. A broadcast to many connections is cut into slices of
 `broadcast_slice` connections, and between two slices the hub calls `pause()` (the
-gateway passes a yield to the other greenlets), so that a broadcast to thousands of
-players does not hold up other publishes while it is delivered.
+gateway passes one turn of the event loop, `scheduling.let_io_in`), so that a broadcast
+to thousands of players does not hold up other publishes while it is delivered.
 
 A broadcast hands its frame to `send_later`: the connections queue it and one writer
 sends each socket's queue in one syscall, so a burst of broadcasts costs few sends per

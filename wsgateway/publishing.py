@@ -26,8 +26,6 @@ import time
 from http import HTTPStatus
 from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
-import gevent
-
 from wsgateway.config import Config
 from wsgateway.delivery import Delivery, Outcome
 from wsgateway.errors import BrokerUnavailable, ClientError, StoreUnavailable
@@ -35,6 +33,7 @@ from wsgateway.idempotency import MAX_KEY_CHARS, Claim, ClaimState, IdempotencyS
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.protocol import event_frame
 from wsgateway.ratelimit import Limiter
+from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import TokenStore
 
 log = logging.getLogger(__name__)
@@ -182,7 +181,7 @@ class PublishingRoutes:
         results: list[dict[str, Any]] = []
         for index, (item, claim) in enumerate(zip(items, claims)):
             if index and not index % BATCH_SLICE:
-                gevent.sleep(0)  # let other publishers in; this batch's order is kept
+                let_io_in()  # let other publishers in; this batch's order is kept
             if not index or not index % BATCH_SLICE:
                 try:
                     refuse_while_draining(self._services)

@@ -39,6 +39,7 @@ from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.ratelimit import Limiter, RateLimiter
 from wsgateway.revalidation import Revalidator
 from wsgateway.roster import LocalRoster, Roster
+from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import SqlTokenStore, TokenStore
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class Gateway:
         self.metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
         self.store: TokenStore = store if store is not None else SqlTokenStore(
             config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=config.revalidate_period_s)
-        self.hub = Hub(pause=_yield_to_other_greenlets)
+        self.hub = Hub(pause=let_io_in)
         self.roster: Roster
         self.broker: Broker
         self.offline: MemoryOfflineQueue | None = None  # with -broker, queues live in Redis
@@ -272,10 +273,6 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
         raise ConfigError(f"-tls-key: {key_file!r} cannot be used with -tls-cert {cert_file!r}: "
                           f"{exc.reason or exc}") from None
     return context
-
-
-def _yield_to_other_greenlets() -> None:
-    gevent.sleep(0)
 
 
 def write_pid_file(path: str) -> None:
