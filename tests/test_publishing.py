@@ -4,6 +4,7 @@ that pause without holding up other publishes or letting them overtake."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import gevent
@@ -76,6 +77,24 @@ def test_batch_keeps_the_order_of_one_players_messages_across_slices(start_gatew
     assert reply.status == 200, reply.body
     assert len(reply.json["results"]) == count
     assert [receive_event(client)["payload"] for _ in range(count)] == list(range(count))
+
+
+def test_a_publish_right_after_a_batch_arrives_after_the_batchs_messages(gateway, listener, server_token):
+    """A batch's frames wait for the flusher; a /publish read from the same packet,
+    before the flusher ran, still queues behind them."""
+    def request(path: str, body: Any) -> bytes:
+        data = json.dumps(body).encode()
+        return (f"POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {server_token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+    with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as publisher:
+        publisher.sendall(request("/publish/batch", {"messages": [message(PLAYER, "b", index) for index in range(3)]})
+                          + request("/publish", message(PLAYER, "after")))
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 2:
+            answers += publisher.recv(65536)
+    assert [receive_event(listener) for _ in range(4)] == [
+        {"event": "b", "payload": 0}, {"event": "b", "payload": 1}, {"event": "b", "payload": 2},
+        {"event": "after", "payload": None}]
 
 
 def test_batch_for_an_offline_player_is_queued_in_order(gateway, tokens, server_token):

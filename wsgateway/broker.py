@@ -14,12 +14,15 @@ class Envelope(NamedTuple):
     """One encoded frame and where it goes.
 
     `player_id` None means every connected player. `gateways` names the gateways that
-    hold the player's connections; None means every gateway (broadcasts).
+    hold the player's connections; None means every gateway (broadcasts). `batched`: one
+    of a `/publish/batch`, whose frames may wait for the shared flusher so that those for
+    one socket leave together (see `Hub.deliver`); it does not cross process boundaries.
     """
 
     frame: bytes
     player_id: str | None = None
     gateways: frozenset[str] | None = None
+    batched: bool = False
 
 
 Deliver = Callable[[Envelope], object]

@@ -56,16 +56,18 @@ class Delivery:
         self._broker = broker
         broker.start(self._deliver_locally)
 
-    def publish(self, player_id: str, frame: bytes) -> Outcome:
-        """To every connection of one player, on any gateway, or to its offline queue."""
+    def publish(self, player_id: str, frame: bytes, batched: bool = False) -> Outcome:
+        """To every connection of one player, on any gateway, or to its offline queue.
+        `batched`: one of a batch; this gateway's sockets may get it a moment later,
+        together with the batch's other frames (`Envelope.batched`)."""
         self.metrics.messages_published.inc()
-        return self._to_player(player_id, frame, queue_if_offline=True)
+        return self._to_player(player_id, frame, queue_if_offline=True, batched=batched)
 
     def broadcast(self, frame: bytes, player_id: str | None = None) -> Outcome:
         """To every connected player, or to one player's live connections; never queued."""
         self.metrics.messages_published.inc()
         if player_id is not None:
-            return self._to_player(player_id, frame, queue_if_offline=False)
+            return self._to_player(player_id, frame, queue_if_offline=False, batched=False)
         try:
             reach = self.roster.reach()
             self._broker.publish(Envelope(frame))
@@ -112,13 +114,13 @@ class Delivery:
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
 
-    def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Outcome:
+    def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool, batched: bool) -> Outcome:
         try:
             route = self.roster.route(player_id, frame, queue_if_offline)
             if route.gateways:
-                self._broker.publish(Envelope(frame, player_id, route.gateways))
+                self._broker.publish(Envelope(frame, player_id, route.gateways, batched))
         except BrokerUnavailable:
-            delivered = self._deliver_locally(Envelope(frame, player_id))
+            delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched))
             if not delivered:
                 raise
             return Outcome(delivered, local_only=True)
@@ -139,7 +141,7 @@ class Delivery:
         if envelope.player_id is None:
             delivered = self.hub.broadcast(envelope.frame)
         else:
-            delivered = self.hub.deliver(envelope.player_id, envelope.frame)
+            delivered = self.hub.deliver(envelope.player_id, envelope.frame, later=envelope.batched)
         self.metrics.messages_delivered.inc(delivered)
         return delivered
 

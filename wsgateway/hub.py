@@ -11,7 +11,8 @@ to thousands of players does not hold up other publishes while it is delivered.
 
 A broadcast hands its frame to `send_later`: the connections queue it and one writer
 sends each socket's queue in one syscall, so a burst of broadcasts costs few sends per
-socket. A publish to one player uses `send`, which writes at once when nothing is queued.
+socket. A publish to one player uses `send`, which writes at once when nothing is queued;
+the messages of a batch use `send_later`, like broadcasts.
 
 Ordering survives the pauses. A broadcast goes to a snapshot of the connections taken
 when it starts; while it is unfinished, it remembers which of them it still owes the
@@ -71,14 +72,21 @@ class Hub:
             broadcast.owed.discard(connection)
         return True
 
-    def deliver(self, player_id: str, frame: bytes) -> int:
-        """Hand `frame` to each of the player's connections; return how many took it."""
+    def deliver(self, player_id: str, frame: bytes, later: bool = False) -> int:
+        """Hand `frame` to each of the player's connections; return how many took it.
+
+        `later`: queue it for the flusher (`send_later`) instead of writing at once. A
+        batch of messages to random players then costs one send per socket rather than
+        one per message whenever its frames, or those of concurrent batches, meet on a
+        socket, and the batch is answered before its frames are written."""
         connections = self._by_player.get(player_id)
         if not connections:
             return 0
         if self._unfinished:
             for connection in connections:
                 self._catch_up(connection, None)
+        if later:
+            return sum(connection.send_later(frame) for connection in connections)
         return sum(connection.send(frame) for connection in connections)
 
     def broadcast(self, frame: bytes) -> int:

@@ -192,7 +192,7 @@ class PublishingRoutes:
                 results.append(self._replay(claim))
                 continue
             try:
-                result = publish_answer(publish(item.player_id, item.frame))
+                result = publish_answer(publish(item.player_id, item.frame, batched=True))
             except BrokerUnavailable:
                 raise ClientError(503, f"broker unavailable: messages[{index}:] not accepted, retry them later",
                                   {"Retry-After": "1"}, {"results": results}) from None
