@@ -26,6 +26,8 @@ import time
 from http import HTTPStatus
 from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
+import orjson
+
 from wsgateway.config import Config
 from wsgateway.delivery import Delivery, Outcome
 from wsgateway.errors import BrokerUnavailable, ClientError, StoreUnavailable
@@ -112,7 +114,7 @@ class PublishingRoutes:
             counter = self._request_counters[(endpoint, status)] = \
                 self._services.metrics.http_requests.labels(endpoint, str(status))
         counter.inc()
-        data = json.dumps(body).encode()
+        data = orjson.dumps(body)  # our own answers: counts, flags and ASCII messages
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
                         *headers.items()])
