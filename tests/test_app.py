@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 from gevent import pywsgi
@@ -24,10 +25,23 @@ HEADER_BLOCKS = [
 ]
 
 
+LOOKED_UP = ("Host", "content-length", "Content-Type", "transfer-encoding", "Connection", "upgrade", "x-folded")
+
+
 def both(raw: bytes) -> tuple:
-    ours = _read_headers(io.BufferedReader(io.BytesIO(raw)))
-    theirs = pywsgi.headers_factory(io.BufferedReader(io.BytesIO(raw)))
-    return (ours._headers, ours.status, list(ours.headers)), (theirs._headers, theirs.status, list(theirs.headers))
+    """What pywsgi sees of a header block, through our reader and through its own: the
+    lines, the lookups it makes (also of every name present), and what a chunked
+    request's `del headers["content-length"]` leaves."""
+    names = LOOKED_UP + tuple(line.partition(b":")[0].decode("latin-1") for line in raw.split(b"\r\n"))
+
+    def seen(headers: Any) -> tuple:
+        lookups = [headers.get(name, "-") for name in names]
+        before = (headers._headers, headers.status, list(headers.headers), lookups)
+        del headers["content-length"]
+        return before + (headers.get("content-length"), list(headers.headers))
+
+    return (seen(_read_headers(io.BufferedReader(io.BytesIO(raw)))),
+            seen(pywsgi.headers_factory(io.BufferedReader(io.BytesIO(raw)))))
 
 
 @pytest.mark.parametrize("raw", HEADER_BLOCKS)
