@@ -3,8 +3,10 @@
 that pause without holding up other publishes or letting them overtake."""
 from __future__ import annotations
 
+import email.utils
 import json
 import socket
+import time
 from typing import Any
 
 import gevent
@@ -261,3 +263,10 @@ def test_publish_is_answered_while_a_broadcast_is_paused_and_does_not_overtake_i
         assert gateway.publish(server_token, player, "marker").status == 200
         assert receive_event(client) == {"event": "marker", "payload": None}
     assert gateway.metric("ws_messages_delivered_total") == 6 + 1 + 4
+
+
+def test_answers_carry_a_current_date_header(gateway, server_token):
+    """The Date header (formatted once a second, not per answer) is an HTTP date of now."""
+    reply = gateway.publish(server_token, PLAYER, "dated")
+    assert reply.status == 200
+    assert abs(email.utils.parsedate_to_datetime(reply.headers["date"]).timestamp() - time.time()) < 5
