@@ -334,12 +334,14 @@ class Bench:
         self.report(label, f"{rates[best]:,.0f} deliveries/s, server CPU {min(cpus):.2f} µs/delivery "
                            f"({self.notes[f'{key}_deliveries_per_s']}; {self.notes[f'{key}_cpu_us_per_delivery']})")
 
-    def http_load(self, label: str, spec: dict[str, Any]) -> dict[str, float]:
-        """Run `--http-clients` HTTP client processes sharing `--publishers` connections."""
-        processes = max(1, min(self.args.http_clients, self.args.publishers))
+    def http_load(self, label: str, spec: dict[str, Any], publishers: int = 0) -> dict[str, float]:
+        """Run `--http-clients` HTTP client processes sharing `publishers` connections
+        (by default `--publishers`)."""
+        publishers = publishers or self.args.publishers
+        processes = max(1, min(self.args.http_clients, publishers))
         workers = []
         for index in range(processes):
-            share = self.args.publishers // processes + (index < self.args.publishers % processes)
+            share = publishers // processes + (index < publishers % processes)
             workers.append(Worker("http", {**spec, "port": self.gateway.port, "token": self.gateway.server_token,
                                            "connections": share, "seed": index,
                                            "processes": processes}))
@@ -426,7 +428,7 @@ class Bench:
         players = [self.gateway.player_id(token) for token in self.connected_tokens]
         self.reset_counters(latency=True)
         total = self.http_load("latency", {"mode": "latency", "players": players, "rate": self.args.latency_rate,
-                                           "duration_s": self.args.duration_s})
+                                           "duration_s": self.args.duration_s}, self.args.latency_publishers)
         self.drain_publish_frames(total["messages"])
         latencies: list[float] = []
         for worker in self.ws_workers:
@@ -440,8 +442,10 @@ class Bench:
         achieved = total["messages"] / total["elapsed_s"]
         self.results["latency_p99_ms"] = p99
         self.notes["latency_p99_ms"] = (
-            f"{achieved:,.0f} publishes/s sent (asked {self.args.latency_rate:,}) to random players among "
-            f"{len(players):,}; p50 {p50:.2f} ms, max {latencies[-1] * 1e3:.1f} ms, {len(latencies):,} received")
+            f"{achieved:,.0f} publishes/s sent (asked {self.args.latency_rate:,}, {self.args.latency_publishers} "
+            f"connections) to random players among "
+            f"{len(players):,}; p50 {p50:.2f} ms, max {latencies[-1] * 1e3:.1f} ms, {len(latencies):,} received; "
+            f"server CPU {total['server_cpu_s'] / max(1, total['requests']) * 1e6:.0f} µs/publish")
         self.report("latency", f"p99 {p99:.2f} ms ({self.notes['latency_p99_ms']})")
 
     def hold(self) -> None:
@@ -567,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-clients", type=int, default=2, help="processes the publishers are spread over")
     parser.add_argument("--batch-size", type=int, default=100, help="messages per /publish/batch request")
     parser.add_argument("--latency-rate", type=int, default=5000, help="publishes per second in the latency run")
+    parser.add_argument("--latency-publishers", type=int, default=64,
+                        help="keep-alive connections of the latency run: enough that the rate is kept "
+                             "while some answers are slow (each carries one request at a time)")
     parser.add_argument("--duration-s", type=float, default=5.0, help="length of each HTTP scenario")
     parser.add_argument("--hold", type=int, default=10_000, help="connections to hold at the end (0: skip)")
     parser.add_argument("--connections-per-client", type=int, default=2500, help="connections per client process")
