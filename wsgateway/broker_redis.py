@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from typing import Callable
 
 import gevent
@@ -27,6 +28,7 @@ RECONNECT_FIRST_DELAY_S = 0.1
 RECONNECT_MAX_DELAY_S = 5.0
 POLL_TIMEOUT_S = 1.0  # the listener wakes at least this often to check its connection
 HEALTH_CHECK_PERIOD_S = 5.0  # an idle subscription is pinged this often, so a dead link is noticed
+SUBSCRIBE_TIMEOUT_S = 5.0  # how long Redis may take to confirm a subscription before we reconnect
 
 _TO_PLAYER = b"P"
 _TO_ALL = b"A"
@@ -109,9 +111,11 @@ class RedisBroker:
                 delay_s = RECONNECT_FIRST_DELAY_S
 
     def _listen_once(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._client.pubsub()
         try:
-            pubsub.subscribe(self._keys.channel(self.gateway_id), self._keys.broadcast_channel)
+            channels = [self._keys.channel(self.gateway_id), self._keys.broadcast_channel]
+            pubsub.subscribe(*channels)
+            self._await_confirmation(pubsub, channels)
             self._subscribed.set()
             log.info("listening on redis", extra={"event": "broker_subscribed", "gateway": self.gateway_id})
             if self._on_subscribed is not None:
@@ -133,3 +137,18 @@ class RedisBroker:
                         log.exception("delivering a broker message failed", extra={"event": "delivery_failed"})
         finally:
             pubsub.close()
+
+    @staticmethod
+    def _await_confirmation(pubsub: redis.client.PubSub, channels: list[str]) -> None:
+        """`subscribe` only sends the command. Until Redis has run it, what is published on
+        these channels is dropped, so the gateway must not count as subscribed, nor
+        announce its players' presence again (`on_subscribed`), before Redis confirms."""
+        pending = {channel.encode() for channel in channels}
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+        while pending:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise BrokerUnavailable("redis did not confirm the subscription")
+            message = pubsub.get_message(timeout=remaining_s)
+            if message is not None and message["type"] == "subscribe":
+                pending.discard(message["channel"])
