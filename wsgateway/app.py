@@ -13,6 +13,8 @@ Every refusal is `{"error": "..."}` with the status from the README's table.
 from __future__ import annotations
 
 import email.parser
+import email.utils
+import functools
 import http.client
 import io
 import json
@@ -354,6 +356,11 @@ class _IndexedHeaders(pywsgi.OldMessage):
         self._first.pop(name.lower(), None)
 
 
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
+
+
 class _HeaderTimeout(ValueError):
     """-header-timeout passed before the request line and headers were in. A ValueError
     so that pywsgi hands it to `_handle_client_error` as the client's fault."""
@@ -469,6 +476,13 @@ class GatewayHandler(WebSocketHandler):
             return _REQUEST_TIMEOUT_RESPONSE
         super()._handle_client_error(error)  # logs it (redacted, see log_error)
         return _BAD_REQUEST_RESPONSE
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        """Every answer's Date comes from a once-a-second cache: when the application gives
+        none, pywsgi formats one per response (a thirtieth of a /publish's CPU)."""
+        if not any(name.lower() == "date" for name, _ in headers):
+            headers = [*headers, ("Date", _http_date(int(time.time())))]
+        return super().start_response(status, headers, exc_info)
 
     def handle_one_response(self) -> None:
         super().handle_one_response()

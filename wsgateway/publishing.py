@@ -19,8 +19,6 @@ a batch item go through the same store (see `wsgateway.idempotency`).
 """
 from __future__ import annotations
 
-import email.utils
-import functools
 import json
 import logging
 import math
@@ -119,7 +117,7 @@ class PublishingRoutes:
         data = orjson.dumps(body)  # our own answers: counts, flags and ASCII messages
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                        ("Date", http_date()), *headers.items()])
+                        *headers.items()])
         return [data]
 
     # --- the endpoints --------------------------------------------------------------------
@@ -307,17 +305,6 @@ def _refuse_repeated_keys(items: list[_BatchItem]) -> None:
         if item.key in first_use:
             raise ClientError(400, f"messages[{index}]: idempotency_key repeats that of messages[{first_use[item.key]}]")
         first_use[item.key] = index
-
-
-def http_date() -> str:
-    """The Date header, formatted once a second: pywsgi formats one per response when the
-    application gives none (a thirtieth of a publish's CPU)."""
-    return _http_date_of(int(time.time()))
-
-
-@functools.lru_cache(maxsize=1)
-def _http_date_of(second: int) -> str:
-    return email.utils.formatdate(second, usegmt=True)
 
 
 # --- validation: each check written once -------------------------------------------------------
