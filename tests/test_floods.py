@@ -90,6 +90,21 @@ def test_silent_and_idle_connections_are_closed_quietly_at_header_timeout(start_
     idle.close()
 
 
+def test_keep_alive_idling_past_header_timeout_in_total_stays_open(start_gateway):
+    """The deadline counts from each request's start: idle gaps shorter than it never add up to a hang-up."""
+    gateway = start_gateway("-header-timeout", "300ms")
+    with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as sock:
+        for _ in range(4):
+            gevent.sleep(0.15)  # the client's pace: 600 ms idle in all, 150 ms at a time
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            response = b""
+            while b'"ok"}' not in response:
+                chunk = sock.recv(4096)
+                assert chunk, f"closed after {response!r}"
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 200")
+
+
 def test_websocket_outlives_header_timeout(start_gateway):
     """The header deadline ends with the headers: an upgraded socket lives on past it."""
     gateway = start_gateway("-header-timeout", "200ms", "-ping-period", "400ms", "-pong-wait", "5s")
