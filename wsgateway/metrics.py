@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import os
 
+from gevent import monkey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # echoCTF's ws-server exports no `_created` series; neither do we.
 disable_created_metrics()
+
+# prometheus-client guards every value with `threading.Lock`, which gevent's patching
+# turns into a cooperative lock written in Python: half of each update's cost, and a
+# publish makes five. The guarded code is one addition, which never yields, so the
+# native lock can never be held across a greenlet switch; it still guards real threads.
+values.Lock = monkey.get_original("threading", "Lock")
 
 DROP_OFFLINE_FULL = "offline_queue_full"  # oldest offline message dropped for a newer one
 DROP_OFFLINE_EXPIRED = "offline_expired"  # offline message outlived -offline-ttl
