@@ -9,12 +9,13 @@ from gevent import pywsgi
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsgateway.app import _read_headers
+from wsgateway.app import GatewayHandler, _read_headers
 
 HEADER_BLOCKS = [
     b"Host: x\r\nContent-Length: 5\r\nAuthorization: Bearer  abc \r\n\r\n",
     b"Host: x\r\nX-Folded: a\r\n  b\r\n\r\n",
     b"Host: x\r\nBad Name: v\r\n\r\n",
+    b"X_Under: a\r\nX-Under: b\r\nContent-Type: t\r\nX-Pad:  \xa0v\x85 \t\r\n\r\n",
     b"Host:x\r\nEmpty:\r\n\r\n",
     b"Host: x\nContent-Type: a\rb\r\n\r\n",
     b"From nobody\r\nHost: x\r\n\r\n",
@@ -30,18 +31,20 @@ LOOKED_UP = ("Host", "content-length", "Content-Type", "transfer-encoding", "Con
 
 def both(raw: bytes) -> tuple:
     """What pywsgi sees of a header block, through our reader and through its own: the
-    lines, the lookups it makes (also of every name present), and what a chunked
-    request's `del headers["content-length"]` leaves."""
+    lines, the lookups it makes (also of every name present), the environ's HTTP_* items,
+    and what a chunked request's `del headers["content-length"]` leaves."""
     names = LOOKED_UP + tuple(line.partition(b":")[0].decode("latin-1") for line in raw.split(b"\r\n"))
 
-    def seen(headers: Any) -> tuple:
+    def seen(headers: Any, handler_class: type) -> tuple:
         lookups = [headers.get(name, "-") for name in names]
-        before = (headers._headers, headers.status, list(headers.headers), lookups)
+        handler = handler_class.__new__(handler_class)
+        handler.headers = headers
+        before = (headers._headers, headers.status, list(headers.headers), lookups, list(handler._headers()))
         del headers["content-length"]
         return before + (headers.get("content-length"), list(headers.headers))
 
-    return (seen(_read_headers(io.BufferedReader(io.BytesIO(raw)))),
-            seen(pywsgi.headers_factory(io.BufferedReader(io.BytesIO(raw)))))
+    return (seen(_read_headers(io.BufferedReader(io.BytesIO(raw))), GatewayHandler),
+            seen(pywsgi.headers_factory(io.BufferedReader(io.BytesIO(raw))), pywsgi.WSGIHandler))
 
 
 @pytest.mark.parametrize("raw", HEADER_BLOCKS)

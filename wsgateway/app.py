@@ -338,15 +338,22 @@ def _read_headers(rfile: Any) -> Any:
 class _IndexedHeaders(pywsgi.OldMessage):
     """Headers whose `get` is a dict lookup: pywsgi asks for eight of them per request, and
     the email package scans every header for each (a twentieth of a publish's CPU). The
-    first value of a name wins, as with `email.message.Message.get`."""
+    first value of a name wins, as with `email.message.Message.get`. The environ's
+    `HTTP_*` items are derived once, as the header is added, rather than by pywsgi
+    formatting every header back into a line and splitting it again."""
 
     def __init__(self) -> None:
         super().__init__()
         self._first: dict[str, str] = {}
+        self.environ_items: list[tuple[str, str]] = []
 
     def set_raw(self, name: str, value: str) -> None:
         super().set_raw(name, value)
         self._first.setdefault(name.lower(), value)
+        if "_" not in name:  # pywsgi drops such names (they would collide with dashed ones)
+            key = name.replace("-", "_").upper()
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):  # the environ has these without HTTP_
+                self.environ_items.append(("HTTP_" + key, value.strip()))
 
     def get(self, name: str, failobj: Any = None) -> Any:
         return self._first.get(name.lower(), failobj)
@@ -392,6 +399,11 @@ class GatewayHandler(WebSocketHandler):
 
     def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - pywsgi's name
         return _read_headers(rfile)
+
+    def _headers(self) -> Any:
+        if isinstance(self.headers, _IndexedHeaders):
+            return self.headers.environ_items
+        return super()._headers()  # parsed by the email package: pywsgi's own derivation
 
     def upgrade_websocket(self) -> Any:
         endpoint = getattr(self.server, "websocket_endpoints", {}).get(self.environ.get("PATH_INFO", ""))
