@@ -186,6 +186,18 @@ def test_logs_are_json_lines_without_tokens(gateway_process):
         assert secret not in text
 
 
+def test_process_keeps_its_start_up_heap_out_of_garbage_collections(gateway_process):
+    """Once started, the process freezes what it built (tens of thousands of objects), and still serves."""
+    process = gateway_process()
+    frozen = [line for line in map(json.loads, process.log_file.read_text().splitlines())
+              if line["event"] == "heap_frozen"]
+    assert len(frozen) == 1 and frozen[0]["objects"] > 10_000, frozen
+    table = TokenTable(process.database_url)
+    client = websocket.create_connection(f"{process.ws_url}?token={table.player(21)}", timeout=TIMEOUT_S)
+    deliver_once(process, client, table, 21)
+    table.engine.dispose()
+
+
 def test_keep_alive_publishes_do_not_wait_for_delayed_acks(gateway, tokens):
     """Publishes on one keep-alive connection are answered at once, not ~40 ms late (Nagle's algorithm is off)."""
     server = tokens.server()

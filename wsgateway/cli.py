@@ -16,7 +16,7 @@ from wsgateway import commands
 from wsgateway.config import Config, ConfigError, load
 from wsgateway.errors import BrokerUnavailable, StoreUnavailable
 from wsgateway.logs import setup_logging
-from wsgateway.server import Gateway, remove_pid_file, write_pid_file
+from wsgateway.server import Gateway, freeze_startup_heap, remove_pid_file, write_pid_file
 from wsgateway.workers import Supervisor, inherited_listener
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             gateway.shutdown(0)
             return _fail(f"-pid-file: cannot write {config.pid_file!r}: {exc.strerror}", 2)
+    log.info("start-up heap frozen", extra={"event": "heap_frozen", "objects": freeze_startup_heap()})
     try:
         gateway.serve_forever()
     finally:

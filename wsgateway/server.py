@@ -10,6 +10,7 @@ and give up after `shutdown_timeout_s`.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -273,6 +274,18 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
         raise ConfigError(f"-tls-key: {key_file!r} cannot be used with -tls-cert {cert_file!r}: "
                           f"{exc.reason or exc}") from None
     return context
+
+
+def freeze_startup_heap() -> int:
+    """Keep what the process built before serving (modules, the app, the pools) out of
+    every later full garbage collection; return how many objects that is. A full
+    collection walks every tracked object while nothing else runs: at 2,000 connections
+    that was 140,000 objects and up to 60 ms on 2 cores, 63,000 of them from start-up,
+    which live as long as the process anyway. Garbage is collected first, so none of it
+    is frozen (it would never be freed)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def write_pid_file(path: str) -> None:
