@@ -309,6 +309,7 @@ class _OriginPolicy:
 
 _NO_FURTHER_REQUESTS = io.BytesIO()
 _NO_FURTHER_REQUESTS.close()
+_NO_BODY_LEFT = pywsgi.Input(None, 0)  # an upgrade request's: nothing to discard
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # what the email parser takes as a header name
 
 
@@ -429,12 +430,15 @@ class GatewayHandler(WebSocketHandler):
         # WebSocket object goes (it is marked closed), and so does every reference to the
         # buffered reader and its 8 KiB buffer: `Connection` takes what it read ahead,
         # then reads the socket directly. The closed stand-in tells pywsgi that no
-        # further request follows on this socket.
-        self.environ["wsgi.websocket"] = None
-        self.environ["wsgi.input"] = None  # for an upgrade, pywsgi puts the reader itself here
-        self.websocket = None
-        self.wsgi_input.rfile = None  # an upgrade request has no body left to discard
-        self._endpoint.run(self._admission, self.socket, self._hand_over_reader(), self._remote())
+        # further request follows on this socket. The request's headers, environ and
+        # input go too: every object a socket keeps is walked by each full garbage
+        # collection, while nothing else runs.
+        endpoint, admission = self._endpoint, self._admission
+        del self._endpoint, self._admission
+        self.websocket = self.headers = self.response_headers = None
+        self.environ = {"PATH_INFO": self.environ.get("PATH_INFO", "")}  # what error reports show
+        self.wsgi_input = _NO_BODY_LEFT  # pywsgi discards the rest of the body once the socket ends
+        endpoint.run(admission, self.socket, self._hand_over_reader(), self._remote())
 
     def _hand_over_reader(self) -> Any:
         """The buffered reader, which from now on only the endpoint's `Connection` holds."""
