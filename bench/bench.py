@@ -543,9 +543,10 @@ def print_summary(results: dict[str, float], cores: int) -> None:
         "scaleout_cross_deliveries_per_s": ("redis A->B deliveries/s", "{:,.0f}"),
         "scaleout_cross_cpu_us_per_delivery": ("redis A->B µs/delivery", "{:.2f}"),
     }
+    width = max(len(label) for label, _ in labels.values())
     print(f"\nsummary ({cores} cores, load {load_average()}):")
-    print(f"| {'figure':<27} | {'measured':>10} | {'Go ws-server':>12} | {'goal':>10} | met |")
-    print(f"|{'-' * 29}|{'-' * 12}|{'-' * 14}|{'-' * 12}|-----|")
+    print(f"| {'figure':<{width}} | {'measured':>10} | {'Go ws-server':>12} | {'goal':>10} | met |")
+    print(f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 14}|{'-' * 12}|-----|")
     for key, (label, form) in labels.items():
         if key not in results:
             continue
@@ -556,7 +557,7 @@ def print_summary(results: dict[str, float], cores: int) -> None:
             sign, bound = goal
             met = "yes" if {">=": results[key] >= bound, "<=": results[key] <= bound,
                             "<": results[key] < bound}[sign] else "no"
-        print(f"| {label:<27} | {form.format(results[key]):>10} | "
+        print(f"| {label:<{width}} | {form.format(results[key]):>10} | "
               f"{form.format(go) if go is not None else '':>12} | "
               f"{f'{goal[0]} {form.format(goal[1])}' if goal else '':>10} | {met:>3} |")
 
