@@ -1,8 +1,9 @@
 """The gateway's web face: the Flask app for HTTP, and the WebSocket route in front of it.
 
 `/publish`, `/publish/batch` and `/broadcast` are served in front of Flask by
-`publishing.PublishingRoutes` (the hot paths); `/metrics`, `/healthz` and `/readyz` are
-Flask views, and `/console` when `-console` is set.
+`publishing.PublishingRoutes` (the hot paths; `GatewayHandler` answers their plain
+requests without the WSGI layers); `/metrics`, `/healthz` and `/readyz` are Flask views,
+and `/console` when `-console` is set.
 `/ws` upgrades are handled by `GatewayHandler` before Flask, for two reasons:
 gevent-websocket answers `101 Switching Protocols` before any WSGI view runs, so a view
 could never refuse with 401/403/429/503; and a socket that lives for hours should not
@@ -43,7 +44,7 @@ from wsgateway.hub import Hub
 from wsgateway.idempotency import IdempotencyStore
 from wsgateway.logs import redact
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
-from wsgateway.publishing import PublishingRoutes
+from wsgateway.publishing import STATUS_LINES, PublishingRoutes
 from wsgateway.ratelimit import Limiter
 from wsgateway.roster import Roster, Seat
 from wsgateway.tokens import TokenStore
@@ -347,10 +348,15 @@ class _IndexedHeaders(pywsgi.OldMessage):
         super().__init__()
         self._first: dict[str, str] = {}
         self.environ_items: list[tuple[str, str]] = []
+        self.repeated = False  # some name came twice (pywsgi joins their values in the environ)
 
     def set_raw(self, name: str, value: str) -> None:
         super().set_raw(name, value)
-        self._first.setdefault(name.lower(), value)
+        key = name.lower()
+        if key in self._first:
+            self.repeated = True
+        else:
+            self._first[key] = value
         if "_" not in name:  # pywsgi drops such names (they would collide with dashed ones)
             key = name.replace("-", "_").upper()
             if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):  # the environ has these without HTTP_
@@ -397,6 +403,7 @@ class GatewayHandler(WebSocketHandler):
     every other refusal."""
 
     _header_deadline: gevent.Timeout | None = None
+    _direct = False  # the request is answered by `_answer_directly`
 
     def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - pywsgi's name
         return _read_headers(rfile)
@@ -405,6 +412,31 @@ class GatewayHandler(WebSocketHandler):
         if isinstance(self.headers, _IndexedHeaders):
             return self.headers.environ_items
         return super()._headers()  # parsed by the email package: pywsgi's own derivation
+
+    def get_environ(self) -> dict[str, Any]:
+        publishing = getattr(self.server, "publishing", None)
+        self._direct = publishing is not None and self._is_plain_post_to(publishing)
+        if not self._direct:
+            return super().get_environ()
+        # What the publishing routes read, with the values pywsgi would give them: its full
+        # environ (the server's base copied, every header renamed again, the path
+        # unquoted) and the WSGI response layers `_answer_directly` skips were a sixth of
+        # a keep-alive publish's CPU.
+        self.wsgi_input = pywsgi.Input(self.rfile, self.content_length)
+        environ = dict(self.headers.environ_items)
+        environ.update({"REQUEST_METHOD": "POST", "PATH_INFO": self.path, "SERVER_PROTOCOL": "HTTP/1.1",
+                        "CONTENT_LENGTH": self.headers.get("content-length"),
+                        "wsgi.input": self.wsgi_input, "wsgi.input_terminated": True})
+        return environ
+
+    def _is_plain_post_to(self, publishing: PublishingRoutes) -> bool:
+        """An HTTP/1.1 POST to a publishing path, with plain, distinct headers and a
+        Content-Length: anything else (a query or escape in the path, chunking, Expect:
+        100-continue, HTTP/1.0, folded or repeated headers) goes through pywsgi and Flask."""
+        headers = self.headers
+        return (self.command == "POST" and self.request_version == "HTTP/1.1" and self.content_length is not None
+                and isinstance(headers, _IndexedHeaders) and not headers.repeated and publishing.serves(self.path)
+                and headers.get("transfer-encoding") is None and headers.get("expect") is None)
 
     def upgrade_websocket(self) -> Any:
         endpoint = getattr(self.server, "websocket_endpoints", {}).get(self.environ.get("PATH_INFO", ""))
@@ -508,15 +540,28 @@ class GatewayHandler(WebSocketHandler):
     def _write_with_headers(self, data: bytes) -> None:
         """pywsgi sends a response's headers, then its first body chunk: two syscalls,
         two wakeups of the client, and gevent's sendall asks the kernel for the socket's
-        buffer size each time. Collect both parts and hand them to the non-blocking
-        socket in one send; only what it does not take goes through pywsgi's sendall."""
+        buffer size each time. Collect both parts and send them together."""
         parts: list[bytes] = []
         self._sendall = parts.append  # shadows the method while pywsgi formats the response
         try:
             super()._write_with_headers(data)
         finally:
             del self._sendall
-        response = b"".join(parts)
+        self._send_response(b"".join(parts))
+
+    def _answer_directly(self) -> None:
+        """A publishing request's answer, written as pywsgi would write it (status line,
+        the route's headers, Date) without the WSGI layers in between."""
+        status, body, headers = self.server.publishing.answer(self.environ)
+        self._orig_status = STATUS_LINES[status]
+        self.status, self.code, self.headers_sent = self._orig_status.encode("latin-1"), status, True
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        self._send_response(f"HTTP/1.1 {self._orig_status}\r\n{head}Date: {_http_date(int(time.time()))}\r\n\r\n"
+                            .encode("latin-1") + body)
+
+    def _send_response(self, response: bytes) -> None:
+        """Hand the whole response to the non-blocking socket in one send; only what it
+        does not take goes through pywsgi's sendall."""
         raw = direct_socket(self.socket)
         try:
             sent = raw.send(response) if raw is not None else 0
@@ -527,7 +572,10 @@ class GatewayHandler(WebSocketHandler):
             self._sendall(response[sent:])
 
     def run_application(self) -> None:
-        super().run_application()
+        if self._direct:
+            self._answer_directly()
+        else:
+            super().run_application()
         if self.code == 413 and self.wsgi_input is not None:
             # pywsgi would read and discard the rest of the refused body before the next
             # request: possibly gigabytes, or forever when chunked. Hang up instead.

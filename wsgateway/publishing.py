@@ -5,6 +5,9 @@ These are the gateway's hot paths, so they are served as plain WSGI in front of 
 seam). Profiled, a Flask request context, URL map, hooks and `Response` cost more than
 everything else a publish does; here a request is read straight from the WSGI environ
 and answered with one JSON body. Every other path (and Flask's 404) stays Flask's.
+The common case, a plain HTTP/1.1 POST, skips WSGI too: `app.GatewayHandler` hands
+`answer()` a minimal environ and writes the response itself, byte for byte as pywsgi
+would have.
 
 What a client sees is the README's table: `{"error": "..."}` with the status of the
 `ClientError`, 503 with `Retry-After: 1` when the token store does not answer, 500 for
@@ -46,6 +49,8 @@ BATCH_SLICE = 256  # batch messages delivered between two yields to other greenl
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict, StartResponse], Iterable[bytes]]
 Answer = tuple[dict[str, Any], dict[str, str]]  # a 200's JSON body and extra headers
+Response = tuple[int, bytes, list[tuple[str, str]]]  # status, body, headers
+STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
 class PublishingServices(Protocol):
@@ -80,13 +85,21 @@ class PublishingRoutes:
                            for endpoint, _ in self._routes.values()}
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        route = self._routes.get(environ.get("PATH_INFO", ""))
-        if route is None:
+        if environ.get("PATH_INFO", "") not in self._routes:
             return self._fallback(environ, start_response)
-        endpoint, handle = route
+        status, data, headers = self.answer(environ)
+        start_response(STATUS_LINES[status], headers)
+        return [data]
+
+    def serves(self, path: str) -> bool:
+        return path in self._routes
+
+    def answer(self, environ: dict) -> Response:
+        """The answer to a request for one of the publishing paths (see `serves`)."""
+        endpoint, handle = self._routes[environ["PATH_INFO"]]
         if environ.get("REQUEST_METHOD") != "POST":
             # Flask counted a wrong method as "unmatched" and timed nothing; so do we.
-            return self._answer(start_response, "unmatched", 405, {"error": "method not allowed"}, {"Allow": "POST"})
+            return self._answer("unmatched", 405, {"error": "method not allowed"}, {"Allow": "POST"})
         started = time.perf_counter()
         headers: dict[str, str] = {}
         try:
@@ -105,20 +118,17 @@ class PublishingRoutes:
                       extra={"event": "internal_error", "path": environ.get("PATH_INFO", "")})
             status, body = 500, {"error": "internal error"}
         self._durations[endpoint].observe(time.perf_counter() - started)
-        return self._answer(start_response, endpoint, status, body, headers)
+        return self._answer(endpoint, status, body, headers)
 
-    def _answer(self, start_response: StartResponse, endpoint: str, status: int, body: dict[str, Any],
-                headers: dict[str, str]) -> list[bytes]:
+    def _answer(self, endpoint: str, status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
         counter = self._request_counters.get((endpoint, status))
         if counter is None:
             counter = self._request_counters[(endpoint, status)] = \
                 self._services.metrics.http_requests.labels(endpoint, str(status))
         counter.inc()
         data = orjson.dumps(body)  # our own answers: counts, flags and ASCII messages
-        start_response(f"{status} {HTTPStatus(status).phrase}",
-                       [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                        *headers.items()])
-        return [data]
+        return status, data, [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                              *headers.items()]
 
     # --- the endpoints --------------------------------------------------------------------
     def _publish(self, environ: dict) -> Answer:

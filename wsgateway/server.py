@@ -58,6 +58,7 @@ class DrainingWSGIServer(WSGIServer):
         self.draining = False
         self.idle_handlers: set[Any] = set()
         self.websocket_endpoints: dict[str, Any] = {}
+        self.publishing: Any = None  # PublishingRoutes, answered by GatewayHandler without WSGI
         self.header_timeout_s = 0.0  # see GatewayHandler; 0 = no limit
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
@@ -126,10 +127,12 @@ class Gateway:
         tls: dict[str, Any] = {}
         if config.tls_cert_file:
             tls["ssl_context"] = tls_context(config.tls_cert_file, config.tls_key_file)
+        app = create_app(self)
         self.server = DrainingWSGIServer(
             listener if listener is not None else (config.listen_host, config.listen_port),
-            create_app(self), handler_class=GatewayHandler,
+            app, handler_class=GatewayHandler,
             spawn=Pool(), log=None, error_log=logging.getLogger("wsgateway.http"), **tls)
+        self.server.publishing = app.wsgi_app  # the same routes, for GatewayHandler's direct answers
         self.server.websocket_endpoints[WEBSOCKET_PATH] = PlayerEndpoint(self)
         self.server.header_timeout_s = config.header_timeout_s
         self._jobs: list[gevent.Greenlet] = []
