@@ -23,6 +23,10 @@ HEADER_BLOCKS = [
     b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\nX: \xff\r\n\r\n",
     b"NoColonLine\r\nHost: x\r\n\r\n",
     b"Host: " + b"x" * 70000 + b"\r\n\r\n",
+    b"Host: x\nX-Bare-Lf: y\n\n",
+    b"Host: x\r\r\nX: y\r\n\r\n",
+    b"Host: x\r\nX-Cut-Short: y\r\n",
+    b"X:\t \tpadded \r\nY: a: b\r\n\r\n",
 ]
 
 

@@ -311,56 +311,54 @@ class _OriginPolicy:
 _NO_FURTHER_REQUESTS = io.BytesIO()
 _NO_FURTHER_REQUESTS.close()
 _NO_BODY_LEFT = pywsgi.Input(None, 0)  # an upgrade request's: nothing to discard
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # what the email parser takes as a header name
+# A header block that the email parser reads as plain `Name: value` lines: names of the
+# characters it takes, no CR but at a line's end, and the blank line that ends the block.
+_PLAIN_HEADER_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\r\n]*\r?\n)*\r?\n")
+_HEADER_LINE = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)")
 
 
 def _read_headers(rfile: Any) -> Any:
     """pywsgi's request headers, parsed without the email package's feed parser (a
-    sixth of a publish's CPU). The lines are read by http.client with its limits, and
-    plain `Name: value` lines give exactly the (name, value) pairs the email parser
-    would; anything else (folded lines, a stray CR, a line without a name) goes to the
-    email parser itself, as pywsgi does it."""
+    sixth of a publish's CPU). The lines are read by http.client with its limits; a
+    plain block gives exactly the (name, value) pairs the email parser would, and
+    anything else (folded lines, a stray CR, a line without a name, a block cut short)
+    goes to the email parser itself, as pywsgi does it."""
     try:
         lines = http.client._read_headers(rfile)  # noqa: SLF001 - the reader parse_headers uses
     except http.client.LineTooLong:
         message = pywsgi.OldMessage()
         message.status = "Line too long"
         return message
-    message = _IndexedHeaders()
-    for raw in lines[:-1]:
-        line = raw.decode("iso-8859-1").rstrip("\r\n")
-        name, colon, value = line.partition(":")
-        if not colon or "\r" in line or not _HEADER_NAME.fullmatch(name):
-            text = b"".join(lines).decode("iso-8859-1")
-            return email.parser.Parser(_class=pywsgi.OldMessage).parsestr(text)
-        message.set_raw(name, value.lstrip(" \t"))
-    return message
+    block = b"".join(lines)
+    text = block.decode("iso-8859-1")
+    if not _PLAIN_HEADER_BLOCK.fullmatch(block):
+        return email.parser.Parser(_class=pywsgi.OldMessage).parsestr(text)
+    return _IndexedHeaders(_HEADER_LINE.findall(text))
 
 
 class _IndexedHeaders(pywsgi.OldMessage):
     """Headers whose `get` is a dict lookup: pywsgi asks for eight of them per request, and
     the email package scans every header for each (a twentieth of a publish's CPU). The
     first value of a name wins, as with `email.message.Message.get`. The environ's
-    `HTTP_*` items are derived once, as the header is added, rather than by pywsgi
-    formatting every header back into a line and splitting it again."""
+    `HTTP_*` items are derived here once, rather than by pywsgi formatting every header
+    back into a line and splitting it again."""
 
-    def __init__(self) -> None:
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
         super().__init__()
+        self._headers = pairs  # where email.message.Message keeps them
         self._first: dict[str, str] = {}
         self.environ_items: list[tuple[str, str]] = []
         self.repeated = False  # some name came twice (pywsgi joins their values in the environ)
-
-    def set_raw(self, name: str, value: str) -> None:
-        super().set_raw(name, value)
-        key = name.lower()
-        if key in self._first:
-            self.repeated = True
-        else:
-            self._first[key] = value
-        if "_" not in name:  # pywsgi drops such names (they would collide with dashed ones)
-            key = name.replace("-", "_").upper()
-            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):  # the environ has these without HTTP_
-                self.environ_items.append(("HTTP_" + key, value.strip()))
+        for name, value in pairs:
+            key = name.lower()
+            if key in self._first:
+                self.repeated = True
+            else:
+                self._first[key] = value
+            if "_" not in name:  # pywsgi drops such names (they would collide with dashed ones)
+                key = name.replace("-", "_").upper()
+                if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):  # the environ has these without HTTP_
+                    self.environ_items.append(("HTTP_" + key, value.strip()))
 
     def get(self, name: str, failobj: Any = None) -> Any:
         return self._first.get(name.lower(), failobj)
