@@ -41,7 +41,7 @@ def request(path: str, body: bytes, *headers: str, length: int | None = None) ->
 
 @pytest.fixture
 def direct_answers(monkeypatch):
-    """How many requests GatewayHandler answered directly."""
+    """The paths of the requests GatewayHandler answered directly, in order."""
     answered = []
     original = GatewayHandler._answer_directly
 

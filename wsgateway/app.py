@@ -368,6 +368,11 @@ class _IndexedHeaders(pywsgi.OldMessage):
         self._first.pop(name.lower(), None)
 
 
+def _http_date_now() -> str:
+    """The Date header's value, formatted once a second rather than per answer."""
+    return _http_date(int(time.time()))
+
+
 @functools.lru_cache(maxsize=1)
 def _http_date(second: int) -> str:
     return email.utils.formatdate(second, usegmt=True)
@@ -527,7 +532,7 @@ class GatewayHandler(WebSocketHandler):
         """Every answer's Date comes from a once-a-second cache: when the application gives
         none, pywsgi formats one per response (a thirtieth of a /publish's CPU)."""
         if not any(name.lower() == "date" for name, _ in headers):
-            headers = [*headers, ("Date", _http_date(int(time.time())))]
+            headers = [*headers, ("Date", _http_date_now())]
         return super().start_response(status, headers, exc_info)
 
     def handle_one_response(self) -> None:
@@ -554,7 +559,7 @@ class GatewayHandler(WebSocketHandler):
         self._orig_status = STATUS_LINES[status]
         self.status, self.code, self.headers_sent = self._orig_status.encode("latin-1"), status, True
         head = "".join(f"{name}: {value}\r\n" for name, value in headers)
-        self._send_response(f"HTTP/1.1 {self._orig_status}\r\n{head}Date: {_http_date(int(time.time()))}\r\n\r\n"
+        self._send_response(f"HTTP/1.1 {self._orig_status}\r\n{head}Date: {_http_date_now()}\r\n\r\n"
                             .encode("latin-1") + body)
 
     def _send_response(self, response: bytes) -> None:

@@ -85,7 +85,7 @@ class PublishingRoutes:
                            for endpoint, _ in self._routes.values()}
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO", "") not in self._routes:
+        if not self.serves(environ.get("PATH_INFO", "")):
             return self._fallback(environ, start_response)
         status, data, headers = self.answer(environ)
         start_response(STATUS_LINES[status], headers)
