@@ -1,6 +1,6 @@
 """The soak (bench/soak.py) in its CI size: 200 players, two rounds of 15 seconds of
 numbered messages with reconnects; the full run (1,000 players, 10 minutes in four rounds)
-is documented in the README."""
+is documented in docs/reliability.md."""
 from __future__ import annotations
 
 import json
