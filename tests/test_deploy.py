@@ -5,6 +5,8 @@ settings and CI's own commands."""
 from __future__ import annotations
 
 import configparser
+import contextlib
+import http.client
 import json
 import os
 import re
@@ -12,6 +14,8 @@ import shutil
 import signal
 import ssl
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certificates import make_tls_files
 from tests.helpers import TIMEOUT_S, free_port, receive_event, wait_for
-from wsgateway.client import GatewayClient
+from wsgateway.client import GatewayClient, Unavailable
 from wsgateway.config import FLAGS, load, parse_duration
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -121,52 +125,68 @@ def substituted(text: str, replacements: list[tuple[str, str]]) -> str:
     return text
 
 
-@pytest.fixture
-def nginx_in_front(start_gateway, tmp_path):
-    """etc/nginx-ws-gateway.conf run by a real nginx in front of a gateway, on free ports and test certificates."""
+@dataclass
+class RunningSite:
+    """etc/nginx-ws-gateway.conf running in a real nginx: its ports, the test CA, and every log it writes."""
+    https_port: int
+    http_port: int
+    trust: ssl.SSLContext
+    access_log: Path
+    logs: list[Path]  # the site's access and error logs, nginx's own error log, and the http-wide access log
+
+    def logged(self) -> str:
+        return "".join(log.read_text() for log in self.logs if log.exists())
+
+
+@contextlib.contextmanager
+def nginx_site(tmp_path: Path, upstream_port: int, ready_status: int) -> Iterator[RunningSite]:
+    """The site on free ports and test certificates, proxying to 127.0.0.1:`upstream_port`; ready once
+    /healthz through it answers `ready_status` (200 with a gateway behind it, 502 without)."""
     binary = nginx_binary()
     if binary is None:
         reason = "nginx is not available (`make install-test-tools` unpacks it under tests/.tools)"
         if TOOLS_REQUIRED:
             pytest.fail(f"required here but cannot run: {reason}")
         pytest.skip(reason)
-    gateway = start_gateway()
     tls = make_tls_files(tmp_path)
     https_port, http_port = free_port(), free_port()
+    site_access, site_errors = tmp_path / "access.log", tmp_path / "site-error.log"
     site = substituted((ETC / "nginx-ws-gateway.conf").read_text(), [
-        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{gateway.port};"),
+        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream_port};"),
         ("    listen 443 ssl;\n    listen [::]:443 ssl;\n", f"    listen 127.0.0.1:{https_port} ssl;\n"),
         ("    listen 80;\n    listen [::]:80;\n", f"    listen 127.0.0.1:{http_port};\n"),
         ("/etc/letsencrypt/live/ws.example.org/fullchain.pem", str(tls.cert)),
         ("/etc/letsencrypt/live/ws.example.org/privkey.pem", str(tls.key)),
-        ("/var/log/nginx/ws-gateway.access.log", str(tmp_path / "access.log")),
+        ("/var/log/nginx/ws-gateway.access.log", str(site_access)),
+        ("/var/log/nginx/ws-gateway.error.log", str(site_errors)),
     ])
     (tmp_path / "site.conf").write_text(site)
     temp_paths = "".join(f"{kind}_temp_path {tmp_path / kind};\n"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    # As a distribution's nginx.conf has it: an http-wide access log in the "combined" format,
+    # which holds whole request lines, for any server that does not set its own.
     (tmp_path / "nginx.conf").write_text(
         ("user root;\n" if os.geteuid() == 0 else "")
         + f"daemon off;\nworker_processes 1;\npid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'};\n"
         + "events { worker_connections 256; }\n"
-        + f"http {{\naccess_log off;\n{temp_paths}include {tmp_path / 'site.conf'};\n}}\n")
+        + f"http {{\naccess_log {tmp_path / 'default-access.log'} combined;\n{temp_paths}"
+        + f"include {tmp_path / 'site.conf'};\n}}\n")
     process = subprocess.Popen([binary, "-e", str(tmp_path / "error.log"), "-p", str(tmp_path),
                                 "-c", str(tmp_path / "nginx.conf")],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    trust = ssl.create_default_context(cafile=str(tls.ca_cert))
+    running = RunningSite(https_port, http_port, ssl.create_default_context(cafile=str(tls.ca_cert)), site_access,
+                          [site_access, site_errors, tmp_path / "error.log", tmp_path / "default-access.log"])
 
     def answering() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"nginx exited: {process.stderr.read()} {(tmp_path / 'error.log').read_text()}")
         try:
-            import http.client
-            connection = http.client.HTTPSConnection("localhost", https_port, timeout=TIMEOUT_S, context=trust)
-            connection.request("GET", "/healthz")
-            return connection.getresponse().status == 200
+            return https_get(running, "/healthz").status == ready_status
         except OSError:
             return False
     try:
-        wait_for(answering, 3 * TIMEOUT_S, what="nginx answering /healthz")
-        yield gateway, https_port, http_port, trust, tmp_path / "access.log"
+        wait_for(answering, 3 * TIMEOUT_S, what=f"nginx answering /healthz with {ready_status}")
+        yield running
     finally:
         process.send_signal(signal.SIGQUIT)  # graceful: lets the open WebSocket end
         try:
@@ -176,31 +196,71 @@ def nginx_in_front(start_gateway, tmp_path):
             process.wait(timeout=TIMEOUT_S)
 
 
+def https_get(site: RunningSite, path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    connection = http.client.HTTPSConnection("localhost", site.https_port, timeout=TIMEOUT_S, context=site.trust)
+    connection.request("GET", path, headers=headers or {})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response
+
+
+@pytest.fixture
+def nginx_in_front(start_gateway, tmp_path):
+    """The nginx site in front of a running gateway."""
+    gateway = start_gateway()
+    with nginx_site(tmp_path, gateway.port, ready_status=200) as site:
+        yield gateway, site
+
+
 def test_nginx_site_terminates_tls_for_wss_and_publishing(nginx_in_front):
     """Through the nginx site: wss:// upgrades, https publishing delivers, http redirects, /metrics is hidden,
-    and the access log never holds the player's token."""
-    import http.client
-    gateway, https_port, http_port, trust, access_log = nginx_in_front
+    and no log holds the player's token."""
+    gateway, site = nginx_in_front
     player_token = gateway.tokens.player(21)
-    client = websocket.create_connection(f"wss://localhost:{https_port}/ws?token={player_token}",
-                                         timeout=TIMEOUT_S, sslopt={"context": trust})
+    client = websocket.create_connection(f"wss://localhost:{site.https_port}/ws?token={player_token}",
+                                         timeout=TIMEOUT_S, sslopt={"context": site.trust})
     gateway.clients.append(client)
     wait_for(lambda: gateway.gateway.hub.connection_count() == 1, what="connection through nginx")
-    publisher = GatewayClient(f"https://localhost:{https_port}", gateway.tokens.server(), ssl_context=trust)
+    publisher = GatewayClient(f"https://localhost:{site.https_port}", gateway.tokens.server(), ssl_context=site.trust)
     assert publisher.publish(21, "via-nginx", {"tls": "terminated"}).delivered == 1
     assert receive_event(client) == {"event": "via-nginx", "payload": {"tls": "terminated"}}
     client.close()
 
-    plain = http.client.HTTPConnection("127.0.0.1", http_port, timeout=TIMEOUT_S)
-    plain.request("GET", "/healthz", headers={"Host": "ws.example.org"})
+    plain = http.client.HTTPConnection("127.0.0.1", site.http_port, timeout=TIMEOUT_S)
+    plain.request("GET", f"/ws?token={player_token}", headers={"Host": "ws.example.org"})
     redirect = plain.getresponse()
-    assert (redirect.status, redirect.getheader("Location")) == (301, "https://ws.example.org/healthz")
-    hidden = http.client.HTTPSConnection("localhost", https_port, timeout=TIMEOUT_S, context=trust)
-    hidden.request("GET", "/metrics")
-    assert hidden.getresponse().status == 404
+    assert (redirect.status, redirect.getheader("Location")) == (301, f"https://ws.example.org/ws?token={player_token}")
+    assert https_get(site, "/metrics").status == 404
 
-    wait_for(lambda: "GET /ws " in access_log.read_text(), what="the /ws line in nginx's access log")
-    assert player_token not in access_log.read_text()
+    wait_for(lambda: "GET /ws " in site.access_log.read_text(), what="the /ws line in nginx's access log")
+    assert player_token not in site.logged()
+
+
+def test_nginx_site_logs_no_token_while_the_gateway_is_down(tmp_path):
+    """With nothing listening behind the site, players and publishers get 502, the site's access log says
+    so with the upstream's address, and no log nginx writes holds a token."""
+    down_port = free_port()
+    player_token, server_token = "PlayerTokenThatMustNotBeLogged", "ServerTokenThatMustNotBeLogged"
+    with nginx_site(tmp_path, down_port, ready_status=502) as site:
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            websocket.create_connection(f"wss://localhost:{site.https_port}/ws?token={player_token}",
+                                        timeout=TIMEOUT_S, sslopt={"context": site.trust})
+        assert refused.value.status_code == 502
+        assert https_get(site, f"/ws/?token={player_token}").status == 502  # a mistyped path: location /
+        assert https_get(site, f"/ws?%74oken={player_token}").status == 502
+        publisher = GatewayClient(f"https://localhost:{site.https_port}", server_token, ssl_context=site.trust,
+                                  retries=0)
+        with pytest.raises(Unavailable):
+            publisher.publish(21, "e")
+        plain = http.client.HTTPConnection("127.0.0.1", site.http_port, timeout=TIMEOUT_S)
+        plain.request("GET", f"/ws?token={player_token}", headers={"Host": "ws.example.org"})
+        assert plain.getresponse().status == 301
+        wait_for(lambda: site.access_log.read_text().count(f"upstream=127.0.0.1:{down_port} (502)") >= 5,
+                 what="each failed request in the access log, with its upstream")
+    logged = site.logged()
+    assert "GET /ws " in logged and "POST /publish " in logged
+    assert player_token not in logged and server_token not in logged
 
 
 # --- Prometheus and Docker ---------------------------------------------------------------------------------
