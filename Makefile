@@ -28,13 +28,15 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 # Programs the end-to-end tests drive, from Debian's and npm's registries: Chromium (apt,
 # as root) with playwright-core (npm) for the console, never Playwright's own browser
-# download; and nginx, unpacked from its .deb under tests/.tools (never installed as a
-# service) for the proxy site. CI runs this before the tests.
+# download; nginx, unpacked from its .deb under tests/.tools (never installed as a
+# service) for the proxy site; and systemd's systemd-analyze and systemd-sysusers, which
+# rate the unit and create its user offline (nothing is started). CI runs this before the tests.
 TOOLS_DIR := tests/.tools
 NGINX := $(TOOLS_DIR)/nginx/usr/sbin/nginx
 
 install-test-tools: $(BROWSER_DIR)/node_modules/.installed $(NGINX)
 	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@command -v systemd-analyze >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd; }
 
 $(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
 	cd $(BROWSER_DIR) && npm ci --no-audit --no-fund --loglevel=error

@@ -83,11 +83,17 @@ def test_every_dashboard_metric_and_label_exists_on_a_running_gateway(start_gate
 
 
 # --- systemd unit -------------------------------------------------------------------------------------
-def test_systemd_unit_runs_the_gateway_and_outlasts_its_shutdown():
-    """The unit starts bin/ws-gateway -c /etc/ws-gateway/gateway.ini, raises the fd limit, and waits past the drain."""
-    unit = configparser.ConfigParser(interpolation=None, strict=True)
+def read_unit() -> configparser.ConfigParser:
+    """etc/ws-gateway.service by section; of a key given more than once (as systemd allows), the last."""
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
     unit.optionxform = str  # systemd keys are case-sensitive
     unit.read_string((ETC / "ws-gateway.service").read_text())
+    return unit
+
+
+def test_systemd_unit_runs_the_gateway_and_outlasts_its_shutdown():
+    """The unit starts bin/ws-gateway -c /etc/ws-gateway/gateway.ini, raises the fd limit, and waits past the drain."""
+    unit = read_unit()
     service = unit["Service"]
     assert service["ExecStart"].endswith("bin/ws-gateway -c /etc/ws-gateway/gateway.ini")
     assert int(service["LimitNOFILE"]) >= 65536
@@ -95,6 +101,43 @@ def test_systemd_unit_runs_the_gateway_and_outlasts_its_shutdown():
     assert service["RestartPreventExitStatus"] == "2"  # a refused setting is not retried in a loop
     assert parse_duration(service["TimeoutStopSec"]) > DEFAULTS.shutdown_timeout_s
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def systemd_tool(name: str) -> str:
+    """The path of a systemd program (`make install-test-tools` installs Debian's systemd), or a skip."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not available (`make install-test-tools` installs Debian's systemd package)"
+        if TOOLS_REQUIRED:
+            pytest.fail(f"required here but cannot run: {reason}")
+        pytest.skip(reason)
+    return path
+
+
+def test_systemd_unit_is_hardened_to_at_most_2_5():
+    """`systemd-analyze security` rates the unit at most 2.5, and its files are private to it (UMask=0077)."""
+    unit = read_unit()
+    assert unit["Service"]["UMask"] == "0077"
+    analyzed = subprocess.run([systemd_tool("systemd-analyze"), "security", "--offline=true", "--no-pager",
+                               str(ETC / "ws-gateway.service")], capture_output=True, text=True, timeout=TIMEOUT_S * 6)
+    rating = re.search(r"Overall exposure level for ws-gateway\.service: ([0-9.]+)", analyzed.stdout)
+    assert rating, analyzed.stdout + analyzed.stderr
+    assert float(rating.group(1)) <= 2.5, analyzed.stdout
+
+
+def test_sysusers_entry_creates_the_units_user(tmp_path):
+    """etc/ws-gateway.sysusers, applied by systemd-sysusers to an empty root, creates the unit's User and Group."""
+    unit = read_unit()
+    service = unit["Service"]
+    (tmp_path / "etc" / "sysusers.d").mkdir(parents=True)
+    shutil.copy(ETC / "ws-gateway.sysusers", tmp_path / "etc" / "sysusers.d" / "ws-gateway.conf")
+    subprocess.run([systemd_tool("systemd-sysusers"), f"--root={tmp_path}"], check=True, capture_output=True,
+                   timeout=TIMEOUT_S * 6)
+    users = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0] for line in (tmp_path / "etc" / "group").read_text().splitlines()}
+    user = users[service["User"]]
+    assert service["Group"] in groups
+    assert user[5] == f"/var/lib/{service['StateDirectory']}" and user[6] == "/usr/sbin/nologin"
 
 
 # --- nginx site ------------------------------------------------------------------------------------------
