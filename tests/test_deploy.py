@@ -14,6 +14,8 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,8 @@ import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certificates import make_tls_files
-from tests.helpers import TIMEOUT_S, free_port, receive_event, wait_for
+from tests.helpers import (GATEWAY_BIN, PROCESS_START_TIMEOUT_S, TIMEOUT_S, free_port, gateway_environment,
+                           receive_event, wait_for)
 from wsgateway.client import GatewayClient, Unavailable
 from wsgateway.config import FLAGS, load, parse_duration
 
@@ -325,7 +328,93 @@ def test_dockerfile_uses_ci_commands_and_real_settings():
                        for pair in line.split()[1:])
     assert environment and set(environment) <= settings
     assert load([], env=environment).listen_port == 8080
+    docker_stop_default_s = 10  # `docker stop` kills after this unless given --stop-timeout
+    assert load([], env=environment).shutdown_timeout_s < docker_stop_default_s
+    assert re.search(r"^STOPSIGNAL SIGTERM$", dockerfile, re.MULTILINE)
+    healthcheck = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", dockerfile.replace("\\\n", " "), re.MULTILINE)
+    assert json.loads(healthcheck.group(1)) == ["/opt/ws-gateway/.venv/bin/python",
+                                               "/opt/ws-gateway/bin/ws-gateway-healthcheck"]
     makefile = (PROJECT / "Makefile").read_text()
     assert re.search(r"^test: install-test$", makefile, re.MULTILINE)
     assert re.search(r"^install-test: \$\(VENV\)/\.installed-test$", makefile, re.MULTILINE)
     assert re.search(r"^\$\(VENV\)/\.installed-test: \$\(VENV\)/\.installed ", makefile, re.MULTILINE)
+
+
+# --- the container's health check ------------------------------------------------------------------------------
+HEALTHCHECK_BIN = PROJECT / "bin" / "ws-gateway-healthcheck"
+
+
+def health_of(pid: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HEALTHCHECK_BIN), str(pid)], capture_output=True, text=True,
+                          timeout=PROCESS_START_TIMEOUT_S)
+
+
+@pytest.fixture
+def serving(tmp_path):
+    """Start bin/ws-gateway with `args` and `env` from tmp_path/run; wait until `url`/healthz answers."""
+    started: list[subprocess.Popen] = []
+    (tmp_path / "run").mkdir()
+
+    def start(url: str, *args: str, env: dict[str, str] | None = None,
+              context: ssl.SSLContext | None = None) -> subprocess.Popen:
+        process = subprocess.Popen([GATEWAY_BIN, "-dsn", f"file:{tmp_path / 'tokens.db'}?cache=shared", *args],
+                                   cwd=tmp_path / "run", env=gateway_environment(**(env or {})),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started.append(process)
+
+        def healthy() -> bool:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                return urllib.request.urlopen(f"{url}/healthz", timeout=TIMEOUT_S, context=context).status == 200
+            except OSError:
+                return False
+        wait_for(healthy, PROCESS_START_TIMEOUT_S, what=f"ws-gateway answering {url}/healthz")
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait(timeout=TIMEOUT_S)
+
+
+def test_healthcheck_follows_addr_from_a_flag_a_variable_or_the_config_file(serving, tmp_path):
+    """The health check finds the port wherever -addr was given, and says healthy."""
+    by_flag, by_variable, by_file = free_port(), free_port(), free_port()
+    (tmp_path / "run" / "gateway.ini").write_text(f"[gateway]\naddr = 127.0.0.1:{by_file}\n")
+    processes = [
+        serving(f"http://127.0.0.1:{by_flag}", "-addr", f"127.0.0.1:{by_flag}",
+                env={"WS_GATEWAY_ADDR": "127.0.0.1:1"}),  # the flag wins, and the check knows it
+        serving(f"http://127.0.0.1:{by_variable}", env={"WS_GATEWAY_ADDR": f"127.0.0.1:{by_variable}"}),
+        serving(f"http://127.0.0.1:{by_file}", "-c", "gateway.ini"),  # relative to the gateway's directory
+    ]
+    for process in processes:
+        checked = health_of(process.pid)
+        assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_healthcheck_speaks_tls_when_the_gateway_does(serving, tmp_path):
+    """With -tls-cert the health check asks https:// (plain http to a TLS port would fail it)."""
+    tls = make_tls_files(tmp_path)
+    port = free_port()
+    process = serving(f"https://localhost:{port}", "-addr", f":{port}",
+                      env={"WS_GATEWAY_TLS_CERT": str(tls.cert), "WS_GATEWAY_TLS_KEY": str(tls.key)},
+                      context=ssl.create_default_context(cafile=str(tls.ca_cert)))
+    checked = health_of(process.pid)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_healthcheck_fails_with_one_line_when_nothing_serves(serving):
+    """A gateway that stopped answering, or a process that is no gateway, is unhealthy: exit 1, one line."""
+    port = free_port()
+    process = serving(f"http://127.0.0.1:{port}", "-addr", f"127.0.0.1:{port}")
+    process.send_signal(signal.SIGSTOP)  # alive, its port open, but answering nothing
+    try:
+        stalled = health_of(process.pid)
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert stalled.returncode == 1
+    assert stalled.stderr.startswith(f"ws-gateway-healthcheck: no answer from http://127.0.0.1:{port}/healthz")
+    assert stalled.stderr.count("\n") == 1
+    stranger = health_of(os.getpid())
+    assert stranger.returncode == 1 and "is not bin/ws-gateway" in stranger.stderr
+    assert stranger.stderr.count("\n") == 1
