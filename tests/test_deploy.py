@@ -67,11 +67,12 @@ def exercised_metrics(gateway) -> dict[str, set[str]]:
 
 
 def test_every_dashboard_metric_and_label_exists_on_a_running_gateway(start_gateway):
-    """Each metric a dashboard query uses is exported by a running gateway, with the labels the query groups by."""
+    """Each metric a dashboard query uses is exported by a running gateway, with the labels the query groups by,
+    and every metric the gateway exports (its own, process_* and python_info) has a panel."""
     exported = exercised_metrics(start_gateway("-max-queued", "1"))
     used: set[str] = set()
     for query in dashboard_queries():
-        names = set(re.findall(r"\bws_[a-z_]+\b", query))
+        names = set(re.findall(r"\b(?:ws|process|python)_[a-z_]+\b", query))  # ours, and the process's
         assert names, query
         used |= names
         for name in names:

@@ -1,9 +1,12 @@
-"""The documentation agrees with the code: the README's settings table names every flag, and
-every relative link in README.md and docs/*.md reaches an existing file and heading."""
+"""The documentation agrees with the code: the README's settings table names every flag, the
+metrics table names every `endpoint` label, and every relative link in README.md and docs/*.md
+reaches an existing file and heading."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from wsgateway.config import FLAGS
 
@@ -46,3 +49,18 @@ def test_every_relative_link_reaches_a_file_and_heading():
     assert not broken
     assert {page.name for page in PAGES} >= {"README.md", "operations.md", "scale-out.md",
                                              "reliability.md", "performance.md", "architecture.md"}
+
+
+def test_documented_endpoint_labels_are_the_apps_endpoints(start_gateway):
+    """docs/operations.md lists exactly the `endpoint` values of ws_http_requests_total a gateway (with every
+    route, -console included) can count: Flask's endpoints, the publishing routes, and `unmatched`."""
+    gateway = start_gateway("-console")
+    flask_endpoints = {rule.endpoint for rule in gateway.gateway.server.application.url_map.iter_rules()}
+    exported = text_string_to_metric_families(gateway.get("/metrics").body.decode())
+    publishing = {sample.labels["endpoint"] for family in exported for sample in family.samples
+                  if sample.name == "ws_publish_duration_seconds_count"}
+    assert publishing == {"publish", "publish_batch", "broadcast"}
+    row = next(line for line in (PROJECT / "docs" / "operations.md").read_text().splitlines()
+               if line.startswith("| `ws_http_requests_total{endpoint,status}` |"))
+    documented = set(re.findall(r"`([a-z_.]+)`", row.split("|")[2]))
+    assert documented == flask_endpoints | publishing | {"unmatched"}

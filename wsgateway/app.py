@@ -75,7 +75,7 @@ class Services(Protocol):
 # --- HTTP --------------------------------------------------------------------------------
 def create_app(services: Services) -> Flask:
     """The Flask application for every HTTP endpoint."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no /static/ route: nothing is served from a folder
     # One byte more than allowed: werkzeug stops a body without Content-Length (chunked) at
     # this limit without complaint, so reading one byte past -max-body is how we see it.
     app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes + 1

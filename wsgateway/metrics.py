@@ -9,15 +9,27 @@ With `-workers N` each worker process records into files under PROMETHEUS_MULTIP
 (prometheus-client's multiprocess mode, set up by the supervisor), and `/metrics` from
 any worker reports the totals of the host; `ws_worker_active_connections` keeps one
 series per worker (label `pid`).
+
+Besides its own metrics the gateway exports prometheus-client's process metrics (resident
+memory, CPU, open descriptors and their limit: `process_*`, read from /proc) and `python_info`.
+With workers these are the process that answered the scrape.
+
+Every labelled counter starts with a zero series for each label value the gateway can
+produce (listed below, and every close code of the catalogue), so a panel shows 0 rather
+than "No data" until the first event. `ws_http_requests_total{endpoint,status}` is left out:
+its statuses are known only once answered.
 """
 from __future__ import annotations
 
 import os
 
 from gevent import monkey
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
+                               disable_created_metrics, generate_latest)
 from prometheus_client import values
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from wsgateway.errors import CloseCode
 
 # echoCTF's ws-server exports no `_created` series; neither do we.
 disable_created_metrics()
@@ -32,6 +44,13 @@ DROP_OFFLINE_FULL = "offline_queue_full"  # oldest offline message dropped for a
 DROP_OFFLINE_EXPIRED = "offline_expired"  # offline message outlived -offline-ttl
 DROP_OFFLINE_DISABLED = "offline_disabled"  # player offline and queueing is off
 DROP_SLOW_CONSUMER = "slow_consumer"  # frames discarded when a too-slow socket was closed
+DROP_REASONS = (DROP_OFFLINE_FULL, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_DISABLED, DROP_SLOW_CONSUMER)
+
+# The label values the web face counts under (a test checks them against its calls).
+AUTH_FAILURE_KINDS = ("player", "server")
+AUTH_FAILURE_REASONS = ("missing", "invalid")
+REJECTION_REASONS = ("unauthorized", "origin", "too_many_connections", "capacity", "store_unavailable",
+                     "broker_unavailable", "shutting_down")
 
 
 class GatewayMetrics:
@@ -85,6 +104,19 @@ class GatewayMetrics:
             "ws_publish_duration_seconds", "Time to answer /publish and /broadcast.", ["endpoint"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=registry)
+        _add_runtime_collectors(registry)
+        self._start_known_series_at_zero()
+
+    def _start_known_series_at_zero(self) -> None:
+        for reason in DROP_REASONS:
+            self.messages_dropped.labels(reason)
+        for kind in AUTH_FAILURE_KINDS:
+            for reason in AUTH_FAILURE_REASONS:
+                self.auth_failures.labels(kind, reason)
+        for reason in REJECTION_REASONS:
+            self.connections_rejected.labels(reason)
+        for code in CloseCode:
+            self.disconnects.labels(str(int(code)))
 
     def connection_opened(self) -> None:
         self.active_connections.inc()
@@ -100,5 +132,12 @@ class GatewayMetrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             host = CollectorRegistry()
             MultiProcessCollector(host)
+            _add_runtime_collectors(host)
             return generate_latest(host)
         return generate_latest(self.registry)
+
+
+def _add_runtime_collectors(registry: CollectorRegistry) -> None:
+    """`process_*` (memory, CPU, descriptors against the limit) and `python_info`, of this process."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
