@@ -1,7 +1,8 @@
 """Deployment files in etc/ and the Dockerfile, checked against the real gateway: the Grafana
 dashboard's metrics exist on /metrics, the systemd unit and nginx site agree with the gateway's
-timeouts, the nginx site proxies wss:// and publishing for real, and the Dockerfile uses real
-settings and CI's own commands."""
+timeouts, systemd's own tools rate the unit and create its user, the nginx site proxies wss://
+and publishing for real and logs no token (also with the gateway down), and the Dockerfile uses
+real settings, CI's own commands and a health check that finds the gateway however it was set up."""
 from __future__ import annotations
 
 import configparser
