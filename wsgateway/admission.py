@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from wsgateway.config import Config
@@ -42,14 +40,30 @@ class AdmissionServices(Protocol):
     draining: bool
 
 
-@dataclass
 class Admission:
-    """A player's upgrade request, accepted: its seat in the roster is reserved until
-    `seat` is None (handed to the connection)."""
+    """A player's upgrade request, accepted, and the context manager that holds what it
+    reserved: on leaving the block, a seat not handed to the connection (`seat` still
+    set) is given back to the roster. A small object, not a generator: it lives as long
+    as the socket."""
 
-    player_id: str
-    token: str
-    seat: Seat | None
+    __slots__ = ("player_id", "token", "seat", "_roster")
+
+    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster) -> None:
+        self.player_id = player_id
+        self.token = token
+        self.seat: Seat | None = seat  # None once the connection owns it
+        self._roster = roster
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        seat, self.seat = self.seat, None
+        if seat is not None:
+            try:
+                self._roster.cancel(seat)
+            except BrokerUnavailable:
+                pass  # the reservation expires by itself
 
 
 class PlayerEndpoint:
@@ -63,18 +77,9 @@ class PlayerEndpoint:
                                     write_timeout_s=config.pong_wait_s)
         self._max_message_bytes = config.max_message_bytes
 
-    @contextmanager
-    def admitted(self, request: WebSocketRequest) -> Iterator[Admission]:
-        """Admit the request (or raise `ClientError`) and hold its reservations until the
-        block ends; what `serve` did not hand to the connection is given back then."""
-        admission = self._admit(request)
-        try:
-            yield admission
-        finally:
-            if admission.seat is not None:
-                self._give_back(admission.seat)
-
-    def _admit(self, request: WebSocketRequest) -> Admission:
+    def admitted(self, request: WebSocketRequest) -> Admission:
+        """Admit the request or raise `ClientError`; use the answer as a context manager,
+        which gives back, when the block ends, what `serve` did not hand to the connection."""
         services = self._services
         rejected = services.metrics.connections_rejected
         if services.draining:
@@ -103,19 +108,13 @@ class PlayerEndpoint:
         if seat is None:
             rejected.labels("too_many_connections").inc()
             raise Refusal.TOO_MANY_PLAYER_CONNECTIONS(limit=services.config.max_conns_per_player)
-        return Admission(player_id, token, seat)
+        return Admission(player_id, token, seat, services.roster)
 
     def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:
         """The 503 for a dependency that did not answer, counted and logged under `reason`."""
         self._services.metrics.connections_rejected.labels(reason).inc()
         log.warning(f"{what} unavailable", extra={"event": reason, "detail": str(cause)})
         return Refusal.DEPENDENCY_UNAVAILABLE(what=what)
-
-    def _give_back(self, seat: Seat) -> None:
-        try:
-            self._services.roster.cancel(seat)
-        except BrokerUnavailable:
-            pass  # the reservation expires by itself
 
     def serve(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
         """Serve the upgraded socket until it ends; the seat goes to the connection."""

@@ -75,4 +75,4 @@ _hub_log = logging.getLogger("wsgateway.hub")
 def _log_greenlet_error(context: Any, kind: Any, value: Any, traceback: Any) -> None:
     exc_info = (kind, value, traceback) if isinstance(value, BaseException) else None
     _hub_log.error("greenlet failed", exc_info=exc_info, extra={
-        "event": "internal_error", "context": repr(context)[:200], "error": getattr(kind, "__name__", str(kind))})
+        "event": "internal_error", "context": repr(context)[:200], "error_type": getattr(kind, "__name__", str(kind))})
