@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from wsgateway.config import Config
-from wsgateway.connection import Connection, OutboxLimits
+from wsgateway.connection import Connection
+from wsgateway.outbox import OutboxLimits
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, Refusal, StoreUnavailable
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics

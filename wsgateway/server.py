@@ -17,7 +17,7 @@ import signal
 import socket
 import ssl
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import gevent
 import gevent.ssl

@@ -46,7 +46,7 @@ from gevent import GreenletExit, pywsgi
 from gevent.pool import Pool
 from geventwebsocket.handler import WebSocketHandler
 
-from wsgateway.connection import direct_socket
+from wsgateway.outbox import direct_socket
 from wsgateway.errors import ClientError, Refusal
 from wsgateway.logs import redact
 from wsgateway.publishing import STATUS_LINES, PublishingRequest, Publishing

@@ -15,7 +15,8 @@ import json
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
-from wsgateway.connection import Connection, OutboxLimits
+from wsgateway.connection import Connection
+from wsgateway.outbox import OutboxLimits
 from wsgateway.frames import Message, encode_frame
 from wsgateway.web_server import WebLimits, WebServer, WebSocketRequest
 
