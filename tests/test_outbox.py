@@ -30,8 +30,7 @@ class Owner:
 def outbox(max_frames: int = 100) -> tuple[Outbox, socket.socket, Owner]:
     server_end, client_end = socket.socketpair()
     owner = Owner()
-    owner.outbox = Outbox(server_end, OutboxLimits(max_frames, 1 << 30, write_timeout_s=5), owner.abort, owner,
-                          Flusher())
+    owner.outbox = Outbox(server_end, OutboxLimits(max_frames, 1 << 30, write_timeout_s=5), owner, Flusher())
     return owner.outbox, client_end, owner
 
 
@@ -68,7 +67,7 @@ def test_what_the_kernel_does_not_take_is_drained_by_a_writer():
 
 
 def test_past_the_bound_the_owner_is_told_and_the_backlog_dropped():
-    """More frames than max_frames: on_overflow(SLOW_CONSUMER), and discard() leaves it EMPTY."""
+    """More frames than max_frames: the owner is aborted with SLOW_CONSUMER, and discard() leaves it EMPTY."""
     box, _, owner = outbox(max_frames=2)
     assert box.write_later(b"1") and box.write_later(b"2")
     assert not box.write_later(b"3")

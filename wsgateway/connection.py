@@ -71,7 +71,7 @@ class Connection:
         self.close_code: int = CloseCode.ABNORMAL
         self.dropped_frames = 0
         self.state = ConnectionState.OPEN
-        self._outbox = Outbox(sock, limits, self.abort, self, flusher)
+        self._outbox = Outbox(sock, limits, self, flusher)
         self._close_sent = False  # our close frame was written (or its echo of the client's)
         self._close_timer: Greenlet | None = None
         self._held: list[bytes] | None = None  # live frames waiting behind the backlog (see hold)

@@ -6,7 +6,7 @@ before it; what the kernel does not take waits in the outbox, drained by a write
 greenlet that exists only while there is a backlog. `Outbox.write_later()` queues a
 frame for the shared `Flusher`, which writes each socket's queued frames with one send
 (a burst of broadcasts then costs few syscalls per socket). Past its bound in frames or
-bytes the outbox calls `on_overflow` (the connection closes as too slow, 4000).
+bytes the outbox calls its owner's `abort` (the connection closes as too slow, 4000).
 
 Where the frames are is one `OutboxState`:
 
@@ -20,7 +20,7 @@ import logging
 import socket
 from collections import deque
 from enum import Enum
-from typing import Callable, Protocol
+from typing import Protocol
 
 import gevent
 from gevent import Greenlet
@@ -115,15 +115,14 @@ FLUSHER = Flusher()  # one per process, like gevent's hub
 class Outbox:
     """The frames waiting for one socket. `write`, `write_later` and `flush` never block.
 
-    `on_overflow(code)` is called when the bound is passed (SLOW_CONSUMER), a write
+    `owner.abort(code)` is called when the bound is passed (SLOW_CONSUMER), a write
     stalls past `write_timeout_s` (SLOW_CONSUMER) or the socket fails (ABNORMAL); it must
-    end the connection, calling `discard()`."""
+    end the connection, calling `discard()`. The owner is also what the flusher is
+    handed (it calls `owner.flush()`)."""
 
-    __slots__ = ("state", "_frames", "_bytes", "_limits", "_socket", "_raw_socket", "_writer",
-                 "_on_overflow", "_owner", "_flusher")
+    __slots__ = ("state", "_frames", "_bytes", "_limits", "_socket", "_raw_socket", "_writer", "_owner", "_flusher")
 
-    def __init__(self, sock: socket.socket, limits: OutboxLimits, on_overflow: Callable[[CloseCode], None],
-                 owner: Flushable, flusher: Flusher) -> None:
+    def __init__(self, sock: socket.socket, limits: OutboxLimits, owner: Flushable, flusher: Flusher) -> None:
         self.state = OutboxState.EMPTY
         self._frames: deque[bytes] | None = None  # allocated only while frames wait
         self._bytes = 0
@@ -131,8 +130,7 @@ class Outbox:
         self._socket = sock
         self._raw_socket = direct_socket(sock)
         self._writer: Greenlet | None = None  # set while DRAINING
-        self._on_overflow = on_overflow
-        self._owner = owner  # what the flusher is handed (it calls owner.flush())
+        self._owner = owner
         self._flusher = flusher
 
     def __len__(self) -> int:
@@ -225,13 +223,13 @@ class Outbox:
 
     def _send_or_fail(self, data: bytes) -> int | None:
         """What the kernel takes of `data` at once (0 when it would block); None, and
-        `on_overflow(ABNORMAL)` called, when the socket failed."""
+        the owner aborted, when the socket failed."""
         try:
             return self._raw_socket.send(data)  # type: ignore[union-attr]
         except BlockingIOError:
             return 0
         except OSError:
-            self._on_overflow(CloseCode.ABNORMAL)
+            self._owner.abort(CloseCode.ABNORMAL)
             return None
 
     def _append(self, frame: bytes) -> bool:
@@ -241,7 +239,7 @@ class Outbox:
         self._frames.append(frame)
         self._bytes += len(frame)
         if len(self._frames) > self._limits.max_frames or self._bytes > self._limits.max_bytes:
-            self._on_overflow(CloseCode.SLOW_CONSUMER)
+            self._owner.abort(CloseCode.SLOW_CONSUMER)
             return False
         return True
 
@@ -257,9 +255,9 @@ class Outbox:
                 with gevent.Timeout(self._limits.write_timeout_s):
                     self._socket.sendall(chunk)
         except gevent.Timeout:
-            self._on_overflow(CloseCode.SLOW_CONSUMER)  # a frame is half written: no close frame
+            self._owner.abort(CloseCode.SLOW_CONSUMER)  # a frame is half written: no close frame
         except OSError:
-            self._on_overflow(CloseCode.ABNORMAL)
+            self._owner.abort(CloseCode.ABNORMAL)
         finally:
             if self._writer is gevent.getcurrent():
                 self._writer = None

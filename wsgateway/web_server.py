@@ -565,8 +565,13 @@ class WebHandler(WebSocketHandler):
         self.websocket = self.response_headers = self.result = None
         self.head, self.body = None, b""
         self.environ = {"PATH_INFO": self.environ.get("PATH_INFO", "")}
+        endpoint.serve(admission, self.socket, self._hand_over_reader(), self.remote)
+
+    def _hand_over_reader(self) -> Any:
+        """The buffered reader, which from now on only the endpoint's `Connection` holds
+        (no local name keeps it alive while the socket lives)."""
         rfile, self.rfile = self.rfile, _NO_FURTHER_REQUESTS
-        endpoint.serve(admission, self.socket, rfile, self.remote)
+        return rfile
 
     # --- logs ------------------------------------------------------------------------------
     def log_request(self) -> None:
