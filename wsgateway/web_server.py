@@ -280,7 +280,8 @@ class WebHandler(WebSocketHandler):
         super().__init__(sock, address, server)
         self.server: WebServer = server
         self.limits = server.limits
-        self.remote = _host(address)  # the client's address: the one place it is determined
+        self.peer = _host(address)  # the TCP peer's address
+        self.remote = self.peer  # the client's address for the request being read: see remote_address()
         self.head: _Head | None = None  # the request being answered
         self.query = ""  # its query string
         self.body = b""  # its body, read whole before it is answered
@@ -310,7 +311,10 @@ class WebHandler(WebSocketHandler):
             return None
         self.wsgi_input = _NO_BODY_LEFT
         if self.publishing_path():
-            self._answer_publishing()
+            try:
+                self._answer_publishing()
+            except OSError:  # the client went away before it had the whole answer
+                return None
         else:
             self.environ = self.get_environ()
             self.application = self.server.application
@@ -403,6 +407,13 @@ class WebHandler(WebSocketHandler):
         self.close_connection = (not parser.should_keep_alive()) or "close" in connection
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None else None  # llhttp checked its digits
+        self.remote = self.remote_address()
+
+    def remote_address(self) -> str:
+        """The client's address for the request just parsed: the one place it is decided
+        (admission, publishing and the logs read `self.remote`). It is the TCP peer; a
+        trusted proxy's forwarding header would be read here."""
+        return self.peer
 
     def _read_body(self) -> bytes:
         """The body, whole: at most `max_body_bytes` (413 past it, without reading it)."""
