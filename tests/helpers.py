@@ -369,11 +369,18 @@ def run_gateway_cli(*args: str, cwd: str | Path, env: dict[str, str] | None = No
                           capture_output=True, text=True, timeout=timeout_s)
 
 
+def _limit_open_files(count: int) -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
 class GatewayProcess:
     """bin/ws-gateway as a child process, started from `directory` on a free port, with
     its sqlite file, pid file, log file and stderr in that directory."""
 
-    def __init__(self, directory: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, *flags: str, env: dict[str, str] | None = None,
+                 max_open_files: int | None = None) -> None:
+        """`max_open_files`: the process's RLIMIT_NOFILE (default: this process's)."""
         self.directory = directory
         self.port = free_port()
         self.db_path = directory / "tokens.db"
@@ -386,7 +393,8 @@ class GatewayProcess:
                  "-pid-file", str(self.pid_file), "-log-file", str(self.log_file), "-log-level", "debug",
                  *flags],
                 cwd=directory, env=env or gateway_environment(), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr)
+                stdout=subprocess.DEVNULL, stderr=stderr,
+                preexec_fn=None if max_open_files is None else lambda: _limit_open_files(max_open_files))
 
     @property
     def database_url(self) -> str:

@@ -51,7 +51,8 @@ def test_new_flag_defaults():
     assert config.max_outbox_messages == 4096
     assert config.max_outbox_bytes == 4 * 1024 * 1024
     assert config.max_total_conns == 0
-    assert config.header_timeout_s == 10.0
+    assert config.request_timeout_s == 10.0
+    assert config.tls_handshake_timeout_s == 10.0
     assert (config.log_file, config.log_level, config.pid_file) == ("", "info", "")
 
 
@@ -81,9 +82,10 @@ def test_origins_are_split_and_trimmed():
 def test_zero_limits_mean_unlimited_or_off():
     """0 is accepted where it means "unlimited" or "off"."""
     config = load_args("-max-conns", "0", "-max-queued", "0", "-offline-ttl", "0", "-rate-limit", "0",
-                       "-max-total-conns", "0", "-header-timeout", "0")
+                       "-max-total-conns", "0", "-request-timeout", "0",
+                       "-tls-handshake-timeout", "0")
     assert (config.max_conns_per_player, config.max_queued, config.offline_ttl_s, config.rate_limit) == (0, 0, 0, 0)
-    assert (config.max_total_conns, config.header_timeout_s) == (0, 0.0)
+    assert (config.max_total_conns, config.request_timeout_s, config.tls_handshake_timeout_s) == (0, 0.0, 0.0)
 
 
 def test_log_level_is_case_insensitive():
@@ -271,11 +273,32 @@ def test_precedence_command_line_env_file_default(tmp_path):
     ("rate-limit", "x"), ("rate-period", "0"), ("revalidate-period", "0s"), ("db-timeout", "0"),
     ("max-body", "0"), ("max-body", "1TiB"), ("max-message-size", "big"), ("ping-period", "0"),
     ("pong-wait", "forever"), ("shutdown-timeout", "-5s"), ("max-outbox", "0"), ("max-outbox-bytes", "0"),
-    ("log-level", "verbose"), ("dsn", "file:"), ("max-total-conns", "-1"), ("header-timeout", "5"),
+    ("log-level", "verbose"), ("dsn", "file:"), ("max-total-conns", "-1"), ("request-timeout", "5"),
+    ("tls-handshake-timeout", "soon"),
 ])
 def test_bad_value_names_the_flag(flag, value):
     """A bad value raises a one-line ConfigError that starts with `-flag:`."""
     assert refusal(f"-{flag}={value}").startswith(f"-{flag}:")
+
+
+@pytest.mark.parametrize("how", ["flag", "file", "environment"])
+def test_header_timeout_is_the_old_name_of_request_timeout(how, tmp_path):
+    """-header-timeout still sets the whole-request deadline, as a flag, a file key or WS_GATEWAY_HEADER_TIMEOUT."""
+    if how == "flag":
+        config = load_args("-header-timeout", "3s")
+    elif how == "file":
+        path = tmp_path / "gateway.ini"
+        path.write_text("header-timeout = 3s\n")
+        config = load_args("-c", str(path))
+    else:
+        config = load([], env={"WS_GATEWAY_HEADER_TIMEOUT": "3s"})
+    assert config.request_timeout_s == 3.0
+
+
+def test_request_timeout_wins_over_its_old_name_in_the_environment():
+    """With both names set, the current one counts."""
+    config = load([], env={"WS_GATEWAY_HEADER_TIMEOUT": "3s", "WS_GATEWAY_REQUEST_TIMEOUT": "4s"})
+    assert config.request_timeout_s == 4.0
 
 
 def test_bad_environment_value_names_the_flag():

@@ -8,7 +8,8 @@ import struct
 import gevent
 
 from tests.helpers import wait_for
-from wsgateway.connection import Connection, Flusher, OutboxLimits
+from wsgateway.connection import Connection
+from wsgateway.outbox import Flusher, OutboxLimits
 from wsgateway.frames import text_frame
 
 

@@ -69,7 +69,7 @@ def test_slowloris_does_not_starve_others_and_gets_408(start_gateway):
     gevent.joinall(attackers, timeout=HEADER_TIMEOUT_S + TIMEOUT_S, raise_error=True)
     assert time.monotonic() - started < HEADER_TIMEOUT_S + TIMEOUT_S
     assert len(answers) == 200
-    assert all(status_and_json(answer) == (408, {"error": "request headers not received in time"})
+    assert all(status_and_json(answer) == (408, {"error": "request not received in time"})
                for answer in answers), answers[0]
     wait_for(lambda: len(gateway.gateway.server.pool) == 0, what="every slow socket's greenlet gone")
 
@@ -116,11 +116,15 @@ def test_websocket_outlives_header_timeout(start_gateway):
 
 
 def test_connection_cap_refuses_503_and_keeps_serving(start_gateway):
-    """At -max-total-conns, upgrades get 503 with Retry-After; publishing goes on; a freed place is reusable."""
+    """At -max-total-conns, upgrades get 503 with Retry-After before any token query; a freed place is reusable."""
     gateway = start_gateway("-max-total-conns", "5")
     server = gateway.tokens.server()
-    clients = [gateway.connect(gateway.tokens.player(player_id)) for player_id in range(1, 6)]
+    clients = [gateway.connect(gateway.tokens.player(player_id)) for player_id in range(1, 5)]
     tokens = [gateway.tokens.player(100 + index) for index in range(30)]
+    assert gateway.publish(server, 3, "live").status == 200  # the fifth place, while it lasts
+    assert receive_event(clients[2]) == {"event": "live", "payload": None}
+    clients.append(gateway.connect(gateway.tokens.player(5)))
+    lookups = gateway.metric("ws_auth_failures_total", kind="player", reason="invalid")
 
     def attempt(token: str) -> tuple[int, str | None, dict]:
         try:
@@ -136,12 +140,28 @@ def test_connection_cap_refuses_503_and_keeps_serving(start_gateway):
     assert all(status == 503 and retry_after == "5" for status, retry_after, _ in answers), answers
     assert answers[0][2] == {"error": "gateway at its limit of 5 connections, retry later"}
     assert gateway.metric("ws_connections_rejected_total", reason="capacity") == 30
+    assert gateway.metric("ws_auth_failures_total", kind="player", reason="invalid") == lookups
     assert gateway.gateway.hub.connection_count() == 5
-    assert gateway.publish(server, 3, "live").status == 200
-    assert receive_event(clients[2]) == {"event": "live", "payload": None}
     clients[0].close()
-    wait_for(lambda: gateway.gateway.hub.connection_count() == 4, what="a place freed")
+    wait_for(lambda: gateway.gateway.server.open_connections == 4, what="a place freed")
     gateway.connect(tokens[0])
+
+
+def test_connection_cap_counts_plain_http_connections_too(start_gateway):
+    """-max-total-conns counts every open connection: past it a plain HTTP request gets the 503 at once."""
+    gateway = start_gateway("-max-total-conns", "2")
+    held = [socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) for _ in range(2)]
+    wait_for(lambda: gateway.gateway.server.open_connections == 2, what="two idle connections held")
+    with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as third:
+        third.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        answer = read_until_closed(third)
+    assert status_and_json(answer) == (503, {"error": "gateway at its limit of 2 connections, retry later"})
+    assert b"\r\nRetry-After: 5\r\n" in answer and b"\r\nConnection: close\r\n" in answer
+    held.pop().close()
+    wait_for(lambda: gateway.gateway.server.open_connections == 1, what="a place freed")
+    assert gateway.get("/healthz").status == 200
+    for sock in held:
+        sock.close()
 
 
 def test_malformed_requests_get_json_400_or_414(gateway):

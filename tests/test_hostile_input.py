@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import TIMEOUT_S, GatewayUnderTest
 
-DOCUMENTED = {200, 400, 401, 403, 404, 405, 408, 413, 414, 426, 429, 503}  # README, "Errors"
+DOCUMENTED = {200, 400, 401, 403, 404, 405, 408, 413, 414, 426, 429, 431, 503}  # README, "Errors"
 MAX_BODY = 2048
 shared_gateway = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # one gateway, many examples
 

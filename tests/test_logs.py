@@ -127,3 +127,31 @@ def test_no_token_reaches_any_log_line(tmp_path):
     stderr = process.stderr_file.read_text()
     leaked = [secret for secret in secrets_used if secret in log or secret in stderr]
     assert leaked == [], [line for line in log.splitlines() if any(secret in line for secret in leaked)]
+
+
+def test_gevent_hub_errors_become_one_json_line(monkeypatch, capsys):
+    """An error that ends a greenlet is logged as one JSON line, not gevent's traceback on stderr."""
+    import io
+    import logging
+
+    import gevent
+
+    from wsgateway.logs import JsonFormatter, route_gevent_errors
+
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "print_exception", hub.print_exception)  # restored after the test
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("wsgateway.hub").addHandler(handler)
+    try:
+        route_gevent_errors()
+        gevent.spawn(lambda: 1 / 0).join()
+    finally:
+        logging.getLogger("wsgateway.hub").removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert (line["event"], line["error_type"]) == ("internal_error", "ZeroDivisionError")
+    assert "ZeroDivisionError" in line["exception"]
+    assert "Traceback" not in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_shutdown_closes_wss_sockets_with_1001(tls_gateway, tls_files):
 def test_plain_http_to_a_tls_port_fails_without_harming_the_gateway(tls_gateway, tls_files, caplog):
     """A plain-HTTP client and a client that does not trust the certificate fail, each logged as one
     tls_handshake_failed line; the gateway keeps serving."""
-    caplog.set_level(logging.INFO, logger="wsgateway.server")
+    caplog.set_level(logging.INFO, logger="wsgateway.web_server")
     plain = http.client.HTTPConnection("127.0.0.1", tls_gateway.port, timeout=TIMEOUT_S)
     with pytest.raises((http.client.HTTPException, OSError)):
         plain.request("GET", "/healthz")

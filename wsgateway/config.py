@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 from urllib.parse import quote
 
 import configargparse
@@ -36,7 +36,7 @@ class Config:
     database_url: str  # SQLAlchemy URL derived from -dsn
     origins: tuple[str, ...]  # allowed Origin headers; empty = any origin
     max_conns_per_player: int  # 0 = unlimited
-    max_total_conns: int  # player WebSocket connections held at once, all players; 0 = unlimited
+    max_total_conns: int  # open connections of every kind (HTTP, TLS, WebSocket) at once; 0 = unlimited
     max_queued: int  # offline messages kept per player; 0 = offline queueing off
     offline_ttl_s: float  # how long an offline message waits; 0 = offline queueing off
     rate_limit: int  # bucket size (burst) per server subject; 0 = unlimited
@@ -49,7 +49,7 @@ class Config:
     ping_period_s: float  # server ping interval
     pong_wait_s: float  # a socket silent this long is closed
     shutdown_timeout_s: float  # how long SIGTERM waits for sockets and requests to finish
-    header_timeout_s: float  # a connection must send a request's line and headers this fast; 0 = no limit
+    request_timeout_s: float  # a request's line, headers and body must arrive this fast; 0 = no limit
     max_outbox_messages: int  # frames waiting for a slow socket before it is closed
     max_outbox_bytes: int  # bytes waiting for a slow socket before it is closed
     broker_url: str  # "" = in-process broker (one gateway); redis://... = a cluster of gateways
@@ -65,6 +65,7 @@ class Config:
     console: bool  # serve the browser console at /console
     tls_cert_file: str  # PEM certificate chain; "" = plain http:// and ws://
     tls_key_file: str  # PEM private key of tls_cert_file; set together with it
+    tls_handshake_timeout_s: float  # a TLS client must finish its handshake this fast; 0 = no limit
 
 
 _DURATION_UNITS_S = {
@@ -177,8 +178,9 @@ class _Flag:
     boolean that, like in Go, takes its value only as `-flag=value` (`-flag` alone = true)."""
 
     def __init__(self, name: str, default: str, parse: Callable[[str], object], help: str,
-                 *, switch: bool = False) -> None:
+                 *, switch: bool = False, old_names: tuple[str, ...] = ()) -> None:
         self.name = name
+        self.old_names = old_names  # earlier names, still accepted (flag, file key, environment)
         self.default = default
         self.parse = parse
         self.help = help
@@ -257,7 +259,7 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("origins", "", _text, "comma-separated allowed WebSocket Origins (empty = any)"),
     _Flag("max-conns", "10", parse_count, "max WebSocket connections per player (0 = unlimited)"),
     _Flag("max-total-conns", "0", parse_count,
-          "max WebSocket connections of all players together; more get 503 (0 = unlimited)"),
+          "max open connections of every kind (HTTP and WebSocket); more get 503 at once (0 = unlimited)"),
     _Flag("max-queued", "100", parse_count, "max offline messages per player, oldest dropped (0 = no queue)"),
     _Flag("offline-ttl", "10s", parse_duration, "how long an offline message waits (0 = no queue)"),
     _Flag("rate-limit", "200", parse_count, "messages per rate period per server token (0 = unlimited)"),
@@ -270,8 +272,9 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("ping-period", "30s", _positive_duration, "server ping interval"),
     _Flag("pong-wait", "60s", _positive_duration, "close a socket silent for this long"),
     _Flag("shutdown-timeout", "10s", _positive_duration, "how long shutdown waits for sockets and requests"),
-    _Flag("header-timeout", "10s", parse_duration,
-          "time allowed to send a request line and headers, or to stay idle between requests (0 = no limit)"),
+    _Flag("request-timeout", "10s", parse_duration,
+          "time allowed to send a whole request (line, headers, body), or to stay idle between requests "
+          "(0 = no limit)", old_names=("header-timeout",)),
     _Flag("max-outbox", "4096", _positive_count, "frames waiting for one socket before it is closed as too slow"),
     _Flag("max-outbox-bytes", "4MiB", _positive_size, "bytes waiting for one socket before it is closed as too slow"),
     _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://): gateways sharing it act as one"),
@@ -289,6 +292,8 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("console", "false", parse_boolean, "serve the browser console at /console", switch=True),
     _Flag("tls-cert", "", _text, "PEM certificate (chain) file: serve https:// and wss:// (with -tls-key)"),
     _Flag("tls-key", "", _text, "PEM private key file of -tls-cert"),
+    _Flag("tls-handshake-timeout", "10s", parse_duration,
+          "time a TLS client has to finish its handshake (0 = no limit)"),
 )
 _CONFIG_FILE_OPTIONS = ("-c", "--config")
 
@@ -301,7 +306,7 @@ def setting_option(arg: str) -> tuple[bool, bool]:
     if name in _CONFIG_FILE_OPTIONS:
         return True, not has_value
     for flag in FLAGS:
-        if name in (f"-{flag.name}", f"--{flag.name}"):
+        if name.lstrip("-") in (flag.name, *flag.old_names) and name.startswith("-"):
             return True, not has_value and not flag.switch
     return False, False
 
@@ -336,7 +341,8 @@ def build_parser(epilog: str | None = None) -> configargparse.ArgumentParser:
         # A switch is an optional-value option: `-console` alone stores "true"; the config
         # file and the environment hand it over as `--console=VALUE`.
         extra: dict[str, Any] = {"nargs": "?", "const": "true"} if flag.switch else {"metavar": "VALUE"}
-        parser.add_argument(f"-{flag.name}", f"--{flag.name}", dest=flag.name.replace("-", "_"),
+        old = [spelling for old_name in flag.old_names for spelling in (f"-{old_name}", f"--{old_name}")]
+        parser.add_argument(f"-{flag.name}", f"--{flag.name}", *old, dest=flag.name.replace("-", "_"),
                             default=flag.default, help=f"{flag.help} (default {flag.default!r})", **extra)
     return parser
 
@@ -356,6 +362,18 @@ def _settings_spelled_long(argv: Sequence[str]) -> list[str]:
     return rewritten
 
 
+def _old_names_renamed(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment with each setting's old name (`WS_GATEWAY_HEADER_TIMEOUT`) read as
+    its current one, unless that is set too."""
+    renamed = dict(env)
+    for flag in FLAGS:
+        for old_name in flag.old_names:
+            old_key = ENV_PREFIX + old_name.upper().replace("-", "_")
+            if old_key in renamed:
+                renamed.setdefault(ENV_PREFIX + flag.name.upper().replace("-", "_"), renamed.pop(old_key))
+    return renamed
+
+
 def _parsed(flag: _Flag, raw: str) -> object:
     try:
         return flag.parse(raw)
@@ -369,7 +387,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
     `--help` prints the settings (and `epilog`) and raises SystemExit(0)."""
     parser = build_parser(epilog)
     namespace = parser.parse_args(_settings_spelled_long(sys.argv[1:] if argv is None else argv),
-                                  env_vars=os.environ if env is None else env)
+                                  env_vars=_old_names_renamed(os.environ if env is None else env))
     raw = {flag.name: str(getattr(namespace, flag.name.replace("-", "_"))) for flag in FLAGS}
     value: dict[str, Any] = {flag.name: _parsed(flag, raw[flag.name]) for flag in FLAGS}
 
@@ -406,7 +424,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
         ping_period_s=value["ping-period"],
         pong_wait_s=value["pong-wait"],
         shutdown_timeout_s=value["shutdown-timeout"],
-        header_timeout_s=value["header-timeout"],
+        request_timeout_s=value["request-timeout"],
         max_outbox_messages=value["max-outbox"],
         max_outbox_bytes=value["max-outbox-bytes"],
         broker_url=value["broker"],
@@ -422,4 +440,5 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
         console=value["console"],
         tls_cert_file=tls_cert,
         tls_key_file=tls_key,
+        tls_handshake_timeout_s=value["tls-handshake-timeout"],
     )

@@ -1,14 +1,14 @@
-"""One WebSocket connection after the handshake: reader loop, bounded outbox, writer, close.
+"""One WebSocket connection after the handshake: reader loop, close handshake, and its
+outbox (`wsgateway.outbox`).
 
-A publisher must never wait on a player's socket. `send()` therefore never blocks: when
-nothing is waiting it writes straight to the non-blocking socket; what the kernel does
-not take goes to a bounded outbox drained by a writer greenlet, which exists only while
-there is a backlog (an idle connection holds no greenlet of its own besides its reader).
+A publisher must never wait on a player's socket: `send()` never blocks (see `Outbox`).
 When the outbox passes its bound in frames or bytes the client is too slow: the backlog
 is discarded and the connection closed with 4000, and nobody else notices.
 
 Close codes are real (gevent-websocket's `close()` never sends one): a close we start
-is answered by the client or times out; a client's close is echoed with its code.
+is answered by the client or times out; a client's close is echoed with its code. The
+connection's life is one `ConnectionState`: OPEN, then CLOSING (a close frame was
+started or answered, or the reader ended), or ABORTED (ended at once, backlog dropped).
 """
 from __future__ import annotations
 
@@ -16,86 +16,28 @@ import logging
 import socket
 import ssl
 import time
-from collections import deque
+from enum import Enum
 from typing import Callable
 
 import gevent
 from gevent import Greenlet
-from gevent.ssl import SSLSocket
 
 from wsgateway.errors import CloseCode, ProtocolViolation
 from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, Ping,
                               close_frame, encode_frame)
-from wsgateway.scheduling import let_io_in
+from wsgateway.outbox import FLUSHER, Flusher, Outbox, OutboxLimits
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 65536
-FLUSH_SLICE = 32  # connections the flusher writes between two turns of the event loop
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0  # how long a close we started waits for the client's answer
 LINGER_BYTES = 1 << 20  # after failing a connection, bytes read and discarded while our close frame drains
-WRITE_CHUNK_BYTES = 256 * 1024  # the writer joins queued frames into sends of about this size
 
 
-def direct_socket(sock: socket.socket) -> socket.socket | None:
-    """The real non-blocking socket inside a gevent socket: sending on it returns at once
-    with what the kernel took, where gevent's send() would wait. None under TLS, where
-    every byte must go through the TLS layer (the caller then uses sendall)."""
-    if isinstance(sock, SSLSocket):
-        return None
-    return getattr(sock, "_sock", sock)
-
-
-class OutboxLimits:
-    """Bounds of one connection's outbox, and how long one write may stall."""
-
-    __slots__ = ("max_frames", "max_bytes", "write_timeout_s")
-
-    def __init__(self, max_frames: int, max_bytes: int, write_timeout_s: float) -> None:
-        self.max_frames = max_frames
-        self.max_bytes = max_bytes
-        self.write_timeout_s = write_timeout_s
-
-
-class Flusher:
-    """Writes, from one greenlet, the frames that `Connection.send_later` queued.
-
-    A broadcast queues its frame on every connection (cheap: no syscall) and leaves the
-    writing to the flusher, which sends each connection's queued frames with one
-    non-blocking send. Before every `FLUSH_SLICE` connections it lets the event loop
-    turn (`let_io_in`), so publishes that arrived meanwhile are served, and broadcasts
-    among them add to the same queues: a burst of broadcasts reaches each socket in few
-    sends, and per delivery the kernel's send cost is shared.
-    A socket that does not take everything gets its own writer for the rest, as with
-    `send()`. The flusher greenlet exists only while there is something to flush."""
-
-    def __init__(self) -> None:
-        self._dirty: list[Connection] = []
-        self._greenlet: Greenlet | None = None
-
-    def add(self, connection: Connection) -> None:
-        self._dirty.append(connection)
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._run)
-
-    def _run(self) -> None:
-        try:
-            while self._dirty:
-                dirty, self._dirty = self._dirty, []
-                for index, connection in enumerate(dirty):
-                    if not index % FLUSH_SLICE:
-                        let_io_in()
-                    try:
-                        connection.flush()
-                    except Exception:  # the flusher's top level: one bad socket must not stall the rest
-                        log.exception("flush failed", extra={
-                            "event": "internal_error", "player_id": connection.player_id, "remote": connection.remote})
-                        connection.abort(CloseCode.INTERNAL_ERROR)
-        finally:
-            self._greenlet = None
-
-
-FLUSHER = Flusher()  # one per process, like gevent's hub
+class ConnectionState(Enum):
+    OPEN = "open"  # frames are accepted
+    CLOSING = "closing"  # a close frame was started or answered: nothing new is accepted
+    ABORTED = "aborted"  # ended at once: the backlog was dropped
 
 
 class Connection:
@@ -107,10 +49,9 @@ class Connection:
     """
 
     __slots__ = (
-        "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames",
-        "_socket", "_raw_socket", "_rfile", "_limits", "_max_message_bytes", "_on_message",
-        "_clock", "_outbox", "_outbox_bytes", "_writer", "_close_sent", "_closing", "_aborted",
-        "_close_timer", "_held", "_flush_pending", "_flusher",
+        "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames", "state",
+        "_socket", "_rfile", "_limits", "_max_message_bytes", "_on_message", "_clock", "_outbox",
+        "_close_sent", "_close_timer", "_held",
     )
 
     def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
@@ -121,7 +62,6 @@ class Connection:
         self.token = token  # kept for revalidation; never logged
         self.remote = remote
         self._socket = sock
-        self._raw_socket = direct_socket(sock)
         self._rfile = rfile
         self._limits = limits
         self._max_message_bytes = max_message_bytes
@@ -130,30 +70,33 @@ class Connection:
         self.last_heard = clock()
         self.close_code: int = CloseCode.ABNORMAL
         self.dropped_frames = 0
-        self._outbox: deque[bytes] | None = None
-        self._outbox_bytes = 0
-        self._writer: Greenlet | None = None
-        self._close_sent = False
-        self._closing = False
-        self._aborted = False
+        self.state = ConnectionState.OPEN
+        self._outbox = Outbox(sock, limits, self, flusher)
+        self._close_sent = False  # our close frame was written (or its echo of the client's)
         self._close_timer: Greenlet | None = None
-        self._held: list[bytes] | None = None  # live frames waiting behind the backlog
-        self._flush_pending = False
-        self._flusher = flusher
+        self._held: list[bytes] | None = None  # live frames waiting behind the backlog (see hold)
 
     @property
     def is_open(self) -> bool:
-        return not self._closing
+        return self.state is ConnectionState.OPEN
+
+    def _start_closing(self, code: int) -> bool:
+        """OPEN -> CLOSING with `code`; False when it was closing already."""
+        if self.state is not ConnectionState.OPEN:
+            return False
+        self.state = ConnectionState.CLOSING
+        self.close_code = code
+        return True
 
     # --- sending -------------------------------------------------------------------
     def send(self, frame: bytes) -> bool:
         """Queue one complete frame for the client. False if the connection is closing
         (nothing was queued) or just closed itself as too slow."""
-        if self._closing:
+        if self.state is not ConnectionState.OPEN:
             return False
         if self._held is not None:
             return self._hold_back(frame)
-        return self._write(frame)
+        return self._outbox.write(frame)
 
     def _hold_back(self, frame: bytes) -> bool:
         assert self._held is not None
@@ -181,169 +124,55 @@ class Connection:
         """Queue one complete frame for the shared flusher to write soon, after anything
         queued before it; for broadcasts, whose frames to one socket then leave together.
         Same answers and bounds as `send()`."""
-        if self._closing:
+        if self.state is not ConnectionState.OPEN:
             return False
         if self._held is not None:
             return self._hold_back(frame)
-        if not self._append(frame):
-            return False
-        if not self._flush_pending and self._writer is None:
-            self._flush_pending = True
-            self._flusher.add(self)
-        return True
+        return self._outbox.write_later(frame)
 
     def flush(self) -> None:
-        """The flusher's turn: hand what is queued to the socket without waiting; a
-        writer greenlet takes what the kernel does not (or a backlog over one chunk)."""
-        self._flush_pending = False
-        if self._writer is not None or not self._outbox:
-            return  # a writer drains the outbox already, or the connection was aborted
-        if self._raw_socket is None:  # TLS: only the writer's sendall may touch the socket
-            self._writer = gevent.spawn(self._drain_outbox)
-            return
-        chunk = self._take_chunk()
-        sent = self._send_or_abort(self._raw_socket, chunk)
-        if sent is None:
-            return
-        if sent < len(chunk):
-            if self._outbox is None:
-                self._outbox = deque()
-            self._outbox.appendleft(chunk[sent:])
-            self._outbox_bytes += len(chunk) - sent
-        if self._outbox:
-            self._writer = gevent.spawn(self._drain_outbox)
+        """The flusher's turn (see `Outbox.flush`)."""
+        self._outbox.flush()
 
     def ping(self) -> None:
         """Send a ping; the client's pong refreshes `last_heard`."""
         self.send(PING_FRAME)
 
-    def _write(self, frame: bytes) -> bool:
-        if self._outbox is None and self._writer is None and self._raw_socket is not None:
-            sent = self._send_or_abort(self._raw_socket, frame)
-            if sent is None:
-                return False
-            if sent == len(frame):
-                return True
-            frame = frame[sent:]
-        elif self._flush_pending:
-            return self._append(frame)  # behind the frames the flusher is about to write
-        return self._enqueue(frame)
-
-    def _send_or_abort(self, raw_socket: socket.socket, data: bytes) -> int | None:
-        """What the kernel takes of `data` at once (0 when it would block); None, and the
-        connection aborted, when the socket failed."""
-        try:
-            return raw_socket.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError:
-            self.abort(CloseCode.ABNORMAL)
-            return None
-
-    def _enqueue(self, frame: bytes) -> bool:
-        if not self._append(frame):
-            return False
-        if self._writer is None:
-            self._writer = gevent.spawn(self._drain_outbox)
-        return True
-
-    def _append(self, frame: bytes) -> bool:
-        """Add to the outbox; past its bound, the client is too slow and is aborted."""
-        if self._outbox is None:
-            self._outbox = deque()
-        self._outbox.append(frame)
-        self._outbox_bytes += len(frame)
-        if len(self._outbox) > self._limits.max_frames or self._outbox_bytes > self._limits.max_bytes:
-            self.abort(CloseCode.SLOW_CONSUMER)
-            return False
-        return True
-
-    def _drain_outbox(self) -> None:
-        """Writer greenlet: send the backlog in coalesced chunks, then exit."""
-        try:
-            while self._outbox:
-                chunk = self._take_chunk()
-                with gevent.Timeout(self._limits.write_timeout_s):
-                    self._socket.sendall(chunk)
-        except gevent.Timeout:
-            self.abort(CloseCode.SLOW_CONSUMER)  # a frame is half written: no close frame
-        except OSError:
-            self.abort(CloseCode.ABNORMAL)
-        finally:
-            self._writer = None
-
-    def _take_chunk(self) -> bytes:
-        outbox = self._outbox
-        assert outbox is not None
-        parts = []
-        size = 0
-        while outbox and size < WRITE_CHUNK_BYTES:
-            frame = outbox.popleft()
-            parts.append(frame)
-            size += len(frame)
-        self._outbox_bytes -= size
-        if not outbox:
-            self._outbox = None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
     # --- closing --------------------------------------------------------------------
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Start the closing handshake after what is already queued; the connection ends
         when the client answers or after `CLOSE_HANDSHAKE_TIMEOUT_S`."""
-        if self._closing:
+        if not self._start_closing(code):
             return
-        self._closing = True
-        self.close_code = code
         self._send_close(code, code.reason if reason is None else reason)
         self._close_timer = gevent.spawn_later(CLOSE_HANDSHAKE_TIMEOUT_S, self._shutdown)
 
     def abort(self, code: CloseCode) -> None:
         """End now: discard the backlog, try to send a close frame without waiting, and
         shut the socket so the reader returns. For clients that cannot or will not read."""
-        if self._aborted:
+        if self.state is ConnectionState.ABORTED:
             return
-        self._aborted = True
-        if not self._closing:
-            self._closing = True
-            self.close_code = code
-        if self._outbox:
-            self.dropped_frames += len(self._outbox)
+        self._start_closing(code)
+        self.state = ConnectionState.ABORTED
         if self._held:
             self.dropped_frames += len(self._held)
         self._held = None
         # Only a writer can have put part of a frame on the wire (a partial send always
         # hands the rest to one); frames merely queued for the flusher are whole.
-        mid_frame = self._writer is not None
-        self._outbox, self._outbox_bytes = None, 0
-        if self._writer is not None and self._writer is not gevent.getcurrent():
-            self._writer.kill(block=False)
-            self._writer = None
+        dropped, mid_frame = self._outbox.discard()
+        self.dropped_frames += dropped
         if not mid_frame and not self._close_sent and code != CloseCode.ABNORMAL:
             self._close_sent = True
             try:
-                self._send_now(close_frame(code, code.reason))
+                self._outbox.send_now(close_frame(code, code.reason))
             except OSError:  # ssl.SSLError included: under TLS the close frame is best effort
                 pass
         self._shutdown()
 
-    def _send_now(self, data: bytes) -> None:
-        """One write that never waits (what the socket does not take is lost)."""
-        if self._raw_socket is not None:
-            self._raw_socket.send(data)
-            return
-        # A TLS socket with timeout 0 answers "would block" with 0 instead of waiting. No
-        # other greenlet runs before the timeout is restored: nothing here yields.
-        timeout_s = self._socket.gettimeout()
-        self._socket.settimeout(0.0)
-        try:
-            self._socket.send(data)
-        finally:
-            self._socket.settimeout(timeout_s)
-
     def _send_close(self, code: int, reason: str) -> None:
         if not self._close_sent:
             self._close_sent = True
-            self._write(close_frame(code, reason))
+            self._outbox.write(close_frame(code, reason))
 
     def _shutdown(self) -> None:
         try:
@@ -376,7 +205,7 @@ class Connection:
                         return self._answer_close(event)
                     if isinstance(event, Ping):
                         self.send(encode_frame(OP_PONG, event.payload))
-                    elif isinstance(event, Message) and self._on_message is not None and not self._closing:
+                    elif isinstance(event, Message) and self._on_message is not None and self.is_open:
                         self._on_message(self, event)
                 if violation is not None:
                     log.info("websocket protocol violation", extra={
@@ -407,22 +236,18 @@ class Connection:
         return rfile.read1(len(buffered)) if buffered else b""
 
     def _answer_close(self, event: Close) -> int:
-        if not self._closing:
-            self._closing = True
-            self.close_code = event.code
+        if self._start_closing(event.code):
             echo = CloseCode.NORMAL if event.code == CloseCode.NO_STATUS else event.code
             self._send_close(echo, "")
-        self._flush(CLOSE_HANDSHAKE_TIMEOUT_S)
+        self._outbox.finish(CLOSE_HANDSHAKE_TIMEOUT_S)
         return self.close_code
 
     def _fail(self, code: CloseCode) -> None:
         """Fail the connection: close frame, FIN, then discard input until the client
         hangs up, so that closing the socket does not reset our close frame away."""
-        if not self._closing:
-            self._closing = True
-            self.close_code = code
+        self._start_closing(code)
         self._send_close(code, code.reason)
-        self._flush(CLOSE_HANDSHAKE_TIMEOUT_S)
+        self._outbox.finish(CLOSE_HANDSHAKE_TIMEOUT_S)
         try:
             self._socket.shutdown(socket.SHUT_WR)
             discarded = 0
@@ -435,19 +260,9 @@ class Connection:
         except OSError:
             pass
 
-    def _flush(self, timeout_s: float) -> None:
-        """Write what is queued (our close frame last) before the connection ends."""
-        if self._flush_pending:
-            self.flush()  # do not leave it to the flusher: the reader is about to finish
-        if self._writer is not None:
-            self._writer.join(timeout_s)
-
     def _finish(self) -> None:
-        self._closing = True
+        self._start_closing(self.close_code)
         if self._close_timer is not None:
             self._close_timer.kill(block=False)
-        if self._writer is not None:
-            self._writer.kill(block=False)
-        if self._outbox:
-            self.dropped_frames += len(self._outbox)
-        self._outbox, self._outbox_bytes = None, 0
+        dropped, _ = self._outbox.discard()
+        self.dropped_frames += dropped

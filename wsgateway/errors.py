@@ -1,4 +1,5 @@
-"""Every error a client can see, in one place: the exception tree and the close-code catalogue.
+"""Every error a client can see, in one place: the exception tree, the close-code
+catalogue and the catalogue of HTTP refusals.
 
 Exception tree::
 
@@ -9,13 +10,21 @@ Exception tree::
     ProtocolViolation            a client WebSocket frame breaks RFC 6455 or our limits;
                                  carries the close code the connection ends with
 
-HTTP errors are answered as `{"error": "..."}` with the status of the `ClientError`.
-WebSocket close codes sent by the gateway are the `CloseCode` members below; the
-README's table is this catalogue.
+HTTP errors are answered as `{"error": "..."}` with the status of the `ClientError`;
+`ClientError` builds that answer (its body, its headers, or the whole response), and
+nothing else does. The web face's refusals are the `Refusal` members below; validation
+errors of a body are `ClientError(400, "what is wrong")`. WebSocket close codes sent by
+the gateway are the `CloseCode` members. The README's tables are these catalogues
+(`tests/test_errors.py` checks it).
 """
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
+from http import HTTPStatus
+
+import orjson
+
+CAPACITY_RETRY_AFTER_S = 5  # Retry-After at -max-total-conns: spreads the reconnect wave
 
 
 class CloseCode(IntEnum):
@@ -70,6 +79,75 @@ class ClientError(GatewayError):
         self.message = message
         self.headers = headers or {}
         self.details = details or {}
+
+    def body(self) -> bytes:
+        """The JSON body: `{"error": message, **details}`."""
+        return orjson.dumps({"error": self.message, **self.details})
+
+    def response_headers(self, body: bytes | None = None) -> list[tuple[str, str]]:
+        """The answer's headers for `body` (by default `self.body()`)."""
+        length = len(self.body() if body is None else body)
+        return [("Content-Type", "application/json"), ("Content-Length", str(length)), *self.headers.items()]
+
+    def response_bytes(self, *, close: bool = True) -> bytes:
+        """The whole HTTP/1.1 response, for refusals sent before any application runs."""
+        body = self.body()
+        lines = "".join(f"{name}: {value}\r\n" for name, value in self.response_headers(body))
+        if close:
+            lines += "Connection: close\r\n"
+        status = HTTPStatus(self.status)
+        return f"HTTP/1.1 {status.value} {status.phrase}\r\n{lines}\r\n".encode("latin-1") + body
+
+
+class Refusal(Enum):
+    """The web face's refusals: status, message (a template for `str.format`), headers.
+    `Refusal.X(**values)` is the `ClientError` to raise. Validation errors of a body are
+    not listed: they are 400s whose message says what is wrong."""
+
+    # Reading the request (web_server): the connection is closed after these.
+    MALFORMED_REQUEST = (400, "malformed HTTP request")
+    INCOMPLETE_BODY = (400, "incomplete or malformed request body")
+    REQUEST_TIMEOUT = (408, "request not received in time")
+    BODY_TOO_LARGE = (413, "body larger than {limit} bytes")
+    URI_TOO_LONG = (414, "request line too long")
+    TOO_MANY_HEADERS = (431, "more than {limit} request headers")
+    HEADERS_TOO_LARGE = (431, "request headers larger than {limit} bytes")
+    AT_CAPACITY = (503, "gateway at its limit of {limit} connections, retry later",
+                   {"Retry-After": str(CAPACITY_RETRY_AFTER_S)})
+    # Routing (app)
+    NOT_FOUND = (404, "not found")
+    METHOD_NOT_ALLOWED = (405, "method not allowed", {"Allow": "{allow}"})
+    INTERNAL_ERROR = (500, "internal error")
+    # Publishing
+    MISSING_BEARER = (401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+    INVALID_SERVER_TOKEN = (403, "invalid, expired or non-server token")
+    IDEMPOTENCY_IN_PROGRESS = (409, "a request with this Idempotency-Key is still in progress", {"Retry-After": "1"})
+    IDEMPOTENCY_MISMATCH = (422, "Idempotency-Key was already used for a different request")
+    RATE_LIMITED = (429, "rate limit exceeded", {"Retry-After": "{retry_after_s}"})
+    STORE_UNAVAILABLE = (503, "token store unavailable, retry later", {"Retry-After": "1"})
+    BROKER_UNAVAILABLE = (503, "broker unavailable: message not accepted, retry later", {"Retry-After": "1"})
+    SHUTTING_DOWN = (503, "server shutting down", {"Retry-After": "1"})
+    # WebSocket admission (admission, web_server)
+    WEBSOCKET_NEEDS_HTTP11 = (400, "WebSocket upgrade requires HTTP/1.1")
+    WEBSOCKET_KEY_MISSING = (400, "missing Sec-WebSocket-Key")
+    WEBSOCKET_KEY_INVALID = (400, "Sec-WebSocket-Key is not 16 bytes in base64")
+    MISSING_PLAYER_TOKEN = (401, "missing token")
+    INVALID_PLAYER_TOKEN = (401, "invalid or expired token")
+    ORIGIN_NOT_ALLOWED = (403, "origin not allowed")
+    UPGRADE_REQUIRED = (426, "WebSocket upgrade required", {"Upgrade": "websocket"})
+    WEBSOCKET_VERSION = (426, "missing or unsupported Sec-WebSocket-Version", {"Sec-WebSocket-Version": "13"})
+    TOO_MANY_PLAYER_CONNECTIONS = (429, "player already has {limit} connections")
+    DEPENDENCY_UNAVAILABLE = (503, "{what} unavailable, retry later", {"Retry-After": "1"})
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+    def __call__(self, **values: object) -> ClientError:
+        """This refusal as the `ClientError` to raise, its templates filled from `values`."""
+        return ClientError(self.status, self.message.format(**values),
+                           {name: value.format(**values) for name, value in self.headers.items()})
 
 
 class StoreUnavailable(GatewayError):

@@ -14,6 +14,9 @@ import logging
 import re
 import sys
 from datetime import datetime, timezone
+from typing import Any
+
+import gevent
 
 _STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 # "token=" in any spelling a query parser decodes to it: each letter (and the "=") may be
@@ -56,3 +59,20 @@ def setup_logging(level: str, log_file: str = "") -> None:
     # gevent-websocket logs every request ("Initializing WebSocket") and every finaliser at
     # debug; our handler logs what matters.
     logging.getLogger("geventwebsocket").setLevel(logging.WARNING)
+    route_gevent_errors()
+
+
+def route_gevent_errors() -> None:
+    """gevent's hub prints an error that ends a greenlet, or one raised in an event-loop
+    callback, as a multi-line traceback on standard error; make it one JSON line of our
+    log stream instead (the traceback in its `exception` field)."""
+    gevent.get_hub().print_exception = _log_greenlet_error  # type: ignore[method-assign]
+
+
+_hub_log = logging.getLogger("wsgateway.hub")
+
+
+def _log_greenlet_error(context: Any, kind: Any, value: Any, traceback: Any) -> None:
+    exc_info = (kind, value, traceback) if isinstance(value, BaseException) else None
+    _hub_log.error("greenlet failed", exc_info=exc_info, extra={
+        "event": "internal_error", "context": repr(context)[:200], "error_type": getattr(kind, "__name__", str(kind))})

@@ -1,19 +1,16 @@
 """The publishing API: `POST /publish`, `POST /publish/batch` and `POST /broadcast`.
 
-These are the gateway's hot paths, so they are served as plain WSGI in front of Flask
-(`PublishingRoutes` wraps the Flask app's `wsgi_app`, Flask's documented middleware
-seam). Profiled, a Flask request context, URL map, hooks and `Response` cost more than
-everything else a publish does; here a request is read straight from the WSGI environ
-and answered with one JSON body. Every other path (and Flask's 404) stays Flask's.
-The common case, a plain HTTP/1.1 POST, skips WSGI too: `app.GatewayHandler` hands
-`answer()` a minimal environ and writes the response itself, byte for byte as pywsgi
-would have.
+One entry: `Publishing.answer(request)` answers every request to these paths, whatever
+its method, version or framing. The web server (`web_server.WebHandler`) reads the
+request whole under its deadline and limits, hands it over as a `PublishingRequest`,
+and writes the answer in one send: these are the gateway's hot paths, and a Flask request
+context, URL map, hooks and `Response` cost more than everything else a publish does.
 
 What a client sees is the README's table: `{"error": "..."}` with the status of the
 `ClientError`, 503 with `Retry-After: 1` when the token store does not answer, 500 for
-a bug. Metrics are those the Flask views produced: `ws_http_requests_total{endpoint,
-status}` (endpoint `publish`, `publish_batch`, `broadcast`, or `unmatched` for a wrong
-method) and `ws_publish_duration_seconds{endpoint}`.
+a bug. Metrics: `ws_http_requests_total{endpoint, status}` (endpoint `publish`,
+`publish_batch`, `broadcast`, or `unmatched` for a wrong method) and
+`ws_publish_duration_seconds{endpoint}`.
 
 Validation lives here once: a `/publish/batch` item is checked by the same function as
 a `/publish` body, and its error names the item (`messages[3]: ...`). So does
@@ -27,13 +24,13 @@ import logging
 import math
 import time
 from http import HTTPStatus
-from typing import Any, Callable, Iterable, NamedTuple, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import orjson
 
 from wsgateway.config import Config
 from wsgateway.delivery import Delivery, Outcome
-from wsgateway.errors import BrokerUnavailable, ClientError, StoreUnavailable
+from wsgateway.errors import BrokerUnavailable, ClientError, Refusal, StoreUnavailable
 from wsgateway.idempotency import MAX_KEY_CHARS, Claim, ClaimState, IdempotencyStore, fingerprint
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.protocol import event_frame
@@ -46,11 +43,19 @@ log = logging.getLogger(__name__)
 MAX_PLAYER_ID_CHARS = 64  # ws_token ids are an unsigned INT or 32 bytes; longer cannot exist
 BATCH_SLICE = 256  # batch messages delivered between two yields to other greenlets
 
-StartResponse = Callable[..., Any]
-WsgiApp = Callable[[dict, StartResponse], Iterable[bytes]]
 Answer = tuple[dict[str, Any], dict[str, str]]  # a 200's JSON body and extra headers
 Response = tuple[int, bytes, list[tuple[str, str]]]  # status, body, headers
 STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+
+
+class PublishingRequest(NamedTuple):
+    """A request to a publishing path, read whole by the web server."""
+
+    method: str
+    path: str  # percent-escapes decoded, no query
+    headers: Mapping[str, str]  # lower-case name -> value
+    body: bytes  # at most -max-body bytes
+    remote: str  # the client's address
 
 
 class PublishingServices(Protocol):
@@ -65,15 +70,13 @@ class PublishingServices(Protocol):
     draining: bool
 
 
-class PublishingRoutes:
-    """WSGI middleware: the publishing endpoints, and `fallback` (Flask) for the rest."""
+class Publishing:
+    """The publishing endpoints: `answer(request)` for every request to a path it `serves`."""
 
-    def __init__(self, services: PublishingServices, fallback: WsgiApp) -> None:
+    def __init__(self, services: PublishingServices) -> None:
         self._services = services
-        self._fallback = fallback
-        self._max_body_bytes = services.config.max_body_bytes
         self._max_batch = services.config.max_batch
-        self._routes: dict[str, tuple[str, Callable[[dict], Answer]]] = {
+        self._routes: dict[str, tuple[str, Callable[[PublishingRequest], Answer]]] = {
             "/publish": ("publish", self._publish),
             "/publish/batch": ("publish_batch", self._publish_batch),
             "/broadcast": ("broadcast", self._broadcast),
@@ -84,69 +87,64 @@ class PublishingRoutes:
         self._durations = {endpoint: metrics.publish_duration.labels(endpoint)
                            for endpoint, _ in self._routes.values()}
 
-    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        if not self.serves(environ.get("PATH_INFO", "")):
-            return self._fallback(environ, start_response)
-        status, data, headers = self.answer(environ)
-        start_response(STATUS_LINES[status], headers)
-        return [data]
-
     def serves(self, path: str) -> bool:
         return path in self._routes
 
-    def answer(self, environ: dict) -> Response:
-        """The answer to a request for one of the publishing paths (see `serves`)."""
-        endpoint, handle = self._routes[environ["PATH_INFO"]]
-        if environ.get("REQUEST_METHOD") != "POST":
-            # Flask counted a wrong method as "unmatched" and timed nothing; so do we.
-            return self._answer("unmatched", 405, {"error": "method not allowed"}, {"Allow": "POST"})
+    def answer(self, request: PublishingRequest) -> Response:
+        """The answer (status, body, headers) to a request for a path it `serves`."""
+        endpoint, handle = self._routes[request.path]
+        if request.method != "POST":
+            return self._refused("unmatched", Refusal.METHOD_NOT_ALLOWED(allow="POST"))
         started = time.perf_counter()
-        headers: dict[str, str] = {}
         try:
-            status, (body, headers) = 200, handle(environ)
+            body, headers = handle(request)
         except ClientError as error:
-            status, body, headers = error.status, {"error": error.message, **error.details}, error.headers
+            answer = self._refused(endpoint, error)
         except StoreUnavailable as error:
             log.warning("token store unavailable", extra={"event": "store_unavailable", "detail": str(error)})
-            status, body, headers = 503, {"error": "token store unavailable, retry later"}, {"Retry-After": "1"}
+            answer = self._refused(endpoint, Refusal.STORE_UNAVAILABLE())
         except BrokerUnavailable as error:
             log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(error)})
-            status, body = 503, {"error": "broker unavailable: message not accepted, retry later"}
-            headers = {"Retry-After": "1"}
+            answer = self._refused(endpoint, Refusal.BROKER_UNAVAILABLE())
         except Exception as error:  # the request's top level: answered 500 and logged, never a traceback
-            log.error("unhandled error", exc_info=error,
-                      extra={"event": "internal_error", "path": environ.get("PATH_INFO", "")})
-            status, body = 500, {"error": "internal error"}
+            log.error("unhandled error", exc_info=error, extra={"event": "internal_error", "path": request.path})
+            answer = self._refused(endpoint, Refusal.INTERNAL_ERROR())
+        else:
+            data = orjson.dumps(body)  # our own answers: counts, flags and ASCII messages
+            answer = self._counted(endpoint, 200, data, [("Content-Type", "application/json"),
+                                                          ("Content-Length", str(len(data))), *headers.items()])
         self._durations[endpoint].observe(time.perf_counter() - started)
-        return self._answer(endpoint, status, body, headers)
+        return answer
 
-    def _answer(self, endpoint: str, status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
+    def _refused(self, endpoint: str, error: ClientError) -> Response:
+        body = error.body()
+        return self._counted(endpoint, error.status, body, error.response_headers(body))
+
+    def _counted(self, endpoint: str, status: int, body: bytes, headers: list[tuple[str, str]]) -> Response:
         counter = self._request_counters.get((endpoint, status))
         if counter is None:
             counter = self._request_counters[(endpoint, status)] = \
                 self._services.metrics.http_requests.labels(endpoint, str(status))
         counter.inc()
-        data = orjson.dumps(body)  # our own answers: counts, flags and ASCII messages
-        return status, data, [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                              *headers.items()]
+        return status, body, headers
 
     # --- the endpoints --------------------------------------------------------------------
-    def _publish(self, environ: dict) -> Answer:
+    def _publish(self, request: PublishingRequest) -> Answer:
         services = self._services
-        subject_id = authenticate_server(services, environ)
-        body = json_object(read_body(environ, self._max_body_bytes))
+        subject_id = authenticate_server(services, request)
+        body = json_object(request.body)
         player_id, frame = publish_message(body)
 
         def deliver() -> dict[str, Any]:
             take_rate(services, subject_id)
             refuse_while_draining(services)
             return publish_answer(services.delivery.publish(player_id, frame))
-        return self._once(environ, subject_id, lambda: fingerprint(b"/publish", canonical(body)), deliver)
+        return self._once(request, subject_id, lambda: fingerprint(b"/publish", canonical(body)), deliver)
 
-    def _publish_batch(self, environ: dict) -> Answer:
+    def _publish_batch(self, request: PublishingRequest) -> Answer:
         services = self._services
-        subject_id = authenticate_server(services, environ)
-        body = json_object(read_body(environ, self._max_body_bytes))
+        subject_id = authenticate_server(services, request)
+        body = json_object(request.body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ClientError(400, "messages must be a non-empty array")
@@ -223,10 +221,10 @@ class PublishingRoutes:
                 except BrokerUnavailable:
                     pass
 
-    def _broadcast(self, environ: dict) -> Answer:
+    def _broadcast(self, request: PublishingRequest) -> Answer:
         services = self._services
-        subject_id = authenticate_server(services, environ)
-        body = json_object(read_body(environ, self._max_body_bytes))
+        subject_id = authenticate_server(services, request)
+        body = json_object(request.body)
         player_id = player_id_of(body.get("player_id"), required=False)
         frame = frame_of(body)
 
@@ -235,13 +233,13 @@ class PublishingRoutes:
             refuse_while_draining(services)
             outcome = services.delivery.broadcast(frame, player_id)
             return with_scope(outcome, {"delivered": outcome.delivered})
-        return self._once(environ, subject_id, lambda: fingerprint(b"/broadcast", canonical(body)), deliver)
+        return self._once(request, subject_id, lambda: fingerprint(b"/broadcast", canonical(body)), deliver)
 
-    def _once(self, environ: dict, subject_id: str, request_fingerprint: Callable[[], str],
+    def _once(self, request: PublishingRequest, subject_id: str, request_fingerprint: Callable[[], str],
               deliver: Callable[[], dict[str, Any]]) -> Answer:
         """Run `deliver` unless the request's Idempotency-Key was answered already (the
         fingerprint is computed only for keyed requests: it costs a JSON dump and a hash)."""
-        key = environ.get("HTTP_IDEMPOTENCY_KEY")
+        key = request.headers.get("idempotency-key")
         if key is None:
             return deliver(), {}
         check_idempotency_key(key)
@@ -256,9 +254,9 @@ class PublishingRoutes:
         if claim.evicted:
             self._services.metrics.idempotency_keys_evicted.inc(claim.evicted)
         if claim.state is ClaimState.MISMATCH:
-            raise ClientError(422, "Idempotency-Key was already used for a different request")
+            raise Refusal.IDEMPOTENCY_MISMATCH()
         if claim.state is ClaimState.IN_PROGRESS:
-            raise ClientError(409, "a request with this Idempotency-Key is still in progress", {"Retry-After": "1"})
+            raise Refusal.IDEMPOTENCY_IN_PROGRESS()
         return claim
 
     def _replay(self, claim: Claim) -> dict[str, Any]:
@@ -340,17 +338,17 @@ def with_scope(outcome: Outcome, body: dict[str, Any]) -> dict[str, Any]:
         body["scope"] = "local"
     return body
 
-def authenticate_server(services: PublishingServices, environ: dict) -> str:
+def authenticate_server(services: PublishingServices, request: PublishingRequest) -> str:
     """The subject id of the request's server token, or 401/403."""
-    scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         services.metrics.auth_failures.labels("server", "missing").inc()
-        raise ClientError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+        raise Refusal.MISSING_BEARER()
     subject_id = services.store.authenticate_server(token)
     if subject_id is None:
         services.metrics.auth_failures.labels("server", "invalid").inc()
-        raise ClientError(403, "invalid, expired or non-server token")
+        raise Refusal.INVALID_SERVER_TOKEN()
     return subject_id
 
 
@@ -360,7 +358,7 @@ def refuse_while_draining(services: PublishingServices) -> None:
     not delivered. Nothing yields between this check and an in-process delivery, so a
     publish that passes it reaches live sockets before their 1001 close frame."""
     if services.draining:
-        raise ClientError(503, "server shutting down", {"Retry-After": "1"})
+        raise Refusal.SHUTTING_DOWN()
 
 
 def take_rate(services: PublishingServices, subject_id: str, count: int = 1) -> None:
@@ -368,31 +366,7 @@ def take_rate(services: PublishingServices, subject_id: str, count: int = 1) -> 
     wait_s = services.limiter.acquire(subject_id, count)
     if wait_s:
         services.metrics.rate_limited.inc()
-        raise ClientError(429, "rate limit exceeded", {"Retry-After": str(max(1, math.ceil(wait_s)))})
-
-
-def read_body(environ: dict, max_body_bytes: int) -> bytes:
-    """The request body, or 413 when it is larger than `max_body_bytes`, chunked or not.
-
-    A declared length over the limit is refused before a byte is read (the web face then
-    hangs up rather than drain it); a chunked body is read one byte past the limit. A body
-    that ends before its declared length, or broken chunking, is a 400."""
-    stream = environ["wsgi.input"]
-    length = environ.get("CONTENT_LENGTH")
-    try:
-        if length:
-            declared = int(length)  # pywsgi refused a malformed Content-Length already
-            if declared > max_body_bytes:
-                raise ClientError(413, f"body larger than {max_body_bytes} bytes")
-            return stream.read(declared)
-        if environ.get("wsgi.input_terminated"):  # chunked: no length to check up front
-            body = stream.read(max_body_bytes + 1)
-            if len(body) > max_body_bytes:
-                raise ClientError(413, f"body larger than {max_body_bytes} bytes")
-            return body
-    except (OSError, ValueError):  # pywsgi's "unexpected end of file", bad chunk sizes
-        raise ClientError(400, "incomplete or malformed request body") from None
-    return b""
+        raise Refusal.RATE_LIMITED(retry_after_s=max(1, math.ceil(wait_s)))
 
 
 def _reject_constant(name: str) -> float:

@@ -17,17 +17,15 @@ import signal
 import socket
 import ssl
 import time
-from contextlib import closing
-from typing import Any, Callable
+from typing import Callable
 
 import gevent
 import gevent.ssl
 from gevent.event import Event
-from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry
 
-from wsgateway.app import WEBSOCKET_PATH, GatewayHandler, PlayerEndpoint, create_app
+from wsgateway.admission import PlayerEndpoint
+from wsgateway.app import WEBSOCKET_PATH, create_app
 from wsgateway.broker import Broker, InProcessBroker
 from wsgateway.config import Config, ConfigError
 from wsgateway.delivery import Delivery
@@ -37,61 +35,18 @@ from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
+from wsgateway.publishing import Publishing
 from wsgateway.ratelimit import Limiter, RateLimiter
 from wsgateway.revalidation import Revalidator
 from wsgateway.roster import LocalRoster, Roster
 from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import SqlTokenStore, TokenStore
+from wsgateway.web_server import WebLimits, WebServer
 
 log = logging.getLogger(__name__)
 
 ROSTER_UPKEEP_INTERVAL_S = 1.0  # offline expiry sweeps; Redis presence heartbeats when due
 KILL_GRACE_S = 0.5  # of the shutdown timeout, kept for killing requests that did not finish
-
-
-class DrainingWSGIServer(WSGIServer):
-    """A WSGIServer that knows which keep-alive connections sit idle between requests,
-    so that shutdown can end them at once instead of waiting out its timeout."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.draining = False
-        self.idle_handlers: set[Any] = set()
-        self.websocket_endpoints: dict[str, Any] = {}
-        self.publishing: Any = None  # PublishingRoutes, answered by GatewayHandler without WSGI
-        self.header_timeout_s = 0.0  # see GatewayHandler; 0 = no limit
-
-    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
-        """With TLS: a failed handshake (a plain-HTTP client, a client that does not trust
-        the certificate) is one log line, where gevent would print a traceback."""
-        try:
-            tls_socket = self.wrap_socket(client_socket, **self.ssl_args)
-        except OSError as exc:  # ssl.SSLError is an OSError
-            log.info("TLS handshake failed", extra={
-                "event": "tls_handshake_failed", "remote": address[0] if isinstance(address, tuple) else "",
-                "detail": getattr(exc, "reason", None) or type(exc).__name__})
-            return None
-        with closing(tls_socket):
-            return self.handle(tls_socket, address)
-
-    def handle(self, sock: socket.socket, address: Any) -> None:
-        """Serve one accepted connection, with Nagle's algorithm off (as Go's net package
-        does). pywsgi writes a response's headers and body in two sends; with Nagle on,
-        the body waits for the client's delayed ACK of the headers, about 40 ms, so a
-        keep-alive publisher managed some 25 requests per second per connection. Small
-        WebSocket frames are sent at once too, instead of waiting for an ACK."""
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # not TCP (a test may hand in another kind of socket)
-            pass
-        super().handle(sock, address)
-
-    def end_idle_connections(self) -> None:
-        for handler in list(self.idle_handlers):
-            try:
-                handler.socket.shutdown(socket.SHUT_RDWR)
-            except (OSError, AttributeError):
-                pass
 
 
 class Gateway:
@@ -124,17 +79,15 @@ class Gateway:
                                  notify_missed=config.notify_missed)
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
-        tls: dict[str, Any] = {}
-        if config.tls_cert_file:
-            tls["ssl_context"] = tls_context(config.tls_cert_file, config.tls_key_file)
-        app = create_app(self)
-        self.server = DrainingWSGIServer(
+        self.server = WebServer(
             listener if listener is not None else (config.listen_host, config.listen_port),
-            app, handler_class=GatewayHandler,
-            spawn=Pool(), log=None, error_log=logging.getLogger("wsgateway.http"), **tls)
-        self.server.publishing = app.wsgi_app  # the same routes, for GatewayHandler's direct answers
-        self.server.websocket_endpoints[WEBSOCKET_PATH] = PlayerEndpoint(self)
-        self.server.header_timeout_s = config.header_timeout_s
+            create_app(self),
+            limits=WebLimits(request_timeout_s=config.request_timeout_s,
+                             tls_handshake_timeout_s=config.tls_handshake_timeout_s,
+                             max_connections=config.max_total_conns, max_body_bytes=config.max_body_bytes),
+            publishing=Publishing(self), websocket_endpoints={WEBSOCKET_PATH: PlayerEndpoint(self)},
+            ssl_context=tls_context(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None,
+            on_capacity_refusal=self.metrics.connections_rejected.labels("capacity").inc)
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
         self._shutdown_started = False
