@@ -297,12 +297,12 @@ def _batch_item(index: int, message: Any) -> _BatchItem:
                 raise ClientError(400, "idempotency_key must be a string")
             check_idempotency_key(key, name="idempotency_key")
         player_id, frame = publish_message(message)
+        if key is None:
+            return _BatchItem(player_id, frame, None, "")
+        unkeyed = {name: value for name, value in message.items() if name != "idempotency_key"}
+        return _BatchItem(player_id, frame, key, fingerprint(b"/publish", canonical(unkeyed)))
     except ClientError as error:
         raise ClientError(error.status, f"messages[{index}]: {error.message}") from None
-    if key is None:
-        return _BatchItem(player_id, frame, None, "")
-    unkeyed = {name: value for name, value in message.items() if name != "idempotency_key"}
-    return _BatchItem(player_id, frame, key, fingerprint(b"/publish", canonical(unkeyed)))
 
 
 def _refuse_repeated_keys(items: list[_BatchItem]) -> None:
@@ -323,8 +323,15 @@ def check_idempotency_key(key: str, name: str = "Idempotency-Key") -> None:
 
 def canonical(body: dict[str, Any]) -> bytes:
     """A body's identity for idempotency: the same JSON however it was spaced or ordered,
-    so a /publish and a batch item carrying the same message match."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    so a /publish and a batch item carrying the same message match.
+
+    The encoder recurses once per nesting level, and it runs deeper in the stack than
+    the parser did: a body parsed just under the interpreter's recursion limit can
+    exceed it here, which is the client's nesting, answered 400 like the parser's."""
+    try:
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    except RecursionError:
+        raise ClientError(400, "payload is nested too deeply") from None
 
 
 def publish_answer(outcome: Outcome) -> dict[str, Any]:
@@ -405,17 +412,30 @@ def publish_message(body: dict[str, Any]) -> tuple[str, bytes]:
 
 
 def player_id_of(value: Any, *, required: bool) -> str | None:
-    """`player_id` as a string: a non-empty string, or a non-negative integer."""
+    """`player_id` as a string: a non-empty string, or a non-negative integer.
+
+    JSON may carry a lone surrogate (`"\\ud800"`), which is no Unicode text: such an id
+    has no UTF-8 form, so no player can have it and a Redis key cannot name it."""
     if value is None and not required:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         value = str(value)  # then held to the same length as a string id
     if isinstance(value, str) and 0 < len(value) <= MAX_PLAYER_ID_CHARS:
+        if not value.isascii() and not _is_unicode(value):
+            raise ClientError(400, "player_id must be valid Unicode: lone surrogate")
         return value
     if value is None:
         raise ClientError(400, "player_id is required")
     raise ClientError(400, f"player_id must be a non-empty string of at most {MAX_PLAYER_ID_CHARS} "
                            "characters or a non-negative integer")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def frame_of(body: dict[str, Any]) -> bytes:
