@@ -53,6 +53,7 @@ def test_new_flag_defaults():
     assert config.max_total_conns == 0
     assert config.request_timeout_s == 10.0
     assert config.tls_handshake_timeout_s == 10.0
+    assert config.auth_fail_limit == 30
     assert (config.log_file, config.log_level, config.pid_file) == ("", "info", "")
 
 
@@ -270,7 +271,7 @@ def test_precedence_command_line_env_file_default(tmp_path):
 @pytest.mark.parametrize("flag, value", [
     ("addr", "8080"), ("db", "oracle"), ("max-conns", "-1"), ("max-conns", "ten"), ("max-queued", "1.5"),
     ("offline-ttl", "10x"), ("offline-ttl", "-1s"), ("offline-ttl", ""), ("offline-ttl", "1m-"),
-    ("rate-limit", "x"), ("rate-period", "0"), ("revalidate-period", "0s"), ("db-timeout", "0"),
+    ("rate-limit", "x"), ("rate-period", "0"), ("revalidate-period", "0s"), ("db-timeout", "0"), ("auth-fail-limit", "-1"),
     ("max-body", "0"), ("max-body", "1TiB"), ("max-message-size", "big"), ("ping-period", "0"),
     ("pong-wait", "forever"), ("shutdown-timeout", "-5s"), ("max-outbox", "0"), ("max-outbox-bytes", "0"),
     ("log-level", "verbose"), ("dsn", "file:"), ("max-total-conns", "-1"), ("request-timeout", "5"),

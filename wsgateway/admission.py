@@ -2,8 +2,9 @@
 admission reserved.
 
 `PlayerEndpoint.admitted(request)` checks, in this order and each before any cost of the
-next: shutting down (503), the Origin (403), the token present (401) and known (401, one
-database query), then reserves the player's seat in the roster (429 past `-max-conns`).
+next: shutting down (503), the Origin (403), the token present (401), the client address
+within -auth-fail-limit (429, see `auth_throttle`), the token known (401, one database
+query, coalesced with those of concurrent connects), then reserves the player's seat in the roster (429 past `-max-conns`).
 Every reservation is given back by the one context manager, however the upgrade ends: a
 failed handshake, a broker that fails while the connection is set up, or a bug. From
 `serve`'s `delivery.connect` on, the seat belongs to the connection, and
@@ -17,12 +18,14 @@ import time
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.config import Config
 from wsgateway.connection import Connection
 from wsgateway.outbox import OutboxLimits
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, Refusal, StoreUnavailable
 from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
+from wsgateway.publishing import refuse_if_throttled
 from wsgateway.roster import Roster, Seat
 from wsgateway.tokens import TokenStore
 from wsgateway.web_server import WebSocketRequest
@@ -37,6 +40,7 @@ class AdmissionServices(Protocol):
     store: TokenStore
     roster: Roster
     delivery: Delivery
+    auth_throttle: FailedAuthThrottle
     metrics: GatewayMetrics
     draining: bool
 
@@ -95,13 +99,20 @@ class PlayerEndpoint:
             services.metrics.auth_failures.labels("player", "missing").inc()
             raise Refusal.MISSING_PLAYER_TOKEN()
         try:
+            refuse_if_throttled(services.auth_throttle, services.metrics, request.remote, token, "player")
+        except ClientError:
+            rejected.labels("throttled").inc()
+            raise
+        try:
             player_id = services.store.authenticate_player(token)
         except StoreUnavailable as exc:
             raise self._unavailable("store_unavailable", "token store", exc) from None
         if player_id is None:
+            services.auth_throttle.failed(request.remote)
             rejected.labels("unauthorized").inc()
             services.metrics.auth_failures.labels("player", "invalid").inc()
             raise Refusal.INVALID_PLAYER_TOKEN()
+        services.auth_throttle.succeeded(token)
         try:
             seat = services.roster.reserve(player_id)
         except BrokerUnavailable as exc:

@@ -43,6 +43,7 @@ class Config:
     rate_period_s: float  # the bucket refills `rate_limit` tokens over this period
     revalidate_period_s: float  # live tokens rechecked, server tokens cached, this often
     db_timeout_s: float  # a database call taking longer fails (503) instead of hanging
+    auth_fail_limit: int  # refused tokens per client address per minute before 429; 0 = no limit
     max_body_bytes: int  # largest accepted HTTP request body
     max_batch: int  # messages in one /publish/batch request (at least 1)
     max_message_bytes: int  # largest accepted client WebSocket message
@@ -266,6 +267,8 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("rate-period", "1s", _positive_duration, "rate limit window"),
     _Flag("revalidate-period", "1m", _positive_duration, "token revalidation interval"),
     _Flag("db-timeout", "5s", _positive_duration, "longest wait for the database before answering 503"),
+    _Flag("auth-fail-limit", "30", parse_count,
+          "refused tokens per client address per minute; past it the address gets 429 (0 = no limit)"),
     _Flag("max-body", "1MiB", _positive_size, "largest HTTP request body"),
     _Flag("max-batch", "1000", _positive_count, "most messages in one /publish/batch request"),
     _Flag("max-message-size", "64KiB", _positive_size, "largest client WebSocket message (larger: close 1009)"),
@@ -418,6 +421,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
         rate_period_s=value["rate-period"],
         revalidate_period_s=value["revalidate-period"],
         db_timeout_s=value["db-timeout"],
+        auth_fail_limit=value["auth-fail-limit"],
         max_body_bytes=value["max-body"],
         max_batch=value["max-batch"],
         max_message_bytes=value["max-message-size"],

@@ -124,6 +124,8 @@ class Refusal(Enum):
     IDEMPOTENCY_IN_PROGRESS = (409, "a request with this Idempotency-Key is still in progress", {"Retry-After": "1"})
     IDEMPOTENCY_MISMATCH = (422, "Idempotency-Key was already used for a different request")
     RATE_LIMITED = (429, "rate limit exceeded", {"Retry-After": "{retry_after_s}"})
+    AUTH_THROTTLED = (429, "too many refused tokens from this address, retry later",
+                      {"Retry-After": "{retry_after_s}"})  # publishing and /ws: -auth-fail-limit
     STORE_UNAVAILABLE = (503, "token store unavailable, retry later", {"Retry-After": "1"})
     BROKER_UNAVAILABLE = (503, "broker unavailable: message not accepted, retry later", {"Retry-After": "1"})
     SHUTTING_DOWN = (503, "server shutting down", {"Retry-After": "1"})

@@ -91,6 +91,9 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             "ws_auth_failures", "Refused tokens, by kind (player or server) and reason.",
             ["kind", "reason"], registry=registry)
+        self.auth_throttled = Counter(
+            "ws_auth_throttled", "Requests refused (429) because their client address passed -auth-fail-limit, "
+            "by kind (player or server); their token was not looked up.", ["kind"], registry=registry)
         self.connections_rejected = Counter(
             "ws_connections_rejected", "WebSocket connections refused before the upgrade, by reason.",
             ["reason"], registry=registry)

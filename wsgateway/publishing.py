@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import orjson
 
+from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.config import Config
 from wsgateway.delivery import Delivery, Outcome
 from wsgateway.errors import BrokerUnavailable, ClientError, Refusal, StoreUnavailable
@@ -66,6 +67,7 @@ class PublishingServices(Protocol):
     delivery: Delivery
     limiter: Limiter
     idempotency: IdempotencyStore
+    auth_throttle: FailedAuthThrottle
     metrics: GatewayMetrics
     draining: bool
 
@@ -352,11 +354,25 @@ def authenticate_server(services: PublishingServices, request: PublishingRequest
     if scheme.lower() != "bearer" or not token:
         services.metrics.auth_failures.labels("server", "missing").inc()
         raise Refusal.MISSING_BEARER()
+    refuse_if_throttled(services.auth_throttle, services.metrics, request.remote, token, "server")
     subject_id = services.store.authenticate_server(token)
     if subject_id is None:
+        services.auth_throttle.failed(request.remote)
         services.metrics.auth_failures.labels("server", "invalid").inc()
         raise Refusal.INVALID_SERVER_TOKEN()
+    services.auth_throttle.succeeded(token)
     return subject_id
+
+
+def refuse_if_throttled(throttle: FailedAuthThrottle, metrics: GatewayMetrics, address: str, token: str,
+                        kind: str) -> None:
+    """429 when the client address has passed -auth-fail-limit and `token` has not
+    authenticated recently: refused before the token costs a lookup (`auth_throttle`).
+    `kind` ("player" or "server") labels the count; admission uses it too."""
+    wait_s = throttle.retry_after_s(address, token)
+    if wait_s:
+        metrics.auth_throttled.labels(kind).inc()
+        raise Refusal.AUTH_THROTTLED(retry_after_s=max(1, math.ceil(wait_s)))
 
 
 def refuse_while_draining(services: PublishingServices) -> None:

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from wsgateway.admission import PlayerEndpoint
 from wsgateway.app import WEBSOCKET_PATH, create_app
+from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.broker import Broker, InProcessBroker
 from wsgateway.config import Config, ConfigError
 from wsgateway.delivery import Delivery
@@ -60,6 +61,7 @@ class Gateway:
         self.metrics = GatewayMetrics(registry if registry is not None else CollectorRegistry())
         self.store: TokenStore = store if store is not None else SqlTokenStore(
             config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=config.revalidate_period_s)
+        self.auth_throttle = FailedAuthThrottle(config.auth_fail_limit, trusted_ttl_s=config.revalidate_period_s)
         self.hub = Hub(pause=let_io_in)
         self.roster: Roster
         self.broker: Broker
