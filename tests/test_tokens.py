@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, event, inspect, text
 
 from tests.helpers import TIMEOUT_S, TokenTable
 from wsgateway.errors import StoreUnavailable
+from wsgateway import tokens as tokens_module
 from wsgateway.tokens import REVALIDATION_BATCH, SqlTokenStore, utc_now
 
 
@@ -455,3 +456,121 @@ def test_lookups_compile_once_whatever_the_batch_size(any_database_url, store, t
     for size in range(1, 41):
         assert store.valid_player_tokens(tokens[:size]) == set(tokens[:size])
     assert len(store.engine._compiled_cache) - before <= 1
+
+
+# --- refused tokens remembered, concurrent lookups coalesced ----------------------------------
+def test_refused_token_costs_no_query_until_its_memory_ends(any_database_url, table):
+    """An unknown token is refused again without a query; created later, it is accepted within the unknown-token TTL."""
+    clock = FakeClock()
+    store = make_store(any_database_url, cache_period_s=60.0, monotonic=clock)
+    try:
+        assert store.unknown_ttl_s == tokens_module.UNKNOWN_TOKEN_TTL_S
+        statements = record_statements(store)
+        assert store.authenticate_player("not-yet-created") is None
+        assert len(statements) == 1
+        table.player(21, token="not-yet-created")
+        assert store.authenticate_player("not-yet-created") is None
+        assert len(statements) == 1
+        clock.advance(store.unknown_ttl_s + 0.001)
+        assert store.authenticate_player("not-yet-created") == "21"
+        assert store.authenticate_player("not-yet-created") == "21"  # a valid answer is never cached
+        assert len(statements) == 3
+    finally:
+        store.close()
+
+
+def test_extended_token_is_accepted_within_the_unknown_token_ttl(any_database_url, table):
+    """An expired token refused once is accepted once the backend extends it and the TTL has passed."""
+    clock = FakeClock()
+    store = make_store(any_database_url, cache_period_s=60.0, monotonic=clock)
+    try:
+        token = table.player(21, ttl_s=-5)
+        assert store.authenticate_player(token) is None
+        table.revoke(token)
+        table.player(21, token=token, ttl_s=3600)
+        clock.advance(store.unknown_ttl_s + 0.001)
+        assert store.authenticate_player(token) == "21"
+    finally:
+        store.close()
+
+
+def test_unknown_token_memory_is_at_most_the_revalidation_period(any_database_url, table):
+    """With a revalidation period shorter than UNKNOWN_TOKEN_TTL_S, refusals are remembered only that long."""
+    clock = FakeClock()
+    store = make_store(any_database_url, cache_period_s=2.0, monotonic=clock)
+    try:
+        assert store.authenticate_server("later") is None
+        table.server("backend-1", token="later")
+        clock.advance(2.001)
+        assert store.authenticate_server("later") == "backend-1"
+    finally:
+        store.close()
+
+
+def test_refusals_are_remembered_per_kind(store, table):
+    """A server token refused on /ws is still accepted for publishing, and the other way round."""
+    server = table.server("backend-1")
+    player = table.player(21)
+    assert store.authenticate_player(server) is None
+    assert store.authenticate_server(server) == "backend-1"
+    assert store.authenticate_server(player) is None
+    assert store.authenticate_player(player) == "21"
+
+
+def test_an_admin_store_remembers_no_refusal(any_database_url, table):
+    """A store without a cache period (the operations commands' TokenAdmin) never remembers a refusal."""
+    store = make_store(any_database_url, cache_period_s=0.0)
+    try:
+        assert store.authenticate_player("soon") is None
+        table.player(21, token="soon")
+        assert store.authenticate_player("soon") == "21"
+    finally:
+        store.close()
+
+
+def test_tokens_with_a_lone_surrogate_are_refused_without_a_query(store):
+    """A token with no UTF-8 form cannot be in the table: refused at once, and never breaks a coalesced batch."""
+    statements = record_statements(store)
+    assert store.authenticate_player("a\ud800") is None
+    assert store.valid_player_tokens(["a\ud800"]) == set()
+    assert statements == []
+
+
+def test_concurrent_lookups_are_coalesced(any_database_url, store):
+    """2,000 players authenticating at once are answered correctly by a few batched queries."""
+    rows = [{"token": f"storm-{index:05d}", "player_id": index, "subject_id": "s", "is_server": False, "ttl_s": 600}
+            for index in range(2000)]
+    rows[7]["ttl_s"] = -60  # expired
+    rows[8]["is_server"] = True  # not a player token
+    insert_many(any_database_url, rows)
+    statements = record_statements(store)
+    asked = [f"storm-{index:05d}" for index in range(2000)] + ["storm-unknown", "storm-00001"]
+    greenlets = [gevent.spawn(store.authenticate_player, token) for token in asked]
+    gevent.joinall(greenlets, timeout=10 * TIMEOUT_S, raise_error=True)
+    answers = [greenlet.value for greenlet in greenlets]
+    expected = [str(index) for index in range(2000)] + [None, "1"]
+    expected[7] = expected[8] = None
+    assert answers == expected
+    assert len(statements) <= 2000 // tokens_module.LOOKUP_BATCH + tokens_module.LOOKUPS_IN_FLIGHT + 2, statements
+    assert max(count for _, count in statements) <= 2 * tokens_module.LOOKUP_BATCH  # sqlite: text and blob forms
+
+
+def test_a_failing_batch_fails_its_callers_and_the_next_batch_recovers(sqlite_url, tmp_path):
+    """A query that fails gives StoreUnavailable to every caller of that batch; later lookups work again."""
+    store = make_store(sqlite_url)
+    try:
+        store.ensure_schema()
+        table = TokenTable(sqlite_url)
+        token = table.player(21)
+        locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+        locker.execute("DROP TABLE ws_token")
+        greenlets = [gevent.spawn(store.authenticate_player, f"t{index}") for index in range(50)]
+        gevent.joinall(greenlets, timeout=3 * TIMEOUT_S)
+        assert all(isinstance(greenlet.exception, StoreUnavailable) for greenlet in greenlets)
+        locker.close()
+        store.ensure_schema()
+        table.player(21, token=token)
+        assert store.authenticate_player(token) == "21"
+        table.engine.dispose()
+    finally:
+        store.close()

@@ -7,6 +7,15 @@ A player is named by `player_id` when it is set, else by `subject_id`; a server 
 
 The store knows no HTTP. It raises `StoreUnavailable` when the database does not answer
 within `db_timeout_s`, so callers can answer 503 instead of hanging.
+
+Lookups at connect time are coalesced (`coalescing.Coalescer`): the tokens asked for
+while a query is in flight go together into the next `IN (...)` query, so a reconnect
+storm of thousands of players costs tens of queries, not thousands queued behind the
+connection pool. A token found invalid (unknown, expired, of the other kind) is
+remembered as such, as a keyed digest, for `unknown_ttl_s` (the smaller of
+UNKNOWN_TOKEN_TTL_S and the revalidation period): a client that retries a bad token
+costs no query, and a token created, or extended, after it was refused is accepted
+within that time.
 """
 from __future__ import annotations
 
@@ -23,13 +32,19 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.elements import TextClause
 
+from wsgateway.coalescing import Coalescer
 from wsgateway.errors import StoreUnavailable
+from wsgateway.recent_tokens import RecentTokens
 
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 32  # the column is VARBINARY(32): a longer token cannot exist
 REVALIDATION_BATCH = 500  # tokens per IN (...) query
 SERVER_CACHE_LIMIT = 10_000  # server tokens remembered at once
+LOOKUP_BATCH = 500  # tokens per coalesced connect-time query
+LOOKUPS_IN_FLIGHT = 2  # coalesced queries running at once; the next batch gathers meanwhile
+UNKNOWN_TOKEN_TTL_S = 10.0  # longest a refused token is remembered as invalid
+UNKNOWN_TOKENS_KEPT = 50_000  # refused tokens remembered at once (oldest forgotten first)
 
 MYSQL_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS ws_token (
@@ -55,8 +70,8 @@ SQLITE_SCHEMA = (
 )
 _MYSQL_DUPLICATE_KEY_NAME = 1061
 
-_TOKEN_ROW = text("SELECT player_id, subject_id, is_server, expires_at FROM ws_token WHERE token IN :tokens"
-                  ).bindparams(bindparam("tokens", expanding=True))
+_TOKEN_ROWS = text("SELECT token, player_id, subject_id, is_server, expires_at FROM ws_token WHERE token IN :tokens"
+                   ).bindparams(bindparam("tokens", expanding=True))
 _VALID_PLAYER_TOKENS = text("SELECT token, expires_at FROM ws_token WHERE is_server = 0 AND token IN :tokens"
                             ).bindparams(bindparam("tokens", expanding=True))
 
@@ -71,11 +86,12 @@ class TokenStore(Protocol):
     for at most the store's timeout, then raises `StoreUnavailable`."""
 
     def authenticate_player(self, token: str) -> str | None:
-        """The player id of a valid player token, else None. Never cached."""
+        """The player id of a valid player token, else None. A valid answer is never
+        cached; a refusal may be, for at most the revalidation period."""
 
     def authenticate_server(self, token: str) -> str | None:
         """The subject id of a valid server token, else None. May be cached for at
-        most the revalidation period, and never past the token's expiry."""
+        most the revalidation period, and never past the token's expiry; so may a refusal."""
 
     def valid_player_tokens(self, tokens: Iterable[str]) -> set[str]:
         """The subset of `tokens` that are still valid player tokens (batched queries)."""
@@ -113,8 +129,13 @@ class SqlTokenStore:
         self._now = now
         self._monotonic = monotonic
         self._server_cache: dict[str, _CachedServer] = {}
+        self.unknown_ttl_s = min(UNKNOWN_TOKEN_TTL_S, cache_period_s)
+        self._refused = RecentTokens(self.unknown_ttl_s, UNKNOWN_TOKENS_KEPT, monotonic)  # "kind:token"
         self._threads = ThreadPool(4) if self._is_sqlite else None
         self.engine = _create_engine(database_url, db_timeout_s)
+        # A caller waits for the query in flight, then for its own: each bounded by db_timeout_s.
+        self._rows = Coalescer(self._fetch_rows, max_batch=LOOKUP_BATCH, max_in_flight=LOOKUPS_IN_FLIGHT,
+                               wait_s=2 * db_timeout_s, timed_out=lambda: StoreUnavailable("database timed out"))
 
     # --- schema -----------------------------------------------------------------
     def ensure_schema(self) -> bool:
@@ -136,8 +157,12 @@ class SqlTokenStore:
 
     # --- TokenStore ---------------------------------------------------------------
     def authenticate_player(self, token: str) -> str | None:
+        refused = "player:" + token
+        if refused in self._refused:
+            return None
         row = self._lookup(token)
         if row is None or row.is_server or not self._unexpired(row.expires_at):
+            self._refused.add(refused)
             return None
         if row.player_id is not None:
             return str(row.player_id)
@@ -149,12 +174,14 @@ class SqlTokenStore:
             if cached.valid_until > self._monotonic():
                 return cached.subject_id
             del self._server_cache[token]
-        row = self._lookup(token)
-        if row is None or not row.is_server:
+        refused = "server:" + token
+        if refused in self._refused:
             return None
-        expires_at = _as_datetime(row.expires_at)
+        row = self._lookup(token)
+        expires_at = _as_datetime(row.expires_at) if row is not None else None
         now = self._now()
-        if expires_at is None or expires_at <= now:
+        if row is None or not row.is_server or expires_at is None or expires_at <= now:
+            self._refused.add(refused)
             return None
         subject_id = _as_text(row.subject_id)
         lifetime_s = min(self._cache_period_s, (expires_at - now).total_seconds())
@@ -188,11 +215,24 @@ class SqlTokenStore:
             self._threads.kill()
 
     # --- internals ----------------------------------------------------------------
+    def forget_refusals(self) -> None:
+        """Forget which tokens were refused: the table was replaced (see `_fetch_rows`)."""
+        self._refused = RecentTokens(self.unknown_ttl_s, UNKNOWN_TOKENS_KEPT, self._monotonic)
+
     def _lookup(self, token: str):  # -> Row | None
         if not _storable(token):
             return None
-        rows = self._query(_TOKEN_ROW, [token])
-        return rows[0] if rows else None
+        return self._rows.get(token)
+
+    def _fetch_rows(self, tokens: list[str]) -> dict[str, object]:
+        """The rows of `tokens` (one query), by token as asked for."""
+        wanted = set(tokens)
+        rows: dict[str, object] = {}
+        for row in self._query(_TOKEN_ROWS, tokens):
+            token = _as_text(row.token)
+            if token in wanted:
+                rows.setdefault(token, row)
+        return rows
 
     def _query(self, statement: TextClause, tokens: list[str]) -> list:
         """Run `statement`, whose `:tokens` is an expanding IN list, for `tokens`.
@@ -275,7 +315,14 @@ def _create_engine(database_url: str, db_timeout_s: float) -> Engine:
 
 
 def _storable(token: str) -> bool:
-    return 0 < len(token.encode("utf-8", "surrogatepass")) <= MAX_TOKEN_BYTES
+    """Whether `token` could be in the table: UTF-8 (no lone surrogate) of 1-32 bytes.
+    A token that is not is refused without a query; in a coalesced batch it would fail
+    the whole batch's encoding."""
+    try:
+        size = len(token.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+    return 0 < size <= MAX_TOKEN_BYTES
 
 
 def _as_text(value: object) -> str:
