@@ -42,7 +42,7 @@ MAX_TOKEN_BYTES = 32  # the column is VARBINARY(32): a longer token cannot exist
 REVALIDATION_BATCH = 500  # tokens per IN (...) query
 SERVER_CACHE_LIMIT = 10_000  # server tokens remembered at once
 LOOKUP_BATCH = 500  # tokens per coalesced connect-time query
-LOOKUPS_IN_FLIGHT = 2  # coalesced queries running at once; the next batch gathers meanwhile
+LOOKUPS_IN_FLIGHT = 1  # coalesced queries running at once; the next batch gathers meanwhile
 UNKNOWN_TOKEN_TTL_S = 10.0  # longest a refused token is remembered as invalid
 UNKNOWN_TOKENS_KEPT = 50_000  # refused tokens remembered at once (oldest forgotten first)
 
