@@ -16,10 +16,17 @@ remembered as such, as a keyed digest, for `unknown_ttl_s` (the smaller of
 UNKNOWN_TOKEN_TTL_S and the revalidation period): a client that retries a bad token
 costs no query, and a token created, or extended, after it was refused is accepted
 within that time.
+
+A sqlite file replaced at its path (a restored backup, a deploy renaming a new file into
+place) is followed: before each query the path's inode is compared with that of the file
+the pool opened, and on a change the pool is disposed, so the next query reads the new
+file and the refusals remembered from the old one are forgotten. A path that has gone
+(and no file at it) is StoreUnavailable, never a new, empty file.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +34,7 @@ from typing import Callable, Iterable, Protocol, TypeVar
 
 import gevent
 from gevent.threadpool import ThreadPool
-from sqlalchemy import bindparam, create_engine, inspect, text
+from sqlalchemy import bindparam, create_engine, inspect, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.elements import TextClause
@@ -133,6 +140,8 @@ class SqlTokenStore:
         self._refused = RecentTokens(self.unknown_ttl_s, UNKNOWN_TOKENS_KEPT, monotonic)  # "kind:token"
         self._threads = ThreadPool(4) if self._is_sqlite else None
         self.engine = _create_engine(database_url, db_timeout_s)
+        self._sqlite_path = _sqlite_path(database_url) if self._is_sqlite else None
+        self._sqlite_file: tuple[int, int] | None = None  # (st_dev, st_ino) the pool reads; None: not yet seen
         # A caller waits for the query in flight, then for its own: each bounded by db_timeout_s.
         self._rows = Coalescer(self._fetch_rows, max_batch=LOOKUP_BATCH, max_in_flight=LOOKUPS_IN_FLIGHT,
                                wait_s=2 * db_timeout_s, timed_out=lambda: StoreUnavailable("database timed out"))
@@ -215,10 +224,6 @@ class SqlTokenStore:
             self._threads.kill()
 
     # --- internals ----------------------------------------------------------------
-    def forget_refusals(self) -> None:
-        """Forget which tokens were refused: the table was replaced (see `_fetch_rows`)."""
-        self._refused = RecentTokens(self.unknown_ttl_s, UNKNOWN_TOKENS_KEPT, self._monotonic)
-
     def _lookup(self, token: str):  # -> Row | None
         if not _storable(token):
             return None
@@ -255,8 +260,32 @@ class SqlTokenStore:
         with self.engine.connect() as connection:
             return connection.execute(text(sql)).scalar()
 
+    def _follow_replaced_file(self) -> None:
+        """Dispose the pool when the sqlite path now names another file than it opened."""
+        if self._sqlite_path is None:
+            return
+        try:
+            status = os.stat(self._sqlite_path)
+        except FileNotFoundError:
+            if self._sqlite_file is not None:  # connecting would create an empty file there
+                raise StoreUnavailable("database error: the sqlite token file is gone") from None
+            return
+        except OSError as exc:
+            raise StoreUnavailable(f"database error: cannot stat the sqlite token file: {exc.strerror}") from None
+        current = (status.st_dev, status.st_ino)
+        if current == self._sqlite_file:
+            return
+        if self._sqlite_file is not None:
+            log.warning("sqlite token file replaced: reading the new one",
+                        extra={"event": "token_file_replaced"})
+            self.engine.dispose()
+            self._server_cache.clear()
+            self._refused = RecentTokens(self.unknown_ttl_s, UNKNOWN_TOKENS_KEPT, self._monotonic)
+        self._sqlite_file = current
+
     def _run(self, work: Callable[[], T]) -> T:
         """Run database work with a deadline; in the thread pool for sqlite."""
+        self._follow_replaced_file()
         try:
             if self._threads is None:
                 # One deadline for the whole call: a pre-ping that times out and the reconnect
@@ -312,6 +341,14 @@ def _create_engine(database_url: str, db_timeout_s: float) -> Engine:
         pool_timeout=db_timeout_s,
         connect_args={"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout},
     )
+
+
+def _sqlite_path(database_url: str) -> str | None:
+    """The file a sqlite URL names, or None for an in-memory database."""
+    path = make_url(database_url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return os.path.abspath(path)
 
 
 def _storable(token: str) -> bool:
