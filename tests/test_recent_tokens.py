@@ -57,16 +57,6 @@ def test_expired_entries_are_dropped_when_adding():
     assert len(tokens) == 1
 
 
-def test_discard_forgets_one_token():
-    """`discard` forgets that token only."""
-    tokens, _ = memory()
-    tokens.add("a")
-    tokens.add("b")
-    tokens.discard("a")
-    tokens.discard("never-added")
-    assert "a" not in tokens and "b" in tokens
-
-
 def test_zero_ttl_remembers_nothing():
     """`ttl_s == 0` (a store that must not cache) remembers nothing."""
     tokens, _ = memory(ttl_s=0.0)

@@ -42,9 +42,6 @@ class RecentTokens:
             self._expiry.popitem(last=False)
         self._expiry[digest] = now + self.ttl_s
 
-    def discard(self, token: str) -> None:
-        self._expiry.pop(self._digest(token), None)
-
     def __contains__(self, token: object) -> bool:
         if not self._expiry or not isinstance(token, str):
             return False
