@@ -109,6 +109,8 @@ def test_other_addresses_are_not_throttled(start_gateway):
     assert ws_status(gateway, guess(), source="127.0.0.2")[0] == 429
     assert ws_status(gateway, guess(), source="127.0.0.3")[0] == 401
     assert ws_status(gateway, gateway.tokens.player(PLAYER), source="127.0.0.3")[0] == 101
+    assert publish_from(gateway, guess(), source="127.0.0.2").status == 429
+    assert publish_from(gateway, guess(), source="127.0.0.3").status == 403
 
 
 def test_a_new_valid_token_waits_for_the_address_budget(start_gateway):
