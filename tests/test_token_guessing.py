@@ -82,7 +82,7 @@ def test_player_guesses_past_the_limit_get_429_without_a_query(start_gateway, qu
     before = counter.count
     status, headers = ws_status(gateway, guess())
     assert status == 429
-    assert int(headers["retry-after"]) == 20  # one refused token refills in 60 s / 3
+    assert 15 <= int(headers["retry-after"]) <= 20  # one refused token refills in 60 s / 3
     assert counter.count == before
     assert gateway.metric("ws_auth_throttled_total", kind="player") == 1
     assert gateway.metric("ws_connections_rejected_total", reason="throttled") == 1
@@ -115,13 +115,14 @@ def test_other_addresses_are_not_throttled(start_gateway):
 
 def test_a_new_valid_token_waits_for_the_address_budget(start_gateway):
     """A never-seen valid token from a throttled address gets 429 until one refused token has refilled, then connects."""
-    gateway = start_gateway("-auth-fail-limit", "120")  # one refills every 0.5 s
-    for _ in range(120):
-        ws_status(gateway, guess())
+    gateway = start_gateway("-auth-fail-limit", "20")  # one refills every 3 s
+    for _ in range(40):  # until refused, however slowly the guesses go on a loaded machine
+        if ws_status(gateway, guess())[0] == 429:
+            break
     token = gateway.tokens.player(PLAYER)
     status, headers = ws_status(gateway, token)
-    assert (status, headers.get("retry-after")) == (429, "1")
-    wait_for(lambda: ws_status(gateway, token)[0] == 101, what="the budget to refill")
+    assert status == 429 and 1 <= int(headers["retry-after"]) <= 3
+    wait_for(lambda: ws_status(gateway, token)[0] == 101, timeout_s=3 * TIMEOUT_S, what="the budget to refill")
 
 
 def test_server_token_guesses_past_the_limit_get_429(start_gateway, queries):
@@ -134,7 +135,7 @@ def test_server_token_guesses_past_the_limit_get_429(start_gateway, queries):
     assert [publish_from(gateway, guess()).status for _ in range(3)] == [403, 403, 403]
     before = counter.count
     reply = publish_from(gateway, guess())
-    assert reply.status == 429 and reply.headers["retry-after"] == "20"
+    assert reply.status == 429 and 15 <= int(reply.headers["retry-after"]) <= 20
     assert "too many refused tokens" in reply.json["error"]
     assert counter.count == before
     assert publish_from(gateway, server).status == 200
