@@ -28,6 +28,7 @@ def test_labelled_counters_start_with_a_zero_series_for_every_known_value(gatewa
     expected = [("ws_messages_dropped_total", {"reason": reason}) for reason in DROP_REASONS]
     expected += [("ws_auth_failures_total", {"kind": kind, "reason": reason})
                  for kind in AUTH_FAILURE_KINDS for reason in AUTH_FAILURE_REASONS]
+    expected += [("ws_auth_throttled_total", {"kind": kind}) for kind in AUTH_FAILURE_KINDS]
     expected += [("ws_connections_rejected_total", {"reason": reason}) for reason in REJECTION_REASONS]
     expected += [("ws_disconnects_total", {"code": str(int(code))}) for code in CloseCode]
     for name, labels in expected:

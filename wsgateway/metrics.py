@@ -49,7 +49,7 @@ DROP_REASONS = (DROP_OFFLINE_FULL, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_DISABLED, 
 # The label values the web face counts under (a test checks them against its calls).
 AUTH_FAILURE_KINDS = ("player", "server")
 AUTH_FAILURE_REASONS = ("missing", "invalid")
-REJECTION_REASONS = ("unauthorized", "origin", "too_many_connections", "capacity", "store_unavailable",
+REJECTION_REASONS = ("unauthorized", "throttled", "origin", "too_many_connections", "capacity", "store_unavailable",
                      "broker_unavailable", "shutting_down")
 
 
@@ -116,6 +116,8 @@ class GatewayMetrics:
         for kind in AUTH_FAILURE_KINDS:
             for reason in AUTH_FAILURE_REASONS:
                 self.auth_failures.labels(kind, reason)
+        for kind in AUTH_FAILURE_KINDS:
+            self.auth_throttled.labels(kind)
         for reason in REJECTION_REASONS:
             self.connections_rejected.labels(reason)
         for code in CloseCode:
