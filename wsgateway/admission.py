@@ -4,7 +4,8 @@ admission reserved.
 `PlayerEndpoint.admitted(request)` checks, in this order and each before any cost of the
 next: shutting down (503), the Origin (403), the token present (401), the client address
 within -auth-fail-limit (429, see `auth_throttle`), the token known (401, one database
-query, coalesced with those of concurrent connects), then reserves the player's seat in the roster (429 past `-max-conns`).
+query, coalesced with those of concurrent connects), then reserves the player's seat in
+the roster (429 past `-max-conns`).
 Every reservation is given back by the one context manager, however the upgrade ends: a
 failed handshake, a broker that fails while the connection is set up, or a bug. From
 `serve`'s `delivery.connect` on, the seat belongs to the connection, and
