@@ -121,28 +121,66 @@ def test_dead_gateways_players_count_as_offline_after_presence_ttl(redis_prefix)
     assert dead.route("p", b"queued", True).queued
 
 
-def test_refresh_keeps_seats_alive_and_rewrites_them_after_a_redis_wipe(redis_prefix):
-    """The heartbeat extends seats; if Redis lost them (a restart), it writes them back."""
+def test_refresh_keeps_seats_alive_and_reports_those_redis_lost(redis_prefix):
+    """The heartbeat extends seats; those Redis lost (a wipe) it reports, and restore writes them back."""
     roster = make_roster(redis_prefix, presence_ttl_s=1.0)
-    seat(roster, "p")
+    taken, _ = seat(roster, "p")
+    assert roster.refresh(force=True) == []
     client = redis.Redis.from_url(REDIS_URL)
     for key in client.scan_iter(f"{redis_prefix}:*"):
         client.delete(key)
     assert roster.route("p", b"x", False).connections == 0
-    roster.refresh()
+    lost = roster.refresh(force=True)
+    assert lost == [taken]
+    assert roster.route("p", b"x", False).connections == 0, "refresh alone brings nothing back"
+    roster.restore(lost)
     assert roster.route("p", b"x", False).gateways == frozenset((roster.gateway_id,))
 
 
-def test_left_seat_is_not_brought_back_by_the_heartbeat(redis_prefix):
-    """A refresh only extends seats that still exist: one that just left stays gone."""
+def test_restore_hands_over_what_was_queued_while_the_seat_was_lost(redis_prefix):
+    """Frames queued while a seat's presence was missing come back from restore, for its connection."""
     roster = make_roster(redis_prefix)
     taken, _ = seat(roster, "p")
-    roster.refresh()  # first heartbeat writes the marker
-    roster._present[taken.seat_id] = taken  # as if the heartbeat raced with leave()
+    redis.Redis.from_url(REDIS_URL).delete(RedisKeys(redis_prefix).present("p"))
+    assert roster.route("p", b"one", True).queued and roster.route("p", b"two", True).queued
+    backlogs = roster.restore(roster.refresh(force=True))
+    assert backlogs["p"].frames == [b"one", b"two"]
+    assert not roster.route("p", b"three", True).queued
+
+
+def test_left_seat_is_not_brought_back_by_a_restore(redis_prefix):
+    """A seat that left between the heartbeat and restore stays gone."""
+    roster = make_roster(redis_prefix)
+    taken, _ = seat(roster, "p")
+    redis.Redis.from_url(REDIS_URL).delete(RedisKeys(redis_prefix).present("p"))
+    lost = roster.refresh(force=True)
+    assert lost == [taken]
     roster.leave(taken)
-    roster._present[taken.seat_id] = taken
-    roster.refresh()
+    assert roster.restore(lost) == {}
     assert roster.route("p", b"x", False).connections == 0
+
+
+def test_requeue_withdraws_this_gateways_seats_and_queues(redis_prefix):
+    """A frame that found its connection gone: this gateway's seats stop counting, the frame is queued."""
+    roster = make_roster(redis_prefix)
+    seat(roster, "p")
+    route = roster.requeue("p", b"late", frozenset((roster.gateway_id,)))
+    assert route.queued and not route.gateways
+    assert roster.refresh(force=True) == [], "the withdrawn seat is not reported lost"
+    other = make_roster(redis_prefix)
+    _, backlog = seat(other, "p")
+    assert backlog.frames == [b"late"]
+
+
+def test_requeue_goes_to_a_newer_connection_not_to_those_that_had_it(redis_prefix):
+    """Requeue routes to gateways that seated the player since, never back to those it was sent to."""
+    first, second, third = (make_roster(redis_prefix) for _ in range(3))
+    seat(first, "p")
+    seat(second, "p")
+    sent_to = frozenset((first.gateway_id, second.gateway_id))
+    assert first.requeue("p", b"x", sent_to).gateways == frozenset(), "second got it already"
+    seat(third, "p")
+    assert first.requeue("p", b"y", sent_to).gateways == frozenset((third.gateway_id,))
 
 
 def test_reach_counts_connections_of_live_gateways(redis_prefix):

@@ -47,6 +47,9 @@ class Services(Protocol):
     def is_ready(self) -> dict[str, str]:
         """Component name -> "ok" or what is wrong; ready when all are "ok"."""
 
+    def warnings(self) -> dict[str, str]:
+        """What /readyz reports besides, without failing: a promise at risk (name -> why)."""
+
 
 # --- HTTP --------------------------------------------------------------------------------
 def create_app(services: Services) -> Flask:
@@ -71,7 +74,11 @@ def create_app(services: Services) -> Flask:
     def readyz() -> Response:
         checks = services.is_ready()
         ready = all(state == "ok" for state in checks.values())
-        return _json({"status": "ready" if ready else "not ready", **checks}, 200 if ready else 503)
+        body = {"status": "ready" if ready else "not ready", **checks}
+        warnings = services.warnings()
+        if warnings:
+            body["warnings"] = warnings
+        return _json(body, 200 if ready else 503)
 
     @app.get(WEBSOCKET_PATH)
     def websocket_without_upgrade() -> Response:

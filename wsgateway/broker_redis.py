@@ -1,10 +1,23 @@
-"""`Broker` over Redis pub/sub: envelopes travel between gateway processes and hosts.
+"""`Broker` over Redis Streams: envelopes travel between gateway processes and hosts.
 
-Each gateway listens on its own channel (messages for players it holds) and on the
-cluster's broadcast channel. A publish goes only to the gateways the roster named, in one
-pipelined round trip. Redis pub/sub delivers in publish order per connection and at most
-once, which is this broker's guarantee too: a gateway that is not subscribed at the
-moment (Redis restarting, the listener reconnecting) misses what is published meanwhile.
+Each gateway reads its own stream (`RedisKeys.stream`), which holds what was published
+for the players it holds and every broadcast. A publish appends the envelope to the
+streams of the gateways the roster named (one script, one round trip); a broadcast
+appends it to the stream of every gateway that reads one (`RedisKeys.streams`).
+
+Why streams and not pub/sub: pub/sub drops whatever is published while a gateway is not
+subscribed (Redis restarting, the listener reconnecting), although the publisher was
+answered 200. A stream keeps the envelope; the reader asks for everything after the last
+id it has seen (`XREAD BLOCK`), so a reconnecting gateway catches up on what was
+published meanwhile, in order, each envelope once. Memory stays bounded: the reader trims
+what it has read, and each stream holds at most about `-broker-stream-length` envelopes
+(`XADD MAXLEN ~`) for a reader that is away; what a reader could not read before it was
+trimmed is counted (`lost`). A stream whose reader stopped for good expires with it.
+
+Guarantees: in publish order per publisher, at most once per gateway, and at least once
+while Redis keeps the envelope: not when Redis restarts without persistence before the
+reader read it, nor past the stream's length. Envelopes stay opaque: the transport
+carries `encode(envelope)` as one field and never looks into the frame.
 
 The listener reconnects by itself with capped exponential backoff.
 """
@@ -16,6 +29,7 @@ import time
 from typing import Callable
 
 import gevent
+import gevent.event
 import redis
 
 from wsgateway.broker import Deliver, Envelope
@@ -26,12 +40,57 @@ log = logging.getLogger(__name__)
 
 RECONNECT_FIRST_DELAY_S = 0.1
 RECONNECT_MAX_DELAY_S = 5.0
-POLL_TIMEOUT_S = 1.0  # the listener wakes at least this often to check its connection
-HEALTH_CHECK_PERIOD_S = 5.0  # an idle subscription is pinged this often, so a dead link is noticed
-SUBSCRIBE_TIMEOUT_S = 5.0  # how long Redis may take to confirm a subscription before we reconnect
+READ_BLOCK_S = 1.0  # one XREAD waits at most this long, so the listener checks its link this often
+READ_BATCH = 1000  # envelopes taken by one XREAD
+UPKEEP_PERIOD_S = 1.0  # the reader re-registers, refreshes its stream's expiry and trims what it read
+STREAM_LENGTH = 10_000  # default bound of a stream whose reader is away (-broker-stream-length)
 
 _TO_PLAYER = b"P"
 _TO_ALL = b"A"
+_FIELD = b"e"
+_GATEWAYS_FIELD = b"g"  # the other gateways a player envelope went to (when it went to several)
+
+# KEYS: the streams. ARGV: max length, stream ttl ms, wire form, the gateways it goes to
+# ('' when only one). A stream created here (its reader gone, or not yet back) gets an
+# expiry, so nobody's stream lives for ever.
+PUBLISH = """
+for _, stream in ipairs(KEYS) do
+  if ARGV[4] == '' then
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[3])
+  else
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[3], 'g', ARGV[4])
+  end
+  redis.call('PEXPIRE', stream, ARGV[2], 'NX')
+end
+"""
+
+# KEYS: the readers' registry. ARGV: stream-key prefix, max length, stream ttl ms, wire form.
+# Returns the number of streams the envelope was appended to.
+BROADCAST = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local readers = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, gateway in ipairs(readers) do
+  local stream = ARGV[1] .. gateway
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[4])
+  redis.call('PEXPIRE', stream, ARGV[3], 'NX')
+end
+return #readers
+"""
+
+# KEYS: the readers' registry, this reader's stream. ARGV: gateway, registration ttl ms,
+# the last id read ('' for none yet). Registers the reader for broadcasts, keeps its stream
+# alive, and drops what it has read.
+UPKEEP = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  if ARGV[3] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3]) end
+end
+"""
 
 
 def encode(envelope: Envelope) -> bytes:
@@ -49,61 +108,94 @@ def decode(data: bytes) -> Envelope:
     return Envelope(data[3 + length:], data[3:3 + length].decode("utf-8", "surrogatepass"))
 
 
-class RedisBroker:
-    """Carries envelopes between gateways through Redis pub/sub."""
+def _stream_id(raw: bytes) -> tuple[int, int]:
+    milliseconds, _, sequence = raw.partition(b"-")
+    return int(milliseconds), int(sequence or 0)
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, gateway_id: str,
-                 on_subscribed: Callable[[], None] | None = None) -> None:
-        """`on_subscribed` runs (in its own greenlet) after every (re)subscription: Redis
-        may have restarted and lost what this gateway wrote there."""
+
+class RedisBroker:
+    """Carries envelopes between gateways through one Redis stream per gateway."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, gateway_id: str, *,
+                 stream_length: int = STREAM_LENGTH, member_ttl_s: float = 15.0,
+                 on_subscribed: Callable[[], None] | None = None,
+                 on_lost: Callable[[int], None] | None = None) -> None:
+        """`member_ttl_s`: how long this gateway stays registered for broadcasts, and its
+        stream alive, without a word from it (the roster's presence TTL: as long as its
+        players count as present, what is sent to them waits in its stream).
+        `on_subscribed` runs (in its own greenlet) after every (re)connection: Redis may
+        have restarted and lost what this gateway wrote there. `on_lost(count)`: envelopes
+        trimmed from this gateway's stream before it could read them."""
         self.gateway_id = gateway_id
-        self._on_subscribed = on_subscribed
+        self.lost = 0  # envelopes trimmed from this gateway's stream before it read them
         self._client = client
+        self._reader = _blocking_twin(client, READ_BLOCK_S)
         self._keys = keys
+        self._stream = keys.stream(gateway_id)
+        self._stream_prefix = keys.stream("")
+        self._stream_length = stream_length
+        self._member_ttl_ms = max(1, int(member_ttl_s * 1000))
+        self._stream_ttl_ms = 2 * self._member_ttl_ms
+        self._on_subscribed = on_subscribed
+        self._on_lost = on_lost
+        self._publish = client.register_script(PUBLISH)
+        self._broadcast = client.register_script(BROADCAST)
+        self._upkeep = client.register_script(UPKEEP)
         self._deliver: Deliver | None = None
         self._listener: gevent.Greenlet | None = None
         self._subscribed = gevent.event.Event()
         self._closed = False
+        # Where reading resumes: the last id read from the stream of the Redis run `_run_id`.
+        self._last_id = b"0-0"
+        self._run_id: str | None = None
+        self._read_count = 0  # envelopes read from the current stream, to tell what was trimmed unread
 
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._listener = gevent.spawn(self._listen_forever)
 
     def wait_subscribed(self, timeout_s: float) -> bool:
-        """Block until the listener is subscribed (start-up), at most `timeout_s`."""
+        """Block until the listener is registered (start-up), at most `timeout_s`."""
         return self._subscribed.wait(timeout_s)
 
     def publish(self, envelope: Envelope) -> None:
         data = encode(envelope)
-        if envelope.gateways is None:
-            channels = [self._keys.broadcast_channel]
-        else:
-            channels = [self._keys.channel(gateway) for gateway in envelope.gateways]
         with broker_errors("publish"):
-            if len(channels) == 1:
-                self._client.publish(channels[0], data)
-                return
-            pipeline = self._client.pipeline(transaction=False)
-            for channel in channels:
-                pipeline.publish(channel, data)
-            pipeline.execute()
+            if envelope.gateways is None:
+                self._broadcast(keys=[self._keys.streams],
+                                args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data])
+            else:
+                gateways = sorted(envelope.gateways)
+                self._publish(keys=[self._keys.stream(gateway) for gateway in gateways],
+                              args=[self._stream_length, self._stream_ttl_ms, data,
+                                    "\n".join(gateways) if len(gateways) > 1 else ""])
 
     def state(self) -> str:
         return "ok" if self._subscribed.is_set() else "reconnecting"
 
     def close(self) -> None:
+        """Stop reading and take this gateway's stream and registration out of Redis."""
+        if self._closed:
+            return
         self._closed = True
         if self._listener is not None:
             self._listener.kill(block=False)
+        try:
+            pipeline = self._client.pipeline(transaction=False)
+            pipeline.zrem(self._keys.streams, self.gateway_id)
+            pipeline.delete(self._stream)
+            pipeline.execute()
+        except redis.RedisError:
+            pass  # both expire by themselves
 
     def _listen_forever(self) -> None:
         delay_s = RECONNECT_FIRST_DELAY_S
         while not self._closed:
             try:
                 self._listen_once()
-            except (redis.RedisError, OSError, BrokerUnavailable) as exc:
+            except (redis.RedisError, OSError) as exc:
                 self._subscribed.clear()
-                log.warning("redis subscription lost, reconnecting",
+                log.warning("redis stream reader lost its link, reconnecting",
                             extra={"event": "broker_reconnecting", "delay_s": delay_s, "detail": str(exc)})
                 gevent.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_MAX_DELAY_S)
@@ -111,44 +203,80 @@ class RedisBroker:
                 delay_s = RECONNECT_FIRST_DELAY_S
 
     def _listen_once(self) -> None:
-        pubsub = self._client.pubsub()
-        try:
-            channels = [self._keys.channel(self.gateway_id), self._keys.broadcast_channel]
-            pubsub.subscribe(*channels)
-            self._await_confirmation(pubsub, channels)
-            self._subscribed.set()
-            log.info("listening on redis", extra={"event": "broker_subscribed", "gateway": self.gateway_id})
-            if self._on_subscribed is not None:
-                gevent.spawn(self._on_subscribed)
-            idle_s = 0.0
-            while not self._closed:
-                message = pubsub.get_message(timeout=POLL_TIMEOUT_S)
-                if message is None:
-                    idle_s += POLL_TIMEOUT_S
-                    if idle_s >= HEALTH_CHECK_PERIOD_S:
-                        pubsub.ping()
-                        idle_s = 0.0
-                    continue
-                idle_s = 0.0
-                if message["type"] == "message" and self._deliver is not None:
-                    try:
-                        self._deliver(decode(message["data"]))
-                    except Exception:
-                        log.exception("delivering a broker message failed", extra={"event": "delivery_failed"})
-        finally:
-            pubsub.close()
+        self._resume_point()
+        self._upkeep_now()
+        self._subscribed.set()
+        log.info("reading redis stream", extra={"event": "broker_subscribed", "gateway": self.gateway_id})
+        if self._on_subscribed is not None:
+            gevent.spawn(self._on_subscribed)
+        next_upkeep_at = time.monotonic() + UPKEEP_PERIOD_S
+        while not self._closed:
+            reply = self._reader.xread({self._stream: self._last_id}, count=READ_BATCH,
+                                       block=int(READ_BLOCK_S * 1000))
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    self._read_count += 1
+                    self._hand_over(fields)
+            if time.monotonic() >= next_upkeep_at:
+                self._upkeep_now()
+                next_upkeep_at = time.monotonic() + UPKEEP_PERIOD_S
 
-    @staticmethod
-    def _await_confirmation(pubsub: redis.client.PubSub, channels: list[str]) -> None:
-        """`subscribe` only sends the command. Until Redis has run it, what is published on
-        these channels is dropped, so the gateway must not count as subscribed, nor
-        announce its players' presence again (`on_subscribed`), before Redis confirms."""
-        pending = {channel.encode() for channel in channels}
-        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
-        while pending:
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise BrokerUnavailable("redis did not confirm the subscription")
-            message = pubsub.get_message(timeout=remaining_s)
-            if message is not None and message["type"] == "subscribe":
-                pending.discard(message["channel"])
+    def _hand_over(self, fields: dict[bytes, bytes]) -> None:
+        """Deliver one entry; a player envelope names the gateways it was sent to, so that
+        delivery knows who else holds the player (see `Delivery`)."""
+        data = fields.get(_FIELD)
+        if data is None or self._deliver is None:
+            return
+        envelope = decode(data)
+        if envelope.player_id is not None:
+            gateways = fields.get(_GATEWAYS_FIELD)
+            envelope = envelope._replace(gateways=frozenset(gateways.decode().split("\n")) if gateways
+                                         else frozenset((self.gateway_id,)))
+        try:
+            self._deliver(envelope)
+        except Exception:
+            log.exception("delivering a broker message failed", extra={"event": "delivery_failed"})
+
+    def _upkeep_now(self) -> None:
+        last = self._last_id if self._last_id != b"0-0" else b""
+        self._upkeep(keys=[self._keys.streams, self._stream], args=[self.gateway_id, self._member_ttl_ms, last],
+                     client=self._reader)
+
+    def _resume_point(self) -> None:
+        """Where to read from after (re)connecting: after the last id read, unless Redis
+        restarted (a new run id: its stream is new, and everything in it is unread).
+        Envelopes trimmed away before this gateway read them are counted as lost."""
+        run_id = self._reader.info("server").get("run_id")
+        if run_id != self._run_id:
+            if self._run_id is not None:
+                log.warning("redis restarted: reading this gateway's stream from its start",
+                            extra={"event": "broker_redis_restarted", "gateway": self.gateway_id})
+            self._run_id, self._last_id, self._read_count = run_id, b"0-0", 0
+            return
+        try:
+            info = self._reader.xinfo_stream(self._stream)
+        except redis.ResponseError:  # no stream: nothing was sent to us while we were away
+            return
+        first = info.get("first-entry")
+        if first is None or _stream_id(first[0]) <= _stream_id(self._last_id):
+            return  # the entry after the last one read is still there
+        lost = int(info.get("entries-added", 0)) - self._read_count - int(info.get("length", 0))
+        if lost > 0:
+            self.lost += lost
+            self._read_count += lost
+            log.warning("envelopes trimmed from this gateway's stream before it read them",
+                        extra={"event": "broker_stream_overflow", "gateway": self.gateway_id, "lost": lost})
+            if self._on_lost is not None:
+                self._on_lost(lost)
+
+
+def _blocking_twin(client: redis.Redis, block_s: float) -> redis.Redis:
+    """A client of the same server whose socket timeout outlasts a blocking read of
+    `block_s`: the shared client's timeout (-db-timeout) may be shorter."""
+    pool = client.connection_pool
+    options = dict(pool.connection_kwargs)
+    timeout_s = options.get("socket_timeout") or 0
+    options["socket_timeout"] = timeout_s + block_s
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, max_connections=2,
+                                                            **options))

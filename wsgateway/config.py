@@ -56,6 +56,7 @@ class Config:
     broker_url: str  # "" = in-process broker (one gateway); redis://... = a cluster of gateways
     broker_prefix: str  # Redis key prefix: gateways sharing it act as one
     presence_ttl_s: float  # a dead gateway's players count as offline after this
+    broker_stream_length: int  # envelopes a gateway's Redis stream keeps for it while it is away
     workers: int  # processes sharing -addr (more than 1 needs -broker)
     idempotency_window_s: float  # how long a publish's Idempotency-Key is remembered
     idempotency_max_keys: int  # keys remembered at once; past it the oldest are forgotten
@@ -283,6 +284,8 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://): gateways sharing it act as one"),
     _Flag("broker-prefix", "wsgw", _key_prefix, "Redis key prefix of this gateway cluster"),
     _Flag("presence-ttl", "15s", _positive_duration, "a dead gateway's players count as offline after this"),
+    _Flag("broker-stream-length", "10000", _positive_count,
+          "envelopes each gateway's Redis stream keeps while that gateway is not reading (about; oldest trimmed)"),
     _Flag("workers", "1", _positive_count, "processes serving -addr on this host (more than 1 needs -broker)"),
     _Flag("idempotency-window", "5m", _positive_duration,
           "a repeated Idempotency-Key from the same server token is answered, not delivered, this long"),
@@ -434,6 +437,7 @@ def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
         broker_url=value["broker"],
         broker_prefix=value["broker-prefix"],
         presence_ttl_s=value["presence-ttl"],
+        broker_stream_length=value["broker-stream-length"],
         workers=value["workers"],
         idempotency_window_s=value["idempotency-window"],
         idempotency_max_keys=value["idempotency-max-keys"],

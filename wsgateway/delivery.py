@@ -9,18 +9,33 @@ behind its backlog, so the backlog comes first even when fetching it yields (Red
 When the shared broker is unreachable, this gateway's own players still get their
 messages (`scope: local` in the answer); what would need the broker is refused with
 `BrokerUnavailable` rather than answered 200.
+
+What `delivered` promises across processes: the message was routed to that many
+connections, and each one's gateway sends it to that connection or, when the connection
+closed while the message travelled, routes it again (`Roster.requeue`): to a connection
+the player opened since, or to the player's offline queue, like any message for an
+offline player. Nothing routed live is dropped without being counted. Presence the
+shared roster lost (Redis restarted, flushed, or evicted a key) is written back within
+one heartbeat (`reassert_presence`), and what was queued meanwhile for a player who was
+connected all along goes to that connection, before any later live message.
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Protocol
+
+from gevent.lock import BoundedSemaphore
 
 from wsgateway.broker import Broker, Envelope
 from wsgateway.errors import BrokerUnavailable
 from wsgateway.hub import Deliverable, Hub
-from wsgateway.metrics import (DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_SLOW_CONSUMER,
-                               GatewayMetrics)
+from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL,
+                               DROP_SLOW_CONSUMER, GatewayMetrics)
+from wsgateway.offline import Backlog
 from wsgateway.protocol import event_frame
 from wsgateway.roster import Roster, Route, Seat
+
+log = logging.getLogger(__name__)
 
 MISSED_EVENT = "gateway.missed"
 
@@ -54,7 +69,9 @@ class Delivery:
         self.roster = roster
         self.metrics = metrics
         self._broker = broker
-        broker.start(self._deliver_locally)
+        self._seated: dict[str, HeldConnection] = {}  # seat id -> its connection, once seated
+        self._restoring = BoundedSemaphore()  # one presence restoration at a time (each holds sockets)
+        broker.start(self._receive)
 
     def publish(self, player_id: str, frame: bytes, batched: bool = False) -> Outcome:
         """To every connection of one player, on any gateway, or to its offline queue.
@@ -89,19 +106,11 @@ class Delivery:
             self.hub.remove(connection)
             raise
         self.metrics.connection_opened()
-        if backlog.expired:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
-        frames = backlog.frames
-        if self.notify_missed and (backlog.missed_dropped or backlog.missed_expired):
-            self.metrics.missed_notices.inc()
-            frames = [event_frame(MISSED_EVENT, {"dropped": backlog.missed_dropped,
-                                                 "expired": backlog.missed_expired}), *frames]
-        delivered = connection.release(frames)
-        self.metrics.messages_delivered.inc(delivered)
-        if delivered < len(frames):  # the socket closed itself as too slow mid-backlog
-            self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(frames) - delivered)
+        self._seated[seat.seat_id] = connection
+        self._release(connection, self._backlog_frames(backlog))
 
     def disconnect(self, connection: Deliverable, seat: Seat) -> None:
+        self._seated.pop(seat.seat_id, None)
         self._forget(connection)
         try:
             self.roster.leave(seat)
@@ -109,7 +118,9 @@ class Delivery:
             pass  # the seat expires by itself in the shared roster
 
     def maintain(self) -> None:
-        """Periodic upkeep of the roster; expired offline messages are counted as dropped."""
+        """Periodic upkeep of the roster: presence kept alive (and written back where it
+        was lost), expired offline messages counted as dropped."""
+        self.reassert_presence()
         expired = self.roster.maintain()
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
@@ -136,6 +147,69 @@ class Delivery:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(route.expired)
         if route.queueing_off:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
+
+    def reassert_presence(self, force: bool = False) -> None:
+        """Refresh this gateway's presence when due (now, when `force`d: after the broker
+        reconnected) and write back what the roster lost. The connections concerned hold
+        their live frames while that happens, so the messages queued for them while they
+        looked offline reach them first, in order."""
+        with self._restoring:
+            lost = self.roster.refresh(force)
+            held = [(seat, connection) for seat in lost
+                    if (connection := self._seated.get(seat.seat_id)) is not None and connection.is_open]
+            if not held:
+                return
+            for _, connection in held:
+                connection.hold()
+            backlogs: dict[str, Backlog] = {}
+            try:
+                backlogs = self.roster.restore([seat for seat, _ in held])
+            finally:
+                for seat, connection in held:
+                    backlog = backlogs.pop(seat.player_id, None) if connection.is_open else None
+                    self._release(connection, self._backlog_frames(backlog) if backlog is not None else [])
+            for player_id, backlog in backlogs.items():  # every connection of the player closed meanwhile
+                for frame in backlog.frames:
+                    self._count_route(self.roster.route(player_id, frame, queue_if_offline=True))
+
+    def _backlog_frames(self, backlog: Backlog) -> list[bytes]:
+        """What a connection taking `backlog` is sent first (expired ones counted)."""
+        if backlog.expired:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        frames = backlog.frames
+        if self.notify_missed and (backlog.missed_dropped or backlog.missed_expired):
+            self.metrics.missed_notices.inc()
+            frames = [event_frame(MISSED_EVENT, {"dropped": backlog.missed_dropped,
+                                                 "expired": backlog.missed_expired}), *frames]
+        return frames
+
+    def _release(self, connection: HeldConnection, frames: list[bytes]) -> None:
+        delivered = connection.release(frames)
+        self.metrics.messages_delivered.inc(delivered)
+        if delivered < len(frames):  # the socket closed itself as too slow mid-backlog
+            self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(frames) - delivered)
+
+    def _receive(self, envelope: Envelope) -> int:
+        """What the broker hands over: delivered to this gateway's connections, or, when
+        it was routed to a player whose connections here are gone, routed again."""
+        delivered = self._deliver_locally(envelope)
+        if not delivered and envelope.player_id is not None and envelope.gateways is not None:
+            self._reroute(envelope.player_id, envelope)
+        return delivered
+
+    def _reroute(self, player_id: str, envelope: Envelope) -> None:
+        assert envelope.gateways is not None
+        try:
+            route = self.roster.requeue(player_id, envelope.frame, envelope.gateways)
+            if route.gateways:
+                self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched))
+        except BrokerUnavailable as exc:
+            self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc()
+            log.warning("message for a closed connection given up: broker unavailable",
+                        extra={"event": "reroute_failed", "player_id": player_id, "detail": str(exc)})
+            return
+        self.metrics.messages_rerouted.inc()
+        self._count_route(route)
 
     def _deliver_locally(self, envelope: Envelope) -> int:
         if envelope.player_id is None:

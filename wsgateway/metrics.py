@@ -44,7 +44,10 @@ DROP_OFFLINE_FULL = "offline_queue_full"  # oldest offline message dropped for a
 DROP_OFFLINE_EXPIRED = "offline_expired"  # offline message outlived -offline-ttl
 DROP_OFFLINE_DISABLED = "offline_disabled"  # player offline and queueing is off
 DROP_SLOW_CONSUMER = "slow_consumer"  # frames discarded when a too-slow socket was closed
-DROP_REASONS = (DROP_OFFLINE_FULL, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_DISABLED, DROP_SLOW_CONSUMER)
+DROP_CONNECTION_GONE = "connection_gone"  # arrived for a closed connection; Redis out of reach to queue it
+DROP_STREAM_TRIMMED = "broker_stream_trimmed"  # trimmed from a gateway's stream before it read them
+DROP_REASONS = (DROP_OFFLINE_FULL, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_DISABLED, DROP_SLOW_CONSUMER,
+                DROP_CONNECTION_GONE, DROP_STREAM_TRIMMED)
 
 # The label values the web face counts under (a test checks them against its calls).
 AUTH_FAILURE_KINDS = ("player", "server")
@@ -77,6 +80,12 @@ class GatewayMetrics:
             multiprocess_mode="livesum")
         self.messages_dropped = Counter(
             "ws_messages_dropped", "Messages given up, by reason.", ["reason"], registry=registry)
+        self.messages_rerouted = Counter(
+            "ws_messages_rerouted", "Messages routed live to a connection that had closed when they arrived "
+            "(-broker): queued for the player, or sent to a connection it opened since.", registry=registry)
+        self.redis_may_evict = Gauge(
+            "ws_redis_may_evict", "1 while the -broker Redis may evict the gateway's keys (maxmemory-policy).",
+            registry=registry, multiprocess_mode="max")
         self.missed_notices = Counter(
             "ws_missed_notices", "gateway.missed notices sent to reconnecting players (-notify-missed).",
             registry=registry)

@@ -39,6 +39,28 @@ def broker_errors(action: str) -> Iterator[None]:
         raise BrokerUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
 
 
+SAFE_EVICTION_POLICY = "noeviction"
+
+
+def eviction_risk(client: redis.Redis) -> str | None:
+    """What is wrong when this Redis may evict keys under memory pressure, else None.
+
+    Every key the gateway writes carries an expiry, so even the `volatile-*` policies may
+    pick them: an evicted presence entry is written back within a heartbeat, but an
+    evicted offline queue, idempotency entry or rate bucket is lost without a word. Only
+    `noeviction` (writes then fail, and the gateway answers 503) or no memory limit is safe.
+    A Redis that hides its settings (some managed services) is given the benefit of the doubt."""
+    try:
+        memory = client.info("memory")
+    except redis.ResponseError:
+        return None
+    policy = memory.get("maxmemory_policy")
+    if policy is None or policy == SAFE_EVICTION_POLICY or not int(memory.get("maxmemory", 0) or 0):
+        return None
+    return (f"maxmemory-policy {policy} with maxmemory {memory.get('maxmemory_human', memory.get('maxmemory'))} "
+            f"may evict the gateway's keys (use {SAFE_EVICTION_POLICY})")
+
+
 class RedisKeys:
     """Names of the keys and channels one gateway cluster uses."""
 
@@ -47,7 +69,7 @@ class RedisKeys:
         self.queue_index = f"{prefix}:queues"  # ZSET player -> when its whole queue has expired
         self.gateways = f"{prefix}:gateways"  # ZSET gateway -> presence expiry
         self.gateway_connections = f"{prefix}:gateway-connections"  # HASH gateway -> connections
-        self.broadcast_channel = f"{prefix}:all"
+        self.streams = f"{prefix}:streams"  # ZSET gateway -> until when it reads its stream (broadcasts)
         self.sweep_lock = f"{prefix}:sweep-lock"
         self.idempotency_index = f"{prefix}:idempotency"  # ZSET entry key -> expiry
 
@@ -67,13 +89,9 @@ class RedisKeys:
         """HASH dropped/expired: what the player's queue lost since its last connection."""
         return f"{self.prefix}:missed:{player_id}"
 
-    def channel(self, gateway_id: str) -> str:
-        """The pub/sub channel one gateway listens on for its players' messages."""
-        return f"{self.prefix}:gw:{gateway_id}"
-
-    def alive(self, gateway_id: str) -> str:
-        """Exists while the gateway's presence entries are known to be in Redis."""
-        return f"{self.prefix}:alive:{gateway_id}"
+    def stream(self, gateway_id: str) -> str:
+        """STREAM of the envelopes for one gateway: its players' messages and broadcasts."""
+        return f"{self.prefix}:stream:{gateway_id}"
 
     def idempotency(self, subject_id: str, key: str) -> str:
         """One remembered publish: its fingerprint and, once known, its answer."""

@@ -62,13 +62,33 @@ class Roster(Protocol):
         """The connection ended."""
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
-        """Decide, atomically with presence, whether the frame goes live or to the queue."""
+        """Decide, atomically with presence, whether the frame goes live or to the queue.
+
+        Live means routed to the gateways that hold a connection of the player now. Across
+        processes the frame travels on after this answer, and the connection may close
+        before it arrives: that gateway then calls `requeue`, so a frame routed live is
+        sent to a connection, or queued like any message for an offline player."""
+
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str]) -> Route:
+        """A frame routed live to this gateway (and to `routed_to`) found no open
+        connection of the player here: stop counting this gateway's seats of the player
+        as present and route it again, to gateways not in `routed_to` that hold the
+        player now, or to the queue (a gateway in `routed_to` still holding the player
+        got the frame itself)."""
 
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
 
+    def refresh(self, force: bool = False) -> list[Seat]:
+        """Keep this gateway's presence alive when due (or now, when `force`d); return the
+        seats the shared state lost, for `restore`."""
+
+    def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
+        """Make lost seats present again; returns, by player, what was queued meanwhile
+        (as `take_seat` would): it belongs to the connections that were there all along."""
+
     def maintain(self) -> int:
-        """Periodic upkeep (expire queued frames, refresh presence); returns frames expired."""
+        """Periodic upkeep (expire queued frames); returns frames expired."""
 
     def close(self) -> None:
         """This gateway is leaving: forget what it registered."""
@@ -117,8 +137,17 @@ class LocalRoster:
         dropped = self._offline.push(player_id, frame)
         return Route(frozenset(), 0, queued=True, dropped=dropped)
 
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str]) -> Route:
+        return self.route(player_id, frame, queue_if_offline=True)
+
     def reach(self) -> int:
         return self._hub.connection_count()
+
+    def refresh(self, force: bool = False) -> list[Seat]:
+        return []  # presence is the hub itself: nothing to lose
+
+    def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
+        return {}
 
     def maintain(self) -> int:
         return self._offline.purge_expired()

@@ -153,18 +153,42 @@ end
 return total
 """
 
-# KEYS: gateways, gateway connections, alive marker. ARGV: ttl_ms, gateway, connections.
-# Returns 1 when the marker was missing: Redis lost our entries (restart) or they expired.
+# KEYS: gateways, gateway connections. ARGV: ttl_ms, gateway, connections.
 HEARTBEAT = _LUA_NOW_MS + """
-local expiry = now + tonumber(ARGV[1])
-redis.call('ZADD', KEYS[1], expiry, ARGV[2])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-local missing = redis.call('EXISTS', KEYS[3]) == 0
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[1])
-if missing then return 1 end
-return 0
 """
 
+# KEYS: seats, present. ARGV: presence_ttl_ms, seat.
+# Extends the seat where it exists; returns 0 when Redis no longer has it in both.
+EXTEND = _LUA_NOW_MS + """
+local expiry = now + tonumber(ARGV[1])
+local found = 1
+for _, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[2]) == 0 and not redis.call('ZSCORE', key, ARGV[2]) then
+    found = 0
+  end
+  redis.call('PEXPIRE', key, ARGV[1], 'GT')
+end
+return found
+"""
+
+# KEYS: present. ARGV: seat-id prefix of this gateway ("gateway/").
+# Removes this gateway's seats of the player: none of them takes live messages any more.
+WITHDRAW = """
+local mine = {}
+for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(seat, 1, string.len(ARGV[1])) == ARGV[1] then mine[#mine + 1] = seat end
+end
+if #mine > 0 then redis.call('ZREM', KEYS[1], unpack(mine)) end
+return #mine
+"""
+
+
+def _backlog(reply: list[bytes]) -> Backlog:
+    """A TAKE_SEAT reply: the frames, then three counts."""
+    return Backlog(frames=list(reply[:-3]), expired=int(reply[-3]), missed_dropped=int(reply[-2]),
+                   missed_expired=int(reply[-1]))
 
 
 def gateway_of(seat_id: str) -> str:
@@ -187,7 +211,7 @@ class RedisRoster:
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._sweep_interval_ms = max(1, int(sweep_interval_s * 1000))
         self._seat_numbers = itertools.count(1)
-        self._present: dict[str, Seat] = {}  # seat id -> seat, for this gateway's heartbeat
+        self._present: dict[str, set[str]] = {}  # player -> its seat ids here, for the heartbeat
         self._next_refresh_at = 0.0  # time.monotonic()
         self._reserve = client.register_script(RESERVE)
         self._take_seat = client.register_script(TAKE_SEAT)
@@ -195,6 +219,8 @@ class RedisRoster:
         self._sweep = client.register_script(SWEEP)
         self._reach = client.register_script(REACH)
         self._heartbeat = client.register_script(HEARTBEAT)
+        self._withdraw = client.register_script(WITHDRAW)
+        self._extend = client.register_script(EXTEND)
 
     @property
     def queueing(self) -> bool:
@@ -219,12 +245,11 @@ class RedisRoster:
                 keys=[keys.seats(player), keys.present(player), keys.queue(player), keys.missed(player),
                       keys.queue_index, keys.gateway_connections],
                 args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id])
-        self._present[seat.seat_id] = seat
-        return Backlog(frames=list(reply[:-3]), expired=int(reply[-3]), missed_dropped=int(reply[-2]),
-                       missed_expired=int(reply[-1]))
+        self._present.setdefault(player, set()).add(seat.seat_id)
+        return _backlog(reply)
 
     def leave(self, seat: Seat) -> None:
-        self._present.pop(seat.seat_id, None)
+        self._forget_seat(seat)
         with broker_errors("leave"):
             pipeline = self._client.pipeline(transaction=False)
             pipeline.zrem(self._keys.seats(seat.player_id), seat.seat_id)
@@ -250,42 +275,91 @@ class RedisRoster:
         with broker_errors("reach"):
             return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections]))
 
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str]) -> Route:
+        """The frame was routed here live, but this gateway holds no open connection of
+        the player any more (it closed while the frame travelled). This gateway's seats of
+        the player stop counting as present, then the frame is routed again: to gateways
+        that took a seat since (not to those it was sent to already), or to the queue."""
+        self._present.pop(player_id, None)
+        with broker_errors("requeue"):
+            self._withdraw(keys=[self._keys.present(player_id)], args=[f"{self.gateway_id}/"])
+        route = self.route(player_id, frame, queue_if_offline=True)
+        if not route.gateways:
+            return route
+        owed = frozenset(gateway for gateway in route.gateways
+                         if gateway == self.gateway_id or gateway not in routed_to)
+        return route._replace(gateways=owed, connections=len(owed) and route.connections)
+
     def maintain(self) -> int:
-        """Heartbeat this gateway's seats when due, then sweep expired queues (one gateway
-        at a time)."""
+        """Sweep expired queues (one gateway at a time)."""
         with broker_errors("maintain"):
-            if time.monotonic() >= self._next_refresh_at:
-                self.refresh()
             if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True, px=self._sweep_interval_ms):
                 return 0
             return int(self._sweep(keys=[self._keys.queue_index],
                                    args=[SWEEP_BATCH, self._keys.missed(""), self._keys.queue(""),
                                          _MISSED_RETENTION_MS]))
 
-    def refresh(self) -> None:
-        """Extend every present seat of this gateway. When Redis lost them (a restart) or
-        they expired (a long outage), write them back; otherwise only extend existing
-        entries, so that a seat that just left is never brought back."""
+    def refresh(self, force: bool = False) -> list[Seat]:
+        """Every third of -presence-ttl (or now, when `force`d): extend every present seat
+        of this gateway, and return those Redis no longer had, whatever lost them (a
+        restart, FLUSHALL, eviction of one player's keys, a long outage): `restore` writes
+        them back. Only existing entries are extended here, so that a seat that just left
+        is never brought back."""
+        if not force and time.monotonic() < self._next_refresh_at:
+            return []
         self._next_refresh_at = time.monotonic() + self._presence_ttl_ms / 3000
-        lost = bool(self._heartbeat(
-            keys=[self._keys.gateways, self._keys.gateway_connections, self._keys.alive(self.gateway_id)],
-            args=[self._presence_ttl_ms, self.gateway_id, len(self._present)]))
-        if lost and self._present:
-            log.warning("presence lost in redis, writing it back",
-                        extra={"event": "presence_restored", "seats": len(self._present)})
-        seconds, microseconds = self._client.time()
-        expiry_ms = seconds * 1000 + microseconds // 1000 + self._presence_ttl_ms
-        pipeline = self._client.pipeline(transaction=False)
-        for seat in list(self._present.values()):
-            for key in (self._keys.seats(seat.player_id), self._keys.present(seat.player_id)):
-                pipeline.zadd(key, {seat.seat_id: expiry_ms}, xx=not lost)
-                pipeline.pexpire(key, self._presence_ttl_ms, gt=not lost)
-        pipeline.execute()
+        seats = [Seat(player, seat_id) for player, seat_ids in list(self._present.items()) for seat_id in seat_ids]
+        with broker_errors("refresh"):
+            self._heartbeat(keys=[self._keys.gateways, self._keys.gateway_connections],
+                            args=[self._presence_ttl_ms, self.gateway_id, len(seats)])
+            if not seats:
+                return []
+            pipeline = self._client.pipeline(transaction=False)
+            for seat in seats:
+                self._extend(keys=[self._keys.seats(seat.player_id), self._keys.present(seat.player_id)],
+                             args=[self._presence_ttl_ms, seat.seat_id], client=pipeline)
+            found = pipeline.execute()
+        return [seat for seat, there in zip(seats, found) if not there]
+
+    def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
+        """Write lost seats back (those still here), each as `take_seat` does: whatever
+        was queued for the player meanwhile, while it looked offline, is returned by
+        player, to be delivered to the connection that was there all along."""
+        seats = [seat for seat in seats if seat.seat_id in self._present.get(seat.player_id, ())]
+        if not seats:
+            return {}
+        log.warning("presence lost in redis, writing it back",
+                    extra={"event": "presence_restored", "seats": len(seats)})
+        keys = self._keys
+        with broker_errors("restore"):
+            pipeline = self._client.pipeline(transaction=False)
+            for seat in seats:
+                player = seat.player_id
+                self._take_seat(keys=[keys.seats(player), keys.present(player), keys.queue(player),
+                                      keys.missed(player), keys.queue_index, keys.gateway_connections],
+                                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id], client=pipeline)
+            # take_seat counts each seat as a new connection: set the true count again
+            pipeline.hset(keys.gateway_connections, self.gateway_id,
+                          sum(len(seat_ids) for seat_ids in self._present.values()))
+            replies = pipeline.execute()
+        backlogs: dict[str, Backlog] = {}
+        for seat, reply in zip(seats, replies):
+            backlog = _backlog(reply)
+            if backlog.frames or backlog.expired or backlog.missed_dropped or backlog.missed_expired \
+                    or seat.player_id not in backlogs:
+                backlogs[seat.player_id] = backlog
+        return backlogs
+
+    def _forget_seat(self, seat: Seat) -> None:
+        seat_ids = self._present.get(seat.player_id)
+        if seat_ids is not None:
+            seat_ids.discard(seat.seat_id)
+            if not seat_ids:
+                del self._present[seat.player_id]
 
     def close(self) -> None:
         with broker_errors("close"):
             pipeline = self._client.pipeline(transaction=False)
             pipeline.zrem(self._keys.gateways, self.gateway_id)
             pipeline.hdel(self._keys.gateway_connections, self.gateway_id)
-            pipeline.delete(self._keys.alive(self.gateway_id))
             pipeline.execute()

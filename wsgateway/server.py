@@ -34,7 +34,7 @@ from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.hub import Hub
 from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
-from wsgateway.metrics import GatewayMetrics
+from wsgateway.metrics import DROP_STREAM_TRIMMED, GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.publishing import Publishing
 from wsgateway.ratelimit import Limiter, RateLimiter
@@ -47,6 +47,7 @@ from wsgateway.web_server import WebLimits, WebServer
 log = logging.getLogger(__name__)
 
 ROSTER_UPKEEP_INTERVAL_S = 1.0  # offline expiry sweeps; Redis presence heartbeats when due
+EVICTION_CHECK_INTERVAL_S = 10.0  # how often a -broker Redis's maxmemory-policy is checked again
 KILL_GRACE_S = 0.5  # of the shutdown timeout, kept for killing requests that did not finish
 
 
@@ -68,6 +69,8 @@ class Gateway:
         self.offline: MemoryOfflineQueue | None = None  # with -broker, queues live in Redis
         self.limiter: Limiter
         self.idempotency: IdempotencyStore
+        self._redis: Any = None  # the -broker client (redis.Redis), for the eviction check
+        self.eviction_risk: str | None = None  # what may make Redis evict our keys (see warnings())
         if config.broker_url:
             self._use_redis(config)
         else:
@@ -109,7 +112,12 @@ class Gateway:
                              max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
                              presence_ttl_s=config.presence_ttl_s)
         self.roster = roster
-        self.broker = RedisBroker(client, keys, self.gateway_id, on_subscribed=lambda: self._quietly(roster.refresh))
+        self.broker = RedisBroker(
+            client, keys, self.gateway_id, stream_length=config.broker_stream_length,
+            member_ttl_s=config.presence_ttl_s,
+            on_subscribed=lambda: self._quietly(lambda: self.delivery.reassert_presence(force=True)),
+            on_lost=self.metrics.messages_dropped.labels(DROP_STREAM_TRIMMED).inc)
+        self._redis = client
         self.limiter = RedisRateLimiter(client, keys, config.rate_limit, config.rate_period_s,
                                         fallback=RateLimiter(config.rate_limit, config.rate_period_s))
         self.idempotency = RedisIdempotencyStore(client, keys, config.idempotency_window_s,
@@ -142,6 +150,10 @@ class Gateway:
         address cannot be bound."""
         if self.store.ensure_schema():
             log.info("created table ws_token", extra={"event": "schema_created"})
+        if self._redis is not None:
+            risk = self._eviction_risk()
+            if risk is not None:
+                raise ConfigError(f"-broker: {risk}")
         wait_subscribed = getattr(self.broker, "wait_subscribed", None)
         if wait_subscribed is not None and not wait_subscribed(self.config.db_timeout_s):
             self.broker.close()
@@ -154,6 +166,9 @@ class Gateway:
             gevent.spawn(self._every, ROSTER_UPKEEP_INTERVAL_S, lambda: self._quietly(self.delivery.maintain),
                          "roster_upkeep"),
         ]
+        if self._redis is not None:
+            self._jobs.append(gevent.spawn(self._every, EVICTION_CHECK_INTERVAL_S,
+                                           lambda: self._quietly(self._check_eviction), "eviction_check"))
         log.info("gateway listening", extra={"event": "started", "address": f"{self.address[0]}:{self.address[1]}",
                                              "db": self.config.db})
 
@@ -201,6 +216,27 @@ class Gateway:
             "broker": self.broker.state(),
             "accepting": "shutting down" if self.draining else "ok",
         }
+
+    def warnings(self) -> dict[str, str]:
+        """What /readyz reports without failing: the gateway serves, but a promise is at risk."""
+        return {"redis_eviction": self.eviction_risk} if self.eviction_risk else {}
+
+    def _eviction_risk(self) -> str | None:
+        from wsgateway.redis_link import broker_errors, eviction_risk
+
+        assert self._redis is not None
+        with broker_errors("check of maxmemory-policy"):
+            return eviction_risk(self._redis)
+
+    def _check_eviction(self) -> None:
+        """The gateway refuses to start on a Redis that may evict its keys; one that is
+        reconfigured so while it runs is reported loudly (log, metric, /readyz) rather than
+        taking every gateway out of service at once."""
+        risk = self._eviction_risk()
+        if risk is not None:
+            log.warning("redis may evict the gateway's keys", extra={"event": "redis_may_evict", "detail": risk})
+        self.eviction_risk = risk
+        self.metrics.redis_may_evict.set(1 if risk else 0)
 
     def _every(self, period_s: float, job: Callable[[], object], name: str) -> None:
         """Run `job` every `period_s` until killed; a failing run is logged, not fatal."""
