@@ -63,3 +63,85 @@ def test_listener_resubscribes_after_redis_restarts(private_redis, redis_prefix)
         wait_for(lambda: len(received) == 1, what="delivery after restart")
     finally:
         broker.close()
+
+
+def reader_through(forwarder_target: str, prefix: str, gateway_id: str, received: list[Envelope], **options):
+    """A broker whose every link to Redis goes through a relay the test can cut."""
+    from tests.helpers import TcpForwarder
+
+    host, port = forwarder_target.split("//")[1].split("/")[0].split(":")
+    relay = TcpForwarder((host, int(port)))
+    broker = RedisBroker(create_client(f"redis://127.0.0.1:{relay.port}/0", TIMEOUT_S), RedisKeys(prefix),
+                         gateway_id, **options)
+    broker.start(received.append)
+    assert broker.wait_subscribed(TIMEOUT_S)
+    return broker, relay
+
+
+def test_envelopes_published_while_a_reader_reconnects_are_caught_up_in_order(redis_prefix):
+    """What is published while a gateway's link to Redis is down reaches it, in order, once it is back."""
+    from tests.helpers import REDIS_URL
+
+    received: list[Envelope] = []
+    reader, relay = reader_through(REDIS_URL, redis_prefix, "gw-away", received)
+    publisher = RedisBroker(create_client(REDIS_URL, TIMEOUT_S), RedisKeys(redis_prefix), "gw-publisher")
+    try:
+        publisher.publish(Envelope(b"before", "p", frozenset(("gw-away",))))
+        wait_for(lambda: len(received) == 1, what="delivery before the cut")
+        relay.cut()
+        wait_for(lambda: reader.state() == "reconnecting", what="the reader noticing the cut")
+        for number in range(50):
+            publisher.publish(Envelope(str(number).encode(), "p", frozenset(("gw-away",))))
+        publisher.publish(Envelope(b"everyone"))
+        relay.restore()
+        wait_for(lambda: len(received) == 52, TIMEOUT_S * 2, what="catching up after the cut")
+        assert [envelope.frame for envelope in received] == [
+            b"before", *(str(number).encode() for number in range(50)), b"everyone"]
+        assert reader.lost == 0
+    finally:
+        reader.close()
+        publisher.close()
+        relay.close()
+
+
+def test_what_a_full_stream_trimmed_before_its_reader_came_back_is_counted(redis_prefix):
+    """Past -broker-stream-length the oldest envelopes are trimmed; the reader counts every one it missed."""
+    from tests.helpers import REDIS_URL
+
+    received: list[Envelope] = []
+    lost: list[int] = []
+    reader, relay = reader_through(REDIS_URL, redis_prefix, "gw-away", received, stream_length=10,
+                                   on_lost=lost.append)
+    publisher = RedisBroker(create_client(REDIS_URL, TIMEOUT_S), RedisKeys(redis_prefix), "gw-publisher",
+                            stream_length=10)
+    try:
+        publisher.publish(Envelope(b"first", "p", frozenset(("gw-away",))))
+        wait_for(lambda: len(received) == 1, what="delivery before the cut")
+        relay.cut()
+        wait_for(lambda: reader.state() == "reconnecting", what="the reader noticing the cut")
+        for number in range(1000):
+            publisher.publish(Envelope(str(number).encode(), "p", frozenset(("gw-away",))))
+        relay.restore()
+        wait_for(lambda: received[-1].frame == b"999", TIMEOUT_S * 2, what="the newest envelope")
+        assert sum(lost) == reader.lost > 0
+        assert reader.lost + len(received) == 1001, "each envelope either arrived or was counted lost"
+        frames = [int(envelope.frame) for envelope in received[1:]]
+        assert frames == list(range(1000 - len(frames), 1000)), "the oldest were trimmed, the rest in order"
+    finally:
+        reader.close()
+        publisher.close()
+        relay.close()
+
+
+def test_a_closed_gateways_stream_and_registration_leave_redis(redis_prefix):
+    """close() removes the gateway's stream and its broadcast registration; nothing is left behind."""
+    from tests.helpers import REDIS_URL
+
+    node = redis_node(redis_prefix)
+    node.broker.publish(Envelope(b"x", "p", frozenset((node.gateway_id,))))
+    wait_for(lambda: len(node.received) == 1, what="delivery")
+    node.broker.close()
+    client = create_client(REDIS_URL, TIMEOUT_S)
+    keys = RedisKeys(redis_prefix)
+    assert not client.exists(keys.stream(node.gateway_id))
+    assert client.zscore(keys.streams, node.gateway_id) is None

@@ -1,0 +1,234 @@
+"""Faults on the Redis scale-out seams, with two in-process gateways on a real Redis: a
+publish racing a clean close, Redis restarting under traffic, one player's keys evicted,
+and a Redis that may evict. Every 200 that is not `scope: local` must reach the player
+(live, or from its queue when its connection was gone), in order, and nothing is parked
+for a player who is connected."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import gevent
+import pytest
+import redis
+
+import wsgateway.server
+from tests.helpers import TIMEOUT_S, RawClient, receive_event, wait_for
+from wsgateway.config import ConfigError
+from wsgateway.redis_link import RedisKeys
+
+OP_TEXT, OP_CLOSE = 0x1, 0x8
+
+
+def cluster_pair(start_cluster_gateway, url: str, *flags: str):
+    publisher_side = start_cluster_gateway(*flags, broker_url=url)
+    player_side = start_cluster_gateway(*flags, broker_url=url)
+    return publisher_side, player_side
+
+
+# --- 1. a publish racing a clean close ------------------------------------------------------------
+def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dropped(
+        start_cluster_gateway, monkeypatch):
+    """Answered delivered:1 while the player's close was under way: it reaches the player's next connection."""
+    from tests.helpers import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    roster = player_side.gateway.roster
+    leaving = gevent.event.Event()
+    original_leave = roster.leave
+
+    def slow_leave(seat):  # the closed connection's seat is still present while the envelope travels
+        leaving.wait(TIMEOUT_S)
+        original_leave(seat)
+
+    monkeypatch.setattr(roster, "leave", slow_leave)
+    client = player_side.connect(token)
+    client.close()
+    wait_for(lambda: not player_side.gateway.hub.is_connected("21"), what="the connection gone from the hub")
+    reply = publisher_side.publish(server, 21, "racing", 1)
+    assert reply.json == {"delivered": 1, "queued": False}
+    wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the envelope rerouted")
+    leaving.set()
+    wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
+    assert player_side.metric("ws_messages_queued_total") == 1
+    again = publisher_side.connect(token)
+    assert receive_event(again) == {"event": "racing", "payload": 1}
+
+
+def read_until_closed(client: RawClient) -> list[int]:
+    """Close from the client side and read every text frame the gateway sent before its close."""
+    client.send_frame(OP_CLOSE, b"\x03\xe8")
+    payloads = []
+    while True:
+        opcode, payload = client.read_frame()
+        if opcode == OP_CLOSE:
+            return payloads
+        if opcode == OP_TEXT:
+            payloads.append(json.loads(payload)["payload"])
+
+
+def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gateway):
+    """Rounds of publish-during-close: every publish answered 200 reaches the player, before the close or after."""
+    from tests.helpers import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, "-max-queued", "1000", "-rate-limit", "0")
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    answers: dict[int, Any] = {}
+    received: set[int] = set()
+    numbers = iter(range(10**9))
+    for _round in range(12):
+        stop = gevent.event.Event()
+
+        def publish_until_stopped() -> None:
+            while not stop.is_set():
+                number = next(numbers)
+                answers[number] = publisher_side.publish(server, 21, "n", number).json
+
+        client = RawClient(player_side.host, player_side.port, f"/ws?token={token}")
+        wait_for(lambda: player_side.gateway.hub.is_connected("21"), what="connected")
+        wait_for(lambda: publisher_side.publish(server, 21, "n", None).json.get("delivered") == 1,
+                 what="the seat taken")
+        publisher = gevent.spawn(publish_until_stopped)
+        gevent.sleep(random.uniform(0.0, 0.05))
+        received.update(number for number in read_until_closed(client) if number is not None)
+        client.close()
+        wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
+        gevent.sleep(0.02)  # publishes now find the player offline
+        stop.set()
+        publisher.join(TIMEOUT_S)
+        backlog_reader = RawClient(player_side.host, player_side.port, f"/ws?token={token}")
+        wait_for(lambda: player_side.gateway.hub.is_connected("21"), what="reconnected")
+        assert publisher_side.publish(server, 21, "marker", -1).json == {"delivered": 1, "queued": False}
+        while True:
+            opcode, payload = backlog_reader.read_frame()
+            number = json.loads(payload)["payload"]
+            if number == -1:
+                break
+            if number is not None:
+                received.add(number)
+        read_until_closed(backlog_reader)  # nothing is published now: nothing races this close
+        backlog_reader.close()
+        wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the reader's close finished")
+    accepted = [number for number, answer in answers.items() if answer.get("delivered") or answer.get("queued")]
+    assert len(accepted) >= 100
+    assert [number for number in accepted if number not in received] == [], "accepted but never received"
+
+
+# --- 2. Redis restarting under traffic ----------------------------------------------------------
+def test_redis_restart_under_traffic_loses_no_accepted_message(start_cluster_gateway, private_redis):
+    """Redis restarts empty mid-traffic: every 200 not scope local reaches the player that stayed connected, in order."""
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, private_redis.url)
+    server = publisher_side.tokens.server()
+    client = player_side.connect(publisher_side.tokens.player(21))
+    received: list[int] = []
+
+    def read_forever() -> None:
+        while True:
+            received.append(receive_event_forever(client)["payload"])
+
+    reader = gevent.spawn(read_forever)
+    answers: dict[int, Any] = {}
+    stop = gevent.event.Event()
+
+    def publish_at_200_a_second() -> None:
+        number = 0
+        while not stop.is_set():
+            reply = publisher_side.publish(server, 21, "n", number)
+            answers[number] = (reply.status, reply.json)
+            number += 1
+            gevent.sleep(0.005)
+
+    publisher = gevent.spawn(publish_at_200_a_second)
+    try:
+        wait_for(lambda: len(answers) >= 50, what="traffic before the restart")
+        private_redis.stop()
+        wait_for(lambda: any(status == 503 for status, _ in answers.values()), what="the outage seen")
+        private_redis.start()
+        wait_for(lambda: player_side.get("/readyz").status == 200, TIMEOUT_S * 2, what="the player side back")
+        restarted_at = len(answers)
+        wait_for(lambda: len(answers) >= restarted_at + 200, TIMEOUT_S * 2, what="traffic after the restart")
+        stop.set()
+        publisher.join(TIMEOUT_S)
+        accepted = [number for number, (status, body) in answers.items()
+                    if status == 200 and body.get("scope") != "local"]
+        assert any(body.get("queued") for status, body in answers.values() if status == 200), \
+            "some publishes found the player offline while its presence was not yet restored"
+        wait_for(lambda: set(accepted) <= set(received), TIMEOUT_S * 2,
+                 what=f"all {len(accepted)} accepted messages at the connected player")
+        assert received == sorted(received), "in publish order"
+        assert len(received) == len(set(received)), "none twice"
+    finally:
+        stop.set()
+        reader.kill()
+
+
+def receive_event_forever(client) -> Any:
+    """The next event, however long it takes (the client's own timeout is one test unit)."""
+    import websocket
+
+    while True:
+        try:
+            return receive_event(client)
+        except websocket.WebSocketTimeoutException:
+            continue
+
+
+# --- 3. presence lost in Redis -------------------------------------------------------------------
+def test_one_players_evicted_presence_is_restored_within_a_heartbeat(start_cluster_gateway, private_redis,
+                                                                     redis_prefix):
+    """Only one player's keys lost (as maxmemory eviction does): within a heartbeat the player is
+    present again and what was queued meanwhile reaches its connection, in order."""
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, private_redis.url, "-presence-ttl", "1500ms")
+    server = publisher_side.tokens.server()
+    client = player_side.connect(publisher_side.tokens.player(21))
+    bystander = player_side.connect(publisher_side.tokens.player(22))
+    keys = RedisKeys(redis_prefix)
+    store = redis.Redis.from_url(private_redis.url)
+    store.delete(keys.present("21"), keys.seats("21"))
+    assert publisher_side.publish(server, 21, "parked", 1).json == {"delivered": 0, "queued": True}
+    assert publisher_side.publish(server, 21, "parked", 2).json == {"delivered": 0, "queued": True}
+    started = time.monotonic()
+    assert receive_event(client) == {"event": "parked", "payload": 1}
+    assert receive_event(client) == {"event": "parked", "payload": 2}
+    assert time.monotonic() - started < 1.5 / 3 + 1.0 + 1.0, "within a heartbeat (and one upkeep tick)"
+    assert publisher_side.publish(server, 21, "live", 3).json == {"delivered": 1, "queued": False}
+    assert receive_event(client) == {"event": "live", "payload": 3}
+    assert publisher_side.publish(server, 22, "live", 4).json == {"delivered": 1, "queued": False}
+    assert receive_event(bystander) == {"event": "live", "payload": 4}
+    store.close()
+
+
+def test_a_redis_that_may_evict_keys_is_refused_at_start(start_cluster_gateway, private_redis):
+    """maxmemory with an evicting policy: the gateway will not start, and says which setting to change."""
+    store = redis.Redis.from_url(private_redis.url)
+    store.config_set("maxmemory", "64mb")
+    store.config_set("maxmemory-policy", "volatile-lru")
+    with pytest.raises(ConfigError, match="maxmemory-policy volatile-lru .* noeviction"):
+        start_cluster_gateway(broker_url=private_redis.url)
+    store.config_set("maxmemory-policy", "noeviction")
+    start_cluster_gateway(broker_url=private_redis.url)
+    store.close()
+
+
+def test_a_redis_reconfigured_to_evict_is_reported_by_readyz(start_cluster_gateway, private_redis, monkeypatch):
+    """A policy switched to eviction while running: /readyz, the log and a metric say so; the gateway serves on."""
+    monkeypatch.setattr(wsgateway.server, "EVICTION_CHECK_INTERVAL_S", 0.1)
+    store = redis.Redis.from_url(private_redis.url)
+    store.config_set("maxmemory", "64mb")
+    gateway = start_cluster_gateway(broker_url=private_redis.url)
+    assert "warnings" not in gateway.get("/readyz").json
+    store.config_set("maxmemory-policy", "allkeys-lru")
+    wait_for(lambda: "warnings" in gateway.get("/readyz").json, what="the warning in /readyz")
+    readiness = gateway.get("/readyz")
+    assert readiness.status == 200
+    assert "allkeys-lru" in readiness.json["warnings"]["redis_eviction"]
+    assert gateway.metric("ws_redis_may_evict") == 1
+    store.config_set("maxmemory-policy", "noeviction")
+    wait_for(lambda: "warnings" not in gateway.get("/readyz").json, what="the warning gone")
+    assert gateway.metric("ws_redis_may_evict") == 0
+    store.close()
