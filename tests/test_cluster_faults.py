@@ -79,7 +79,7 @@ def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gat
     server = publisher_side.tokens.server()
     token = publisher_side.tokens.player(21)
     answers: dict[int, Any] = {}
-    received: set[int] = set()
+    sequences: list[list[int]] = []  # what each connection received, in arrival order
     numbers = iter(range(10**9))
     for _round in range(12):
         stop = gevent.event.Event()
@@ -95,7 +95,7 @@ def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gat
                  what="the seat taken")
         publisher = gevent.spawn(publish_until_stopped)
         gevent.sleep(random.uniform(0.0, 0.05))
-        received.update(number for number in read_until_closed(client) if number is not None)
+        sequences.append([number for number in read_until_closed(client) if number is not None])
         client.close()
         wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
         gevent.sleep(0.02)  # publishes now find the player offline
@@ -104,19 +104,20 @@ def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gat
         backlog_reader = RawClient(player_side.host, player_side.port, f"/ws?token={token}")
         wait_for(lambda: player_side.gateway.hub.is_connected("21"), what="reconnected")
         assert publisher_side.publish(server, 21, "marker", -1).json == {"delivered": 1, "queued": False}
-        while True:
-            opcode, payload = backlog_reader.read_frame()
-            number = json.loads(payload)["payload"]
-            if number == -1:
-                break
+        backlog: list[int] = []
+        while (number := json.loads(backlog_reader.read_frame()[1])["payload"]) != -1:
             if number is not None:
-                received.add(number)
+                backlog.append(number)
+        sequences.append(backlog)
         read_until_closed(backlog_reader)  # nothing is published now: nothing races this close
         backlog_reader.close()
         wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the reader's close finished")
+    received = {number for sequence in sequences for number in sequence}
     accepted = [number for number, answer in answers.items() if answer.get("delivered") or answer.get("queued")]
     assert len(accepted) >= 100
     assert [number for number in accepted if number not in received] == [], "accepted but never received"
+    assert [sequence for sequence in sequences if sequence != sorted(sequence)] == [], "in order on each connection"
+    assert sum(len(sequence) for sequence in sequences) == len(received), "none twice"
 
 
 # --- 2. Redis restarting under traffic ----------------------------------------------------------

@@ -208,3 +208,18 @@ def test_unreachable_redis_is_broker_unavailable(redis_prefix):
 def test_seat_ids_name_their_gateway():
     """A seat id starts with its gateway id, which routing relies on."""
     assert gateway_of("host:12:abcd/7") == "host:12:abcd"
+
+
+def test_requeued_frames_keep_publish_order_in_the_queue(redis_prefix):
+    """Frames requeued after their connection closed go before what was queued after they were sent."""
+    roster = make_roster(redis_prefix)
+    seat(roster, "p")
+    seconds, microseconds = redis.Redis.from_url(REDIS_URL).time()
+    sent_at_ms = seconds * 1000 + microseconds // 1000
+    mine = frozenset((roster.gateway_id,))
+    assert roster.requeue("p", b"late-1", mine, sent_at_ms).queued
+    gevent.sleep(0.01)
+    assert roster.route("p", b"published-after", True).queued
+    assert roster.requeue("p", b"late-2", mine, sent_at_ms).queued
+    _, backlog = seat(make_roster(redis_prefix), "p")
+    assert backlog.frames == [b"late-1", b"late-2", b"published-after"]

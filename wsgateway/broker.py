@@ -17,12 +17,15 @@ class Envelope(NamedTuple):
     hold the player's connections; None means every gateway (broadcasts). `batched`: one
     of a `/publish/batch`, whose frames may wait for the shared flusher so that those for
     one socket leave together (see `Hub.deliver`); it does not cross process boundaries.
+    `sent_at_ms`: when the transport took it (Redis's clock, ms), set by a broker that
+    knows; a message routed again after its connection closed keeps its place by it.
     """
 
     frame: bytes
     player_id: str | None = None
     gateways: frozenset[str] | None = None
     batched: bool = False
+    sent_at_ms: int = 0
 
 
 Deliver = Callable[[Envelope], object]

@@ -217,12 +217,12 @@ class RedisBroker:
                 for entry_id, fields in entries:
                     self._last_id = entry_id
                     self._read_count += 1
-                    self._hand_over(fields)
+                    self._hand_over(entry_id, fields)
             if time.monotonic() >= next_upkeep_at:
                 self._upkeep_now()
                 next_upkeep_at = time.monotonic() + UPKEEP_PERIOD_S
 
-    def _hand_over(self, fields: dict[bytes, bytes]) -> None:
+    def _hand_over(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Deliver one entry; a player envelope names the gateways it was sent to, so that
         delivery knows who else holds the player (see `Delivery`)."""
         data = fields.get(_FIELD)
@@ -232,7 +232,7 @@ class RedisBroker:
         if envelope.player_id is not None:
             gateways = fields.get(_GATEWAYS_FIELD)
             envelope = envelope._replace(gateways=frozenset(gateways.decode().split("\n")) if gateways
-                                         else frozenset((self.gateway_id,)))
+                                         else frozenset((self.gateway_id,)), sent_at_ms=_stream_id(entry_id)[0])
         try:
             self._deliver(envelope)
         except Exception:

@@ -200,7 +200,7 @@ class Delivery:
     def _reroute(self, player_id: str, envelope: Envelope) -> None:
         assert envelope.gateways is not None
         try:
-            route = self.roster.requeue(player_id, envelope.frame, envelope.gateways)
+            route = self.roster.requeue(player_id, envelope.frame, envelope.gateways, envelope.sent_at_ms)
             if route.gateways:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched))
         except BrokerUnavailable as exc:

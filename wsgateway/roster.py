@@ -69,12 +69,13 @@ class Roster(Protocol):
         before it arrives: that gateway then calls `requeue`, so a frame routed live is
         sent to a connection, or queued like any message for an offline player."""
 
-    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str]) -> Route:
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
         """A frame routed live to this gateway (and to `routed_to`) found no open
         connection of the player here: stop counting this gateway's seats of the player
         as present and route it again, to gateways not in `routed_to` that hold the
         player now, or to the queue (a gateway in `routed_to` still holding the player
-        got the frame itself)."""
+        got the frame itself). Queued, it takes its place by `sent_at_ms` (when it was
+        sent live), before what was queued for the player after it: in publish order."""
 
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
@@ -137,8 +138,8 @@ class LocalRoster:
         dropped = self._offline.push(player_id, frame)
         return Route(frozenset(), 0, queued=True, dropped=dropped)
 
-    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str]) -> Route:
-        return self.route(player_id, frame, queue_if_offline=True)
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
+        return self.route(player_id, frame, queue_if_offline=True)  # in the publisher's turn: in order
 
     def reach(self) -> int:
         return self._hub.connection_count()

@@ -159,6 +159,35 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 """
 
+# KEYS: queue. ARGV: frame, expiry_ms, most items to look at.
+# A frame requeued after its connection closed was appended (ROUTE) behind frames queued
+# after it was sent live. Find it from the tail (a later identical frame is as good) and
+# move it back to where its expiry, counted from when it was sent, puts it: the queue
+# stays in expiry order, and so in publish order. The expiry is one ms short of that, so
+# that it goes before a frame queued in the very ms it was sent, but after frames
+# requeued before it with the same expiry. It only moves an item: counts and sizes are
+# untouched.
+SETTLE = """
+local expiry = tonumber(ARGV[2])
+local later = {}
+local found = false
+for _ = 1, tonumber(ARGV[3]) do
+  local tail = redis.call('LINDEX', KEYS[1], -1)
+  if not tail then break end
+  local colon = string.find(tail, ':', 1, true)
+  if found and tonumber(string.sub(tail, 1, colon - 1)) <= expiry then break end
+  redis.call('RPOP', KEYS[1])
+  if not found and string.sub(tail, colon + 1) == ARGV[1] then
+    found = true
+  else
+    later[#later + 1] = tail
+  end
+end
+if found then redis.call('RPUSH', KEYS[1], expiry .. ':' .. ARGV[1]) end
+for index = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[index]) end
+return found and 1 or 0
+"""
+
 # KEYS: seats, present. ARGV: presence_ttl_ms, seat.
 # Extends the seat where it exists; returns 0 when Redis no longer has it in both.
 EXTEND = _LUA_NOW_MS + """
@@ -221,6 +250,7 @@ class RedisRoster:
         self._heartbeat = client.register_script(HEARTBEAT)
         self._withdraw = client.register_script(WITHDRAW)
         self._extend = client.register_script(EXTEND)
+        self._settle = client.register_script(SETTLE)
 
     @property
     def queueing(self) -> bool:
@@ -275,15 +305,20 @@ class RedisRoster:
         with broker_errors("reach"):
             return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections]))
 
-    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str]) -> Route:
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
         """The frame was routed here live, but this gateway holds no open connection of
         the player any more (it closed while the frame travelled). This gateway's seats of
         the player stop counting as present, then the frame is routed again: to gateways
-        that took a seat since (not to those it was sent to already), or to the queue."""
+        that took a seat since (not to those it was sent to already), or to the queue,
+        where it moves back before what was queued after `sent_at_ms` (see SETTLE)."""
         self._present.pop(player_id, None)
         with broker_errors("requeue"):
             self._withdraw(keys=[self._keys.present(player_id)], args=[f"{self.gateway_id}/"])
         route = self.route(player_id, frame, queue_if_offline=True)
+        if route.queued and sent_at_ms:
+            with broker_errors("requeue"):
+                self._settle(keys=[self._keys.queue(player_id)],
+                             args=[frame, sent_at_ms + self._offline_ttl_ms - 1, self._max_queued])
         if not route.gateways:
             return route
         owed = frozenset(gateway for gateway in route.gateways
