@@ -1,4 +1,6 @@
-"""The Broker contract, run against every backend: the in-process broker and Redis pub/sub."""
+"""The Broker contract, run against every backend: the in-process broker and Redis Streams.
+(What a cross-process backend keeps for a gateway that is reconnecting is tested in
+test_broker_redis.py, since the in-process broker has no link to lose.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 import wsgateway.server
-from tests.helpers import TIMEOUT_S, RawClient, receive_event, wait_for
+from tests.helpers import TIMEOUT_S, RawClient, receive_event, run_gateway_cli, wait_for
 from wsgateway.config import ConfigError
 from wsgateway.redis_link import RedisKeys
 
@@ -213,6 +213,18 @@ def test_a_redis_that_may_evict_keys_is_refused_at_start(start_cluster_gateway, 
         start_cluster_gateway(broker_url=private_redis.url)
     store.config_set("maxmemory-policy", "noeviction")
     start_cluster_gateway(broker_url=private_redis.url)
+    store.close()
+
+
+def test_the_command_exits_2_naming_the_policy_on_an_evicting_redis(private_redis, sqlite_url, tmp_path):
+    """bin/ws-gateway on an evicting Redis: one clear line on stderr, exit 2, no traceback."""
+    store = redis.Redis.from_url(private_redis.url)
+    store.config_set("maxmemory", "64mb")
+    store.config_set("maxmemory-policy", "allkeys-lru")
+    result = run_gateway_cli("-dsn", sqlite_url, "-addr", "127.0.0.1:0", "-broker", private_redis.url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "-broker: maxmemory-policy allkeys-lru" in result.stderr and "noeviction" in result.stderr
+    assert "Traceback" not in result.stderr
     store.close()
 
 

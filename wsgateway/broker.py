@@ -37,6 +37,17 @@ class Broker(Protocol):
     Guarantees every backend keeps: envelopes from one publisher arrive in publish order;
     an envelope reaches each named gateway at most once; `publish` never waits on a
     player's socket. It raises `BrokerUnavailable` when the envelope cannot be sent.
+
+    Once `publish` returned, the envelope is kept for each named gateway until that
+    gateway takes it, also while that gateway is reconnecting to the broker: a backend
+    that crosses processes (`broker_redis`) delivers it when the gateway is back. Limits,
+    which the backend states and counts: what the shared store itself loses (a Redis
+    restart without persistence), and what exceeds a bounded backlog.
+
+    What "delivered" means is not the broker's to promise: an envelope can reach a
+    gateway whose connection for the player closed meanwhile. The delivery function
+    owns that case (`Delivery` routes such an envelope again, to the offline queue or a
+    newer connection); the broker only carries envelopes, opaque, whatever they hold.
     """
 
     def start(self, deliver: Deliver) -> None:

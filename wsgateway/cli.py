@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"database unreachable at start ({config.db}): {exc}", 1)
     except BrokerUnavailable as exc:
         return _fail(f"-broker: redis unreachable at start: {exc}", 1)
+    except ConfigError as exc:  # a -broker Redis that may evict the gateway's keys
+        return _fail(str(exc), 2)
     except OSError as exc:
         address = f"{config.listen_host}:{config.listen_port}"
         return _fail(f"-addr: cannot listen on {address}: {exc.strerror or exc}", 1)

@@ -62,7 +62,7 @@ def eviction_risk(client: redis.Redis) -> str | None:
 
 
 class RedisKeys:
-    """Names of the keys and channels one gateway cluster uses."""
+    """Names of the keys and streams one gateway cluster uses."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
