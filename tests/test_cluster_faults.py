@@ -245,3 +245,38 @@ def test_a_redis_reconfigured_to_evict_is_reported_by_readyz(start_cluster_gatew
     wait_for(lambda: "warnings" not in gateway.get("/readyz").json, what="the warning gone")
     assert gateway.metric("ws_redis_may_evict") == 0
     store.close()
+
+
+# --- a rush of connections -------------------------------------------------------------------------
+def test_a_rush_of_connections_waits_for_a_pooled_redis_connection_instead_of_a_503(start_cluster_gateway):
+    """More players connecting at once than the Redis pool has connections (Redis slow for a moment):
+    every one is admitted once Redis answers, none refused with 503."""
+    import websocket
+
+    from tests.helpers import REDIS_URL, TcpForwarder
+    from wsgateway.redis_link import POOL_CONNECTIONS
+
+    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
+    relay = TcpForwarder((host, int(port)))
+    try:
+        gateway = start_cluster_gateway(broker_url=f"redis://127.0.0.1:{relay.port}/0")
+        tokens = [gateway.tokens.player(1000 + index) for index in range(POOL_CONNECTIONS + 50)]
+
+        def connect(token: str) -> Any:
+            try:
+                return websocket.create_connection(f"{gateway.ws_url}?token={token}", timeout=TIMEOUT_S * 2)
+            except websocket.WebSocketBadStatusException as refusal:
+                return refusal.status_code
+
+        relay.pause()  # Redis silent: every reserve() holds a pooled connection
+        attempts = [gevent.spawn(connect, token) for token in tokens]
+        wait_for(lambda: len(relay._sockets) >= POOL_CONNECTIONS or any(attempt.ready() for attempt in attempts),
+                 what="the pool's connections all waiting on Redis")
+        relay.resume()
+        gevent.joinall(attempts, timeout=TIMEOUT_S * 4)
+        results = [attempt.value for attempt in attempts]
+        assert [result for result in results if isinstance(result, int) or result is None] == []
+        for client in results:
+            client.close()
+    finally:
+        relay.close()

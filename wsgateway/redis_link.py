@@ -17,12 +17,20 @@ import redis
 from wsgateway.errors import BrokerUnavailable
 
 
+POOL_CONNECTIONS = 100  # Redis connections one gateway process opens at most
+
+
 def create_client(url: str, timeout_s: float) -> redis.Redis:
     """A pooled client for `redis://`, `rediss://` or `unix://` URLs (password in the URL).
 
-    Commands fail after `timeout_s` instead of hanging on a stalled server."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                health_check_interval=30)
+    Commands fail after `timeout_s` instead of hanging on a stalled server. When every
+    pooled connection is busy (a rush of 2,000 players connecting at once), a command
+    waits up to `timeout_s` for one instead of failing at once: redis-py's default pool
+    raised "Too many connections", and those players were refused with 503."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=POOL_CONNECTIONS, timeout=timeout_s, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, health_check_interval=30)
+    return redis.Redis(connection_pool=pool)
 
 
 def new_gateway_id() -> str:
