@@ -11,7 +11,11 @@ clock (so hosts need not agree on the time):
 
 Seats carry an expiry that each gateway refreshes every third of `-presence-ttl`; the
 seats of a gateway that died expire by themselves, and its players count as offline
-within `-presence-ttl`. Queued frames live until `-offline-ttl`; one gateway at a time
+within `-presence-ttl`. The refresh checks every seat (`EXTEND`): one Redis lost,
+whatever lost it (a restart, FLUSHALL, one evicted key), is reported and written back
+with `take_seat`'s script, which hands over what was queued meanwhile. A frame routed
+live to a gateway whose connection closed on the way comes back through `requeue`
+(`WITHDRAW`, `route`, then `SETTLE` to put it back in publish order). Queued frames live until `-offline-ttl`; one gateway at a time
 sweeps expired queues and counts what they held.
 """
 from __future__ import annotations
