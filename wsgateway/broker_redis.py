@@ -51,9 +51,9 @@ _FIELD = b"e"
 _GATEWAYS_FIELD = b"g"  # the other gateways a player envelope went to (when it went to several)
 
 # KEYS: the streams. ARGV: max length, stream ttl ms, wire form, the gateways it goes to
-# ('' when only one). A stream created here (its reader gone, or not yet back) gets an
-# expiry, so nobody's stream lives for ever.
-PUBLISH = """
+# ('' when only one). For a stream that does not exist (its reader not yet back after
+# Redis lost it, or gone): created with an expiry, so nobody's stream lives for ever.
+CREATE_AND_PUBLISH = """
 for _, stream in ipairs(KEYS) do
   if ARGV[4] == '' then
     redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[3])
@@ -138,7 +138,7 @@ class RedisBroker:
         self._stream_ttl_ms = 2 * self._member_ttl_ms
         self._on_subscribed = on_subscribed
         self._on_lost = on_lost
-        self._publish = client.register_script(PUBLISH)
+        self._create_and_publish = client.register_script(CREATE_AND_PUBLISH)
         self._broadcast = client.register_script(BROADCAST)
         self._upkeep = client.register_script(UPKEEP)
         self._deliver: Deliver | None = None
@@ -165,10 +165,26 @@ class RedisBroker:
                 self._broadcast(keys=[self._keys.streams],
                                 args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data])
             else:
-                gateways = sorted(envelope.gateways)
-                self._publish(keys=[self._keys.stream(gateway) for gateway in gateways],
-                              args=[self._stream_length, self._stream_ttl_ms, data,
-                                    "\n".join(gateways) if len(gateways) > 1 else ""])
+                self._to_gateways(sorted(envelope.gateways), data)
+
+    def _to_gateways(self, gateways: list[str], data: bytes) -> None:
+        """One plain XADD per stream (NOMKSTREAM: no stream is made without an expiry);
+        the rare stream that does not exist is created by a script, with its expiry."""
+        fields = {_FIELD: data}
+        if len(gateways) > 1:
+            fields[_GATEWAYS_FIELD] = "\n".join(gateways).encode()
+        streams = [self._keys.stream(gateway) for gateway in gateways]
+        if len(streams) == 1:
+            added = [self._client.xadd(streams[0], fields, maxlen=self._stream_length, nomkstream=True)]
+        else:
+            pipeline = self._client.pipeline(transaction=False)
+            for stream in streams:
+                pipeline.xadd(stream, fields, maxlen=self._stream_length, nomkstream=True)
+            added = pipeline.execute()
+        missing = [stream for stream, entry_id in zip(streams, added) if entry_id is None]
+        if missing:
+            self._create_and_publish(keys=missing, args=[self._stream_length, self._stream_ttl_ms, data,
+                                                         fields.get(_GATEWAYS_FIELD, b"")])
 
     def state(self) -> str:
         return "ok" if self._subscribed.is_set() else "reconnecting"
