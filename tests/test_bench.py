@@ -25,3 +25,15 @@ def test_bench_runs_every_scenario_and_prints_the_figures(tmp_path):
     for figure in ("KiB per idle connection", "fan-out deliveries/s", "server CPU µs/delivery",
                    "/publish requests/s", "batch messages/s", "latency p99 ms", "connections held"):
         assert f"| {figure}" in output, output
+
+
+def test_broker_bench_prints_what_an_envelope_costs(tmp_path):
+    """bench/broker.py carries a few envelopes over the real Redis and prints their rate and CPU cost."""
+    from tests.helpers import REDIS_URL
+
+    result = subprocess.run(
+        [sys.executable, str(BENCH.parent / "broker.py"), "--envelopes", "200", "--publishers", "2",
+         "--redis", REDIS_URL],
+        cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True, timeout=PROCESS_START_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "200 envelopes, 2 publishers:" in result.stdout and "Redis CPU" in result.stdout
