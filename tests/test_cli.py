@@ -137,3 +137,12 @@ def test_help_says_what_the_readme_says(tmp_path):
     assert "(default ''" not in text and "Args that start with" not in text and "goo.gl" not in text
     assert "  -dsn string\n        database DSN (Go forms, or a SQLAlchemy URL) " \
            "(default file:ws_tokens.db?cache=shared)" in text
+
+
+def test_metrics_carry_the_same_version(gateway):
+    """/metrics exports ws_gateway_build_info{version} = 1 with the version -version prints."""
+    from wsgateway import __version__
+
+    reply = gateway.get("/metrics")
+    assert reply.status == 200
+    assert f'ws_gateway_build_info{{version="{__version__}"}} 1.0' in reply.body.decode().splitlines()
