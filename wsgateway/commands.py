@@ -14,7 +14,9 @@ the gateway's own `-addr` (https when it has `-tls-cert`). The work itself is in
 `admin` (database) and `client` (HTTP); this module parses, prints and picks exit codes.
 
 Exit status: 0 done; 2 bad usage or input (argparse's usage line, or one line naming the
-option); 1 the database or the gateway failed or refused (one line with its message).
+option), or a database that refuses the settings (access denied, unknown database, no
+such sqlite file or table); 1 the database did not answer, or the gateway failed or
+refused (one line with its message).
 Standard output carries only the result (`token add`: the token alone), so scripts can
 capture it.
 """
@@ -31,7 +33,7 @@ from typing import Any, Sequence
 from wsgateway.admin import TokenAdmin, TokenRow, masked
 from wsgateway.client import GatewayClient, GatewayError
 from wsgateway.config import Config, ConfigError, load, parse_count, parse_duration, setting_option
-from wsgateway.errors import StoreUnavailable
+from wsgateway.errors import StoreMisconfigured, StoreUnavailable
 
 COMMANDS = ("db", "token", "publish", "broadcast")
 TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # publish/broadcast's --token, kept out of `ps`
@@ -93,7 +95,7 @@ def run(command: str, arguments: Sequence[str], settings: Sequence[str]) -> int:
     try:
         config = load(settings)
         return options.handler(options, config)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, StoreMisconfigured) as exc:
         return _fail(name, str(exc), 2)
     except StoreUnavailable as exc:
         return _fail(name, str(exc), 1)
@@ -108,12 +110,13 @@ def _fail(name: str, message: str, status: int) -> int:
 
 
 # --- db and token -------------------------------------------------------------------------
-def _admin(config: Config) -> TokenAdmin:
-    return TokenAdmin(config.database_url, db_timeout_s=config.db_timeout_s)
+def _admin(config: Config, *, create_file: bool = False) -> TokenAdmin:
+    """Only `db init` creates a missing sqlite file; the other commands refuse it."""
+    return TokenAdmin(config.database_url, db_timeout_s=config.db_timeout_s, create_file=create_file)
 
 
 def _db_init(options: argparse.Namespace, config: Config) -> int:
-    admin = _admin(config)
+    admin = _admin(config, create_file=True)
     try:
         created = admin.init_schema()
     finally:
