@@ -1,4 +1,5 @@
-"""The operations subcommands of `ws-gateway`: `db`, `token`, `publish`, `broadcast`.
+"""The operations subcommands of `ws-gateway`: `db`, `token`, `publish`, `broadcast`,
+`checkconfig`, `listen`.
 
     ws-gateway [SETTINGS] db init
     ws-gateway [SETTINGS] token add (--player ID | --server SUBJECT) --ttl DURATION
@@ -6,6 +7,8 @@
     ws-gateway [SETTINGS] token list [--show-tokens] [--kind player|server]
     ws-gateway [SETTINGS] publish [--url URL] --token TOKEN --player ID --event E [--payload JSON]
     ws-gateway [SETTINGS] broadcast [--url URL] --token TOKEN --event E [--player ID] [--payload JSON]
+    ws-gateway [SETTINGS] checkconfig
+    ws-gateway [SETTINGS] listen [--url URL] --token PLAYER_TOKEN
 
 The gateway's settings (`-c FILE`, `WS_GATEWAY_*`, `-db`, `-dsn`, `-db-timeout`, ...) may
 stand anywhere on the line and are read by `config.load`, exactly as when serving: `db`
@@ -31,14 +34,17 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from wsgateway.admin import TokenAdmin, TokenRow, masked
+from wsgateway.tokens import SqlTokenStore
 from wsgateway.client import GatewayClient, GatewayError
-from wsgateway.config import Config, ConfigError, load, parse_count, parse_duration, setting_option
+from wsgateway.config import (FLAGS, Config, ConfigError, build, load, masked_password, parse_count, parse_duration,
+                              problems, read_settings, setting_option)
 from wsgateway.errors import StoreMisconfigured, StoreUnavailable
 
-COMMANDS = ("db", "token", "publish", "broadcast")
+COMMANDS = ("db", "token", "publish", "broadcast", "checkconfig")
 TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # publish/broadcast's --token, kept out of `ps`
 
 SUMMARY = """commands (each has --help):
+  checkconfig                  check every setting, the database and Redis; print the settings
   db init                      create the ws_token table if it is missing
   token add|revoke|list        manage player and server tokens
   publish                      send an event to one player of a running gateway
@@ -87,6 +93,10 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]
 
 def run(command: str, arguments: Sequence[str], settings: Sequence[str]) -> int:
     """Run one subcommand; returns the exit status."""
+    if command == "checkconfig" and not {"-h", "--help"} & set(arguments):
+        # It has no options of its own: every word is a setting, and a word that is none is
+        # reported as the gateway would report it.
+        return _check_config([*settings, *arguments])
     try:
         options = _parser().parse_args([command, *arguments])
     except SystemExit as done:  # --help (0), or bad usage (2) after printing the usage line
@@ -172,6 +182,115 @@ def _table(rows: list[TokenRow], now: datetime, show_tokens: bool) -> str:
     widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
     return "".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n"
                    for line in lines)
+
+
+# --- checkconfig ----------------------------------------------------------------------------
+_SHOWN_MASKED = ("dsn", "broker")
+
+
+def _check_config(settings: Sequence[str]) -> int:
+    """Print the effective settings as `name = value` lines (a valid -c file, passwords
+    masked), then `#` notes on what was checked; every problem is one stderr line. Exit 0
+    when the gateway would start with these settings, 2 for a configuration error (as
+    the gateway would exit), 1 when only the database or Redis did not answer."""
+    name = "ws-gateway checkconfig"
+    try:
+        raw = read_settings(settings)
+    except ConfigError as exc:
+        return _fail(name, str(exc), 2)
+    for flag in FLAGS:
+        value = raw[flag.name]
+        print(f"{flag.name} = {masked_password(value) if flag.name in _SHOWN_MASKED else value}".rstrip())
+    refused = problems(raw)
+    unanswered: list[str] = []
+    if not refused:
+        config = build(raw)
+        refused += _file_problems(config)
+        for check in (_check_database, _check_broker):
+            note, refusal, silence = check(config)
+            if note:
+                print(f"# {note}")
+            refused += refusal
+            unanswered += silence
+    for line in refused + unanswered:
+        print(f"{name}: {line}", file=sys.stderr)
+    return 2 if refused else 1 if unanswered else 0
+
+
+def _file_problems(config: Config) -> list[str]:
+    """TLS files that do not make a certificate and key; log and pid files that could not
+    be written. Nothing is created."""
+    from wsgateway.server import tls_context
+
+    found: list[str] = []
+    if config.tls_cert_file:
+        try:
+            tls_context(config.tls_cert_file, config.tls_key_file)
+        except ConfigError as exc:
+            found.append(str(exc))
+    for flag, path in (("-log-file", config.log_file), ("-pid-file", config.pid_file)):
+        if not path:
+            continue
+        target = path if os.path.exists(path) else (os.path.dirname(os.path.abspath(path)))
+        if not os.path.exists(target):
+            found.append(f"{flag}: directory {target!r} does not exist")
+        elif not os.access(target, os.W_OK):
+            found.append(f"{flag}: {target!r} is not writable")
+    return found
+
+
+def _check_database(config: Config) -> tuple[str, list[str], list[str]]:
+    """(note, configuration problems, unanswered) for the token database; a missing
+    sqlite file or table is no problem (the gateway creates them at start)."""
+    store = SqlTokenStore(config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=0.0,
+                          create_file=False)
+    try:
+        path = store.sqlite_path
+        if path is not None and not os.path.exists(path):
+            directory = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(directory):
+                return "", [f"-dsn: sqlite file {path!r} cannot be created: directory {directory!r} "
+                            "does not exist"], []
+            return f"database: sqlite file {path!r} does not exist yet; the gateway creates it at start", [], []
+        found = store.table_problems()
+    except StoreMisconfigured as exc:
+        return "", [f"-dsn: {exc}"], []
+    except StoreUnavailable as exc:
+        return "", [], [f"-dsn: database unreachable ({config.db}): {exc}"]
+    finally:
+        store.close()
+    if found is None:
+        return f"database: ok ({config.db}); table ws_token does not exist yet, the gateway creates it", [], []
+    if found:
+        return "", [f"-dsn: {problem}" for problem in found], []
+    if path is not None and os.stat(path).st_mode & 0o007:
+        return "", [f"-dsn: sqlite file {path!r} is readable by every local user: chmod 600 it "
+                    "(it holds bearer tokens)"], []
+    return f"database: ok ({config.db}); table ws_token has the expected columns", [], []
+
+
+def _check_broker(config: Config) -> tuple[str, list[str], list[str]]:
+    """(note, configuration problems, unanswered) for -broker: Redis must answer PING."""
+    if not config.broker_url:
+        return "broker: none (in-process; one gateway)", [], []
+    import redis
+
+    from wsgateway.redis_link import create_client
+
+    client = create_client(config.broker_url, config.db_timeout_s)
+    where = masked_password(config.broker_url)
+    try:
+        client.ping()
+        version = client.info("server").get("redis_version", "?")
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        return "", [f"-broker: {where} refuses these credentials: {exc}"], []
+    except redis.exceptions.ResponseError as exc:  # NOAUTH, WRONGPASS from servers that word it so
+        return "", [f"-broker: {where} refuses: {exc}"], []
+    except redis.RedisError as exc:
+        return "", [], [f"-broker: redis unreachable at {where}: {type(exc).__name__}: {exc}"]
+    finally:
+        client.close()
+    return f"broker: ok (redis {version} at {where})", [], []
 
 
 # --- publish and broadcast ----------------------------------------------------------------
@@ -306,6 +425,17 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--show-tokens", action="store_true", help="print whole tokens instead of a prefix")
     listing.add_argument("--kind", choices=("player", "server"), help="only tokens of this kind")
     listing.set_defaults(handler=_token_list)
+
+    commands.add_parser(
+        "checkconfig", help="check the settings, the database and Redis",
+        description="Check every setting (flags, WS_GATEWAY_* variables, -c FILE, as when serving), "
+                    "connect to the database and check the ws_token table's columns and types, and "
+                    "with -broker check that Redis answers. Prints the effective settings as "
+                    "`name = value` lines (passwords masked), then what was checked as # lines; "
+                    "each problem is one line on stderr. Creates nothing.",
+        epilog="Exit status: 0 the gateway would start with these settings; 2 a configuration error "
+               "(the gateway would exit 2); 1 the database or Redis did not answer.",
+        allow_abbrev=False)
 
     for name, handler in (("publish", _publish), ("broadcast", _broadcast)):
         publish = name == "publish"

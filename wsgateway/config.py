@@ -178,6 +178,22 @@ def database_url(db: str, dsn: str) -> str:
     return f"mysql+pymysql://{credentials}@{address}/{database}"
 
 
+def masked_password(value: str) -> str:
+    """A DSN or URL (`-dsn`, `-broker`) with its password, if any, shown as `***`, for
+    printing settings; everything else is left as written."""
+    if "://" in value:
+        scheme, rest = value.split("://", 1)
+        userinfo, at, location = rest.rpartition("@")
+        if at and ":" in userinfo:
+            return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{location}"
+        return value
+    match = _GO_MYSQL_DSN.fullmatch(value.strip())
+    if match and match.group("password"):
+        start, end = match.span("password")
+        return value.strip()[:start] + "***" + value.strip()[end:]
+    return value
+
+
 class _Flag:
     """One setting: its Go-style name, default text, parser and help. A switch is a
     boolean that, like in Go, takes its value only as `-flag=value` (`-flag` alone = true)."""

@@ -261,6 +261,16 @@ class SqlTokenStore:
                 return True
         return self._run(create)
 
+    def table_problems(self) -> list[str] | None:
+        """What `schema_problems` finds in the existing `ws_token` table (empty: it is
+        ours), or None when there is no such table. Creates nothing."""
+        def check() -> list[str] | None:
+            with self.engine.connect() as connection:
+                if not inspect(connection).has_table("ws_token"):
+                    return None
+                return schema_problems(connection, sqlite=self._is_sqlite)
+        return self._run(check)
+
     # --- TokenStore ---------------------------------------------------------------
     def authenticate_player(self, token: str) -> str | None:
         refused = "player:" + token
