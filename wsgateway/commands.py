@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import ssl
 import sys
 from datetime import datetime
@@ -35,13 +36,14 @@ from typing import Any, Sequence
 
 from wsgateway.admin import TokenAdmin, TokenRow, masked
 from wsgateway.tokens import SqlTokenStore
-from wsgateway.client import GatewayClient, GatewayError
+from wsgateway.client import GatewayClient, GatewayError, PlayerListener
 from wsgateway.config import (FLAGS, Config, ConfigError, build, load, masked_password, parse_count, parse_duration,
                               problems, read_settings, setting_option)
 from wsgateway.errors import StoreMisconfigured, StoreUnavailable
 
-COMMANDS = ("db", "token", "publish", "broadcast", "checkconfig")
+COMMANDS = ("db", "token", "publish", "broadcast", "checkconfig", "listen")
 TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # publish/broadcast's --token, kept out of `ps`
+PLAYER_TOKEN_ENV = "WS_GATEWAY_PLAYER_TOKEN"  # listen's --token, kept out of `ps`
 
 SUMMARY = """commands (each has --help):
   checkconfig                  check every setting, the database and Redis; print the settings
@@ -49,6 +51,7 @@ SUMMARY = """commands (each has --help):
   token add|revoke|list        manage player and server tokens
   publish                      send an event to one player of a running gateway
   broadcast                    send an event to every connected player
+  listen                       connect as a player and print each message as one JSON line
 Settings (-c FILE, WS_GATEWAY_*, -db, -dsn, ...) apply to the commands too.
 Without a command, ws-gateway serves."""
 
@@ -299,12 +302,7 @@ def _client(options: argparse.Namespace, config: Config) -> GatewayClient:
     if not token:
         raise UsageError(f"--token: a server token is required (or set {TOKEN_ENV})")
     url = options.url or _own_url(config)
-    context = None
-    if options.cacert:
-        try:
-            context = ssl.create_default_context(cafile=options.cacert)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"--cacert: cannot load {options.cacert!r}: {exc}") from None
+    context = _ssl_context(options.cacert)
     try:
         return GatewayClient(url, token, timeout_s=_duration("--timeout", options.timeout),
                              retries=_count("--retries", options.retries), ssl_context=context)
@@ -355,6 +353,49 @@ def _broadcast(options: argparse.Namespace, config: Config) -> int:
                                                    idempotency_key=options.idempotency_key)
     print(json.dumps({"delivered": delivered}))
     return 0
+
+
+# --- listen -------------------------------------------------------------------------------
+def _listen(options: argparse.Namespace, config: Config) -> int:
+    """Print every message the player receives as one JSON line on stdout (flushed),
+    connection news on stderr; exit 0 on SIGINT/SIGTERM, 1 when the gateway refuses the
+    token (401/403) or the request in a way retrying cannot help."""
+    token = options.token or os.environ.get(PLAYER_TOKEN_ENV, "")
+    if not token:
+        raise UsageError(f"--token: a player token is required (or set {PLAYER_TOKEN_ENV})")
+    max_backoff_s = _duration("--max-backoff", options.max_backoff)
+    try:
+        listener = PlayerListener(options.url or _own_url(config), token,
+                                  timeout_s=_duration("--timeout", options.timeout),
+                                  idle_timeout_s=_duration("--idle-timeout", options.idle_timeout),
+                                  max_backoff_s=max_backoff_s, backoff_s=min(0.5, max_backoff_s),
+                                  ssl_context=_ssl_context(options.cacert))
+    except ValueError as exc:
+        raise UsageError(f"--url: {exc}") from None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: listener.stop())
+    listener.run(lambda text: print(_json_line(text), flush=True),
+                 on_status=lambda line: print(f"ws-gateway listen: {line}", file=sys.stderr, flush=True))
+    return 0
+
+
+def _json_line(text: str) -> str:
+    """The message as one line of JSON: the gateway's own text when it is that (it always
+    is), else the text as a JSON string."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return json.dumps(text)
+    return text if "\n" not in text and "\r" not in text else json.dumps(json.loads(text), separators=(",", ":"))
+
+
+def _ssl_context(cacert: str | None) -> ssl.SSLContext | None:
+    if not cacert:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cacert: cannot load {cacert!r}: {exc}") from None
 
 
 def _duration(option: str, text: str) -> float:
@@ -436,6 +477,27 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 the gateway would start with these settings; 2 a configuration error "
                "(the gateway would exit 2); 1 the database or Redis did not answer.",
         allow_abbrev=False)
+
+    listen = commands.add_parser(
+        "listen", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="connect as a player and print each message",
+        description="Connect to /ws with a player token and print every message the player receives as "
+                    "one JSON line on standard output; connection news goes to standard error. Reconnects "
+                    "by itself with capped exponential backoff and jitter; stops cleanly on Ctrl-C or "
+                    "SIGTERM (exit 0). A token the gateway refuses (401/403) exits 1 at once.",
+        epilog="example:\n  ws-gateway listen --url http://127.0.0.1:8080 --token PLAYER_TOKEN\n"
+               "  ws-gateway listen --token PLAYER_TOKEN | jq .payload")
+    listen.add_argument("--url", help="the gateway's base URL, http(s):// or ws(s):// (default: from the "
+                                      "settings' -addr, https with -tls-cert)")
+    listen.add_argument("--token", help=f"a player token (default: ${PLAYER_TOKEN_ENV})")
+    listen.add_argument("--timeout", default="5s", metavar="DURATION",
+                        help="for connecting and the handshake (default 5s)")
+    listen.add_argument("--idle-timeout", default="90s", metavar="DURATION",
+                        help="reconnect when nothing, not even a ping, arrives this long (default 90s)")
+    listen.add_argument("--max-backoff", default="30s", metavar="DURATION",
+                        help="longest pause between attempts (default 30s)")
+    listen.add_argument("--cacert", metavar="FILE", help="trust this CA (PEM) for a wss:// gateway")
+    listen.set_defaults(handler=_listen)
 
     for name, handler in (("publish", _publish), ("broadcast", _broadcast)):
         publish = name == "publish"
