@@ -28,8 +28,8 @@ def test_defaults_on_a_fresh_directory_pass_and_create_nothing(tmp_path):
     printed = settings_printed(result.stdout)
     assert printed["addr"] == ":8080" and printed["db-timeout"] == "2s" and printed["dsn"] == \
         "file:ws_tokens.db?cache=shared"
-    assert "# database: sqlite file 'ws_tokens.db' does not exist yet; the gateway creates it at start" \
-        in result.stdout
+    assert f"# database: sqlite file {str(tmp_path / 'ws_tokens.db')!r} does not exist yet; the gateway " \
+           "creates it at start" in result.stdout
     assert list(tmp_path.iterdir()) == []
 
 
