@@ -28,7 +28,11 @@ def one_line(stderr: str) -> str:
     (["-rate-limit", "abc"], "-rate-limit"),
     (["-c", "/nonexistent/gateway.ini"], "-c"),
     (["-no-such-flag", "1"], "-no-such-flag"),
-], ids=["db", "dsn", "offline-ttl", "max-conns", "rate-limit", "config-file", "unknown-flag"])
+    (["-max-queue", "5"], "-max-queue"),
+    (["-max-con", "5"], "-max-con"),
+    (["-c", "/bin/ls"], "-c"),
+], ids=["db", "dsn", "offline-ttl", "max-conns", "rate-limit", "config-file", "unknown-flag",
+        "prefix-of-max-queued", "prefix-of-max-conns", "binary-config-file"])
 def test_bad_setting_exits_2_with_one_line_naming_it(tmp_path, args, setting):
     """A refused setting exits with status 2 and exactly one stderr line that names it."""
     result = run_gateway_cli(*args, cwd=tmp_path)
@@ -105,3 +109,40 @@ def test_help_exits_0(tmp_path):
     result = run_gateway_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage: ws-gateway" in result.stdout and "-max-conns" in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["-version", "--version"])
+def test_version_prints_name_and_version(tmp_path, flag):
+    """-version prints `ws-gateway <version>` (the package's) on stdout, exits 0 and touches no database."""
+    from wsgateway import __version__
+
+    result = run_gateway_cli(flag, cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"ws-gateway {__version__}\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_says_what_the_readme_says(tmp_path):
+    """--help explains Go-style flags, WS_GATEWAY_* and -c FILE, lists each flag once in Go's
+    layout, and carries neither ConfigArgParse's epilog nor a "(default '')"."""
+    from wsgateway.config import FLAGS
+
+    result = run_gateway_cli("-help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for phrase in ("-max-conns 5, -max-conns=5 or --max-conns 5", "WS_GATEWAY_MAX_CONNS=5", "-c FILE",
+                   "never abbreviated", "  -version", "commands (each has --help)"):
+        assert phrase in text, phrase
+    for flag in FLAGS:
+        assert len(re.findall(rf"^  -{re.escape(flag.name)}(?: \w+)?$", text, re.MULTILINE)) == 1, flag.name
+    assert "(default ''" not in text and "Args that start with" not in text and "goo.gl" not in text
+    assert "  -dsn string\n        database DSN (Go forms, or a SQLAlchemy URL) " \
+           "(default file:ws_tokens.db?cache=shared)" in text
+
+
+def test_metrics_carry_the_same_version(gateway):
+    """/metrics exports ws_gateway_build_info{version} = 1 with the version -version prints."""
+    from wsgateway import __version__
+
+    reply = gateway.get("/metrics")
+    assert reply.status == 200
+    assert f'ws_gateway_build_info{{version="{__version__}"}} 1.0' in reply.body.decode().splitlines()

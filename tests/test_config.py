@@ -451,3 +451,46 @@ def test_example_config_file_lists_every_setting():
             if "=" in line and not line.lstrip().startswith("#")}
     assert keys == {flag.name for flag in FLAGS}
     assert load_args("-c", str(example)).console is False
+
+
+@pytest.mark.parametrize("argv, flag, meant", [
+    (["-max-queue", "5"], "-max-queue", "-max-queued"),
+    (["-max-con", "5"], "-max-con", "-max-conns"),
+    (["-max-con=5"], "-max-con", "-max-conns"),
+    (["--max-queue", "5"], "--max-queue", "-max-queued"),
+    (["-con"], "-con", "-console"),
+], ids=["single-dash", "single-dash-conns", "equals", "double-dash", "prefix-of-switch"])
+def test_flag_prefixes_are_refused_with_a_suggestion(argv, flag, meant):
+    """A misspelled or shortened flag is refused by name (Go takes no abbreviations), with the flag meant."""
+    message = refusal(*argv)
+    assert message.startswith(f"{flag}: no such flag"), message
+    assert f"did you mean {meant}?" in message
+
+
+def test_config_file_key_prefix_is_refused(tmp_path):
+    """A config-file key that only starts like a setting is refused, naming the key and the setting meant."""
+    path = tmp_path / "gateway.ini"
+    path.write_text("max-queue = 5\n")
+    assert refusal("-c", str(path)) == "-c: unknown key 'max-queue' in the config file (did you mean max-queued?)"
+
+
+def test_environment_variable_prefix_is_not_read():
+    """WS_GATEWAY_MAX_QUEUE is no setting's variable: -max-queued keeps its default."""
+    assert load_args(env={"WS_GATEWAY_MAX_QUEUE": "5"}).max_queued == 100
+
+
+def test_non_utf8_config_file_is_refused_in_one_line(tmp_path):
+    """A config file that is not UTF-8 text is refused naming -c and the file, not with a traceback."""
+    path = tmp_path / "binary.ini"
+    path.write_bytes(b"max-conns = 3\n\xd0\x00\xff\n")
+    assert refusal("-c", str(path)) == f"-c: {str(path)!r} is not a text file in UTF-8 (invalid continuation byte)"
+
+
+def test_problems_lists_every_refused_setting():
+    """problems() reports each bad setting on its own line, where load stops at the first."""
+    from wsgateway.config import problems, read_settings
+
+    raw = read_settings(["-max-conns", "x", "-offline-ttl", "10x", "-db", "pg"], env={})
+    found = problems(raw)
+    assert [line.split(":", 1)[0] for line in found] == ["-db", "-max-conns", "-offline-ttl"]
+    assert problems(read_settings([], env={})) == []

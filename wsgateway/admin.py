@@ -8,8 +8,9 @@ Tokens are random (`secrets.token_urlsafe`), 32 characters (the column holds at 
 bytes), and never start with `-`, so one can always be passed as a command-line word.
 Nothing here prints or logs a token: callers decide what to show.
 
-Database trouble raises `StoreUnavailable`; an input we refuse raises `ValueError`
-naming the option.
+Database trouble raises `StoreUnavailable` (`StoreMisconfigured` when the database refuses
+the settings, or the table or sqlite file is missing); an input we refuse raises
+`ValueError` naming the option.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from wsgateway.errors import StoreUnavailable
-from wsgateway.tokens import MAX_TOKEN_BYTES, SqlTokenStore, _as_datetime, _as_text, utc_now
+from wsgateway.errors import StoreMisconfigured, StoreUnavailable
+from wsgateway.tokens import MAX_TOKEN_BYTES, SqlTokenStore, _as_datetime, _as_text, _store_error, utc_now
 
 TOKEN_CHARS = 32  # token_urlsafe(24): 192 random bits in 32 URL-safe characters
 MAX_PLAYER_ID = 2**32 - 1  # player_id is INTEGER(10) UNSIGNED
@@ -65,8 +66,11 @@ class TokenAdmin:
     """Operations on `ws_token` for one database. `close()` when done."""
 
     def __init__(self, database_url: str, *, db_timeout_s: float,
-                 now: Callable[[], datetime] = utc_now) -> None:
-        self._store = SqlTokenStore(database_url, db_timeout_s=db_timeout_s, cache_period_s=0.0)
+                 now: Callable[[], datetime] = utc_now, create_file: bool = True) -> None:
+        """`create_file=False`: a missing sqlite file is refused (`StoreMisconfigured`)
+        instead of created, so that `token list` on a mistyped path leaves nothing behind."""
+        self._store = SqlTokenStore(database_url, db_timeout_s=db_timeout_s, cache_period_s=0.0,
+                                    create_file=create_file)
         self._is_sqlite = database_url.startswith("sqlite")
         self._now = now
 
@@ -155,12 +159,11 @@ class TokenAdmin:
             with self._store.engine.begin() as connection:
                 return work(connection)
         except DBAPIError as exc:
+            error = _store_error(exc, self._store.sqlite_path)
             cause = exc.orig
-            detail = str(cause).splitlines()[0] if str(cause) else ""
-            message = f"database error: {type(cause).__name__}" + (f": {detail}" if detail else "")
-            if "no such table" in detail or getattr(cause, "args", (None,))[:1] == (_MYSQL_NO_SUCH_TABLE,):
-                message += " (create it with: ws-gateway db init)"
-            raise StoreUnavailable(message) from exc
+            if "no such table" in str(cause) or getattr(cause, "args", (None,))[:1] == (_MYSQL_NO_SUCH_TABLE,):
+                error = StoreMisconfigured(f"{error} (create it with: ws-gateway db init)")
+            raise error from exc
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"database error: {exc}") from exc
 

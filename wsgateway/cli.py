@@ -1,7 +1,11 @@
 """`ws-gateway`: parse the configuration, set up logging, build the gateway, run it.
 
-Exit status: 0 after a graceful shutdown, 2 for a refused setting (one line on stderr
-naming it), 1 when the database or the listen address is unusable at start.
+Exit status: 0 after a graceful shutdown; 2 for a configuration error, one line on stderr
+naming it: a refused setting, and at start a database that refuses the settings (access
+denied, unknown database, an sqlite file that cannot be opened, a `ws_token` table
+without our columns); 1 when the database or Redis does not answer at start, or the
+listen address cannot be bound. The systemd unit restarts on 1, never on 2
+(RestartPreventExitStatus=2): retrying a configuration error cannot help.
 
 A command word (`db`, `token`, `publish`, `broadcast`) anywhere among the settings runs
 that operations command instead (`commands`); without one, the gateway serves.
@@ -9,12 +13,13 @@ that operations command instead (`commands`); without one, the gateway serves.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Sequence
 
 from wsgateway import commands
 from wsgateway.config import Config, ConfigError, load
-from wsgateway.errors import BrokerUnavailable, StoreUnavailable
+from wsgateway.errors import BrokerUnavailable, StoreMisconfigured, StoreUnavailable
 from wsgateway.logs import setup_logging
 from wsgateway.server import Gateway, freeze_startup_heap, remove_pid_file, write_pid_file
 from wsgateway.workers import Supervisor, inherited_listener
@@ -50,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), 2)
     try:
         gateway.start()
+    except StoreMisconfigured as exc:
+        return _fail(f"-dsn: {exc}", 2)
     except StoreUnavailable as exc:
         return _fail(f"database unreachable at start ({config.db}): {exc}", 1)
     except BrokerUnavailable as exc:
@@ -57,8 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a -broker Redis that may evict the gateway's keys
         return _fail(str(exc), 2)
     except OSError as exc:
-        address = f"{config.listen_host}:{config.listen_port}"
-        return _fail(f"-addr: cannot listen on {address}: {exc.strerror or exc}", 1)
+        return _fail(_cannot_listen(config, exc), 1)
     if config.pid_file:
         try:
             write_pid_file(config.pid_file)
@@ -85,7 +91,15 @@ def _supervise(config: Config, argv: list[str]) -> int:
     try:
         return supervisor.run()
     except OSError as exc:
-        return _fail(f"-addr: cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror or exc}", 1)
+        return _fail(_cannot_listen(config, exc), 1)
     finally:
         if config.pid_file:
             remove_pid_file(config.pid_file)
+
+
+def _cannot_listen(config: Config, exc: OSError) -> str:
+    """One line for an address that cannot be bound, naming it once, in -addr's form
+    (gevent appends the address to the error's text; the bare reason is taken instead)."""
+    host = f"[{config.listen_host}]" if ":" in config.listen_host else config.listen_host
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return f"-addr: cannot listen on {host}:{config.listen_port}: {reason}"

@@ -1,8 +1,9 @@
-"""Publishing to a gateway from Python: `GatewayClient`, for sync codebases.
+"""A gateway from sync Python: `GatewayClient` publishes, `PlayerListener` receives.
 
-Standard library only (http.client), so it works in any process: plain threads, or
-gevent-patched (its sockets then wait cooperatively). It does not import the rest of
-`wsgateway`, and can be copied into a project on its own.
+`GatewayClient` is standard library only (http.client), so it works in any process: plain
+threads, or gevent-patched (its sockets then wait cooperatively). `PlayerListener` needs
+websocket-client, imported only when it connects. Neither imports the rest of
+`wsgateway`, so this module can be copied into a project on its own.
 
     from wsgateway.client import GatewayClient
     gateway = GatewayClient("http://127.0.0.1:8080", "SERVER_TOKEN")
@@ -27,19 +28,34 @@ Errors (the gateway's `{"error": ...}` message is the exception's message)::
     └── Unavailable         5xx after the retries, or no answer at all (refused, timeout)
 
 Other statuses (404 for an endpoint the gateway does not have, 405) raise `GatewayError`.
+
+Listening as a player (what `ws-gateway listen` runs)::
+
+    from wsgateway.client import PlayerListener
+    listener = PlayerListener("http://127.0.0.1:8080", "PLAYER_TOKEN")
+    listener.run(print)  # each message's text, until listener.stop(); reconnects by itself
+
+It reconnects after every loss with capped exponential backoff and jitter, and gives up
+(raising) only when retrying cannot help: 401/403 at the handshake (`AuthError`) or
+another refusal that is not 429 or 5xx (`GatewayError`). Every wait is bounded: the
+connection and handshake by `timeout_s`, silence on an open socket by `idle_timeout_s`
+(the gateway pings every 30 s by default), a pause by `max_backoff_s`.
 """
 from __future__ import annotations
 
 import http.client
 import json
+import random
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 USER_AGENT = "ws-gateway-client/1"
+WEBSOCKET_PATH = "/ws"
 
 
 class GatewayError(Exception):
@@ -206,6 +222,134 @@ class GatewayClient:
             context = self._ssl_context or ssl.create_default_context()
             return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s, context=context)
         return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+
+
+class PlayerListener:
+    """One player's connection to a gateway's `/ws`, kept open: every text message the
+    player receives goes to `on_message`, in order, until `stop()`.
+
+    A message published while the listener is between connections reaches it only
+    through the gateway's offline queue (when the player has no other connection)."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 5.0, idle_timeout_s: float = 90.0,
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, stable_s: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None,
+                 jitter: Callable[[], float] = random.random) -> None:
+        """`url`: the gateway's base URL (`http(s)://host[:port][/prefix]`, or `ws(s)://`).
+        `timeout_s`: for connecting and the handshake. `idle_timeout_s`: an open socket
+        that brings nothing, not even a ping, for this long counts as lost. The pause
+        before attempt n is between half and all of `min(max_backoff_s, backoff_s * 2**n)`;
+        n starts again at 0 once a connection stayed up `stable_s` or brought a message."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+            raise ValueError(f"gateway URL must be http(s)://HOST[:PORT] or ws(s)://..., not {url!r}")
+        if not token:
+            raise ValueError("a player token is required")
+        if timeout_s <= 0 or idle_timeout_s <= 0 or backoff_s <= 0 or max_backoff_s < backoff_s:
+            raise ValueError("timeouts and backoff_s must be > 0, max_backoff_s >= backoff_s")
+        secure = parts.scheme in ("https", "wss")
+        port = f":{parts.port}" if parts.port else ""
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self.url = f"{'wss' if secure else 'ws'}://{host}{port}{parts.path.rstrip('/')}{WEBSOCKET_PATH}"
+        self._token = token
+        self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.stable_s = stable_s
+        self._ssl_context = ssl_context
+        self._jitter = jitter
+        self._stopped = threading.Event()
+        self._socket: Any = None
+
+    def run(self, on_message: Callable[[str], None], *,
+            on_status: Callable[[str], None] = lambda line: None) -> None:
+        """Listen until `stop()`. `on_status` gets one line per connect and loss (never
+        the token). Raises `AuthError` for 401/403 at the handshake, `GatewayError` for
+        another refusal that retrying cannot help."""
+        attempt = 0
+        while not self._stopped.is_set():
+            started = time.monotonic()
+            try:
+                lost, received = self._listen_once(on_message, on_status)
+            except Unavailable as exc:
+                lost, received = exc.message, False
+            if self._stopped.is_set():
+                return
+            if received or time.monotonic() - started >= self.stable_s:
+                attempt = 0
+            delay_s = self._backoff(attempt)
+            attempt += 1
+            on_status(f"{lost}; reconnecting in {delay_s:.1f} s")
+            self._stopped.wait(delay_s)
+
+    def stop(self) -> None:
+        """End `run` soon: from a signal handler, another thread or a greenlet."""
+        self._stopped.set()
+        connection = self._socket
+        if connection is not None and connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)  # wakes the waiting receive
+            except OSError:
+                pass
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling_s = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt, 32))
+        return ceiling_s / 2 + self._jitter() * ceiling_s / 2
+
+    def _connect_url(self) -> str:
+        """The handshake's URL: the one place a query parameter goes (the token now; a
+        resume position when the gateway offers one)."""
+        return f"{self.url}?token={quote(self._token, safe='')}"
+
+    def _listen_once(self, on_message: Callable[[str], None],
+                     on_status: Callable[[str], None]) -> tuple[str, bool]:
+        """One connection, until it ends: (why it ended, whether it brought a message).
+        Raises what `run` documents, or `Unavailable` when it could not be opened."""
+        import websocket  # websocket-client: only listening needs it
+
+        try:
+            connection = websocket.create_connection(
+                self._connect_url(), timeout=self.timeout_s, suppress_origin=True,
+                header=[f"User-Agent: {USER_AGENT}"],
+                sslopt={"context": self._ssl_context or ssl.create_default_context()})
+        except websocket.WebSocketBadStatusException as exc:
+            raise self._refusal(exc) from None
+        except (OSError, websocket.WebSocketException) as exc:
+            raise Unavailable(f"no answer from {self.url}: {_describe(exc)}") from None
+        self._socket = connection
+        on_status(f"connected to {self.url}")
+        received = False
+        try:
+            connection.settimeout(self.idle_timeout_s)
+            while not self._stopped.is_set():
+                opcode, frame = connection.recv_data_frame(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_TEXT:
+                    received = True
+                    on_message(frame.data.decode("utf-8", "replace"))
+                elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                    code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else 1005
+                    reason = frame.data[2:].decode("utf-8", "replace")
+                    return f"closed by the gateway: {code}" + (f" {reason}" if reason else ""), received
+            return "stopped", received
+        except websocket.WebSocketTimeoutException:
+            return f"nothing heard for {self.idle_timeout_s:g} s", received
+        except (OSError, websocket.WebSocketException) as exc:
+            return f"connection lost: {_describe(exc)}", received
+        finally:
+            self._socket = None
+            connection.close(timeout=1)
+
+    def _refusal(self, exc: Any) -> GatewayError:
+        """The handshake's answer as the error `run` raises, or `Unavailable` (retried)."""
+        status = int(exc.status_code)
+        answer = _json_or_none(exc.resp_body or b"")
+        message = answer["error"] if isinstance(answer, dict) and isinstance(answer.get("error"), str) \
+            else http.client.responses.get(status, "refused")
+        error = _error_for(status, message, None)
+        if isinstance(error, (RateLimited, Unavailable)):  # too many connections, or down: retried
+            return Unavailable(f"the gateway answered {status}: {message}", status)
+        return error
 
 
 def _error_for(status: int, message: str, retry_after_s: float | None) -> GatewayError:

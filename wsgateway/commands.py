@@ -1,4 +1,5 @@
-"""The operations subcommands of `ws-gateway`: `db`, `token`, `publish`, `broadcast`.
+"""The operations subcommands of `ws-gateway`: `db`, `token`, `publish`, `broadcast`,
+`checkconfig`, `listen`.
 
     ws-gateway [SETTINGS] db init
     ws-gateway [SETTINGS] token add (--player ID | --server SUBJECT) --ttl DURATION
@@ -6,6 +7,8 @@
     ws-gateway [SETTINGS] token list [--show-tokens] [--kind player|server]
     ws-gateway [SETTINGS] publish [--url URL] --token TOKEN --player ID --event E [--payload JSON]
     ws-gateway [SETTINGS] broadcast [--url URL] --token TOKEN --event E [--player ID] [--payload JSON]
+    ws-gateway [SETTINGS] checkconfig
+    ws-gateway [SETTINGS] listen [--url URL] --token PLAYER_TOKEN
 
 The gateway's settings (`-c FILE`, `WS_GATEWAY_*`, `-db`, `-dsn`, `-db-timeout`, ...) may
 stand anywhere on the line and are read by `config.load`, exactly as when serving: `db`
@@ -14,7 +17,9 @@ the gateway's own `-addr` (https when it has `-tls-cert`). The work itself is in
 `admin` (database) and `client` (HTTP); this module parses, prints and picks exit codes.
 
 Exit status: 0 done; 2 bad usage or input (argparse's usage line, or one line naming the
-option); 1 the database or the gateway failed or refused (one line with its message).
+option), or a database that refuses the settings (access denied, unknown database, no
+such sqlite file or table); 1 the database did not answer, or the gateway failed or
+refused (one line with its message).
 Standard output carries only the result (`token add`: the token alone), so scripts can
 capture it.
 """
@@ -23,24 +28,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import ssl
 import sys
 from datetime import datetime
 from typing import Any, Sequence
 
 from wsgateway.admin import TokenAdmin, TokenRow, masked
-from wsgateway.client import GatewayClient, GatewayError
-from wsgateway.config import Config, ConfigError, load, parse_count, parse_duration, setting_option
-from wsgateway.errors import StoreUnavailable
+from wsgateway.tokens import SqlTokenStore
+from wsgateway.client import GatewayClient, GatewayError, PlayerListener
+from wsgateway.config import (FLAGS, Config, ConfigError, build, load, masked_password, parse_count, parse_duration,
+                              problems, read_settings, setting_option)
+from wsgateway.errors import StoreMisconfigured, StoreUnavailable
 
-COMMANDS = ("db", "token", "publish", "broadcast")
+COMMANDS = ("db", "token", "publish", "broadcast", "checkconfig", "listen")
 TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # publish/broadcast's --token, kept out of `ps`
+PLAYER_TOKEN_ENV = "WS_GATEWAY_PLAYER_TOKEN"  # listen's --token, kept out of `ps`
 
 SUMMARY = """commands (each has --help):
+  checkconfig                  check every setting, the database and Redis; print the settings
   db init                      create the ws_token table if it is missing
   token add|revoke|list        manage player and server tokens
   publish                      send an event to one player of a running gateway
   broadcast                    send an event to every connected player
+  listen                       connect as a player and print each message as one JSON line
 Settings (-c FILE, WS_GATEWAY_*, -db, -dsn, ...) apply to the commands too.
 Without a command, ws-gateway serves."""
 
@@ -85,6 +96,10 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]
 
 def run(command: str, arguments: Sequence[str], settings: Sequence[str]) -> int:
     """Run one subcommand; returns the exit status."""
+    if command == "checkconfig" and not {"-h", "--help"} & set(arguments):
+        # It has no options of its own: every word is a setting, and a word that is none is
+        # reported as the gateway would report it.
+        return _check_config([*settings, *arguments])
     try:
         options = _parser().parse_args([command, *arguments])
     except SystemExit as done:  # --help (0), or bad usage (2) after printing the usage line
@@ -93,7 +108,7 @@ def run(command: str, arguments: Sequence[str], settings: Sequence[str]) -> int:
     try:
         config = load(settings)
         return options.handler(options, config)
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, StoreMisconfigured) as exc:
         return _fail(name, str(exc), 2)
     except StoreUnavailable as exc:
         return _fail(name, str(exc), 1)
@@ -108,12 +123,13 @@ def _fail(name: str, message: str, status: int) -> int:
 
 
 # --- db and token -------------------------------------------------------------------------
-def _admin(config: Config) -> TokenAdmin:
-    return TokenAdmin(config.database_url, db_timeout_s=config.db_timeout_s)
+def _admin(config: Config, *, create_file: bool = False) -> TokenAdmin:
+    """Only `db init` creates a missing sqlite file; the other commands refuse it."""
+    return TokenAdmin(config.database_url, db_timeout_s=config.db_timeout_s, create_file=create_file)
 
 
 def _db_init(options: argparse.Namespace, config: Config) -> int:
-    admin = _admin(config)
+    admin = _admin(config, create_file=True)
     try:
         created = admin.init_schema()
     finally:
@@ -171,18 +187,122 @@ def _table(rows: list[TokenRow], now: datetime, show_tokens: bool) -> str:
                    for line in lines)
 
 
+# --- checkconfig ----------------------------------------------------------------------------
+_SHOWN_MASKED = ("dsn", "broker")
+
+
+def _check_config(settings: Sequence[str]) -> int:
+    """Print the effective settings as `name = value` lines (a valid -c file, passwords
+    masked), then `#` notes on what was checked; every problem is one stderr line. Exit 0
+    when the gateway would start with these settings, 2 for a configuration error (as
+    the gateway would exit), 1 when only the database or Redis did not answer."""
+    name = "ws-gateway checkconfig"
+    try:
+        raw = read_settings(settings)
+    except ConfigError as exc:
+        return _fail(name, str(exc), 2)
+    for flag in FLAGS:
+        value = raw[flag.name]
+        print(f"{flag.name} = {masked_password(value) if flag.name in _SHOWN_MASKED else value}".rstrip())
+    refused = problems(raw)
+    unanswered: list[str] = []
+    if not refused:
+        config = build(raw)
+        refused += _file_problems(config)
+        for check in (_check_database, _check_broker):
+            note, refusal, silence = check(config)
+            if note:
+                print(f"# {note}")
+            refused += refusal
+            unanswered += silence
+    for line in refused + unanswered:
+        print(f"{name}: {line}", file=sys.stderr)
+    return 2 if refused else 1 if unanswered else 0
+
+
+def _file_problems(config: Config) -> list[str]:
+    """TLS files that do not make a certificate and key; log and pid files that could not
+    be written. Nothing is created."""
+    from wsgateway.server import tls_context
+
+    found: list[str] = []
+    if config.tls_cert_file:
+        try:
+            tls_context(config.tls_cert_file, config.tls_key_file)
+        except ConfigError as exc:
+            found.append(str(exc))
+    for flag, path in (("-log-file", config.log_file), ("-pid-file", config.pid_file)):
+        if not path:
+            continue
+        target = path if os.path.exists(path) else (os.path.dirname(os.path.abspath(path)))
+        if not os.path.exists(target):
+            found.append(f"{flag}: directory {target!r} does not exist")
+        elif not os.access(target, os.W_OK):
+            found.append(f"{flag}: {target!r} is not writable")
+    return found
+
+
+def _check_database(config: Config) -> tuple[str, list[str], list[str]]:
+    """(note, configuration problems, unanswered) for the token database; a missing
+    sqlite file or table is no problem (the gateway creates them at start)."""
+    store = SqlTokenStore(config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=0.0,
+                          create_file=False)
+    try:
+        path = store.sqlite_path
+        if path is not None and not os.path.exists(path):
+            directory = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(directory):
+                return "", [f"-dsn: sqlite file {path!r} cannot be created: directory {directory!r} "
+                            "does not exist"], []
+            return f"database: sqlite file {path!r} does not exist yet; the gateway creates it at start", [], []
+        found = store.table_problems()
+    except StoreMisconfigured as exc:
+        return "", [f"-dsn: {exc}"], []
+    except StoreUnavailable as exc:
+        return "", [], [f"-dsn: database unreachable ({config.db}): {exc}"]
+    finally:
+        store.close()
+    if found is None:
+        return f"database: ok ({config.db}); table ws_token does not exist yet, the gateway creates it", [], []
+    if found:
+        return "", [f"-dsn: {problem}" for problem in found], []
+    if path is not None and os.stat(path).st_mode & 0o007:
+        return "", [f"-dsn: sqlite file {path!r} is readable by every local user: chmod 600 it "
+                    "(it holds bearer tokens)"], []
+    return f"database: ok ({config.db}); table ws_token has the expected columns", [], []
+
+
+def _check_broker(config: Config) -> tuple[str, list[str], list[str]]:
+    """(note, configuration problems, unanswered) for -broker: Redis must answer PING."""
+    if not config.broker_url:
+        return "broker: none (in-process; one gateway)", [], []
+    import redis
+
+    from wsgateway.redis_link import create_client
+
+    client = create_client(config.broker_url, config.db_timeout_s)
+    where = masked_password(config.broker_url)
+    try:
+        client.ping()
+        version = client.info("server").get("redis_version", "?")
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        return "", [f"-broker: {where} refuses these credentials: {exc}"], []
+    except redis.exceptions.ResponseError as exc:  # NOAUTH, WRONGPASS from servers that word it so
+        return "", [f"-broker: {where} refuses: {exc}"], []
+    except redis.RedisError as exc:
+        return "", [], [f"-broker: redis unreachable at {where}: {type(exc).__name__}: {exc}"]
+    finally:
+        client.close()
+    return f"broker: ok (redis {version} at {where})", [], []
+
+
 # --- publish and broadcast ----------------------------------------------------------------
 def _client(options: argparse.Namespace, config: Config) -> GatewayClient:
     token = options.token or os.environ.get(TOKEN_ENV, "")
     if not token:
         raise UsageError(f"--token: a server token is required (or set {TOKEN_ENV})")
     url = options.url or _own_url(config)
-    context = None
-    if options.cacert:
-        try:
-            context = ssl.create_default_context(cafile=options.cacert)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"--cacert: cannot load {options.cacert!r}: {exc}") from None
+    context = _ssl_context(options.cacert)
     try:
         return GatewayClient(url, token, timeout_s=_duration("--timeout", options.timeout),
                              retries=_count("--retries", options.retries), ssl_context=context)
@@ -233,6 +353,49 @@ def _broadcast(options: argparse.Namespace, config: Config) -> int:
                                                    idempotency_key=options.idempotency_key)
     print(json.dumps({"delivered": delivered}))
     return 0
+
+
+# --- listen -------------------------------------------------------------------------------
+def _listen(options: argparse.Namespace, config: Config) -> int:
+    """Print every message the player receives as one JSON line on stdout (flushed),
+    connection news on stderr; exit 0 on SIGINT/SIGTERM, 1 when the gateway refuses the
+    token (401/403) or the request in a way retrying cannot help."""
+    token = options.token or os.environ.get(PLAYER_TOKEN_ENV, "")
+    if not token:
+        raise UsageError(f"--token: a player token is required (or set {PLAYER_TOKEN_ENV})")
+    max_backoff_s = _duration("--max-backoff", options.max_backoff)
+    try:
+        listener = PlayerListener(options.url or _own_url(config), token,
+                                  timeout_s=_duration("--timeout", options.timeout),
+                                  idle_timeout_s=_duration("--idle-timeout", options.idle_timeout),
+                                  max_backoff_s=max_backoff_s, backoff_s=min(0.5, max_backoff_s),
+                                  ssl_context=_ssl_context(options.cacert))
+    except ValueError as exc:
+        raise UsageError(f"--url: {exc}") from None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: listener.stop())
+    listener.run(lambda text: print(_json_line(text), flush=True),
+                 on_status=lambda line: print(f"ws-gateway listen: {line}", file=sys.stderr, flush=True))
+    return 0
+
+
+def _json_line(text: str) -> str:
+    """The message as one line of JSON: the gateway's own text when it is that (it always
+    is), else the text as a JSON string."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return json.dumps(text)
+    return text if "\n" not in text and "\r" not in text else json.dumps(json.loads(text), separators=(",", ":"))
+
+
+def _ssl_context(cacert: str | None) -> ssl.SSLContext | None:
+    if not cacert:
+        return None
+    try:
+        return ssl.create_default_context(cafile=cacert)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cacert: cannot load {cacert!r}: {exc}") from None
 
 
 def _duration(option: str, text: str) -> float:
@@ -303,6 +466,38 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--show-tokens", action="store_true", help="print whole tokens instead of a prefix")
     listing.add_argument("--kind", choices=("player", "server"), help="only tokens of this kind")
     listing.set_defaults(handler=_token_list)
+
+    commands.add_parser(
+        "checkconfig", help="check the settings, the database and Redis",
+        description="Check every setting (flags, WS_GATEWAY_* variables, -c FILE, as when serving), "
+                    "connect to the database and check the ws_token table's columns and types, and "
+                    "with -broker check that Redis answers. Prints the effective settings as "
+                    "`name = value` lines (passwords masked), then what was checked as # lines; "
+                    "each problem is one line on stderr. Creates nothing.",
+        epilog="Exit status: 0 the gateway would start with these settings; 2 a configuration error "
+               "(the gateway would exit 2); 1 the database or Redis did not answer.",
+        allow_abbrev=False)
+
+    listen = commands.add_parser(
+        "listen", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="connect as a player and print each message",
+        description="Connect to /ws with a player token and print every message the player receives as "
+                    "one JSON line on standard output; connection news goes to standard error. Reconnects "
+                    "by itself with capped exponential backoff and jitter; stops cleanly on Ctrl-C or "
+                    "SIGTERM (exit 0). A token the gateway refuses (401/403) exits 1 at once.",
+        epilog="example:\n  ws-gateway listen --url http://127.0.0.1:8080 --token PLAYER_TOKEN\n"
+               "  ws-gateway listen --token PLAYER_TOKEN | jq .payload")
+    listen.add_argument("--url", help="the gateway's base URL, http(s):// or ws(s):// (default: from the "
+                                      "settings' -addr, https with -tls-cert)")
+    listen.add_argument("--token", help=f"a player token (default: ${PLAYER_TOKEN_ENV})")
+    listen.add_argument("--timeout", default="5s", metavar="DURATION",
+                        help="for connecting and the handshake (default 5s)")
+    listen.add_argument("--idle-timeout", default="90s", metavar="DURATION",
+                        help="reconnect when nothing, not even a ping, arrives this long (default 90s)")
+    listen.add_argument("--max-backoff", default="30s", metavar="DURATION",
+                        help="longest pause between attempts (default 30s)")
+    listen.add_argument("--cacert", metavar="FILE", help="trust this CA (PEM) for a wss:// gateway")
+    listen.set_defaults(handler=_listen)
 
     for name, handler in (("publish", _publish), ("broadcast", _broadcast)):
         publish = name == "publish"

@@ -10,6 +10,7 @@ into exit status 2.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 from urllib.parse import quote
 
 import configargparse
+
+from wsgateway import __version__
 
 ENV_PREFIX = "WS_GATEWAY_"
 
@@ -175,6 +178,22 @@ def database_url(db: str, dsn: str) -> str:
     return f"mysql+pymysql://{credentials}@{address}/{database}"
 
 
+def masked_password(value: str) -> str:
+    """A DSN or URL (`-dsn`, `-broker`) with its password, if any, shown as `***`, for
+    printing settings; everything else is left as written."""
+    if "://" in value:
+        scheme, rest = value.split("://", 1)
+        userinfo, at, location = rest.rpartition("@")
+        if at and ":" in userinfo:
+            return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{location}"
+        return value
+    match = _GO_MYSQL_DSN.fullmatch(value.strip())
+    if match and match.group("password"):
+        start, end = match.span("password")
+        return value.strip()[:start] + "***" + value.strip()[end:]
+    return value
+
+
 class _Flag:
     """One setting: its Go-style name, default text, parser and help. A switch is a
     boolean that, like in Go, takes its value only as `-flag=value` (`-flag` alone = true)."""
@@ -302,6 +321,14 @@ FLAGS: tuple[_Flag, ...] = (
           "time a TLS client has to finish its handshake (0 = no limit)"),
 )
 _CONFIG_FILE_OPTIONS = ("-c", "--config")
+HELP_OPTIONS = ("-h", "-help", "--help")  # Go's flag package answers -h and -help
+VERSION_OPTIONS = ("-version", "--version")
+SYNTAX = """Every setting is a flag, written as in Go: -max-conns 5, -max-conns=5 or --max-conns 5
+(a switch such as -console takes a value only after '=': -console=false). Flags are
+never abbreviated. Each is also read from the environment as WS_GATEWAY_<NAME> (upper
+case, '-' as '_': WS_GATEWAY_MAX_CONNS=5) and from the file given with -c FILE, as
+`name = value` lines with the flag names (an optional [gateway] header is allowed; see
+etc/gateway.ini). Precedence: flag > environment > file > default."""
 
 
 def setting_option(arg: str) -> tuple[bool, bool]:
@@ -323,48 +350,97 @@ class _OneLineErrorParser(configargparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if message.startswith("Unable to open config file"):
             message = "-c: " + message
-        # argparse says "argument -addr/--addr: expected one argument"; we say "-addr: ..."
-        message = re.sub(r"^argument (-[\w-]+)/--[\w-]+: ", r"\1: ", message)
-        # A config-file key we do not know arrives as "--key=value" among the arguments.
-        message = re.sub(r"^unrecognized arguments: ", "unknown setting (flag or -c file key): ", message)
+        # argparse says "argument --addr: expected one argument"; we say "-addr: ..."
+        message = re.sub(r"^argument -(-[\w-]+): ", r"\1: ", message)
+        message = re.sub(r"^argument -c/--config: ", "-c: ", message)
+        if message.startswith("unrecognized arguments: "):
+            # Flags were checked before parsing: what is left is a config-file key we do
+            # not know (handed over as "--key=value") or a stray word.
+            word = message.removeprefix("unrecognized arguments: ").split(" ", 1)[0]
+            if word.startswith("--"):
+                key = word[2:].split("=", 1)[0]
+                close = difflib.get_close_matches(key, [flag.name for flag in FLAGS], n=1)
+                message = f"-c: unknown key {key!r} in the config file" + (
+                    f" (did you mean {close[0]}?)" if close else "")
+            else:
+                message = f"unexpected argument {word!r} (settings are written -flag value)"
         raise ConfigError(message)
 
 
-def build_parser(epilog: str | None = None) -> configargparse.ArgumentParser:
-    """The parser: every flag as `-name` and `--name`, `WS_GATEWAY_NAME`, and `-c FILE`.
-    `epilog` ends the --help text."""
+def build_parser() -> configargparse.ArgumentParser:
+    """The parser: every flag as `--name`, `WS_GATEWAY_NAME`, and `-c FILE`. It sees the
+    command line only after `_command_line` has checked it and spelled every flag long,
+    and never prints: help and version are `_command_line`'s, errors are `ConfigError`."""
     parser = _OneLineErrorParser(
         prog="ws-gateway",
-        description="Real-time WebSocket message gateway (drop-in for echoCTF's ws-server).",
-        epilog=epilog,
-        formatter_class=configargparse.RawDescriptionHelpFormatter,
+        add_help=False,
+        add_config_file_help=False,
+        add_env_var_help=False,
         auto_env_var_prefix=ENV_PREFIX,
         args_for_setting_config_path=list(_CONFIG_FILE_OPTIONS),
-        config_arg_help_message="config file of `name = value` lines using the flag names",
         allow_abbrev=False,
     )
     for flag in FLAGS:
         # A switch is an optional-value option: `-console` alone stores "true"; the config
         # file and the environment hand it over as `--console=VALUE`.
-        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if flag.switch else {"metavar": "VALUE"}
-        old = [spelling for old_name in flag.old_names for spelling in (f"-{old_name}", f"--{old_name}")]
-        parser.add_argument(f"-{flag.name}", f"--{flag.name}", *old, dest=flag.name.replace("-", "_"),
-                            default=flag.default, help=f"{flag.help} (default {flag.default!r})", **extra)
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if flag.switch else {}
+        # Only the long forms: argparse (3.11) matches a single-dash word by prefix even with
+        # allow_abbrev=False (`-max-queue` was taken for -max-queued); `_command_line`
+        # refuses what is not a flag before the parser sees it.
+        old = [f"--{old_name}" for old_name in flag.old_names]
+        parser.add_argument(f"--{flag.name}", *old, dest=flag.name.replace("-", "_"), default=flag.default,
+                            **extra)
     return parser
 
 
-def _settings_spelled_long(argv: Sequence[str]) -> list[str]:
-    """argv with each setting's `-name[=V]` rewritten as `--name[=V]`. ConfigArgParse looks
-    for `-c FILE` with a parser that knows no other option, and would read any setting
-    that starts with c (`-console`) as `-c onsole`. Values are left alone."""
+_METAVARS: dict[Callable[[str], object], str] = {
+    parse_addr: "address", parse_duration: "duration", _positive_duration: "duration",
+    parse_size: "size", _positive_size: "size", parse_count: "n", _positive_count: "n",
+}
+
+
+def help_text(epilog: str | None = None) -> str:
+    """What `ws-gateway --help` prints: the syntax, then every flag as Go's flag package
+    lists them (name and kind of value, then what it does and its default)."""
+    lines = ["usage: ws-gateway [-c FILE] [-flag value ...] [COMMAND ...]", "",
+             "Real-time WebSocket message gateway (drop-in for echoCTF's ws-server).", "", SYNTAX, "",
+             "settings:", "  -c FILE", "        config file of `name = value` lines using the flag names"]
+    for flag in FLAGS:
+        kind = "" if flag.switch else " " + _METAVARS.get(flag.parse, "string")
+        default = "" if not flag.default or flag.default == "false" or "(default" in flag.help \
+            else f" (default {flag.default})"
+        lines += [f"  -{flag.name}{kind}", f"        {flag.help}{default}"]
+    lines += ["  -version", "        print the version and exit", "  -h, -help", "        print this help and exit"]
+    return "\n".join(lines) + "\n" + (f"\n{epilog}\n" if epilog else "")
+
+
+def _command_line(argv: Sequence[str], epilog: str | None) -> list[str]:
+    """argv checked and rewritten for the parser: each setting's `-name[=V]` as
+    `--name[=V]`, values left alone. Prints help or the version and raises SystemExit(0)
+    when asked to; raises `ConfigError` for a word that looks like a flag and is none,
+    as Go does (and as `-c FILE` does for a key it does not know).
+
+    The rewriting matters too: ConfigArgParse looks for `-c FILE` with a parser that knows
+    no other option, and would read any setting that starts with c (`-console`) as `-c onsole`."""
     rewritten: list[str] = []
     value_follows = False
     for arg in argv:
-        is_setting, takes_value = (False, False) if value_follows else setting_option(arg)
+        if value_follows:
+            rewritten.append(arg)
+            value_follows = False
+            continue
+        if arg in HELP_OPTIONS:
+            print(help_text(epilog), end="")
+            raise SystemExit(0)
+        if arg in VERSION_OPTIONS:
+            print(f"ws-gateway {__version__}")
+            raise SystemExit(0)
+        is_setting, value_follows = setting_option(arg)
+        if not is_setting and arg.startswith("-") and arg not in ("-", "--"):
+            raise ConfigError(_unknown_flag(arg.split("=", 1)[0]))
         if is_setting and not arg.startswith("--") and arg.split("=", 1)[0] not in _CONFIG_FILE_OPTIONS:
             arg = "-" + arg
         rewritten.append(arg)
-        value_follows = takes_value
     return rewritten
 
 
@@ -380,6 +456,22 @@ def _old_names_renamed(env: Mapping[str, str]) -> dict[str, str]:
     return renamed
 
 
+def _unknown_flag(word: str) -> str:
+    names = [f"-{flag.name}" for flag in FLAGS]
+    close = difflib.get_close_matches("-" + word.lstrip("-"), names, n=1)
+    return f"{word}: no such flag" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def _config_file(argv: Sequence[str]) -> str:
+    """The FILE of `-c FILE` / `-c=FILE` in argv (the last one), or ""."""
+    path = ""
+    for index, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in _CONFIG_FILE_OPTIONS:
+            path = value if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else "")
+    return path
+
+
 def _parsed(flag: _Flag, raw: str) -> object:
     try:
         return flag.parse(raw)
@@ -387,14 +479,50 @@ def _parsed(flag: _Flag, raw: str) -> object:
         raise ConfigError(f"-{flag.name}: {exc}") from None
 
 
+def read_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
+                  *, epilog: str | None = None) -> dict[str, str]:
+    """The text of every setting after precedence (flag > environment > file > default),
+    by flag name, not yet checked. Raises `ConfigError` for an unknown flag or file key,
+    or a config file that cannot be read; `--help` (with `epilog`) and `--version` print
+    and raise SystemExit(0)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    command_line = _command_line(words, epilog)
+    try:
+        namespace = build_parser().parse_args(
+            command_line, env_vars=_old_names_renamed(os.environ if env is None else env))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"-c: {_config_file(words)!r} is not a text file in UTF-8 "
+                          f"({exc.reason})") from None
+    return {flag.name: str(getattr(namespace, flag.name.replace("-", "_"))) for flag in FLAGS}
+
+
+def problems(raw: dict[str, str]) -> list[str]:
+    """Every refused setting in `raw` (from `read_settings`), one line each naming it;
+    empty when `build` would succeed."""
+    found: list[str] = []
+    for flag in FLAGS:
+        try:
+            _parsed(flag, raw[flag.name])
+        except ConfigError as exc:
+            found.append(str(exc))
+    if not found:
+        try:
+            build(raw)
+        except ConfigError as exc:
+            found.append(str(exc))
+    return found
+
+
 def load(argv: Sequence[str] | None = None, env: dict[str, str] | None = None,
          *, epilog: str | None = None) -> Config:
     """Parse argv, environment and config file into a `Config`, or raise `ConfigError`.
-    `--help` prints the settings (and `epilog`) and raises SystemExit(0)."""
-    parser = build_parser(epilog)
-    namespace = parser.parse_args(_settings_spelled_long(sys.argv[1:] if argv is None else argv),
-                                  env_vars=_old_names_renamed(os.environ if env is None else env))
-    raw = {flag.name: str(getattr(namespace, flag.name.replace("-", "_"))) for flag in FLAGS}
+    `--help` prints the settings (and `epilog`) and `--version` the version; both raise
+    SystemExit(0)."""
+    return build(read_settings(argv, env, epilog=epilog))
+
+
+def build(raw: dict[str, str]) -> Config:
+    """The `Config` of the settings' texts, or `ConfigError` for the first refused one."""
     value: dict[str, Any] = {flag.name: _parsed(flag, raw[flag.name]) for flag in FLAGS}
 
     try:

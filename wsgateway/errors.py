@@ -6,6 +6,7 @@ Exception tree::
     GatewayError                 base of everything raised on purpose
     ├── ClientError              a request we refuse: HTTP status + JSON {"error": message}
     ├── StoreUnavailable         the token database cannot be reached (HTTP 503)
+    │   └── StoreMisconfigured   it answers but refuses these settings: retrying cannot help
     └── BrokerUnavailable        the scale-out broker (Redis) cannot be reached (HTTP 503)
     ProtocolViolation            a client WebSocket frame breaks RFC 6455 or our limits;
                                  carries the close code the connection ends with
@@ -154,6 +155,13 @@ class Refusal(Enum):
 
 class StoreUnavailable(GatewayError):
     """The token database did not answer; callers answer 503 and keep running."""
+
+
+class StoreMisconfigured(StoreUnavailable):
+    """The database answered, and refuses what the settings ask of it: access denied, an
+    unknown database, an sqlite file that cannot be opened, a `ws_token` table without the
+    expected columns. At start that is a configuration error (exit 2, not restarted);
+    while serving it is answered 503 like any database failure."""
 
 
 class BrokerUnavailable(GatewayError):

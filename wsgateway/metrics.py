@@ -29,6 +29,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Pla
 from prometheus_client import values
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from wsgateway import __version__
 from wsgateway.errors import CloseCode
 
 # echoCTF's ws-server exports no `_created` series; neither do we.
@@ -61,6 +62,10 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        build_info = Gauge(
+            "ws_gateway_build_info", "Always 1; the version label is the running ws-gateway's "
+            "(the same as `ws-gateway --version`).", ["version"], registry=registry, multiprocess_mode="max")
+        build_info.labels(version=__version__).set(1)
         self.active_connections = Gauge(
             "ws_active_connections", "Open player WebSocket connections.", registry=registry,
             multiprocess_mode="livesum")

@@ -144,20 +144,29 @@ class Gateway:
         return self.server.address[0], self.server.server_port
 
     def start(self) -> None:
-        """Create the schema if missing, bind, and serve in the background.
+        """Bind, create the schema if missing, and serve in the background.
 
-        Raises StoreUnavailable when the database cannot be reached, OSError when the
-        address cannot be bound."""
-        if self.store.ensure_schema():
-            log.info("created table ws_token", extra={"event": "schema_created"})
-        if self._redis is not None:
-            risk = self._eviction_risk()
-            if risk is not None:
-                raise ConfigError(f"-broker: {risk}")
-        wait_subscribed = getattr(self.broker, "wait_subscribed", None)
-        if wait_subscribed is not None and not wait_subscribed(self.config.db_timeout_s):
-            self.broker.close()
-            raise BrokerUnavailable(f"no answer from {self.config.broker_url.split('@')[-1]}")
+        The address is bound first, so that a taken port fails before the database is
+        touched (no sqlite file is created by a gateway that cannot listen). Raises OSError
+        when the address cannot be bound, StoreUnavailable when the database cannot be
+        reached (StoreMisconfigured when it refuses the settings or the table is not ours),
+        ConfigError for a Redis that may evict our keys, BrokerUnavailable when Redis does
+        not answer; the socket is closed again then."""
+        self.server.init_socket()
+        try:
+            if self.store.ensure_schema():
+                log.info("created table ws_token", extra={"event": "schema_created"})
+            if self._redis is not None:
+                risk = self._eviction_risk()
+                if risk is not None:
+                    raise ConfigError(f"-broker: {risk}")
+            wait_subscribed = getattr(self.broker, "wait_subscribed", None)
+            if wait_subscribed is not None and not wait_subscribed(self.config.db_timeout_s):
+                self.broker.close()
+                raise BrokerUnavailable(f"no answer from {self.config.broker_url.split('@')[-1]}")
+        except BaseException:
+            self.server.close()
+            raise
         self.server.start()
         self._jobs = [
             gevent.spawn(self._every, self.keepalive.interval_s, lambda: self.keepalive.tick(time.monotonic()),

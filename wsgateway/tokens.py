@@ -6,7 +6,9 @@ A player is named by `player_id` when it is set, else by `subject_id`; a server 
 `subject_id`; identities are always strings.
 
 The store knows no HTTP. It raises `StoreUnavailable` when the database does not answer
-within `db_timeout_s`, so callers can answer 503 instead of hanging.
+within `db_timeout_s`, so callers can answer 503 instead of hanging, and its subclass
+`StoreMisconfigured` when the database answers but refuses the settings (access denied,
+unknown database, an sqlite file that cannot be opened, a table without our columns).
 
 Lookups at connect time are coalesced (`coalescing.Coalescer`): the tokens asked for
 while a query is in flight go together into the next `IN (...)` query, so a reconnect
@@ -22,11 +24,16 @@ place) is followed: before each query the path's inode is compared with that of 
 the pool opened, and on a change the pool is disposed, so the next query reads the new
 file and the refusals remembered from the old one are forgotten. A path that has gone
 (and no file at it) is StoreUnavailable, never a new, empty file.
+
+An sqlite file is created only on a connection's first use (never when the store is
+built), readable and writable by its owner only (0600): it holds bearer tokens. SQLite
+gives its -journal and -wal files the mode of the database file.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,13 +41,14 @@ from typing import Callable, Iterable, Protocol, TypeVar
 
 import gevent
 from gevent.threadpool import ThreadPool
-from sqlalchemy import bindparam, create_engine, inspect, make_url, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import bindparam, create_engine, event, inspect, make_url, text
+from sqlalchemy import types as sqltypes
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.sql.elements import TextClause
 
 from wsgateway.coalescing import Coalescer
-from wsgateway.errors import StoreUnavailable
+from wsgateway.errors import StoreMisconfigured, StoreUnavailable
 from wsgateway.recent_tokens import RecentTokens
 
 log = logging.getLogger(__name__)
@@ -79,6 +87,82 @@ _MYSQL_DUPLICATE_KEY_NAME = 1061
 
 _TOKEN_ROWS = text("SELECT token, player_id, subject_id, is_server, expires_at FROM ws_token WHERE token IN :tokens"
                    ).bindparams(bindparam("tokens", expanding=True))
+# What the gateway reads from each column, as SQLAlchemy reflects the declared type.
+# sqlite stores any value in any column, so there only NullType (no declared type) and
+# text dates are accepted besides these. `_Binary` is the base of every binary type
+# (BINARY, VARBINARY, the BLOBs); the test of the Go original's table fails if it moves.
+_EXPECTED_COLUMNS: dict[str, tuple[tuple[type, ...], str]] = {
+    "token": ((sqltypes.String, sqltypes._Binary), "VARBINARY(32) or another string type"),
+    "player_id": ((sqltypes.Integer,), "an integer type"),
+    "subject_id": ((sqltypes.String, sqltypes._Binary), "VARBINARY(32) or another string type"),
+    "is_server": ((sqltypes.Integer, sqltypes.Boolean), "BOOLEAN or an integer type"),
+    "expires_at": ((sqltypes.DateTime,), "DATETIME or TIMESTAMP"),
+}
+# The server answered and refused: wrong credentials or database name, no grant. Retrying
+# cannot help, so at start these are configuration errors. (1044 no access to the
+# database, 1045 access denied, 1049 unknown database, 1142 command denied on a table,
+# 1698 access denied without a password.)
+_MYSQL_REFUSALS = frozenset({1044, 1045, 1049, 1142, 1698})
+
+
+def schema_problems(connection: Connection, *, sqlite: bool) -> list[str]:
+    """What is wrong with an existing `ws_token` table, one line per column: a column the
+    gateway reads that is missing, or declared with a type it cannot read."""
+    declared = {column["name"].lower(): column["type"] for column in inspect(connection).get_columns("ws_token")}
+    found: list[str] = []
+    for name, (families, wanted) in _EXPECTED_COLUMNS.items():
+        column_type = declared.get(name)
+        if column_type is None:
+            found.append(f"table ws_token has no column {name} (expected {wanted})")
+            continue
+        if isinstance(column_type, families):
+            continue
+        if sqlite and (isinstance(column_type, sqltypes.NullType)
+                       or (name == "expires_at" and isinstance(column_type, sqltypes.String))):
+            continue
+        found.append(f"table ws_token: column {name} is {column_type}, expected {wanted}")
+    return found
+
+
+def _open_sqlite_privately(engine: Engine, path: str, *, create: bool) -> None:
+    """Before every new connection: create a missing file empty with mode 0600 (sqlite3
+    would create it 0644 under the usual umask), or refuse when `create` is False."""
+    @event.listens_for(engine, "do_connect")
+    def before_connect(*_: object) -> None:
+        if os.path.exists(path):
+            return
+        if not create:
+            raise StoreMisconfigured(f"sqlite file {path!r} does not exist "
+                                     "(ws-gateway db init, or the gateway's first start, creates it)")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:  # another process created it meanwhile
+            pass
+        except OSError as exc:
+            raise StoreMisconfigured(f"sqlite file {path!r} cannot be created: "
+                                     f"{_missing_directory(path) or exc.strerror or exc}") from None
+
+
+def _missing_directory(path: str) -> str | None:
+    """Why a file cannot be at `path` when it is its directory's fault, else None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return None if os.path.isdir(directory) else f"directory {directory!r} does not exist"
+
+
+def _store_error(exc: SQLAlchemyError, path: str | None) -> StoreUnavailable:
+    """`StoreMisconfigured` when the database refused the settings, else `StoreUnavailable`."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    if path is not None and isinstance(cause, sqlite3.DatabaseError):
+        detail = str(cause)
+        if "unable to open database file" in detail:
+            reason = "it is a directory" if os.path.isdir(path) else _missing_directory(path) or detail
+            return StoreMisconfigured(f"sqlite file {path!r} cannot be opened: {reason}")
+        if "file is not a database" in detail:
+            return StoreMisconfigured(f"sqlite file {path!r} is not an sqlite database")
+    if isinstance(exc, DBAPIError) and _mysql_error_code(exc) in _MYSQL_REFUSALS:
+        return StoreMisconfigured(f"the database refuses these settings: {_describe(exc)}")
+    return StoreUnavailable(_describe(exc))
+
 _VALID_PLAYER_TOKENS = text("SELECT token, expires_at FROM ws_token WHERE is_server = 0 AND token IN :tokens"
                             ).bindparams(bindparam("tokens", expanding=True))
 
@@ -129,7 +213,9 @@ class SqlTokenStore:
 
     def __init__(self, database_url: str, *, db_timeout_s: float, cache_period_s: float,
                  now: Callable[[], datetime] = utc_now,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, create_file: bool = True) -> None:
+        """`create_file=False`: a missing sqlite file is `StoreMisconfigured` instead of
+        being created (commands that only read or change rows must not leave one behind)."""
         self._is_sqlite = database_url.startswith("sqlite")
         self._db_timeout_s = db_timeout_s
         self._cache_period_s = cache_period_s
@@ -145,15 +231,26 @@ class SqlTokenStore:
         # A caller waits for the query in flight, then for its own: each bounded by db_timeout_s.
         self._rows = Coalescer(self._fetch_rows, max_batch=LOOKUP_BATCH, max_in_flight=LOOKUPS_IN_FLIGHT,
                                wait_s=2 * db_timeout_s, timed_out=lambda: StoreUnavailable("database timed out"))
+        if self._sqlite_path is not None:
+            _open_sqlite_privately(self.engine, self._sqlite_path, create=create_file)
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The sqlite file this store reads (absolute), or None for MySQL."""
+        return self._sqlite_path
 
     # --- schema -----------------------------------------------------------------
     def ensure_schema(self) -> bool:
         """Create `ws_token` and its index when the table is missing; never alter one.
 
-        Returns True when it created the table."""
+        Returns True when it created the table; raises `StoreMisconfigured` naming what is
+        wrong when an existing table lacks a column the gateway reads (`schema_problems`)."""
         def create() -> bool:
             with self.engine.begin() as connection:
                 if inspect(connection).has_table("ws_token"):
+                    found = schema_problems(connection, sqlite=self._is_sqlite)
+                    if found:
+                        raise StoreMisconfigured("; ".join(found))
                     return False
                 for statement in SQLITE_SCHEMA if self._is_sqlite else MYSQL_SCHEMA:
                     try:
@@ -163,6 +260,16 @@ class SqlTokenStore:
                             raise
                 return True
         return self._run(create)
+
+    def table_problems(self) -> list[str] | None:
+        """What `schema_problems` finds in the existing `ws_token` table (empty: it is
+        ours), or None when there is no such table. Creates nothing."""
+        def check() -> list[str] | None:
+            with self.engine.connect() as connection:
+                if not inspect(connection).has_table("ws_token"):
+                    return None
+                return schema_problems(connection, sqlite=self._is_sqlite)
+        return self._run(check)
 
     # --- TokenStore ---------------------------------------------------------------
     def authenticate_player(self, token: str) -> str | None:
@@ -302,7 +409,7 @@ class SqlTokenStore:
         except gevent.Timeout:
             raise StoreUnavailable("database timed out") from None
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+            raise _store_error(exc, self._sqlite_path) from exc
 
     def _unexpired(self, expires_at: object) -> bool:
         moment = _as_datetime(expires_at)

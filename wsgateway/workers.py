@@ -36,7 +36,10 @@ LISTEN_BACKLOG = 2048
 QUICK_DEATH_S = 2.0  # a worker that dies sooner than this after starting counts as crash-looping
 RESPAWN_MAX_DELAY_S = 10.0
 STOP_GRACE_S = 2.0  # beyond -shutdown-timeout, before stragglers are killed
-GATEWAY_BIN = Path(__file__).resolve().parent.parent / "bin" / "ws-gateway"
+# A worker is `python -m wsgateway` (which patches with gevent first, as bin/ws-gateway
+# does), run by this interpreter: the same from a checkout and from `pip install`. -P keeps
+# the working directory out of its import path; PYTHONPATH leads it to this package.
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -121,7 +124,8 @@ class Supervisor:
 
     def _spawn(self, listen_fd: int) -> subprocess.Popen:
         environment = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self._metrics_dir, **{LISTEN_FD_ENV: str(listen_fd)})
-        command = [sys.executable, str(GATEWAY_BIN), *self._argv, "-workers", "1", "-pid-file", ""]
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, (PACKAGE_ROOT, os.environ.get("PYTHONPATH"))))
+        command = [sys.executable, "-P", "-m", "wsgateway", *self._argv, "-workers", "1", "-pid-file", ""]
         worker = subprocess.Popen(command, env=environment, pass_fds=(listen_fd,))
         log.info("worker started", extra={"event": "worker_started", "pid": worker.pid})
         return worker

@@ -1,0 +1,26 @@
+"""`python -m wsgateway` and the installed `ws-gateway` command (pyproject's entry point).
+
+gevent must patch the standard library before anything else imports it, so importing
+this module patches first, then loads the command line (`cli.main`). bin/ws-gateway,
+for a checkout, does the same after finding the project and its .venv.
+"""
+from __future__ import annotations
+
+import gevent
+from gevent import monkey
+
+gevent.config.track_greenlet_tree = False  # no spawning stacks: cheaper spawns, fewer objects per socket
+monkey.patch_all()
+
+import sys  # noqa: E402
+
+from wsgateway.cli import main as cli_main  # noqa: E402
+
+
+def main() -> int:
+    """The console script's entry: `ws-gateway ARGS...`, exit status returned."""
+    return cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
