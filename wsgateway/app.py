@@ -1,5 +1,6 @@
-"""The Flask app: `/metrics`, `/healthz`, `/readyz`, `/console` (with `-console`), the
-426 for a plain GET on `/ws`, and the JSON 404/405/500 for everything else.
+"""The Flask app: `/metrics`, `/healthz`, `/readyz`, `/presence` and `/disconnect`
+(`players`), `/console` (with `-console`), the 426 for a plain GET on `/ws`, and the
+JSON 404/405/500 for everything else.
 
 The web server (`web_server`) answers `/ws` upgrades (`admission`) and the publishing
 paths (`publishing`) before a request reaches Flask. Every refusal comes from the
@@ -22,6 +23,7 @@ from wsgateway.errors import ClientError, Refusal
 from wsgateway.hub import Hub
 from wsgateway.idempotency import IdempotencyStore
 from wsgateway.metrics import GatewayMetrics
+from wsgateway.players import add_player_routes
 from wsgateway.ratelimit import Limiter
 from wsgateway.roster import Roster
 from wsgateway.tokens import TokenStore
@@ -61,6 +63,7 @@ def create_app(services: Services) -> Flask:
 
     if services.config.console:
         app.register_blueprint(console_blueprint())
+    add_player_routes(app, services)
 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:

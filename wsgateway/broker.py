@@ -19,6 +19,10 @@ class Envelope(NamedTuple):
     one socket leave together (see `Hub.deliver`); it does not cross process boundaries.
     `sent_at_ms`: when the transport took it (Redis's clock, ms), set by a broker that
     knows; a message routed again after its connection closed keeps its place by it.
+
+    A `frame` that is a WebSocket close frame asks the receiving gateways to close the
+    player's connections with its code (`Delivery.close_player`, `POST /disconnect`):
+    it is carried like any other frame, so a broker needs nothing to support it.
     """
 
     frame: bytes

@@ -18,16 +18,24 @@ offline player. Nothing routed live is dropped without being counted. Presence t
 shared roster lost (Redis restarted, flushed, or evicted a key) is written back within
 one heartbeat (`reassert_presence`), and what was queued meanwhile for a player who was
 connected all along goes to that connection, before any later live message.
+
+Closing a player's connections (`close_player`) travels like a message: its envelope
+carries a WebSocket close frame, and the gateway that receives it closes the player's
+sockets with that frame's code instead of sending it (see `broker.Envelope`). So every
+broker carries it as it carries a publish, and nothing in a broker knows about it. It
+is never routed again: a connection that is gone has nothing left to close.
 """
 from __future__ import annotations
 
 import logging
+import struct
 from typing import NamedTuple, Protocol
 
 from gevent.lock import BoundedSemaphore
 
 from wsgateway.broker import Broker, Envelope
-from wsgateway.errors import BrokerUnavailable
+from wsgateway.errors import BrokerUnavailable, CloseCode
+from wsgateway.frames import OP_CLOSE, close_frame
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL,
                                DROP_SLOW_CONSUMER, GatewayMetrics)
@@ -38,6 +46,7 @@ from wsgateway.roster import Roster, Route, Seat
 log = logging.getLogger(__name__)
 
 MISSED_EVENT = "gateway.missed"
+_CLOSE_FRAME_FIRST_BYTE = 0x80 | OP_CLOSE  # FIN + close: what `close_frame` starts with
 
 
 class Outcome(NamedTuple):
@@ -91,6 +100,16 @@ class Delivery:
         except BrokerUnavailable:
             return Outcome(self._deliver_locally(Envelope(frame)), local_only=True)
         return Outcome(reach)
+
+    def close_player(self, player_id: str, code: CloseCode) -> int:
+        """Close every connection of one player, on any gateway, with `code`; return how
+        many the roster knew at that moment (present, not closing). Each gateway starts
+        the closing handshakes as soon as the envelope reaches it; a connection still
+        being set up (not yet seated) is not among them. Never queued."""
+        route = self.roster.route(player_id, b"", queue_if_offline=False)
+        if route.gateways:
+            self._broker.publish(Envelope(close_frame(code, code.reason), player_id, route.gateways))
+        return route.connections
 
     def connect(self, connection: HeldConnection, seat: Seat) -> None:
         """Register the connection, then send the player's backlog before any live frame.
@@ -191,7 +210,10 @@ class Delivery:
 
     def _receive(self, envelope: Envelope) -> int:
         """What the broker hands over: delivered to this gateway's connections, or, when
-        it was routed to a player whose connections here are gone, routed again."""
+        it was routed to a player whose connections here are gone, routed again. A close
+        request is carried out here and never routed again."""
+        if envelope.frame[0] == _CLOSE_FRAME_FIRST_BYTE:
+            return self._close_locally(envelope)
         delivered = self._deliver_locally(envelope)
         if not delivered and envelope.player_id is not None and envelope.gateways is not None:
             self._reroute(envelope.player_id, envelope)
@@ -218,6 +240,20 @@ class Delivery:
             delivered = self.hub.deliver(envelope.player_id, envelope.frame, later=envelope.batched)
         self.metrics.messages_delivered.inc(delivered)
         return delivered
+
+    def _close_locally(self, envelope: Envelope) -> int:
+        """An envelope with a close frame: close the player's connections here with its
+        code (an unmasked frame of at most 125 bytes: the code follows a 2-byte header)."""
+        (number,) = struct.unpack_from("!H", envelope.frame, 2)
+        try:
+            code = CloseCode(number)
+        except ValueError:  # from a gateway that knows codes this one does not
+            log.warning("close request with an unknown code ignored",
+                        extra={"event": "close_ignored", "code": number, "player_id": envelope.player_id})
+            return 0
+        if envelope.player_id is None:
+            return 0  # closing every player is not something any endpoint asks for
+        return self.hub.close_player(envelope.player_id, code)
 
     def _forget(self, connection: Deliverable) -> None:
         if self.hub.remove(connection):

@@ -43,6 +43,7 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013  # the shared broker was unreachable while the connection was set up
     SLOW_CONSUMER = 4000  # the socket's outbox overflowed: the client reads too slowly
     PONG_TIMEOUT = 4001  # nothing heard from the client for -pong-wait
+    DISCONNECTED = 4002  # an operator cut the player off (POST /disconnect)
 
     @property
     def reason(self) -> str:
@@ -62,6 +63,7 @@ _REASONS = {
     CloseCode.TRY_AGAIN_LATER: "broker unavailable, retry later",
     CloseCode.SLOW_CONSUMER: "client too slow: outbox overflowed",
     CloseCode.PONG_TIMEOUT: "ping timeout",
+    CloseCode.DISCONNECTED: "disconnected by the server",
 }
 
 

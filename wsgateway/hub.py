@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Protocol
 
+from wsgateway.errors import CloseCode
+
 BROADCAST_SLICE = 4096  # connections a broadcast queues its frame on between two pauses
 
 
@@ -126,6 +128,14 @@ class Hub:
                 broadcast.owed.discard(connection)
                 broadcast.delivered += connection.send_later(broadcast.frame)
 
+    def close_player(self, player_id: str, code: CloseCode) -> int:
+        """Start closing each of the player's open connections with `code`; return how
+        many. Each leaves the hub once its close handshake ends."""
+        closing = [connection for connection in self._by_player.get(player_id, ()) if connection.is_open]
+        for connection in closing:
+            connection.close(code)
+        return len(closing)
+
     def is_connected(self, player_id: str) -> bool:
         return player_id in self._by_player
 
@@ -144,6 +154,10 @@ class Hub:
 
     def connection_count(self) -> int:
         return self._count
+
+    def player_count(self) -> int:
+        """Players with at least one connection here."""
+        return len(self._by_player)
 
 
 class _UnfinishedBroadcast:

@@ -78,6 +78,7 @@ class RedisKeys:
         self.gateways = f"{prefix}:gateways"  # ZSET gateway -> presence expiry
         self.gateway_connections = f"{prefix}:gateway-connections"  # HASH gateway -> connections
         self.streams = f"{prefix}:streams"  # ZSET gateway -> until when it reads its stream (broadcasts)
+        self.players = f"{prefix}:players"  # ZSET player -> expiry of its latest present seat
         self.sweep_lock = f"{prefix}:sweep-lock"
         self.idempotency_index = f"{prefix}:idempotency"  # ZSET entry key -> expiry
 

@@ -44,6 +44,13 @@ class Route(NamedTuple):
     queueing_off: bool = False  # the player was offline, queueing was asked, and it is disabled
 
 
+class Census(NamedTuple):
+    """Who is online: players with at least one connection, and their connections."""
+
+    players: int
+    connections: int
+
+
 class Roster(Protocol):
     """Player presence and offline queues. Methods may block the calling greenlet on I/O
     (never the process) and raise `BrokerUnavailable` when shared state is out of reach."""
@@ -87,6 +94,14 @@ class Roster(Protocol):
     def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
         """Make lost seats present again; returns, by player, what was queued meanwhile
         (as `take_seat` would): it belongs to the connections that were there all along."""
+
+    def presence(self, player_id: str) -> int:
+        """The player's connections on every gateway that took their seat and are not
+        closing: those a message would reach now."""
+
+    def census(self) -> Census:
+        """Players and connections on every gateway. Costs the same however many
+        players are online (it never walks them)."""
 
     def maintain(self) -> int:
         """Periodic upkeep (expire queued frames); returns frames expired."""
@@ -149,6 +164,12 @@ class LocalRoster:
 
     def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
         return {}
+
+    def presence(self, player_id: str) -> int:
+        return self._hub.count_of(player_id)
+
+    def census(self) -> Census:
+        return Census(self._hub.player_count(), self._hub.connection_count())
 
     def maintain(self) -> int:
         return self._offline.purge_expired()

@@ -15,7 +15,17 @@ within `-presence-ttl`. The refresh checks every seat (`EXTEND`): one Redis lost
 whatever lost it (a restart, FLUSHALL, one evicted key), is reported and written back
 with `take_seat`'s script, which hands over what was queued meanwhile. A frame routed
 live to a gateway whose connection closed on the way comes back through `requeue`
-(`WITHDRAW`, `route`, then `SETTLE` to put it back in publish order). Queued frames live until `-offline-ttl`; one gateway at a time
+(`WITHDRAW`, `route`, then `SETTLE` to put it back in publish order).
+
+Counting who is online never walks the players (`census`): each gateway keeps its own
+connection count in one hash (`take_seat` adds one, `leave` takes one off, the heartbeat
+sets it), and a players index (a ZSET player -> latest seat expiry) gains a player when
+a seat is taken (or extended) and loses it when its last present seat leaves, or when
+its expiry passes (a dead gateway's players). A census sums one counter per live
+gateway and counts the index after removing what expired since the last call: its cost
+grows with the gateways, not with the players.
+
+Queued frames live until `-offline-ttl`; one gateway at a time
 sweeps expired queues and counts what they held.
 """
 from __future__ import annotations
@@ -28,7 +38,7 @@ import redis
 
 from wsgateway.offline import MISSED_RETENTION_S, Backlog
 from wsgateway.redis_link import RedisKeys, broker_errors
-from wsgateway.roster import Route, Seat
+from wsgateway.roster import Census, Route, Seat
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +69,8 @@ expire_at_least(KEYS[1], now + tonumber(ARGV[1]))
 return 1
 """
 
-# KEYS: seats, present, queue, missed, queue index, gateway connections.
-# ARGV: presence_ttl_ms, seat, gateway.
+# KEYS: seats, present, queue, missed, queue index, gateway connections, players.
+# ARGV: presence_ttl_ms, seat, gateway, player.
 # Returns {frames..., expired now, dropped since last connection, expired since last connection}.
 TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + """
 local expiry = now + tonumber(ARGV[1])
@@ -69,6 +79,7 @@ redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 expire_at_least(KEYS[1], expiry)
 expire_at_least(KEYS[2], expiry)
 redis.call('HINCRBY', KEYS[6], ARGV[3], 1)
+redis.call('ZADD', KEYS[7], 'GT', expiry, ARGV[4])
 local items = redis.call('LRANGE', KEYS[3], 0, -1)
 local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
 redis.call('DEL', KEYS[3], KEYS[4])
@@ -87,6 +98,16 @@ frames[#frames + 1] = tostring(expired)
 frames[#frames + 1] = tostring(tonumber(missed[1]) or 0)
 frames[#frames + 1] = tostring((tonumber(missed[2]) or 0) + expired)
 return frames
+"""
+
+# KEYS: seats, present, gateway connections, players. ARGV: seat, gateway, player.
+# The player leaves the players index with its last present seat.
+LEAVE = _LUA_NOW_MS + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[4], ARGV[3]) end
 """
 
 # KEYS: present, queue, missed, queue index.
@@ -145,16 +166,34 @@ end
 return expired
 """
 
-# KEYS: gateways, gateway connections. Returns the connections of live gateways.
-REACH = _LUA_NOW_MS + """
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, gateway in ipairs(dead) do redis.call('HDEL', KEYS[2], gateway) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local total = 0
-for _, gateway in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  total = total + (tonumber(redis.call('HGET', KEYS[2], gateway)) or 0)
+# The connections of live gateways (forgetting the counters of dead ones).
+_LUA_LIVE_CONNECTIONS = """
+local function live_connections(gateways, counters)
+  local dead = redis.call('ZRANGEBYSCORE', gateways, '-inf', now)
+  for _, gateway in ipairs(dead) do redis.call('HDEL', counters, gateway) end
+  redis.call('ZREMRANGEBYSCORE', gateways, '-inf', now)
+  local total = 0
+  for _, gateway in ipairs(redis.call('ZRANGE', gateways, 0, -1)) do
+    total = total + (tonumber(redis.call('HGET', counters, gateway)) or 0)
+  end
+  return total
 end
-return total
+"""
+
+# KEYS: gateways, gateway connections. Returns the connections of live gateways.
+REACH = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+return live_connections(KEYS[1], KEYS[2])
+"""
+
+# KEYS: gateways, gateway connections, players. Returns {players, connections}.
+CENSUS = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+return {redis.call('ZCARD', KEYS[3]), live_connections(KEYS[1], KEYS[2])}
+"""
+
+# KEYS: present. Returns the seats that are present and not expired.
+PRESENCE = _LUA_NOW_MS + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
 # KEYS: gateways, gateway connections. ARGV: ttl_ms, gateway, connections.
@@ -192,17 +231,20 @@ for index = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[index]) end
 return found and 1 or 0
 """
 
-# KEYS: seats, present. ARGV: presence_ttl_ms, seat.
-# Extends the seat where it exists; returns 0 when Redis no longer has it in both.
+# KEYS: seats, present, players. ARGV: presence_ttl_ms, seat, player.
+# Extends the seat where it exists (and the player in the players index with it);
+# returns 0 when Redis no longer has it in both.
 EXTEND = _LUA_NOW_MS + """
 local expiry = now + tonumber(ARGV[1])
 local found = 1
-for _, key in ipairs(KEYS) do
+for index = 1, 2 do
+  local key = KEYS[index]
   if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[2]) == 0 and not redis.call('ZSCORE', key, ARGV[2]) then
     found = 0
   end
   redis.call('PEXPIRE', key, ARGV[1], 'GT')
 end
+if found == 1 then redis.call('ZADD', KEYS[3], 'GT', expiry, ARGV[3]) end
 return found
 """
 
@@ -250,7 +292,10 @@ class RedisRoster:
         self._take_seat = client.register_script(TAKE_SEAT)
         self._route = client.register_script(ROUTE)
         self._sweep = client.register_script(SWEEP)
+        self._leave = client.register_script(LEAVE)
         self._reach = client.register_script(REACH)
+        self._census = client.register_script(CENSUS)
+        self._presence = client.register_script(PRESENCE)
         self._heartbeat = client.register_script(HEARTBEAT)
         self._withdraw = client.register_script(WITHDRAW)
         self._extend = client.register_script(EXTEND)
@@ -277,19 +322,18 @@ class RedisRoster:
         with broker_errors("take seat"):
             reply = self._take_seat(
                 keys=[keys.seats(player), keys.present(player), keys.queue(player), keys.missed(player),
-                      keys.queue_index, keys.gateway_connections],
-                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id])
+                      keys.queue_index, keys.gateway_connections, keys.players],
+                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player])
         self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
 
     def leave(self, seat: Seat) -> None:
         self._forget_seat(seat)
+        keys = self._keys
         with broker_errors("leave"):
-            pipeline = self._client.pipeline(transaction=False)
-            pipeline.zrem(self._keys.seats(seat.player_id), seat.seat_id)
-            pipeline.zrem(self._keys.present(seat.player_id), seat.seat_id)
-            pipeline.hincrby(self._keys.gateway_connections, self.gateway_id, -1)
-            pipeline.execute()
+            self._leave(keys=[keys.seats(seat.player_id), keys.present(seat.player_id), keys.gateway_connections,
+                              keys.players],
+                        args=[seat.seat_id, self.gateway_id, seat.player_id])
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
         keys = self._keys
@@ -329,6 +373,16 @@ class RedisRoster:
                          if gateway == self.gateway_id or gateway not in routed_to)
         return route._replace(gateways=owed, connections=len(owed) and route.connections)
 
+    def presence(self, player_id: str) -> int:
+        with broker_errors("presence"):
+            return int(self._presence(keys=[self._keys.present(player_id)]))
+
+    def census(self) -> Census:
+        keys = self._keys
+        with broker_errors("census"):
+            players, connections = self._census(keys=[keys.gateways, keys.gateway_connections, keys.players])
+        return Census(int(players), int(connections))
+
     def maintain(self) -> int:
         """Sweep expired queues (one gateway at a time)."""
         with broker_errors("maintain"):
@@ -355,8 +409,9 @@ class RedisRoster:
                 return []
             pipeline = self._client.pipeline(transaction=False)
             for seat in seats:
-                self._extend(keys=[self._keys.seats(seat.player_id), self._keys.present(seat.player_id)],
-                             args=[self._presence_ttl_ms, seat.seat_id], client=pipeline)
+                self._extend(keys=[self._keys.seats(seat.player_id), self._keys.present(seat.player_id),
+                                   self._keys.players],
+                             args=[self._presence_ttl_ms, seat.seat_id, seat.player_id], client=pipeline)
             found = pipeline.execute()
         return [seat for seat, there in zip(seats, found) if not there]
 
@@ -375,8 +430,9 @@ class RedisRoster:
             for seat in seats:
                 player = seat.player_id
                 self._take_seat(keys=[keys.seats(player), keys.present(player), keys.queue(player),
-                                      keys.missed(player), keys.queue_index, keys.gateway_connections],
-                                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id], client=pipeline)
+                                      keys.missed(player), keys.queue_index, keys.gateway_connections,
+                                      keys.players],
+                                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player], client=pipeline)
             # take_seat counts each seat as a new connection: set the true count again
             pipeline.hset(keys.gateway_connections, self.gateway_id,
                           sum(len(seat_ids) for seat_ids in self._present.values()))
