@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import REDIS_URL, TIMEOUT_S, wait_for
 from wsgateway.broker import Broker, Envelope, InProcessBroker
+from wsgateway.errors import CloseCode
+from wsgateway.frames import close_frame
 from wsgateway.roster import LOCAL_GATEWAY
 
 
@@ -87,3 +89,12 @@ def test_state_is_ok_while_running_and_close_is_idempotent(node):
     assert node.broker.state() == "ok"
     node.broker.close()
     node.broker.close()
+
+
+def test_a_close_frame_travels_like_any_other_frame(node):
+    """The envelope POST /disconnect sends (a close frame for one player) arrives intact: a broker needs nothing for it."""
+    envelope = Envelope(close_frame(CloseCode.DISCONNECTED, CloseCode.DISCONNECTED.reason), "21",
+                        frozenset((node.gateway_id,)))
+    node.broker.publish(envelope)
+    wait_for(arrived(node, 1), what="delivery")
+    assert (node.received[0].frame, node.received[0].player_id) == (envelope.frame, "21")
