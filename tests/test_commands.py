@@ -231,6 +231,8 @@ def test_publish_to_nothing_exits_1(capsys):
     (["token", "list", "--help"], ["--show-tokens", "--kind"]),
     (["publish", "--help"], ["--url", "--token", "--player", "--event", "--payload", "--idempotency-key", "Retry-After"]),
     (["broadcast", "--help"], ["--url", "--token", "--event", "--payload"]),
+    (["presence", "--help"], ["--url", "--token", "PLAYER", "-broker"]),
+    (["disconnect", "--help"], ["--url", "--token", "PLAYER", "4002", "revoke"]),
     (["token", "--help"], ["add", "revoke", "list"]),
 ])
 def test_every_command_has_help(capsys, argv, mentions):
@@ -257,3 +259,54 @@ def test_token_add_through_bin_on_a_fresh_directory(tmp_path):
     assert added.returncode == 0 and added.stderr == ""
     assert re.fullmatch(r"[A-Za-z0-9_-]{32}\n", added.stdout)
     assert (tmp_path / "ws_tokens.db").exists()  # the default -dsn, relative to where it runs
+
+
+# --- presence / disconnect --------------------------------------------------------------------------
+def test_presence_and_disconnect_through_bin_ws_gateway(gateway, tokens, tmp_path):
+    """bin/ws-gateway presence [PLAYER] prints the gateway's counts; disconnect PLAYER closes it (4002) and says how many."""
+    client = gateway.connect(tokens.player(21))
+    server = tokens.server()
+    url = f"http://{gateway.host}:{gateway.port}"
+    everyone = run_gateway_cli("presence", "--url", url, "--token", server, cwd=tmp_path)
+    assert (everyone.returncode, everyone.stdout, everyone.stderr) == (0, '{"players": 1, "connections": 1}\n', "")
+    one = run_gateway_cli("presence", "--url", url, "--token", server, "21", cwd=tmp_path)
+    assert (one.returncode, one.stdout) == (0, '{"player_id": "21", "connections": 1}\n')
+    cut = run_gateway_cli("disconnect", "--url", url, "--token", server, "21", cwd=tmp_path)
+    assert (cut.returncode, cut.stdout, cut.stderr) == (0, '{"disconnected": 1}\n', "")
+    assert receive_close(client) == (4002, "disconnected by the server")
+
+
+def test_disconnect_defaults_to_the_gateways_own_address_and_env_token(capsys, gateway, tokens, monkeypatch):
+    """Without --url the settings' -addr is used; WS_GATEWAY_SERVER_TOKEN stands in for --token."""
+    monkeypatch.setenv("WS_GATEWAY_SERVER_TOKEN", tokens.server())
+    status, out, err = run(capsys, "-addr", f"127.0.0.1:{gateway.port}", "disconnect", "nobody")
+    assert (status, out, err) == (0, '{"disconnected": 0}\n', "")
+
+
+def test_presence_refused_by_the_gateway_exits_1_with_its_message(capsys, gateway, tokens):
+    """A refusal exits 1 with the gateway's status and message, and the token is not echoed."""
+    player_token = tokens.player(21)
+    status, out, err = run(capsys, "presence", "--url", f"http://{gateway.host}:{gateway.port}",
+                           "--token", player_token)
+    assert (status, out) == (1, "")
+    assert one_line(err) == "ws-gateway presence: the gateway answered 403: invalid, expired or non-server token"
+    assert player_token not in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["disconnect", "--token", "t"], "the following arguments are required: PLAYER"),
+    (["presence", "--token", "t", "1", "2"], "unrecognized arguments: 2"),
+])
+def test_presence_and_disconnect_bad_usage_exits_2(capsys, argv, fragment):
+    """A missing or extra player word is a usage error: exit 2 with argparse's message."""
+    status, out, err = run(capsys, *argv)
+    assert (status, out) == (2, "")
+    assert fragment in err
+
+
+def test_disconnect_without_a_token_exits_2(capsys, gateway):
+    """No --token and no WS_GATEWAY_SERVER_TOKEN: exit 2 naming --token, nothing sent."""
+    status, out, err = run(capsys, "disconnect", "--url", f"http://{gateway.host}:{gateway.port}", "21")
+    assert (status, out) == (2, "")
+    assert "--token" in one_line(err)
+    assert gateway.metric("ws_http_requests_total", endpoint="disconnect", status="401") == 0

@@ -7,8 +7,9 @@ without our columns); 1 when the database or Redis does not answer at start, or 
 listen address cannot be bound. The systemd unit restarts on 1, never on 2
 (RestartPreventExitStatus=2): retrying a configuration error cannot help.
 
-A command word (`db`, `token`, `publish`, `broadcast`) anywhere among the settings runs
-that operations command instead (`commands`); without one, the gateway serves.
+A command word (`db`, `token`, `publish`, `broadcast`, `presence`, `disconnect`) anywhere
+among the settings runs that operations command instead (`commands`); without one, the
+gateway serves.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A gateway from sync Python: `GatewayClient` publishes, `PlayerListener` receives.
+"""A gateway from sync Python: `GatewayClient` publishes (and asks presence and
+disconnects, for operators), `PlayerListener` receives.
 
 `GatewayClient` is standard library only (http.client), so it works in any process: plain
 threads, or gevent-patched (its sockets then wait cooperatively). `PlayerListener` needs
@@ -9,6 +10,8 @@ websocket-client, imported only when it connects. Neither imports the rest of
     gateway = GatewayClient("http://127.0.0.1:8080", "SERVER_TOKEN")
     gateway.publish(21, "flag_captured", {"target": "web01"})  # PublishResult(delivered=1, queued=False)
     gateway.broadcast("round_over")                            # 1423 sockets reached
+    gateway.presence()                                         # {"players": 980, "connections": 1423}
+    gateway.disconnect(21)                                     # 2 connections closed (4002)
 
 Retries: a connection error, a timeout or a 5xx answer is retried up to `retries` times,
 after `backoff_s`, then twice that, and so on (at most `max_backoff_s`); a 429 is retried
@@ -52,7 +55,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 USER_AGENT = "ws-gateway-client/1"
 WEBSOCKET_PATH = "/ws"
@@ -165,17 +168,33 @@ class GatewayClient:
         answer = self._post("/publish/batch", {"messages": [dict(message) for message in messages]}, None)
         return [_publish_result(result) for result in answer["results"]]
 
+    # --- the operator's endpoints ------------------------------------------------------------
+    def presence(self, player_id: int | str | None = None) -> dict[str, Any]:
+        """Who is online (every gateway of a cluster): `{"players": P, "connections": C}`,
+        or for one player `{"player_id": "21", "connections": N}`."""
+        query = "" if player_id is None else "?" + urlencode({"player_id": player_id})
+        return self._send("GET", "/presence" + query, None, {})
+
+    def disconnect(self, player_id: int | str) -> int:
+        """Close every connection of the player, on every gateway, with 4002; returns how
+        many there were. The player may reconnect: revoke its token first to keep it out."""
+        return int(self._post("/disconnect", {"player_id": player_id}, None)["disconnected"])
+
     # --- HTTP with retries ----------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> dict[str, Any]:
         data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
-        headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json",
-                   "Accept": "application/json", "User-Agent": USER_AGENT}
+        headers = {"Content-Type": "application/json"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key  # the same on every retry
+        return self._send("POST", path, data, headers)
+
+    def _send(self, method: str, path: str, data: bytes | None, extra_headers: dict[str, str]) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json",
+                   "User-Agent": USER_AGENT, **extra_headers}
         attempt = 0
         while True:
             try:
-                return self._post_once(self._prefix + path, data, headers)
+                return self._send_once(method, self._prefix + path, data, headers)
             except (Unavailable, RateLimited) as failure:
                 wait_s = self._wait_before_retry(failure, attempt)
                 if wait_s is None:
@@ -196,10 +215,10 @@ class GatewayClient:
         backoff_s = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
         return backoff_s if asked_s is None else max(backoff_s, asked_s)
 
-    def _post_once(self, path: str, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    def _send_once(self, method: str, path: str, data: bytes | None, headers: dict[str, str]) -> dict[str, Any]:
         connection = self._connection()
         try:
-            connection.request("POST", path or "/", body=data, headers=headers)
+            connection.request(method, path or "/", body=data, headers=headers)
             response = connection.getresponse()
             status, retry_after, raw = response.status, response.getheader("Retry-After"), response.read()
         except ssl.SSLCertVerificationError as exc:  # not transient: never retried

@@ -1,5 +1,5 @@
 """The operations subcommands of `ws-gateway`: `db`, `token`, `publish`, `broadcast`,
-`checkconfig`, `listen`.
+`checkconfig`, `listen`, `presence`, `disconnect`.
 
     ws-gateway [SETTINGS] db init
     ws-gateway [SETTINGS] token add (--player ID | --server SUBJECT) --ttl DURATION
@@ -9,10 +9,12 @@
     ws-gateway [SETTINGS] broadcast [--url URL] --token TOKEN --event E [--player ID] [--payload JSON]
     ws-gateway [SETTINGS] checkconfig
     ws-gateway [SETTINGS] listen [--url URL] --token PLAYER_TOKEN
+    ws-gateway [SETTINGS] presence [--url URL] --token TOKEN [PLAYER]
+    ws-gateway [SETTINGS] disconnect [--url URL] --token TOKEN PLAYER
 
 The gateway's settings (`-c FILE`, `WS_GATEWAY_*`, `-db`, `-dsn`, `-db-timeout`, ...) may
 stand anywhere on the line and are read by `config.load`, exactly as when serving: `db`
-and `token` work on the database the gateway uses, and `publish`/`broadcast` default to
+and `token` work on the database the gateway uses, and the HTTP commands default to
 the gateway's own `-addr` (https when it has `-tls-cert`). The work itself is in
 `admin` (database) and `client` (HTTP); this module parses, prints and picks exit codes.
 
@@ -41,8 +43,8 @@ from wsgateway.config import (FLAGS, Config, ConfigError, build, load, masked_pa
                               problems, read_settings, setting_option)
 from wsgateway.errors import StoreMisconfigured, StoreUnavailable
 
-COMMANDS = ("db", "token", "publish", "broadcast", "checkconfig", "listen")
-TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # publish/broadcast's --token, kept out of `ps`
+COMMANDS = ("db", "token", "publish", "broadcast", "checkconfig", "listen", "presence", "disconnect")
+TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # the server-token commands' --token, kept out of `ps`
 PLAYER_TOKEN_ENV = "WS_GATEWAY_PLAYER_TOKEN"  # listen's --token, kept out of `ps`
 
 SUMMARY = """commands (each has --help):
@@ -52,6 +54,8 @@ SUMMARY = """commands (each has --help):
   publish                      send an event to one player of a running gateway
   broadcast                    send an event to every connected player
   listen                       connect as a player and print each message as one JSON line
+  presence [PLAYER]            who is online (every gateway with -broker)
+  disconnect PLAYER            close a player's connections now (4002)
 Settings (-c FILE, WS_GATEWAY_*, -db, -dsn, ...) apply to the commands too.
 Without a command, ws-gateway serves."""
 
@@ -355,6 +359,16 @@ def _broadcast(options: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _presence(options: argparse.Namespace, config: Config) -> int:
+    print(json.dumps(_client(options, config).presence(_player(options.player))))
+    return 0
+
+
+def _disconnect(options: argparse.Namespace, config: Config) -> int:
+    print(json.dumps({"disconnected": _client(options, config).disconnect(_player(options.player))}))
+    return 0
+
+
 # --- listen -------------------------------------------------------------------------------
 def _listen(options: argparse.Namespace, config: Config) -> int:
     """Print every message the player receives as one JSON line on stdout (flushed),
@@ -512,17 +526,45 @@ def _parser() -> argparse.ArgumentParser:
                     + ("--player 21 " if publish else "") + "--event e --payload '{\"a\": 1}'\n\n"
                     "Connection errors and 5xx are retried with exponential backoff, 429 after its "
                     "Retry-After; other refusals exit 1 with the gateway's message."))
-        sub.add_argument("--url", help="the gateway's base URL (default: from the settings' -addr, "
-                                       "https with -tls-cert)")
-        sub.add_argument("--token", help=f"a server token (default: ${TOKEN_ENV})")
+        _add_connection_options(sub)
         sub.add_argument("--player", required=publish, metavar="ID",
                          help="the player id" if publish else "only this player's live connections")
         sub.add_argument("--event", required=True, help="the event name")
         sub.add_argument("--payload", metavar="JSON", help="the payload, any JSON (default null)")
         sub.add_argument("--idempotency-key", metavar="KEY",
                          help="sent as Idempotency-Key, the same on every retry")
-        sub.add_argument("--timeout", default="5s", metavar="DURATION", help="per attempt (default 5s)")
-        sub.add_argument("--retries", default="3", metavar="N", help="retries after the first attempt (default 3)")
-        sub.add_argument("--cacert", metavar="FILE", help="trust this CA (PEM) for an https gateway")
         sub.set_defaults(handler=handler)
+
+    presence = commands.add_parser(
+        "presence", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="who is online", description="GET /presence from a running gateway: with PLAYER, that player's "
+        "connections; without, how many players and connections are online. With -broker the gateway "
+        "answers for the whole cluster. Prints the gateway's answer.",
+        epilog="examples:\n  ws-gateway presence --token SERVER_TOKEN        {\"players\": 980, \"connections\": 1423}\n"
+               "  ws-gateway presence --token SERVER_TOKEN 21     {\"player_id\": \"21\", \"connections\": 2}")
+    _add_connection_options(presence)
+    presence.add_argument("player", nargs="?", metavar="PLAYER", help="one player's id")
+    presence.set_defaults(handler=_presence)
+
+    disconnect = commands.add_parser(
+        "disconnect", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="close a player's connections now",
+        description="POST /disconnect to a running gateway: every connection of PLAYER, on every gateway of "
+        "the cluster, is closed at once with 4002 (disconnected by the server). Prints how many. The player "
+        "may reconnect: to ban it, revoke its token first, then disconnect.",
+        epilog="ban a player:\n  ws-gateway token revoke PLAYER_TOKEN\n"
+               "  ws-gateway disconnect --token SERVER_TOKEN 21     {\"disconnected\": 2}")
+    _add_connection_options(disconnect)
+    disconnect.add_argument("player", metavar="PLAYER", help="the player's id")
+    disconnect.set_defaults(handler=_disconnect)
     return parser
+
+
+def _add_connection_options(command: argparse.ArgumentParser) -> None:
+    """How the HTTP commands reach the gateway (read by `_client`)."""
+    command.add_argument("--url", help="the gateway's base URL (default: from the settings' -addr, "
+                                       "https with -tls-cert)")
+    command.add_argument("--token", help=f"a server token (default: ${TOKEN_ENV})")
+    command.add_argument("--timeout", default="5s", metavar="DURATION", help="per attempt (default 5s)")
+    command.add_argument("--retries", default="3", metavar="N", help="retries after the first attempt (default 3)")
+    command.add_argument("--cacert", metavar="FILE", help="trust this CA (PEM) for an https gateway")
