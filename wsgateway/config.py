@@ -11,11 +11,12 @@ into exit status 2.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence, Union
 from urllib.parse import quote
 
 import configargparse
@@ -23,6 +24,8 @@ import configargparse
 from wsgateway import __version__
 
 ENV_PREFIX = "WS_GATEWAY_"
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class ConfigError(Exception):
@@ -38,6 +41,7 @@ class Config:
     db: str  # "sqlite" or "mysql"
     database_url: str  # SQLAlchemy URL derived from -dsn
     origins: tuple[str, ...]  # allowed Origin headers; empty = any origin
+    trusted_proxies: tuple[Network, ...]  # peers whose X-Forwarded-For is believed; empty = nobody's
     max_conns_per_player: int  # 0 = unlimited
     max_total_conns: int  # open connections of every kind (HTTP, TLS, WebSocket) at once; 0 = unlimited
     max_queued: int  # offline messages kept per player; 0 = offline queueing off
@@ -127,6 +131,19 @@ def parse_addr(text: str) -> tuple[str, int]:
     if host.startswith("["):
         host = host[1:-1]
     return host, int(match.group(2))
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Comma-separated addresses or CIDRs (`10.0.0.0/8, ::1`); empty is none."""
+    networks = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or CIDR (use e.g. 10.0.0.1, 10.0.0.0/8, ::1)") from None
+    return tuple(networks)
 
 
 _GO_MYSQL_DSN = re.compile(
@@ -278,6 +295,8 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("dsn", "file:ws_tokens.db?cache=shared", _text,
           "database DSN (Go forms, or a SQLAlchemy URL)"),
     _Flag("origins", "", _text, "comma-separated allowed WebSocket Origins (empty = any)"),
+    _Flag("trusted-proxies", "", parse_networks,
+          "comma-separated proxy addresses or CIDRs whose X-Forwarded-For gives the client address (empty = none)"),
     _Flag("max-conns", "10", parse_count, "max WebSocket connections per player (0 = unlimited)"),
     _Flag("max-total-conns", "0", parse_count,
           "max open connections of every kind (HTTP and WebSocket); more get 503 at once (0 = unlimited)"),
@@ -544,6 +563,7 @@ def build(raw: dict[str, str]) -> Config:
         db=value["db"],
         database_url=url,
         origins=tuple(origin.strip() for origin in raw["origins"].split(",") if origin.strip()),
+        trusted_proxies=value["trusted-proxies"],
         max_conns_per_player=value["max-conns"],
         max_total_conns=value["max-total-conns"],
         max_queued=value["max-queued"],
