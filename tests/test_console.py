@@ -1,8 +1,10 @@
 """The browser console: /console only with -console, its headers, and the page driven end to end in
-Debian's headless Chromium (connect, publish, read the event, reconnect after 1001, stop after 1008)."""
+Debian's headless Chromium (connect, publish, read the event, reconnect after 1001, stop after 1008; then the
+operator's counts, presence look-up and disconnect)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,7 +14,7 @@ from typing import Any
 import gevent
 import pytest
 
-from tests.helpers import TIMEOUT_S, wait_for
+from tests.helpers import TIMEOUT_S, receive_close, wait_for
 from wsgateway.errors import CloseCode
 
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
@@ -87,8 +89,9 @@ class BrowserScript:
             self.process.wait(timeout=TIMEOUT_S)
 
 
-def test_console_in_a_real_browser(start_gateway):
-    """In headless Chromium the console connects, publishes, shows the event, reconnects after 1001, stops at 1008."""
+def test_console_in_a_real_browser(start_gateway, caplog):
+    """In headless Chromium the console connects, publishes, shows the event, reconnects after 1001, stops at
+    1008; as an operator it shows live counts, looks a player up and disconnects it (4002), the token in no URL."""
     missing = browser_missing()
     if missing:
         if BROWSER_REQUIRED:
@@ -96,6 +99,7 @@ def test_console_in_a_real_browser(start_gateway):
         pytest.skip(missing)
     gateway = start_gateway("-console")
     player_token, server_token = gateway.tokens.player(21), gateway.tokens.server()
+    caplog.set_level(logging.DEBUG, logger="wsgateway")
     browser = BrowserScript({"url": f"http://{gateway.host}:{gateway.port}", "playerToken": player_token,
                              "serverToken": server_token, "playerId": "21", "screenshot": SCREENSHOT})
     try:
@@ -128,8 +132,33 @@ def test_console_in_a_real_browser(start_gateway):
         assert stopped["state"] == "closed" and "not reconnecting" in stopped["detail"]
         assert stopped["closeCode"].startswith("1008 token revoked or expired")
         assert stopped["problems"] == []
-        assert browser.finish() == 0
-        assert gateway.gateway.hub.connection_count() == 0
+        wait_for(lambda: gateway.gateway.hub.connection_count() == 0, what="the page's socket gone")
         assert gateway.metric("ws_disconnects_total", code="1008") == 1
+
+        assert "403" in browser.step("refused")["watchState"]  # a wrong server token shows nothing
+        assert browser.step("waiting")["for"] == "players-connected"
+        cut_off = [gateway.connect(gateway.tokens.player(30)) for _ in range(2)]
+        bystander = gateway.connect(gateway.tokens.player(31))
+        browser.tell("players-connected")
+        counts = browser.step("counts")
+        assert counts["watchState"] == "watching" and counts["dropped"] == "0.0"
+        assert browser.step("waiting")["for"] == "published"
+        for number in range(20):
+            assert gateway.publish(server_token, 31, "tick", number).status == 200
+        browser.tell("published")
+        assert float(browser.step("rate")["published"]) > 0
+        assert '{"player_id":"30","connections":2}' in browser.step("presence")["result"]
+        disconnected = browser.step("disconnected")
+        assert disconnected["status"] == "200" and '{"disconnected":2}' in disconnected["result"]
+        for client in cut_off:
+            assert receive_close(client) == (4002, "disconnected by the server")
+        assert bystander.connected and disconnected["connections"] == "1"
+        assert disconnected["problems"] == []
+        # The server token never travels in a URL, nor reaches a log line.
+        urls = [disconnected["pageUrl"], *disconnected["requested"]]
+        assert not [url for url in urls if server_token in url]
+        assert any(url.endswith("/presence?player_id=30") for url in urls)
+        assert server_token not in caplog.text
+        assert browser.finish() == 0
     finally:
         browser.kill()

@@ -33,6 +33,8 @@ try {
   const problems = [];
   page.on('pageerror', (error) => problems.push(String(error)));
   page.on('console', (message) => { if (message.type() === 'error') problems.push(message.text()); });
+  const requested = []; // every URL the page asked for: no token may be in one but /ws's player token
+  page.on('request', (request) => requested.push(request.url()));
 
   await page.goto(options.url + '/console');
   report('loaded', { title: await page.title(), state: await page.textContent('#state') });
@@ -86,6 +88,51 @@ try {
   await page.waitForSelector('#state[data-state="closed"]');
   report('stopped', { state: await page.textContent('#state'), detail: await page.textContent('#state-detail'),
                       closeCode: await page.textContent('#close-code'), problems });
+
+  // The operator's view. A wrong server token is refused and stops the watch.
+  const serverToken = await page.inputValue('#server-token');
+  await page.fill('#server-token', 'not-a-server-token');
+  await page.click('#watch');
+  await page.waitForSelector('#watch-state[data-state="refused"]');
+  // Chromium reports the refused fetch as a console error: that one was asked for.
+  const refusal = problems.findIndex((problem) => problem.includes('status of 403'));
+  if (refusal >= 0) problems.splice(refusal, 1);
+  report('refused', { watchState: await page.textContent('#watch-state') });
+
+  // The test connects players 30 (twice) and 31; the counts follow.
+  report('waiting', { for: 'players-connected' });
+  await waitForLine('players-connected');
+  await page.fill('#server-token', serverToken);
+  await page.click('#watch');
+  await page.waitForFunction(() => document.querySelector('#count-connections').textContent === '3'
+    && document.querySelector('#count-players').textContent === '2');
+  await page.waitForFunction(() => document.querySelector('#rate-published').textContent !== '–');
+  report('counts', { watchState: await page.getAttribute('#watch-state', 'data-state'),
+                     published: await page.textContent('#rate-published'),
+                     dropped: await page.textContent('#rate-dropped') });
+
+  // The test publishes meanwhile: the rate shows it.
+  report('waiting', { for: 'published' });
+  await waitForLine('published');
+  await page.waitForFunction(() => Number(document.querySelector('#rate-published').textContent) > 0);
+  report('rate', { published: await page.textContent('#rate-published') });
+
+  // Presence of one player, then cut it off.
+  await page.fill('#operator-player', '30');
+  await page.click('#lookup');
+  await page.waitForSelector('#operator-result[data-status="200"]');
+  report('presence', { result: await page.textContent('#operator-result') });
+  await page.click('#cut-off');
+  await page.waitForFunction(() => document.querySelector('#operator-result').textContent.includes('/disconnect'));
+  const disconnected = await page.textContent('#operator-result');
+  await page.waitForFunction(() => document.querySelector('#count-connections').textContent === '1'
+    && document.querySelector('#count-players').textContent === '1');
+  if (options.screenshot) {
+    await page.screenshot({ path: options.screenshot.replace(/\.png$/, '-operator.png'), fullPage: true });
+  }
+  report('disconnected', { result: disconnected, status: await page.getAttribute('#operator-result', 'data-status'),
+                           connections: await page.textContent('#count-connections'),
+                           pageUrl: page.url(), requested, problems });
 } finally {
   await browser.close();
 }

@@ -1,11 +1,15 @@
 """The browser console (`-console`): watch one player's events arrive live, and publish
-test events with a server token, from any browser, with nothing to install.
+test events with a server token, from any browser, with nothing to install. With the
+server token it is also the operator's page: live counts (connections and players from
+`GET /presence`, publishes and drops per second from this gateway's `/metrics`), a
+presence look-up and a disconnect button (`POST /disconnect`).
 
 Two static files, `index.html` and `console.js` (plain HTML and JavaScript, no build
 step), served at `/console` and `/console/console.js` only when `-console` is set; without
 it both paths are 404, so a production gateway exposes nothing new. The page finds the
 gateway's endpoints relative to its own URL, so it works behind a proxy under a path
-prefix. Tokens typed into it stay in the page's memory: never in its URL or storage.
+prefix. Tokens typed into it stay in the page's memory: never in its URL or storage;
+the server token is sent only in Authorization headers.
 """
 from __future__ import annotations
 

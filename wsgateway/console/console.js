@@ -1,11 +1,14 @@
-// ws-gateway console: a player's live event stream, and publishing test events.
+// ws-gateway console: a player's live event stream, publishing test events, and the
+// operator's view (live counts, a presence look-up, disconnecting a player).
 //
 // Behaves like a real client should: on an unexpected close it reconnects after a
 // capped exponential backoff with jitter (so a restarted gateway is not hit by every
 // client at once), and it does not reconnect after a close that reconnecting cannot
 // fix (revoked token, protocol or size errors). Endpoints are found relative to this
 // page's URL, so the console works behind a proxy under a path prefix. Tokens stay in
-// memory: never in the URL bar, storage or the log shown on the page.
+// memory: never in the URL bar, storage or the log shown on the page; the server token
+// travels only in Authorization headers (a player token must be in /ws's query: that is
+// how browsers open a WebSocket, and the gateway never logs it).
 'use strict';
 
 (function () {
@@ -22,9 +25,12 @@
     1011: 'internal error',
     4000: 'client too slow',
     4001: 'ping timeout',
+    4002: 'disconnected by the server',
   };
-  // Closes that a reconnect cannot fix: a new token or a client fix is needed.
-  const NO_RECONNECT = new Set([1002, 1007, 1008, 1009]);
+  // Closes that a reconnect cannot fix (a new token or a client fix is needed), and an
+  // operator's disconnect, which this page honours rather than undoes.
+  const NO_RECONNECT = new Set([1002, 1007, 1008, 1009, 4002]);
+  const WATCH_PERIOD_MS = 2000; // the operator's counts are refreshed this often
   const BACKOFF_INITIAL_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const MAX_ROWS = 500; // events kept on the page
@@ -203,6 +209,108 @@
       result.textContent = now() + ' ' + path + ' failed: ' + error.message;
     }
   }
+
+  // --- the operator's view ------------------------------------------------------------
+  let watchTimer = null;
+  let lastSample = null; // {at, published, dropped}: this gateway's counters at the last poll
+
+  function serverHeaders() {
+    return { 'Authorization': 'Bearer ' + $('server-token').value.trim(), 'Accept': 'application/json' };
+  }
+
+  // The totals of one counter in Prometheus' text format, over all its label sets.
+  function counterTotal(text, name) {
+    let total = 0;
+    for (const line of text.split('\n')) {
+      if (line.startsWith(name + ' ') || line.startsWith(name + '{')) {
+        total += Number(line.slice(line.lastIndexOf(' ') + 1)) || 0;
+      }
+    }
+    return total;
+  }
+
+  function setWatchState(state, text) {
+    $('watch-state').dataset.state = state;
+    $('watch-state').textContent = text;
+    $('watch').disabled = state === 'watching';
+    $('unwatch').disabled = state !== 'watching';
+  }
+
+  async function poll() {
+    try {
+      const response = await fetch(new URL('presence', base), { headers: serverHeaders() });
+      const answer = await response.json();
+      if (!response.ok) {
+        stopWatching('refused', 'refused: ' + response.status + ' ' + (answer.error || ''));
+        return;
+      }
+      $('count-connections').textContent = String(answer.connections);
+      $('count-players').textContent = String(answer.players);
+      const metrics = await (await fetch(new URL('metrics', base))).text();
+      const sample = { at: performance.now(), published: counterTotal(metrics, 'ws_messages_published_total'),
+                       dropped: counterTotal(metrics, 'ws_messages_dropped_total') };
+      if (lastSample) {
+        const seconds = Math.max(0.001, (sample.at - lastSample.at) / 1000);
+        $('rate-published').textContent = ((sample.published - lastSample.published) / seconds).toFixed(1);
+        $('rate-dropped').textContent = ((sample.dropped - lastSample.dropped) / seconds).toFixed(1);
+      }
+      lastSample = sample;
+      if (watchTimer !== null) setWatchState('watching', 'watching, updated ' + now());
+    } catch (error) {
+      setWatchState(watchTimer !== null ? 'watching' : 'idle', 'poll failed: ' + error.message);
+    }
+  }
+
+  function startWatching() {
+    stopWatching('watching', 'watching');
+    lastSample = null;
+    watchTimer = setInterval(poll, WATCH_PERIOD_MS);
+    poll();
+  }
+
+  function stopWatching(state, text) {
+    clearInterval(watchTimer);
+    watchTimer = null;
+    setWatchState(state, text);
+  }
+
+  async function operate(method, path) {
+    const result = $('operator-result');
+    const playerId = $('operator-player').value.trim();
+    if (!playerId) {
+      result.dataset.ok = 'false';
+      result.dataset.status = '';
+      result.textContent = 'type a player id first';
+      return;
+    }
+    const headers = serverHeaders();
+    const url = new URL(path, base);
+    let body;
+    if (method === 'GET') {
+      url.search = '?player_id=' + encodeURIComponent(playerId);
+    } else {
+      headers['Content-Type'] = 'application/json';
+      body = JSON.stringify({ player_id: /^\d+$/.test(playerId) ? Number(playerId) : playerId });
+    }
+    result.dataset.ok = '';
+    result.textContent = 'sending…';
+    try {
+      const response = await fetch(url, { method, headers, body });
+      result.dataset.status = String(response.status);
+      result.dataset.ok = String(response.ok);
+      result.textContent = now() + ' ' + method + ' /' + path + ' → ' + response.status + ' ' + await response.text();
+    } catch (error) {
+      result.dataset.status = '0';
+      result.dataset.ok = 'false';
+      result.textContent = now() + ' /' + path + ' failed: ' + error.message;
+    }
+    if (watchTimer !== null) poll();
+  }
+
+  $('watch').addEventListener('click', startWatching);
+  $('unwatch').addEventListener('click', () => stopWatching('idle', 'not watching'));
+  $('lookup').addEventListener('click', () => operate('GET', 'presence'));
+  $('cut-off').addEventListener('click', () => operate('POST', 'disconnect'));
 
   $('connect').addEventListener('click', () => {
     wanted = true;
