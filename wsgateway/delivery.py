@@ -103,7 +103,7 @@ class Delivery:
 
     def close_player(self, player_id: str, code: CloseCode) -> int:
         """Close every connection of one player, on any gateway, with `code`; return how
-        many the roster knew at that moment (present, not closing). Each gateway starts
+        many the roster knew at that moment (as `Roster.presence`). Each gateway starts
         the closing handshakes as soon as the envelope reaches it; a connection still
         being set up (not yet seated) is not among them. Never queued."""
         route = self.roster.route(player_id, b"", queue_if_offline=False)
@@ -244,6 +244,8 @@ class Delivery:
     def _close_locally(self, envelope: Envelope) -> int:
         """An envelope with a close frame: close the player's connections here with its
         code (an unmasked frame of at most 125 bytes: the code follows a 2-byte header)."""
+        if envelope.player_id is None:
+            return 0  # closing every player is not something any endpoint asks for
         (number,) = struct.unpack_from("!H", envelope.frame, 2)
         try:
             code = CloseCode(number)
@@ -251,8 +253,6 @@ class Delivery:
             log.warning("close request with an unknown code ignored",
                         extra={"event": "close_ignored", "code": number, "player_id": envelope.player_id})
             return 0
-        if envelope.player_id is None:
-            return 0  # closing every player is not something any endpoint asks for
         return self.hub.close_player(envelope.player_id, code)
 
     def _forget(self, connection: Deliverable) -> None:

@@ -96,8 +96,8 @@ class Roster(Protocol):
         (as `take_seat` would): it belongs to the connections that were there all along."""
 
     def presence(self, player_id: str) -> int:
-        """The player's connections on every gateway that took their seat and are not
-        closing: those a message would reach now."""
+        """The player's connections on every gateway that took their seat: those a
+        message would reach now (in Redis, a closing one counts until its handshake ends)."""
 
     def census(self) -> Census:
         """Players and connections on every gateway. Costs the same however many

@@ -25,8 +25,8 @@ its expiry passes (a dead gateway's players). A census sums one counter per live
 gateway and counts the index after removing what expired since the last call: its cost
 grows with the gateways, not with the players.
 
-Queued frames live until `-offline-ttl`; one gateway at a time
-sweeps expired queues and counts what they held.
+Queued frames live until `-offline-ttl`; one gateway at a time sweeps expired queues and
+counts what they held.
 """
 from __future__ import annotations
 
