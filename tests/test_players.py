@@ -10,7 +10,10 @@ import gevent
 import pytest
 
 from tests.helpers import TIMEOUT_S, receive_close, receive_event, wait_for
+from wsgateway.broker import Envelope
 from wsgateway.errors import CloseCode
+from wsgateway.frames import close_frame
+from wsgateway.roster import LOCAL_GATEWAY
 
 
 def presence(gateway, token: str, query: str = ""):
@@ -234,3 +237,14 @@ def test_with_redis_down_both_are_503(start_cluster_gateway, private_redis):
         assert (reply.status, reply.json) == (503, {"error": "broker unavailable, retry later"})
         assert reply.headers["retry-after"] == "1"
     assert client.connected and gateway.gateway.hub.connection_count() == 1
+
+
+def test_a_close_request_with_an_unknown_code_is_ignored(gateway, tokens, server_token, caplog):
+    """A close envelope with a code outside the catalogue (a newer gateway's) closes nothing and is logged."""
+    client = gateway.connect(tokens.player(21))
+    with caplog.at_level(logging.WARNING, logger="wsgateway"):
+        gateway.gateway.broker.publish(Envelope(close_frame(4999, "from the future"), "21", frozenset({LOCAL_GATEWAY})))
+        gateway.gateway.broker.publish(Envelope(close_frame(CloseCode.DISCONNECTED)))  # no player: nobody
+    assert [record.code for record in caplog.records if getattr(record, "event", "") == "close_ignored"] == [4999]
+    assert gateway.publish(server_token, 21, "still_open").json == {"delivered": 1, "queued": False}
+    assert receive_event(client)["event"] == "still_open"
