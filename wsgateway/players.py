@@ -26,33 +26,21 @@ from typing import Any, Callable, Protocol
 import orjson
 from flask import Flask, Response, request
 
-from wsgateway.config import Config
-from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, StoreUnavailable
-from wsgateway.idempotency import IdempotencyStore
-from wsgateway.metrics import GatewayMetrics
-from wsgateway.publishing import (authenticate_server, json_object, player_id_of, read_body, refuse_while_draining,
-                                  take_rate)
-from wsgateway.ratelimit import Limiter
+from wsgateway.publishing import (PublishingServices, authenticate_server, json_object, player_id_of, read_body,
+                                  refuse_while_draining, take_rate)
 from wsgateway.roster import Roster
-from wsgateway.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
 PRESENCE_PARAMETERS = frozenset({"player_id"})
 
 
-class PlayerServices(Protocol):
-    """What these endpoints use of the gateway (server.Gateway provides it)."""
+class PlayerServices(PublishingServices, Protocol):
+    """What these endpoints use of the gateway (server.Gateway provides it): the
+    publishing API's admission, and the roster."""
 
-    config: Config
-    store: TokenStore
     roster: Roster
-    delivery: Delivery
-    limiter: Limiter
-    idempotency: IdempotencyStore
-    metrics: GatewayMetrics
-    draining: bool
 
 
 def add_player_routes(app: Flask, services: PlayerServices) -> None:
