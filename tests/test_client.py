@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TIMEOUT_S, receive_event
+from tests.helpers import TIMEOUT_S, receive_close, receive_event
 from tests.scripted_http import Answer, ScriptedServer
 from wsgateway.client import (AuthError, BadRequest, GatewayClient, GatewayError, PublishResult, RateLimited,
                               Unavailable)
@@ -292,3 +292,30 @@ def test_payload_that_is_not_json_is_refused_before_sending(scripted):
     with pytest.raises(TypeError):
         publisher.publish(1, "e", {1, 2})
     assert server.received == []
+
+
+def test_presence_and_disconnect_requests(scripted):
+    """presence is a GET without a body, retried on 503; disconnect POSTs the player id; both under the prefix."""
+    server = scripted(Answer(503, {"error": "broker unavailable, retry later"}, {"Retry-After": "1"}),
+                      Answer(200, {"players": 3, "connections": 4}),
+                      Answer(200, {"player_id": "al ice", "connections": 1}), Answer(200, {"disconnected": 2}))
+    client = GatewayClient(server.url + "/gw", "secret-token", sleep=Sleeps())
+    assert client.presence() == {"players": 3, "connections": 4}
+    assert client.presence("al ice") == {"player_id": "al ice", "connections": 1}
+    assert client.disconnect(21) == 2
+    shapes = [(request.method, request.path, request.headers.get("content-type")) for request in server.received]
+    assert shapes == [("GET", "/gw/presence", None), ("GET", "/gw/presence", None),
+                      ("GET", "/gw/presence", None), ("POST", "/gw/disconnect", "application/json")]
+    assert server.received[-1].json == {"player_id": 21}
+    assert all(request.headers["authorization"] == "Bearer secret-token" for request in server.received)
+
+
+def test_presence_and_disconnect_against_the_gateway(gateway, tokens):
+    """Against a real gateway: the counts, then the player's socket closed with 4002."""
+    operator = client_for(gateway, tokens.server())
+    client = gateway.connect(tokens.player(21))
+    assert operator.presence() == {"players": 1, "connections": 1}
+    assert operator.presence(21) == {"player_id": "21", "connections": 1}
+    assert operator.presence("al ice&x=1") == {"player_id": "al ice&x=1", "connections": 0}  # the query is encoded
+    assert operator.disconnect(21) == 1
+    assert receive_close(client) == (4002, "disconnected by the server")
