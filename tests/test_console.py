@@ -148,10 +148,12 @@ def test_console_in_a_real_browser(start_gateway, caplog):
         browser.tell("published")
         assert float(browser.step("rate")["published"]) > 0
         assert '{"player_id":"30","connections":2}' in browser.step("presence")["result"]
+        # The page disconnects player 30 next: its clients answer the close while the page waits.
+        closes = [gevent.spawn(receive_close, client) for client in cut_off]
         disconnected = browser.step("disconnected")
         assert disconnected["status"] == "200" and '{"disconnected":2}' in disconnected["result"]
-        for client in cut_off:
-            assert receive_close(client) == (4002, "disconnected by the server")
+        gevent.joinall(closes, timeout=TIMEOUT_S)
+        assert [close.get(block=False) for close in closes] == [(4002, "disconnected by the server")] * 2
         assert bystander.connected and disconnected["connections"] == "1"
         assert disconnected["problems"] == []
         # The server token never travels in a URL, nor reaches a log line.

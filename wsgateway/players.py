@@ -14,8 +14,8 @@ drops as each handshake ends (at most `connection.CLOSE_HANDSHAKE_TIMEOUT_S` lat
 
 Admission is the publishing API's, written once in `publishing`: a server token (401,
 403), one message from the subject's rate limit (429), 503 while shutting down or when
-the token store or the broker does not answer. These are Flask views (not the hot
-publishing path): `ws_http_requests_total{endpoint="presence"|"disconnect"}` counts
+the token store or the broker does not answer; refusals come from the catalogue
+(`errors.Refusal`). These are Flask views (not the hot publishing path): `ws_http_requests_total{endpoint="presence"|"disconnect"}` counts
 them, and every closed connection counts in `ws_disconnects_total{code="4002"}`.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any, Callable, Protocol
 import orjson
 from flask import Flask, Response, request
 
-from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, StoreUnavailable
-from wsgateway.publishing import (PublishingServices, authenticate_server, json_object, player_id_of, read_body,
-                                  refuse_while_draining, take_rate)
+from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, Refusal, StoreUnavailable
+from wsgateway.publishing import (PublishingRequest, PublishingServices, authenticate_server, json_object,
+                                  player_id_of, refuse_while_draining, take_rate)
 from wsgateway.roster import Roster
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def add_player_routes(app: Flask, services: PlayerServices) -> None:
 
     def disconnect() -> Response:
         def cut_off(subject_id: str) -> dict[str, Any]:
-            body = json_object(read_body(request.environ, services.config.max_body_bytes))
+            body = json_object(request.get_data())  # read whole, at most -max-body, by the web server
             player_id = player_id_of(body.get("player_id"), required=True)
             assert player_id is not None
             admit(subject_id)
@@ -92,17 +92,25 @@ def _presence_query() -> str | None:
 
 def _answer(services: PlayerServices, handle: Callable[[str], dict[str, Any]]) -> Response:
     """Authenticate, run `handle(subject_id)`, and answer its JSON or the refusal."""
-    headers: dict[str, str] = {}
     try:
-        status, body = 200, handle(authenticate_server(services, request.environ))
+        answer = handle(authenticate_server(services, _as_publishing_request()))
     except ClientError as error:
-        status, body, headers = error.status, {"error": error.message}, error.headers
+        return _refusal(error)
     except StoreUnavailable as error:
         log.warning("token store unavailable", extra={"event": "store_unavailable", "detail": str(error)})
-        status, body, headers = 503, {"error": "token store unavailable, retry later"}, {"Retry-After": "1"}
+        return _refusal(Refusal.STORE_UNAVAILABLE())
     except BrokerUnavailable as error:
         log.warning("broker unavailable", extra={"event": "broker_unavailable", "detail": str(error)})
-        status, body, headers = 503, {"error": "broker unavailable, retry later"}, {"Retry-After": "1"}
-    response = Response(orjson.dumps(body), status=status, content_type="application/json")
-    response.headers.update(headers)
-    return response
+        return _refusal(Refusal.DEPENDENCY_UNAVAILABLE(what="broker"))
+    return Response(orjson.dumps(answer), content_type="application/json")
+
+
+def _as_publishing_request() -> PublishingRequest:
+    """The Flask request as the publishing API's admission reads one."""
+    return PublishingRequest(request.method, request.path, {name.lower(): value for name, value in request.headers},
+                             request.get_data(), request.remote_addr or "")
+
+
+def _refusal(error: ClientError) -> Response:
+    body = error.body()
+    return Response(body, status=error.status, headers=error.response_headers(body))

@@ -36,6 +36,7 @@ from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import DROP_STREAM_TRIMMED, GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
+from wsgateway.proxies import TrustedProxies
 from wsgateway.publishing import Publishing
 from wsgateway.ratelimit import Limiter, RateLimiter
 from wsgateway.revalidation import Revalidator
@@ -92,7 +93,8 @@ class Gateway:
                              max_connections=config.max_total_conns, max_body_bytes=config.max_body_bytes),
             publishing=Publishing(self), websocket_endpoints={WEBSOCKET_PATH: PlayerEndpoint(self)},
             ssl_context=tls_context(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None,
-            on_capacity_refusal=self.metrics.connections_rejected.labels("capacity").inc)
+            on_capacity_refusal=self.metrics.connections_rejected.labels("capacity").inc,
+            trusted_proxies=TrustedProxies(config.trusted_proxies))
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
         self._shutdown_started = False

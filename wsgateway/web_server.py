@@ -49,6 +49,7 @@ from geventwebsocket.handler import WebSocketHandler
 from wsgateway.outbox import direct_socket
 from wsgateway.errors import ClientError, Refusal
 from wsgateway.logs import redact
+from wsgateway.proxies import TrustedProxies
 from wsgateway.publishing import STATUS_LINES, PublishingRequest, Publishing
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class WebServer(pywsgi.WSGIServer):
     def __init__(self, listener: Any, application: Any, *, limits: WebLimits,
                  publishing: Publishing | None = None,
                  websocket_endpoints: Mapping[str, WebSocketEndpoint] | None = None,
-                 ssl_context: Any = None, on_capacity_refusal: Callable[[], None] | None = None) -> None:
+                 ssl_context: Any = None, on_capacity_refusal: Callable[[], None] | None = None,
+                 trusted_proxies: TrustedProxies | None = None) -> None:
         tls = {"ssl_context": ssl_context} if ssl_context is not None else {}
         super().__init__(listener, application, handler_class=WebHandler, spawn=Pool(), log=None,
                          error_log=logging.getLogger("wsgateway.http"), **tls)
@@ -116,6 +118,7 @@ class WebServer(pywsgi.WSGIServer):
         self.idle_handlers: set[WebHandler] = set()  # waiting for their next request line
         self.open_connections = 0  # accepted and not yet closed, TLS handshakes included
         self.on_capacity_refusal = on_capacity_refusal  # called per connection refused at max_connections
+        self.trusted_proxies = trusted_proxies or TrustedProxies()  # whose X-Forwarded-For is believed: nobody's
         self._accept_pause_s = ACCEPT_PAUSE_S[0]
 
     # --- accept --------------------------------------------------------------------------
@@ -330,6 +333,7 @@ class WebHandler(WebSocketHandler):
         if timeout_s:
             self._deadline = gevent.Timeout.start_new(timeout_s, _RequestDeadline)
         self._request_started = False
+        self.remote = self.peer  # a new request: until its head is parsed, only the peer is known
         idle = self.server.idle_handlers
         idle.add(self)
         try:
@@ -411,9 +415,10 @@ class WebHandler(WebSocketHandler):
 
     def remote_address(self) -> str:
         """The client's address for the request just parsed: the one place it is decided
-        (admission, publishing and the logs read `self.remote`). It is the TCP peer; a
-        trusted proxy's forwarding header would be read here."""
-        return self.peer
+        (admission, publishing and the logs read `self.remote`). It is the TCP peer or,
+        when the peer is in `-trusted-proxies`, the client its X-Forwarded-For names."""
+        headers = self.head.headers  # type: ignore[union-attr]
+        return self.server.trusted_proxies.client_address(self.peer, headers.get("x-forwarded-for"))
 
     def _read_body(self) -> bytes:
         """The body, whole: at most `max_body_bytes` (413 past it, without reading it)."""
