@@ -248,3 +248,18 @@ def test_a_close_request_with_an_unknown_code_is_ignored(gateway, tokens, server
     assert [record.code for record in caplog.records if getattr(record, "event", "") == "close_ignored"] == [4999]
     assert gateway.publish(server_token, 21, "still_open").json == {"delivered": 1, "queued": False}
     assert receive_event(client)["event"] == "still_open"
+
+
+def test_refused_tokens_are_throttled_per_client_address_behind_a_trusted_proxy(start_gateway):
+    """-auth-fail-limit counts /presence and /disconnect refusals by the client X-Forwarded-For names, not the proxy."""
+    gateway = start_gateway("-auth-fail-limit", "2", "-trusted-proxies", "127.0.0.1")
+
+    def ask(client: str, path: str = "/presence"):
+        headers = {"Authorization": "Bearer no-such-token", "X-Forwarded-For": client}
+        if path == "/presence":
+            return gateway.request("GET", path, headers=headers)
+        return gateway.post(path, {"player_id": 21}, headers=headers)
+    assert [ask("203.0.113.9").status, ask("203.0.113.9", "/disconnect").status] == [403, 403]
+    throttled = ask("203.0.113.9", "/disconnect")
+    assert throttled.status == 429 and int(throttled.headers["retry-after"]) >= 1
+    assert ask("203.0.113.10").status == 403  # another client behind the same proxy is not held back
