@@ -263,3 +263,18 @@ def test_refused_tokens_are_throttled_per_client_address_behind_a_trusted_proxy(
     throttled = ask("203.0.113.9", "/disconnect")
     assert throttled.status == 429 and int(throttled.headers["retry-after"]) >= 1
     assert ask("203.0.113.10").status == 403  # another client behind the same proxy is not held back
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["in-process", "redis"])
+def test_a_close_request_that_finds_nobody_is_not_routed_again(start_gateway, start_cluster_gateway, cluster):
+    """A close envelope for a player whose connections here are gone is dropped, never queued for its next connection."""
+    gateway = start_cluster_gateway() if cluster else start_gateway()
+    here = gateway.gateway.gateway_id if cluster else LOCAL_GATEWAY
+    server = gateway.tokens.server()
+    witness = gateway.connect(gateway.tokens.player(99))
+    gateway.gateway.broker.publish(Envelope(close_frame(CloseCode.DISCONNECTED, "late"), "21", frozenset({here})))
+    assert gateway.publish(server, 99, "after", None).status == 200
+    assert receive_event(witness)["event"] == "after"  # the broker keeps order: the close envelope was handled
+    client = gateway.connect(gateway.tokens.player(21))
+    assert gateway.publish(server, 21, "first", None).json == {"delivered": 1, "queued": False}
+    assert receive_event(client) == {"event": "first", "payload": None}
