@@ -16,12 +16,19 @@ next to the server's), then runs these scenarios and prints one figure per line:
 * hold: `--hold` connections in total (the rest opened now), RSS per connection, and one
   broadcast to all of them;
 * scaleout: the fan-out again over the Redis broker (`--redis`): one gateway process, then
-  `-workers 2` on one port, then the publisher on one gateway and every player on another.
+  `-workers 2` on one port, then the publisher on one gateway and every player on another;
+* connect, storm, stop, publish_close: a connection's life, each on gateways of its own
+  (bench/lifecycle.py): `--storm-players` players opening their connections, reconnecting
+  after a restart, and a graceful stop; `/publish` with a new connection per request.
+
+`--mysql URL` keeps the tokens in a fresh MariaDB database instead of sqlite (scale-out
+stays on sqlite).
 
 Figures are printed, never asserted. A progress line on stderr shows what runs.
 
     .venv/bin/python bench/bench.py                      # the issue's configuration
     .venv/bin/python bench/bench.py --connections 50 --broadcasts 5 --duration-s 1 --hold 0
+    .venv/bin/python bench/bench.py --scenarios connect,storm,stop --mysql mysql+pymysql://root@127.0.0.1:3306
 
 The clients are this file run again as `bench.py _worker ws|http SPEC`; they talk to the
 coordinator in JSON lines on stdin/stdout. Publish-to-receipt latency uses
@@ -57,13 +64,21 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 GO_FIGURES = {
     "fanout_deliveries_per_s": 72_000, "fanout_cpu_us_per_delivery": 11.7,
     "kib_per_idle_connection": 35.8, "publish_requests_per_s": 11_300,
+    # issue 12, same machine, sqlite: 10,000 players; the storm counts failed reconnects
+    "connect_s": 2.9, "connect_cpu_us_per_connection": 250.0, "storm_s": 3.9, "storm_failed_attempts": 0,
+    "stop_s": 0.2, "publish_close_requests_per_s": 5_800,
 }
 GOALS = {
     "fanout_deliveries_per_s": (">=", 94_000), "fanout_cpu_us_per_delivery": ("<=", 3.5),
     "kib_per_idle_connection": ("<=", 24.0), "publish_requests_per_s": (">=", 5_500),
     "batch_messages_per_s": (">=", 55_000), "latency_p99_ms": ("<", 20.0),
     "hold_connections": (">=", 10_000),
+    "connect_s": ("<=", 2.9), "connect_cpu_us_per_connection": ("<=", 250.0), "storm_s": ("<=", 3.9),
+    "storm_failed_attempts": ("<=", 0), "stop_s": ("<=", 1.0), "publish_close_requests_per_s": (">=", 5_800),
 }
+CLASSIC_SCENARIOS = ("memory", "fanout", "publish", "batch", "latency", "hold", "scaleout")
+LIFECYCLE_SCENARIOS = ("connect", "storm", "stop", "publish_close")
+DEFAULT_SCENARIOS = ",".join(CLASSIC_SCENARIOS + LIFECYCLE_SCENARIOS)
 
 
 # --- the coordinator ---------------------------------------------------------------------------
@@ -104,36 +119,89 @@ def process_rss_bytes(pid: int) -> int:
 
 
 class GatewayUnderBench:
-    """bin/ws-gateway in a temporary directory, with `players` player tokens and a server token."""
+    """bin/ws-gateway in a temporary directory, with `players` player tokens and a server token.
 
-    def __init__(self, directory: Path, players: int, extra_flags: list[str]) -> None:
+    `mysql_url` (a server's SQLAlchemy URL): the tokens go into a fresh database there,
+    dropped by `drop_database`; else into a sqlite file in `directory`. `port` and
+    `tokens_from`: a second process on another's port and database (a restart), which is
+    not waited for (`ready_s` then stays None)."""
+
+    def __init__(self, directory: Path, players: int, extra_flags: list[str], *, mysql_url: str | None = None,
+                 port: int | None = None, tokens_from: GatewayUnderBench | None = None) -> None:
         self.directory = directory
         self.db_path = directory / "tokens.db"
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.server_token = "bench-server-token"
         self.player_tokens = [f"bench-player-{index:07d}" for index in range(1, players + 1)]
-        self._write_tokens()
+        self.mysql_url = tokens_from.mysql_url if tokens_from is not None else mysql_url
+        self.database = tokens_from.database if tokens_from is not None else f"wsgw_bench_{os.getpid()}_{self.port}"
+        if tokens_from is not None:
+            self.db_path = tokens_from.db_path
+        elif self.mysql_url:
+            self._write_mysql_tokens()
+        else:
+            self._write_tokens()
+        database_flags = (["-db", "mysql", "-dsn", f"{self.mysql_url}/{self.database}"] if self.mysql_url
+                          else ["-dsn", f"file:{self.db_path}?cache=shared"])
         self.log_path = directory / "gateway.log"
-        with open(directory / "stderr.txt", "w") as stderr:
+        self.ready_s: float | None = None  # from the process's start to its first /healthz answer
+        started = time.monotonic()
+        with open(directory / "stderr.txt", "a") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, str(GATEWAY_BIN), "-addr", f"127.0.0.1:{self.port}",
-                 "-dsn", f"file:{self.db_path}?cache=shared", "-rate-limit", "0", "-max-conns", "0",
+                [sys.executable, str(GATEWAY_BIN), "-addr", f"127.0.0.1:{self.port}", *database_flags,
+                 "-rate-limit", "0", "-max-conns", "0",
                  "-log-level", "warning", "-log-file", str(self.log_path), *extra_flags],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, cwd=directory)
-        self._wait_ready()
+        if tokens_from is None:
+            self._wait_ready()
+            self.ready_s = time.monotonic() - started
+
+    def _token_rows(self) -> tuple[str, list[tuple[str, int, str]]]:
+        expires_at = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+        return expires_at, [(token, index, expires_at) for index, token in enumerate(self.player_tokens, 1)]
 
     def _write_tokens(self) -> None:
         sys.path.insert(0, str(PROJECT))
         from wsgateway.tokens import SQLITE_SCHEMA  # the gateway's own schema, no copy of it
-        expires_at = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+        expires_at, rows = self._token_rows()
         with sqlite3.connect(self.db_path) as database:
             for statement in SQLITE_SCHEMA:
                 database.execute(statement)
             database.execute("INSERT INTO ws_token VALUES (?, NULL, 'bench-server', 1, ?)",
                              (self.server_token, expires_at))
-            database.executemany(
-                "INSERT INTO ws_token VALUES (?, ?, 'bench-player', 0, ?)",
-                ((token, index, expires_at) for index, token in enumerate(self.player_tokens, 1)))
+            database.executemany("INSERT INTO ws_token VALUES (?, ?, 'bench-player', 0, ?)", rows)
+
+    def _write_mysql_tokens(self) -> None:
+        sys.path.insert(0, str(PROJECT))
+        from sqlalchemy import create_engine, text
+
+        from wsgateway.tokens import MYSQL_SCHEMA
+        expires_at, rows = self._token_rows()
+        server = create_engine(self.mysql_url, isolation_level="AUTOCOMMIT")
+        with server.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE `{self.database}`"))
+        server.dispose()
+        engine = create_engine(f"{self.mysql_url}/{self.database}")
+        with engine.begin() as connection:
+            for statement in MYSQL_SCHEMA:
+                connection.execute(text(statement))
+            connection.execute(text("INSERT INTO ws_token VALUES (:token, NULL, 'bench-server', 1, :expires_at)"),
+                               {"token": self.server_token, "expires_at": expires_at})
+            connection.execute(text("INSERT INTO ws_token VALUES (:token, :player, 'bench-player', 0, :expires_at)"),
+                               [{"token": token, "player": player, "expires_at": expires}
+                                for token, player, expires in rows])
+        engine.dispose()
+
+    def drop_database(self) -> None:
+        """Drop the MariaDB database this gateway's tokens were written to (if any)."""
+        if not self.mysql_url:
+            return
+        from sqlalchemy import create_engine, text
+
+        server = create_engine(self.mysql_url, isolation_level="AUTOCOMMIT")
+        with server.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS `{self.database}`"))
+        server.dispose()
 
     def player_id(self, token: str) -> int:
         return int(token.rsplit("-", 1)[1])
@@ -147,7 +215,7 @@ class GatewayUnderBench:
                 if self.request("GET", "/healthz")[0] == 200:
                     return
             except OSError:
-                time.sleep(0.1)
+                time.sleep(0.01)
         raise SystemExit("ws-gateway did not answer /healthz within 30 s")
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -186,11 +254,13 @@ def _free_port() -> int:
 
 
 class Worker:
-    """A client process: this file run as `_worker KIND SPEC`, JSON lines both ways."""
+    """A client process: `SCRIPT` (this file) run as `_worker KIND SPEC`, JSON lines both ways."""
+
+    SCRIPT = Path(__file__).resolve()
 
     def __init__(self, kind: str, spec: dict[str, Any]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "_worker", kind, json.dumps(spec)],
+            [sys.executable, str(self.SCRIPT), "_worker", kind, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def send(self, command: dict[str, Any]) -> None:
@@ -536,6 +606,14 @@ def print_summary(results: dict[str, float], cores: int) -> None:
         "publish_requests_per_s_wrk": ("/publish requests/s (wrk)", "{:,.0f}"),
         "batch_messages_per_s": ("batch messages/s", "{:,.0f}"),
         "latency_p99_ms": ("latency p99 ms", "{:.2f}"),
+        "connect_s": ("connect: all open, s", "{:.2f}"),
+        "connect_cpu_us_per_connection": ("connect: server CPU µs/conn", "{:.0f}"),
+        "connect_failed_attempts": ("connect: failed attempts", "{:,.0f}"),
+        "storm_s": ("storm: all back, s", "{:.2f}"),
+        "storm_failed_attempts": ("storm: failed attempts", "{:,.0f}"),
+        "storm_cpu_us_per_reconnect": ("storm: new process µs/conn", "{:.0f}"),
+        "stop_s": ("stop: process exited, s", "{:.2f}"),
+        "publish_close_requests_per_s": ("/publish, no keep-alive, req/s", "{:,.0f}"),
         "scaleout_1_worker_deliveries_per_s": ("redis 1 worker deliveries/s", "{:,.0f}"),
         "scaleout_1_worker_cpu_us_per_delivery": ("redis 1 worker µs/delivery", "{:.2f}"),
         "scaleout_2_workers_deliveries_per_s": ("redis 2 workers deliveries/s", "{:,.0f}"),
@@ -562,9 +640,8 @@ def print_summary(results: dict[str, float], cores: int) -> None:
               f"{f'{goal[0]} {form.format(goal[1])}' if goal else '':>10} | {met:>3} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_options(parser: argparse.ArgumentParser, default_scenarios: str) -> None:
+    """The options of bench.py, which lifecycle.py shares."""
     parser.add_argument("--connections", type=int, default=2000, help="players connected for fan-out and memory")
     parser.add_argument("--broadcasts", type=int, default=50, help="broadcasts per fan-out round")
     parser.add_argument("--rounds", type=int, default=3, help="fan-out rounds (the best is reported)")
@@ -579,20 +656,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=int, default=10_000, help="connections to hold at the end (0: skip)")
     parser.add_argument("--connections-per-client", type=int, default=2500, help="connections per client process")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the scaleout scenario")
-    parser.add_argument("--scenarios", default="memory,fanout,publish,batch,latency,hold,scaleout",
-                        help="comma-separated subset to run (memory always opens the connections)")
+    parser.add_argument("--scenarios", default=default_scenarios,
+                        help="comma-separated subset to run (memory always opens the connections for the "
+                             "first seven; " + ", ".join(LIFECYCLE_SCENARIOS) + ": see bench/lifecycle.py)")
+    parser.add_argument("--storm-players", type=int, default=10_000,
+                        help="players of the connect, storm and stop scenarios")
+    parser.add_argument("--mysql", metavar="SERVER_URL", default="",
+                        help="tokens in a fresh database on this MariaDB server (dropped at the end) instead of "
+                             "sqlite, e.g. mysql+pymysql://root@127.0.0.1:3306")
     parser.add_argument("--wrk", action="store_true", help="also measure /publish with wrk, if installed")
     parser.add_argument("--gateway-flag", action="append", default=[], metavar="FLAG",
                         help="extra ws-gateway flag, e.g. --gateway-flag=-max-outbox=8192 (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (gateway log)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser, DEFAULT_SCENARIOS)
     args = parser.parse_args(argv)
     scenarios = set(args.scenarios.split(","))
 
     cores = os.cpu_count() or 0
-    print(f"ws-gateway bench: {cores} cores, load {load_average()}, python {sys.version.split()[0]}", flush=True)
+    print(f"ws-gateway bench: {cores} cores, load {load_average()}, python {sys.version.split()[0]}, "
+          f"db {'mysql' if args.mysql else 'sqlite'}", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="ws-gateway-bench-"))
+    results: dict[str, float] = {}
+    try:
+        if scenarios & set(CLASSIC_SCENARIOS[:-1]):
+            results.update(classic(args, directory, scenarios))
+        if "scaleout" in scenarios:
+            results.update(scale_out(args, directory))
+        if scenarios & set(LIFECYCLE_SCENARIOS):
+            import lifecycle  # bench/lifecycle.py, beside this file
+
+            results.update(lifecycle.run(args, directory, scenarios))
+    finally:
+        progress("")
+        if args.keep:
+            print(f"kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    print_summary(results, cores)
+    return 0
+
+
+def classic(args: argparse.Namespace, directory: Path, scenarios: set[str]) -> dict[str, float]:
+    """The scenarios on one gateway that holds `--connections` players (opened by memory)."""
     players = max(args.connections, args.hold) + 1
-    gateway = GatewayUnderBench(directory, players, args.gateway_flag)
+    gateway = GatewayUnderBench(directory, players, args.gateway_flag, mysql_url=args.mysql)
     bench = Bench(args, gateway)
     try:
         bench.memory()
@@ -609,17 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
         gateway.stop()
-    try:
-        if "scaleout" in scenarios:
-            bench.results.update(scale_out(args, directory))
-    finally:
-        progress("")
-        if args.keep:
-            print(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
-    print_summary(bench.results, cores)
-    return 0
+        gateway.drop_database()
+    return bench.results
 
 
 # --- the client processes ----------------------------------------------------------------------

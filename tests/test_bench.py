@@ -12,9 +12,10 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 
 
 def test_bench_runs_every_scenario_and_prints_the_figures(tmp_path):
-    """The bench starts a gateway, runs all scenarios with a few connections, and prints each figure and the core count."""
+    """The bench starts a gateway, runs all scenarios on one gateway (and scale-out) with a few connections, and prints each figure and the core count."""
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--connections", "20", "--broadcasts", "3", "--rounds", "1",
+        [sys.executable, str(BENCH), "--scenarios", "memory,fanout,publish,batch,latency,hold,scaleout",
+         "--connections", "20", "--broadcasts", "3", "--rounds", "1",
          "--publishers", "2", "--http-clients", "1", "--batch-size", "5", "--duration-s", "0.5",
          "--latency-rate", "200", "--hold", "30", "--connections-per-client", "25"],
         cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
@@ -37,3 +38,18 @@ def test_broker_bench_prints_what_an_envelope_costs(tmp_path):
         cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True, timeout=PROCESS_START_TIMEOUT_S)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "200 envelopes, 2 publishers:" in result.stdout and "Redis CPU" in result.stdout
+
+
+def test_bench_runs_the_connection_life_cycle_scenarios(tmp_path):
+    """The connect, reconnect storm, stop and no-keep-alive publish scenarios run against real bin/ws-gateway processes (a restart on the same port among them) and print their figures."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--scenarios", "connect,storm,stop,publish_close", "--storm-players", "40",
+         "--connections-per-client", "20", "--publishers", "2", "--http-clients", "1", "--duration-s", "0.5"],
+        cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
+        timeout=4 * PROCESS_START_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr + result.stdout
+    output = result.stdout
+    for figure in ("connect: all open, s", "connect: server CPU µs/conn", "storm: all back, s",
+                   "storm: failed attempts", "stop: process exited, s", "/publish, no keep-alive, req/s"):
+        assert f"| {figure}" in output, output
+    assert "close codes 1001: 40" in output, output
