@@ -2,8 +2,11 @@
 (start from anywhere, pid file, signals, JSON logs without tokens)."""
 from __future__ import annotations
 
+import _socket
+import errno
 import http.client
 import json
+import select
 import signal
 import socket
 import sqlite3
@@ -39,6 +42,25 @@ class HalfSentRequest:
         body = json.loads(response.read())
         self.sock.close()
         return response.status, body
+
+
+def test_a_wave_of_connections_waits_in_the_accept_queue_instead_of_being_dropped(gateway):
+    """While the gateway is busy, 1,000 connections that arrive at once all complete their TCP handshake (they wait in an accept queue as deep as the kernel allows), where gevent's default queue of 128 dropped the rest for the clients to retry 1 s later."""
+    wave = 1000
+    poll = gevent.monkey.get_original("select", "poll")()
+    clients = []
+    try:
+        # Plain C sockets and poll: the test never yields, so the gateway accepts nothing meanwhile.
+        for _ in range(wave):
+            client = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            client.setblocking(False)
+            assert client.connect_ex((gateway.host, gateway.port)) in (0, errno.EINPROGRESS)
+            poll.register(client.fileno(), select.POLLOUT)
+            clients.append(client)
+        assert len(poll.poll(200)) == wave  # writable: the handshake completed
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_shutdown_closes_sockets_with_1001_and_refuses_newcomers(gateway, tokens):

@@ -44,6 +44,7 @@ from wsgateway.roster import LocalRoster, Roster
 from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import SqlTokenStore, TokenStore
 from wsgateway.web_server import WebLimits, WebServer
+from wsgateway.workers import listen_backlog
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Gateway:
         self.revalidator = Revalidator(self.store, self.hub.connections)
         self.server = WebServer(
             listener if listener is not None else (config.listen_host, config.listen_port),
-            create_app(self),
+            create_app(self), backlog=None if listener is not None else listen_backlog(),
             limits=WebLimits(request_timeout_s=config.request_timeout_s,
                              tls_handshake_timeout_s=config.tls_handshake_timeout_s,
                              max_connections=config.max_total_conns, max_body_bytes=config.max_body_bytes),

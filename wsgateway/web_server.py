@@ -107,9 +107,11 @@ class WebServer(pywsgi.WSGIServer):
                  publishing: Publishing | None = None,
                  websocket_endpoints: Mapping[str, WebSocketEndpoint] | None = None,
                  ssl_context: Any = None, on_capacity_refusal: Callable[[], None] | None = None,
-                 trusted_proxies: TrustedProxies | None = None) -> None:
+                 trusted_proxies: TrustedProxies | None = None, backlog: int | None = None) -> None:
+        """`backlog`: the accept queue when `listener` is an address to bind (None:
+        gevent's 128); a socket given as `listener` listens already."""
         tls = {"ssl_context": ssl_context} if ssl_context is not None else {}
-        super().__init__(listener, application, handler_class=WebHandler, spawn=Pool(), log=None,
+        super().__init__(listener, application, handler_class=WebHandler, spawn=Pool(), log=None, backlog=backlog,
                          error_log=logging.getLogger("wsgateway.http"), **tls)
         self.limits = limits
         self.publishing = publishing  # answers /publish, /publish/batch, /broadcast
