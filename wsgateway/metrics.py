@@ -26,6 +26,7 @@ import os
 from gevent import monkey
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                disable_created_metrics, generate_latest)
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client import values
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -39,7 +40,10 @@ disable_created_metrics()
 # turns into a cooperative lock written in Python: half of each update's cost, and a
 # publish makes five. The guarded code is one addition, which never yields, so the
 # native lock can never be held across a greenlet switch; it still guards real threads.
+# The same holds for each metric's own lock, taken by every `labels()` (a dictionary
+# look-up, or building the child): a disconnect and a publish each call it.
 values.Lock = monkey.get_original("threading", "Lock")
+prometheus_metrics.Lock = values.Lock
 
 DROP_OFFLINE_FULL = "offline_queue_full"  # oldest offline message dropped for a newer one
 DROP_OFFLINE_EXPIRED = "offline_expired"  # offline message outlived -offline-ttl
