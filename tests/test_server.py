@@ -18,6 +18,7 @@ import websocket
 
 from tests.helpers import (TIMEOUT_S, GatewayProcess, GatewayUnderTest, RawClient, TokenTable, receive_close,
                            receive_event, wait_for)
+from wsgateway.connection import CLOSE_HANDSHAKE_TIMEOUT_S
 
 UPGRADE_HEADERS = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
@@ -127,6 +128,23 @@ def test_shutdown_gives_up_on_unanswered_close_after_its_timeout(gateway, tokens
     assert 0.4 < time.monotonic() - started < 0.5 + 1.0
     assert mute.read_close() == 1001
     assert gateway.gateway.hub.connection_count() == 0
+    mute.close()
+
+
+def test_shutdown_hangs_up_on_unanswered_closes_after_the_close_handshake_timeout(gateway, tokens):
+    """With a long shutdown timeout, a client that never answers the 1001 close is hung up once the close handshake timeout has passed, while one that answers is done at once."""
+    mute = RawClient(gateway.host, gateway.port, f"/ws?token={tokens.player(21)}")
+    polite = gateway.connect(tokens.player(22))
+    wait_for(lambda: gateway.gateway.hub.connection_count() == 2, what="connections registered")
+    stopper = gevent.spawn(gateway.gateway.shutdown, 30.0)
+    assert receive_close(polite) == (1001, "server shutting down")
+    polite.close()  # answers the close
+    started = time.monotonic()
+    stopper.join(30.0)
+    assert stopper.successful()
+    assert CLOSE_HANDSHAKE_TIMEOUT_S - 0.5 < time.monotonic() - started < CLOSE_HANDSHAKE_TIMEOUT_S + 1.0
+    assert mute.read_close() == 1001
+    assert gateway.metric("ws_disconnects_total", code="1001") == 2
     mute.close()
 
 

@@ -139,13 +139,21 @@ class Connection:
         self.send(PING_FRAME)
 
     # --- closing --------------------------------------------------------------------
-    def close(self, code: CloseCode, reason: str | None = None) -> None:
+    def close(self, code: CloseCode, reason: str | None = None, *,
+              handshake_timeout_s: float | None = CLOSE_HANDSHAKE_TIMEOUT_S) -> None:
         """Start the closing handshake after what is already queued; the connection ends
-        when the client answers or after `CLOSE_HANDSHAKE_TIMEOUT_S`."""
+        when the client answers or after `handshake_timeout_s`. None: no timer of its
+        own; the caller promises to `hang_up` if the client does not answer (a shutdown
+        closing thousands of connections waits once for all of them)."""
         if not self._start_closing(code):
             return
         self._send_close(code, code.reason if reason is None else reason)
-        self._close_timer = gevent.spawn_later(CLOSE_HANDSHAKE_TIMEOUT_S, self._shutdown)
+        if handshake_timeout_s is not None:
+            self._close_timer = gevent.spawn_later(handshake_timeout_s, self._shutdown)
+
+    def hang_up(self) -> None:
+        """End the connection now, without a word more: the reader returns at once."""
+        self._shutdown()
 
     def abort(self, code: CloseCode) -> None:
         """End now: discard the backlog, try to send a close frame without waiting, and

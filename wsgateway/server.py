@@ -29,6 +29,7 @@ from wsgateway.app import WEBSOCKET_PATH, create_app
 from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.broker import Broker, InProcessBroker
 from wsgateway.config import Config, ConfigError
+from wsgateway.connection import CLOSE_HANDSHAKE_TIMEOUT_S
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.hub import Hub
@@ -206,14 +207,18 @@ class Gateway:
         self.server.draining = True
         self.server.close()
         self.server.end_idle_connections()
+        # Every close frame first, then one wait for all the answers: a timer per
+        # connection would be thousands of greenlets for one deadline.
         connections = list(self.hub.connections())
         for connection in connections:
-            connection.close(CloseCode.GOING_AWAY)  # type: ignore[attr-defined]
+            connection.close(CloseCode.GOING_AWAY, handshake_timeout_s=None)  # type: ignore[attr-defined]
         pool = self.server.pool
         if pool is not None:
-            total_s = max(0.0, deadline - time.monotonic())
-            kill_grace_s = min(KILL_GRACE_S, total_s / 10)
-            pool.join(timeout=total_s - kill_grace_s)
+            kill_grace_s = min(KILL_GRACE_S, max(0.0, deadline - time.monotonic()) / 10)
+            pool.join(timeout=min(CLOSE_HANDSHAKE_TIMEOUT_S, max(0.0, deadline - time.monotonic() - kill_grace_s)))
+            for connection in self.hub.connections():  # their clients did not answer the close
+                connection.hang_up()  # type: ignore[attr-defined]
+            pool.join(timeout=max(0.0, deadline - time.monotonic() - kill_grace_s))
             pool.kill(block=True, timeout=kill_grace_s)
         gevent.killall(self._jobs, block=False)
         self._quietly(self.roster.close)
