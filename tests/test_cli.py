@@ -2,14 +2,17 @@
 settings come from, and --help."""
 from __future__ import annotations
 
+import http.client
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import websocket
 
-from tests.helpers import (TIMEOUT_S, GatewayProcess, TokenTable, free_port, gateway_environment,
-                           run_gateway_cli)
+from tests.helpers import (GATEWAY_BIN, PROCESS_START_TIMEOUT_S, TIMEOUT_S, GatewayProcess, TokenTable, free_port,
+                           gateway_environment, run_gateway_cli, wait_for)
 
 
 def one_line(stderr: str) -> str:
@@ -71,6 +74,41 @@ def test_address_in_use_exits_with_one_line(tmp_path):
     assert result.returncode == 1, result.stderr
     line = one_line(result.stderr)
     assert "-addr" in line and "in use" in line, line
+
+
+def test_address_let_go_of_soon_after_start_is_waited_for(tmp_path):
+    """A gateway started while the process it replaces still holds the address (a restart) waits until the address is free, then serves, instead of exiting."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, str(GATEWAY_BIN), "-addr", f"127.0.0.1:{port}", "-dsn", f"file:{tmp_path / 'tokens.db'}"],
+        cwd=tmp_path, env=gateway_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=0.5)  # still waiting for the address, not exited
+        holder.close()
+        answer: list[int] = []
+
+        def healthy() -> bool:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+            try:
+                connection.request("GET", "/healthz")
+                answer.append(connection.getresponse().status)
+                return True
+            except OSError:
+                return False
+            finally:
+                connection.close()
+        wait_for(healthy, PROCESS_START_TIMEOUT_S, what="ws-gateway answering /healthz")
+        assert answer == [200]
+    finally:
+        holder.close()
+        process.terminate()
+        process.wait(timeout=PROCESS_START_TIMEOUT_S)
 
 
 def test_flag_beats_environment_beats_config_file(tmp_path):

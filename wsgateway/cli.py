@@ -10,6 +10,11 @@ listen address cannot be bound. The systemd unit restarts on 1, never on 2
 A command word (`db`, `token`, `publish`, `broadcast`, `presence`, `disconnect`) anywhere
 among the settings runs that operations command instead (`commands`); without one, the
 gateway serves.
+
+A gateway binds its address as soon as the settings are read, before it imports the web
+stack and the database layer (Flask, SQLAlchemy: most of its start-up time, and several
+seconds on a busy machine). On a restart the players' reconnects then wait in the
+accept queue until it serves, instead of being refused and retried seconds later.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from wsgateway import commands
 from wsgateway.config import Config, ConfigError, load
 from wsgateway.errors import BrokerUnavailable, StoreMisconfigured, StoreUnavailable
 from wsgateway.logs import setup_logging
-from wsgateway.server import Gateway, freeze_startup_heap, remove_pid_file, write_pid_file
-from wsgateway.workers import Supervisor, inherited_listener
+from wsgateway.workers import Supervisor, bind_listener, inherited_listener
+
+PORT_WAIT_S = 2.0  # how long a starting gateway waits for its address to be let go of
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.workers > 1:
         return _supervise(config, arguments)
 
+    listener = inherited_listener()
+    if listener is None:
+        try:
+            listener = bind_listener(config.listen_host, config.listen_port, inheritable=False,
+                                     wait_for_port_s=PORT_WAIT_S)
+        except OSError as exc:
+            return _fail(_cannot_listen(config, exc), 1)
+    # Only now the web stack and the database layer (see the module docstring).
+    from wsgateway.server import Gateway, freeze_startup_heap, remove_pid_file, write_pid_file
+
     try:
-        gateway = Gateway(config, listener=inherited_listener())
+        gateway = Gateway(config, listener=listener)
     except ConfigError as exc:  # -tls-cert / -tls-key files unusable
         return _fail(str(exc), 2)
     try:
@@ -83,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _supervise(config: Config, argv: list[str]) -> int:
     """-workers N: this process only binds, supervises and relays signals."""
+    from wsgateway.server import remove_pid_file, write_pid_file
+
     supervisor = Supervisor(config, argv)
     if config.pid_file:
         try:

@@ -34,14 +34,17 @@ import signal
 import ssl
 import sys
 from datetime import datetime
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from wsgateway.admin import TokenAdmin, TokenRow, masked
-from wsgateway.tokens import SqlTokenStore
 from wsgateway.client import GatewayClient, GatewayError, PlayerListener
 from wsgateway.config import (FLAGS, Config, ConfigError, build, load, masked_password, parse_count, parse_duration,
                               problems, read_settings, setting_option)
 from wsgateway.errors import StoreMisconfigured, StoreUnavailable
+
+# SQLAlchemy comes with admin and tokens: imported by the commands that use them, not by
+# a starting gateway, which imports this module before it has bound its address (cli).
+if TYPE_CHECKING:
+    from wsgateway.admin import TokenAdmin, TokenRow
 
 COMMANDS = ("db", "token", "publish", "broadcast", "checkconfig", "listen", "presence", "disconnect")
 TOKEN_ENV = "WS_GATEWAY_SERVER_TOKEN"  # the server-token commands' --token, kept out of `ps`
@@ -129,7 +132,16 @@ def _fail(name: str, message: str, status: int) -> int:
 # --- db and token -------------------------------------------------------------------------
 def _admin(config: Config, *, create_file: bool = False) -> TokenAdmin:
     """Only `db init` creates a missing sqlite file; the other commands refuse it."""
+    from wsgateway.admin import TokenAdmin
+
     return TokenAdmin(config.database_url, db_timeout_s=config.db_timeout_s, create_file=create_file)
+
+
+def masked(token: str) -> str:
+    """`admin.masked`, imported when first used (see the imports above)."""
+    from wsgateway import admin
+
+    return admin.masked(token)
 
 
 def _db_init(options: argparse.Namespace, config: Config) -> int:
@@ -249,6 +261,8 @@ def _file_problems(config: Config) -> list[str]:
 def _check_database(config: Config) -> tuple[str, list[str], list[str]]:
     """(note, configuration problems, unanswered) for the token database; a missing
     sqlite file or table is no problem (the gateway creates them at start)."""
+    from wsgateway.tokens import SqlTokenStore
+
     store = SqlTokenStore(config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=0.0,
                           create_file=False)
     try:

@@ -12,6 +12,7 @@ which drains as a single gateway does; the supervisor exits 0 when all are done.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from wsgateway.config import Config
 log = logging.getLogger(__name__)
 
 LISTEN_FD_ENV = "WSGATEWAY_LISTEN_FD"  # set by the supervisor for its workers only
+BIND_RETRY_INTERVAL_S = 0.02  # between two tries of an address still in use
 QUICK_DEATH_S = 2.0  # a worker that dies sooner than this after starting counts as crash-looping
 RESPAWN_MAX_DELAY_S = 10.0
 STOP_GRACE_S = 2.0  # beyond -shutdown-timeout, before stragglers are killed
@@ -54,14 +56,27 @@ def listen_backlog() -> int:
         return socket.SOMAXCONN
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """The listening socket every worker inherits."""
+def bind_listener(host: str, port: int, *, inheritable: bool = True,
+                  wait_for_port_s: float = 0.0) -> socket.socket:
+    """A listening socket on `host:port` (inheritable: for `-workers`' workers).
+
+    `wait_for_port_s`: while the address is in use, try again for this long. A restart
+    starts the new process at once, and the old one may not have closed its listener yet."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
+    give_up_at = time.monotonic() + wait_for_port_s
+    while True:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+            break
+        except OSError as exc:
+            listener.close()
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= give_up_at:
+                raise
+            time.sleep(BIND_RETRY_INTERVAL_S)
     listener.listen(listen_backlog())
-    listener.set_inheritable(True)
+    listener.set_inheritable(inheritable)
     return listener
 
 
