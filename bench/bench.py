@@ -113,6 +113,13 @@ def process_cpu_s(pid: int) -> float:
     return own_s + sum(process_cpu_s(child) for child in children)
 
 
+def process_cpu_split_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, from /proc."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) * CLOCK_TICKS_S, int(fields[12]) * CLOCK_TICKS_S
+
+
 def process_rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as handle:
         return int(handle.read().split()[1]) * PAGE_BYTES

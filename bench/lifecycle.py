@@ -133,17 +133,21 @@ def _report(scenario: str, text: str) -> None:
 
 def connect_rate(gateway: core.GatewayUnderBench, players: Players, results: dict[str, float]) -> None:
     cpu_before = gateway.cpu_s
+    user_before, system_before = core.process_cpu_split_s(gateway.process.pid)
     start_at = time.monotonic() + 0.2
     players.command({"cmd": "open", "start_at": start_at})
     stats = players.wait("connect", lambda stats: stats["open"] >= players.count)
     cpu_s = gateway.cpu_s - cpu_before
+    user_s, system_s = core.process_cpu_split_s(gateway.process.pid)
+    split = (f"user {(user_s - user_before) / players.count * 1e6:.0f} + system "
+             f"{(system_s - system_before) / players.count * 1e6:.0f}")
     elapsed_s = stats["last_open"] - start_at
     results["connect_s"] = elapsed_s
     results["connect_cpu_us_per_connection"] = cpu_s / players.count * 1e6
     results["connect_failed_attempts"] = stats["failed"]
     _report("connect", f"{players.count:,} players open in {elapsed_s:.2f} s (the schedule takes "
                        f"{(players.count - 1) // OPEN_PER_TICK * TICK_S:.2f} s), {_failures(stats)}, "
-                       f"server CPU {cpu_s / players.count * 1e6:.0f} µs/connection, clients' CPU "
+                       f"server CPU {cpu_s / players.count * 1e6:.0f} µs/connection ({split}), clients' CPU "
                        f"{stats['cpu_s'] / players.count * 1e6:.0f} µs/connection")
 
 
@@ -163,6 +167,7 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
             exited.append(time.monotonic())
     stats = players.wait("storm", lambda stats: stats["reopened"] >= players.count, also=watch_old)
     cpu_s = new.cpu_s
+    user_s, system_s = core.process_cpu_split_s(new.process.pid)
     while not exited:
         watch_old()
         time.sleep(0.01)
@@ -173,7 +178,8 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
     _report("storm", f"{players.count:,} players back {elapsed_s:.2f} s after the first close, {_failures(stats)}; "
                      f"old process exited {exited[0] - signalled:.2f} s after SIGTERM (close codes {_codes(stats)}, "
                      f"last close {stats['last_close'] - signalled:.2f} s after SIGTERM); new process's CPU "
-                     f"{cpu_s * 1e6 / players.count:.0f} µs/reconnect, its start-up included ({cpu_s:.2f} s)")
+                     f"{cpu_s * 1e6 / players.count:.0f} µs/reconnect, its start-up included ({cpu_s:.2f} s: user "
+                     f"{user_s:.2f} + system {system_s:.2f})")
     return new
 
 
