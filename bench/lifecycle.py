@@ -51,6 +51,10 @@ SCENARIO_TIMEOUT_S = 180.0
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux: pick the port at connect
 
 
+class ScenarioIncomplete(Exception):
+    """A scenario did not finish in time (reported): those after it on the same players are skipped."""
+
+
 class Client(core.Worker):
     SCRIPT = Path(__file__).resolve()
 
@@ -98,7 +102,8 @@ class Players:
 
     def wait(self, label: str, done: Any, timeout_s: float = SCENARIO_TIMEOUT_S,
              also: Any = None) -> dict[str, Any]:
-        """Poll the clients until `done(stats)`; `also()` runs at each poll."""
+        """Poll the clients until `done(stats)` or `timeout_s` (then `stats["timed_out"]`);
+        `also()` runs at each poll."""
         deadline = time.monotonic() + timeout_s
         while True:
             stats = self.stats()
@@ -106,10 +111,9 @@ class Players:
                 also()
             core.progress(f"{label}: {stats['open']:,} open, {stats['reopened']:,} reopened, "
                           f"{stats['failed']:,} failed attempts")
-            if done(stats):
+            stats["timed_out"] = time.monotonic() > deadline
+            if done(stats) or stats["timed_out"]:
                 return stats
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{label}: not done after {timeout_s:.0f} s: {stats}")
             time.sleep(0.05)
 
     def close(self) -> None:
@@ -141,6 +145,10 @@ def connect_rate(gateway: core.GatewayUnderBench, players: Players, results: dic
     user_s, system_s = core.process_cpu_split_s(gateway.process.pid)
     split = (f"user {(user_s - user_before) / players.count * 1e6:.0f} + system "
              f"{(system_s - system_before) / players.count * 1e6:.0f}")
+    if stats["timed_out"]:
+        _report("connect", f"only {stats['open']:,} of {players.count:,} players open after "
+                           f"{SCENARIO_TIMEOUT_S:.0f} s, {_failures(stats)}")
+        raise ScenarioIncomplete
     elapsed_s = stats["last_open"] - start_at
     results["connect_s"] = elapsed_s
     results["connect_cpu_us_per_connection"] = cpu_s / players.count * 1e6
@@ -168,6 +176,11 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
     stats = players.wait("storm", lambda stats: stats["reopened"] >= players.count, also=watch_old)
     cpu_s = new.cpu_s
     user_s, system_s = core.process_cpu_split_s(new.process.pid)
+    if stats["timed_out"]:
+        _report("storm", f"only {stats['reopened']:,} of {players.count:,} players back after "
+                         f"{SCENARIO_TIMEOUT_S:.0f} s, {_failures(stats)}")
+        new.stop()
+        raise ScenarioIncomplete
     while not exited:
         watch_old()
         time.sleep(0.01)
@@ -265,6 +278,8 @@ def run(args: argparse.Namespace, directory: Path, scenarios: set[str]) -> dict[
                 current = storm(gateway, players, flags, results)
             if "stop" in scenarios:
                 stop(current, players, results)
+        except ScenarioIncomplete:
+            pass  # reported; what follows needs every player connected
         finally:
             players.close()
             gateway.stop()
