@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _socket
 import errno
+import gc
 import http.client
 import json
 import select
@@ -19,6 +20,7 @@ import websocket
 from tests.helpers import (TIMEOUT_S, GatewayProcess, GatewayUnderTest, RawClient, TokenTable, receive_close,
                            receive_event, wait_for)
 from wsgateway.connection import CLOSE_HANDSHAKE_TIMEOUT_S
+from wsgateway.server import freeze_startup_heap
 
 UPGRADE_HEADERS = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
@@ -236,6 +238,26 @@ def test_process_keeps_its_start_up_heap_out_of_garbage_collections(gateway_proc
     client = websocket.create_connection(f"{process.ws_url}?token={table.player(21)}", timeout=TIMEOUT_S)
     deliver_once(process, client, table, 21)
     table.engine.dispose()
+
+
+def test_a_crowd_of_new_long_lived_objects_triggers_no_full_collection():
+    """After the start-up heap is frozen, objects that arrive and stay (connections coming in, as many as 10,000 players leave behind) cause no full garbage collection, where CPython's default ran one each time they grew by a quarter."""
+    thresholds = gc.get_threshold()
+    full_collections = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full_collections.append(info)
+    try:
+        freeze_startup_heap()
+        gc.callbacks.append(count)
+        crowd = [[index] for index in range(300_000)]  # about 10,000 connections' tracked objects
+        assert not full_collections
+        del crowd
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def test_keep_alive_publishes_do_not_wait_for_delayed_acks(gateway, tokens):

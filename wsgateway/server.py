@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ROSTER_UPKEEP_INTERVAL_S = 1.0  # offline expiry sweeps; Redis presence heartbeats when due
 EVICTION_CHECK_INTERVAL_S = 10.0  # how often a -broker Redis's maxmemory-policy is checked again
+FULL_COLLECTION_EVERY = 100  # middle-generation collections per full one (CPython's default: 10)
 KILL_GRACE_S = 0.5  # of the shutdown timeout, kept for killing requests that did not finish
 
 
@@ -293,9 +294,19 @@ def freeze_startup_heap() -> int:
     collection walks every tracked object while nothing else runs: at 2,000 connections
     that was 140,000 objects and up to 60 ms on 2 cores, 63,000 of them from start-up,
     which live as long as the process anyway. Garbage is collected first, so none of it
-    is frozen (it would never be freed)."""
+    is frozen (it would never be freed).
+
+    Full collections also become rarer: one per `FULL_COLLECTION_EVERY` collections of
+    the middle generation instead of 10. While players arrive, nearly every surviving
+    object is a live connection's, and CPython ran a full collection each time they grew
+    by a quarter: 7 of them while 10,000 players connected, each walking every
+    connection's objects (about 2.7 s of collection of the 5 s the gateway worked,
+    measured with gc.callbacks on a busy machine; 0.4 s with this setting). The young
+    generations are collected as often as before, so the pauses stay short."""
     gc.collect()
     gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
     return gc.get_freeze_count()
 
 
