@@ -37,6 +37,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,7 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
     players.command({"cmd": "reset", "reconnect": True})
     home = old.directory / "restarted"
     home.mkdir()
+    gap = ListenerGap(old.port)
     signalled = time.monotonic()
     old.process.send_signal(signal.SIGTERM)
     new = core.GatewayUnderBench(home, 0, flags, port=old.port, tokens_from=old)
@@ -184,16 +186,57 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
     while not exited:
         watch_old()
         time.sleep(0.01)
+    gap.stop()
     elapsed_s = stats["last_open"] - stats["first_close"]
     results["storm_s"] = elapsed_s
     results["storm_failed_attempts"] = stats["failed"]
     results["storm_cpu_us_per_reconnect"] = cpu_s / players.count * 1e6
     _report("storm", f"{players.count:,} players back {elapsed_s:.2f} s after the first close, {_failures(stats)}; "
                      f"old process exited {exited[0] - signalled:.2f} s after SIGTERM (close codes {_codes(stats)}, "
-                     f"last close {stats['last_close'] - signalled:.2f} s after SIGTERM); new process's CPU "
+                     f"last close {stats['last_close'] - signalled:.2f} s after SIGTERM); {gap.describe(signalled)}; "
+                     f"new process's CPU "
                      f"{cpu_s * 1e6 / players.count:.0f} µs/reconnect, its start-up included ({cpu_s:.2f} s: user "
                      f"{user_s:.2f} + system {system_s:.2f})")
     return new
+
+
+class ListenerGap:
+    """When nothing listened on `port` (from /proc/net/tcp, every 2 ms, in a thread): the
+    old process closed its listener, and the new one had not bound yet."""
+
+    def __init__(self, port: int) -> None:
+        self._port = f":{port:04X} "
+        self.closed_at: float | None = None
+        self.reopened_at: float | None = None
+        self._running = True
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _listening(self) -> bool:
+        with open("/proc/net/tcp") as table:
+            return any(self._port in line and line.split()[3] == "0A" for line in table)
+
+    def _watch(self) -> None:
+        while self._running and self.reopened_at is None:
+            listening = self._listening()
+            now = time.monotonic()
+            if not listening and self.closed_at is None:
+                self.closed_at = now
+            elif listening and self.closed_at is not None:
+                self.reopened_at = now
+            time.sleep(0.002)
+
+    def stop(self) -> None:
+        self._running = False
+        self._thread.join()
+
+    def describe(self, since: float) -> str:
+        if self.closed_at is None:
+            return "the port never lacked a listener"
+        if self.reopened_at is None:
+            return f"no listener from {self.closed_at - since:.2f} s after SIGTERM on"
+        return (f"no listener from {self.closed_at - since:.2f} to {self.reopened_at - since:.2f} s "
+                "after SIGTERM")
 
 
 def stop(gateway: core.GatewayUnderBench, players: Players, results: dict[str, float]) -> None:
