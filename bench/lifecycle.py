@@ -37,7 +37,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,7 +95,8 @@ class Players:
             for key in ("failed_by", "close_codes"):
                 for name, value in reply[key].items():
                     total[key][name] = total[key].get(name, 0) + value
-        for key, pick in (("first_attempt", min), ("first_close", min), ("last_open", max), ("last_close", max)):
+        for key, pick in (("first_attempt", min), ("first_close", min), ("last_open", max), ("last_close", max),
+                          ("first_refused", min), ("last_refused", max)):
             values = [reply[key] for reply in replies if reply[key] is not None]
             total[key] = pick(values) if values else None
         return total
@@ -125,6 +125,14 @@ class Players:
 def _failures(stats: dict[str, Any]) -> str:
     kinds = ", ".join(f"{name} {count:,}" for name, count in sorted(stats["failed_by"].items()))
     return f"{stats['failed']:,} failed attempts" + (f" ({kinds})" if kinds else "")
+
+
+def _refusals(stats: dict[str, Any], since: float) -> str:
+    """When connecting was refused (nothing listened), as the clients saw it."""
+    if stats["first_refused"] is None:
+        return "no attempt found the port closed"
+    return (f"attempts refused from {stats['first_refused'] - since:.2f} to {stats['last_refused'] - since:.2f} s "
+            "after SIGTERM")
 
 
 def _codes(stats: dict[str, Any]) -> str:
@@ -166,7 +174,6 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
     players.command({"cmd": "reset", "reconnect": True})
     home = old.directory / "restarted"
     home.mkdir()
-    gap = ListenerGap(old.port)
     signalled = time.monotonic()
     old.process.send_signal(signal.SIGTERM)
     new = core.GatewayUnderBench(home, 0, flags, port=old.port, tokens_from=old)
@@ -186,57 +193,17 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
     while not exited:
         watch_old()
         time.sleep(0.01)
-    gap.stop()
     elapsed_s = stats["last_open"] - stats["first_close"]
     results["storm_s"] = elapsed_s
     results["storm_failed_attempts"] = stats["failed"]
     results["storm_cpu_us_per_reconnect"] = cpu_s / players.count * 1e6
     _report("storm", f"{players.count:,} players back {elapsed_s:.2f} s after the first close, {_failures(stats)}; "
                      f"old process exited {exited[0] - signalled:.2f} s after SIGTERM (close codes {_codes(stats)}, "
-                     f"last close {stats['last_close'] - signalled:.2f} s after SIGTERM); {gap.describe(signalled)}; "
+                     f"last close {stats['last_close'] - signalled:.2f} s after SIGTERM); {_refusals(stats, signalled)}; "
                      f"new process's CPU "
                      f"{cpu_s * 1e6 / players.count:.0f} µs/reconnect, its start-up included ({cpu_s:.2f} s: user "
                      f"{user_s:.2f} + system {system_s:.2f})")
     return new
-
-
-class ListenerGap:
-    """When nothing listened on `port` (from /proc/net/tcp, every 2 ms, in a thread): the
-    old process closed its listener, and the new one had not bound yet."""
-
-    def __init__(self, port: int) -> None:
-        self._port = f":{port:04X} "
-        self.closed_at: float | None = None
-        self.reopened_at: float | None = None
-        self._running = True
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _listening(self) -> bool:
-        with open("/proc/net/tcp") as table:
-            return any(self._port in line and line.split()[3] == "0A" for line in table)
-
-    def _watch(self) -> None:
-        while self._running and self.reopened_at is None:
-            listening = self._listening()
-            now = time.monotonic()
-            if not listening and self.closed_at is None:
-                self.closed_at = now
-            elif listening and self.closed_at is not None:
-                self.reopened_at = now
-            time.sleep(0.002)
-
-    def stop(self) -> None:
-        self._running = False
-        self._thread.join()
-
-    def describe(self, since: float) -> str:
-        if self.closed_at is None:
-            return "the port never lacked a listener"
-        if self.reopened_at is None:
-            return f"no listener from {self.closed_at - since:.2f} s after SIGTERM on"
-        return (f"no listener from {self.closed_at - since:.2f} to {self.reopened_at - since:.2f} s "
-                "after SIGTERM")
 
 
 def stop(gateway: core.GatewayUnderBench, players: Players, results: dict[str, float]) -> None:
@@ -377,6 +344,7 @@ class _PlayerClient:
         self.failed_by: dict[str, int] = {}
         self.close_codes: dict[str, int] = {}
         self.first_attempt = self.first_close = self.last_open = self.last_close = None
+        self.first_refused = self.last_refused = None
         self.cpu_at_reset = core._cpu_s()
         for player in self.players:
             player.closed_once = False
@@ -387,6 +355,7 @@ class _PlayerClient:
                 "failed_by": self.failed_by, "close_codes": self.close_codes,
                 "first_attempt": self.first_attempt, "first_close": self.first_close,
                 "last_open": self.last_open, "last_close": self.last_close,
+                "first_refused": self.first_refused, "last_refused": self.last_refused,
                 "cpu_s": core._cpu_s() - self.cpu_at_reset}
 
     def schedule(self, player: _Player, due: float) -> None:
@@ -422,6 +391,9 @@ class _PlayerClient:
             sock.close()
 
     def fail(self, player: _Player, kind: str, now: float) -> None:
+        if kind == "ECONNREFUSED":  # nothing listened
+            self.first_refused = self.first_refused if self.first_refused is not None else now
+            self.last_refused = now
         self.failed += 1
         self.failed_by[kind] = self.failed_by.get(kind, 0) + 1
         self.drop_socket(player)
