@@ -3,6 +3,7 @@ RFC 9112 allows it, a TLS handshake deadline, every open connection counted, `Co
 honoured, accept errors survived, and every line the process writes one JSON object."""
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import re
@@ -18,10 +19,12 @@ import gevent.server
 import pytest
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import WebSocket
 
 from tests.certificates import make_tls_files
 from tests.helpers import TIMEOUT_S, GatewayProcess, TokenTable, receive_event, wait_for
 from wsgateway.publishing import Publishing
+from wsgateway.web_server import retire_library_websocket
 
 REQUEST_TIMEOUT_S = 0.5
 
@@ -350,6 +353,32 @@ def test_gevent_internals_we_override_are_where_we_expect_them():
     assert "self.print_exception(" in inspect.getsource(gevent.hub.Hub.handle_error)
     assert callable(WebSocketHandler.upgrade_connection)
     assert "self.websocket = WebSocket(" in inspect.getsource(WebSocketHandler.upgrade_connection)
+
+
+def test_a_retired_library_websocket_is_finalised_without_touching_socket_or_handler():
+    """gevent-websocket's WebSocket object, retired after the upgrade, writes nothing when it is dropped and never asks its handler for the application (which built a throw-away class twice per connection)."""
+    written: list[bytes] = []
+    asked: list[str] = []
+
+    class Stream:
+        def write(self, data: bytes) -> None:
+            written.append(data)
+
+        def read(self, size: int) -> bytes:
+            return b""
+
+    class Handler:
+        @property
+        def server(self):
+            asked.append("server")
+            raise AssertionError("the finaliser asked the handler for its server")
+
+    websocket = WebSocket({}, Stream(), Handler())
+    retire_library_websocket(websocket)
+    websocket.__del__()  # what dropping the last reference runs
+    del websocket
+    gc.collect()
+    assert (written, asked) == ([], [])
 
 
 def test_readme_documents_the_new_settings():
