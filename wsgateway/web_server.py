@@ -578,7 +578,7 @@ class WebHandler(WebSocketHandler):
     def _upgrade_and_serve(self, endpoint: WebSocketEndpoint, admission: Any) -> None:
         """gevent-websocket's handshake (101), then the endpoint serves the socket."""
         self.result = self.upgrade_connection()
-        if getattr(self, "websocket", None) is None:  # the library refused (its own answer)
+        if self.code != 101:  # the library refused, with its own answer
             self.process_result()
             return
         # The library built its own WebSocket object; ours does the framing.
