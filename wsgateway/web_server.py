@@ -370,7 +370,7 @@ class WebHandler(WebSocketHandler):
         rfile = self.rfile
         buffered = rfile.peek(MAX_HEADER_BYTES)
         end = buffered.find(b"\r\n\r\n")
-        if 0 <= end < MAX_HEADER_BYTES:  # the common case: the whole head arrived at once
+        if end >= 0:  # the common case: the whole head arrived at once (and fits the buffer)
             if buffered.find(b"\n", 0, MAX_REQUEST_LINE_BYTES) < 0:
                 raise Refusal.URI_TOO_LONG()
             return rfile.read(end + 4)
@@ -420,8 +420,8 @@ class WebHandler(WebSocketHandler):
         self.path, _, self.query = target.partition("?")
         self.request_version = "HTTP/" + version
         self.requestline = f"{self.command} {target} {self.request_version}"
-        connection = headers.get("connection", "").lower()
-        self.close_connection = (not parser.should_keep_alive()) or "close" in connection
+        options = {option.strip() for option in headers.get("connection", "").lower().split(",")}
+        self.close_connection = not parser.should_keep_alive() or "close" in options
         length = headers.get("content-length")
         self.content_length = int(length) if length is not None else None  # llhttp checked its digits
         self.remote = self.remote_address()
