@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from tests.helpers import (REDIS_URL, TIMEOUT_S, GatewayUnderTest, RedisServer, TokenTable,  # noqa: E402
-                           gateway_config)
+from tests.support import TIMEOUT_S  # noqa: E402
+from tests.support.gateways import GatewayUnderTest, TokenTable, gateway_config  # noqa: E402
+from tests.support.redis_server import REDIS_URL, RedisServer  # noqa: E402
 
 # Property-based tests: the same examples on every run (derandomized, no example database),
 # few enough for CI; WS_GATEWAY_HYPOTHESIS_EXAMPLES raises the count for a deeper search, and

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from tests.helpers import TokenTable
+from tests.support.gateways import TokenTable
 from wsgateway.admin import TOKEN_CHARS, TokenAdmin, _new_token, masked
 from wsgateway.errors import StoreUnavailable
 from wsgateway.tokens import SqlTokenStore, utc_now

@@ -6,7 +6,8 @@ import json
 import gevent
 import pytest
 
-from tests.helpers import receive_event, wait_for
+from tests.support import wait_for
+from tests.support.clients import receive_event
 
 BODY = {"player_id": 21, "event": "flag", "payload": {"n": 1}}
 

@@ -12,7 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, Reply, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_event
+from tests.support.frames import RawClient
+from tests.support.gateways import GatewayUnderTest, Reply
 
 PLAYER = 21
 

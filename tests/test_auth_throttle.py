@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import FakeClock
+from tests.support.fakes import FakeClock
 from wsgateway import auth_throttle
 from wsgateway.auth_throttle import FailedAuthThrottle
 

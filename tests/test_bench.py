@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import PROCESS_START_TIMEOUT_S, gateway_environment
+from tests.support.processes import PROCESS_START_TIMEOUT_S, gateway_environment
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 
@@ -30,7 +30,7 @@ def test_bench_runs_every_scenario_and_prints_the_figures(tmp_path):
 
 def test_broker_bench_prints_what_an_envelope_costs(tmp_path):
     """bench/broker.py carries a few envelopes over the real Redis and prints their rate and CPU cost."""
-    from tests.helpers import REDIS_URL
+    from tests.support.redis_server import REDIS_URL
 
     result = subprocess.run(
         [sys.executable, str(BENCH.parent / "broker.py"), "--envelopes", "200", "--publishers", "2",

@@ -8,7 +8,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.helpers import REDIS_URL, TIMEOUT_S, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.redis_server import REDIS_URL
 from wsgateway.broker import Broker, Envelope, InProcessBroker
 from wsgateway.errors import CloseCode
 from wsgateway.frames import close_frame

@@ -1,7 +1,7 @@
 """wsgateway.broker_redis beyond the contract: addressing between gateways, reconnection."""
 from __future__ import annotations
 
-from tests.helpers import TIMEOUT_S, wait_for
+from tests.support import TIMEOUT_S, wait_for
 from tests.test_broker_contract import redis_node
 from wsgateway.broker import Envelope
 from wsgateway.broker_redis import RedisBroker
@@ -67,7 +67,7 @@ def test_listener_resubscribes_after_redis_restarts(private_redis, redis_prefix)
 
 def reader_through(forwarder_target: str, prefix: str, gateway_id: str, received: list[Envelope], **options):
     """A broker whose every link to Redis goes through a relay the test can cut."""
-    from tests.helpers import TcpForwarder
+    from tests.support.processes import TcpForwarder
 
     host, port = forwarder_target.split("//")[1].split("/")[0].split(":")
     relay = TcpForwarder((host, int(port)))
@@ -80,7 +80,7 @@ def reader_through(forwarder_target: str, prefix: str, gateway_id: str, received
 
 def test_envelopes_published_while_a_reader_reconnects_are_caught_up_in_order(redis_prefix):
     """What is published while a gateway's link to Redis is down reaches it, in order, once it is back."""
-    from tests.helpers import REDIS_URL
+    from tests.support.redis_server import REDIS_URL
 
     received: list[Envelope] = []
     reader, relay = reader_through(REDIS_URL, redis_prefix, "gw-away", received)
@@ -106,7 +106,7 @@ def test_envelopes_published_while_a_reader_reconnects_are_caught_up_in_order(re
 
 def test_what_a_full_stream_trimmed_before_its_reader_came_back_is_counted(redis_prefix):
     """Past -broker-stream-length the oldest envelopes are trimmed; the reader counts every one it missed."""
-    from tests.helpers import REDIS_URL
+    from tests.support.redis_server import REDIS_URL
 
     received: list[Envelope] = []
     lost: list[int] = []
@@ -135,7 +135,7 @@ def test_what_a_full_stream_trimmed_before_its_reader_came_back_is_counted(redis
 
 def test_a_closed_gateways_stream_and_registration_leave_redis(redis_prefix):
     """close() removes the gateway's stream and its broadcast registration; nothing is left behind."""
-    from tests.helpers import REDIS_URL
+    from tests.support.redis_server import REDIS_URL
 
     node = redis_node(redis_prefix)
     node.broker.publish(Envelope(b"x", "p", frozenset((node.gateway_id,))))

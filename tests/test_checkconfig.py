@@ -6,7 +6,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 
-from tests.helpers import REDIS_URL, free_port, run_gateway_cli
+from tests.support.processes import free_port, run_gateway_cli
+from tests.support.redis_server import REDIS_URL
 from wsgateway.config import FLAGS
 
 

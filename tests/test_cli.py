@@ -11,8 +11,10 @@ import sys
 import pytest
 import websocket
 
-from tests.helpers import (GATEWAY_BIN, PROCESS_START_TIMEOUT_S, TIMEOUT_S, GatewayProcess, TokenTable, free_port,
-                           gateway_environment, run_gateway_cli, wait_for)
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.gateways import TokenTable
+from tests.support.processes import (GATEWAY_BIN, PROCESS_START_TIMEOUT_S, GatewayProcess, free_port,
+    gateway_environment, run_gateway_cli)
 
 
 def one_line(stderr: str) -> str:

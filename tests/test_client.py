@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TIMEOUT_S, receive_close, receive_event
+from tests.support import TIMEOUT_S
+from tests.support.clients import receive_close, receive_event
 from tests.scripted_http import Answer, ScriptedServer
 from wsgateway.client import (AuthError, BadRequest, GatewayClient, GatewayError, PublishResult, RateLimited,
                               Unavailable)
@@ -119,7 +120,7 @@ def test_rate_limit_longer_than_the_client_waits_raises_rate_limited_at_once(sta
 def test_database_outage_503_is_retried_until_the_gateway_answers(start_gateway, mysql_url):
     """A 503 from a gateway whose database is cut is retried after its Retry-After; it succeeds once restored."""
     from sqlalchemy.engine import make_url
-    from tests.helpers import TcpForwarder
+    from tests.support.processes import TcpForwarder
 
     url = make_url(mysql_url)
     forwarder = TcpForwarder((url.host or "127.0.0.1", url.port or 3306))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import gevent
 import websocket
 
-from tests.helpers import TIMEOUT_S, receive_close, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close, receive_event
 
 
 def test_publish_on_one_gateway_reaches_players_on_the_others(start_cluster_gateway):

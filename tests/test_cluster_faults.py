@@ -15,7 +15,10 @@ import pytest
 import redis
 
 import wsgateway.server
-from tests.helpers import TIMEOUT_S, RawClient, receive_event, run_gateway_cli, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_event
+from tests.support.frames import RawClient
+from tests.support.processes import run_gateway_cli
 from wsgateway.config import ConfigError
 from wsgateway.redis_link import RedisKeys
 
@@ -32,7 +35,7 @@ def cluster_pair(start_cluster_gateway, url: str, *flags: str):
 def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dropped(
         start_cluster_gateway, monkeypatch):
     """Answered delivered:1 while the player's close was under way: it reaches the player's next connection."""
-    from tests.helpers import REDIS_URL
+    from tests.support.redis_server import REDIS_URL
 
     publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
     server = publisher_side.tokens.server()
@@ -73,7 +76,7 @@ def read_until_closed(client: RawClient) -> list[int]:
 
 def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gateway):
     """Rounds of publish-during-close: every publish answered 200 reaches the player, before the close or after."""
-    from tests.helpers import REDIS_URL
+    from tests.support.redis_server import REDIS_URL
 
     publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, "-max-queued", "1000", "-rate-limit", "0")
     server = publisher_side.tokens.server()
@@ -253,7 +256,8 @@ def test_a_rush_of_connections_waits_for_a_pooled_redis_connection_instead_of_a_
     every one is admitted once Redis answers, none refused with 503."""
     import websocket
 
-    from tests.helpers import REDIS_URL, TcpForwarder
+    from tests.support.processes import TcpForwarder
+    from tests.support.redis_server import REDIS_URL
     from wsgateway.redis_link import POOL_CONNECTIONS
 
     host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")

@@ -14,8 +14,11 @@ import pytest
 import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import (REDIS_URL, TIMEOUT_S, GatewayProcess, TokenTable, receive_close, receive_event,
-                           wait_for)
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close, receive_event
+from tests.support.gateways import TokenTable
+from tests.support.processes import GatewayProcess
+from tests.support.redis_server import REDIS_URL
 from wsgateway.tokens import SqlTokenStore
 
 

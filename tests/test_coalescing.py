@@ -5,7 +5,7 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from tests.helpers import TIMEOUT_S
+from tests.support import TIMEOUT_S
 from wsgateway.coalescing import Coalescer
 
 

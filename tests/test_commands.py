@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from tests.helpers import free_port, gateway_environment, receive_close, receive_event, run_gateway_cli
+from tests.support.clients import receive_close, receive_event
+from tests.support.processes import free_port, gateway_environment, run_gateway_cli
 from wsgateway.cli import main
 from wsgateway.commands import split_command
 

@@ -10,7 +10,8 @@ from datetime import timedelta
 from gevent.pool import Pool
 from sqlalchemy import event, text
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.gateways import GatewayUnderTest
 from wsgateway import tokens as tokens_module
 from wsgateway.tokens import utc_now
 

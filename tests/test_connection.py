@@ -7,7 +7,7 @@ import struct
 
 import gevent
 
-from tests.helpers import wait_for
+from tests.support import wait_for
 from wsgateway.connection import Connection
 from wsgateway.outbox import Flusher, OutboxLimits
 from wsgateway.frames import text_frame

@@ -14,7 +14,8 @@ from typing import Any
 import gevent
 import pytest
 
-from tests.helpers import TIMEOUT_S, receive_close, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close
 from wsgateway.errors import CloseCode
 
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"

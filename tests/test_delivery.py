@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.helpers import FakeClock, FakeConnection
+from tests.support.fakes import FakeClock, FakeConnection
 from wsgateway.broker import InProcessBroker
 from wsgateway.delivery import Delivery, Outcome
 from wsgateway.hub import Hub

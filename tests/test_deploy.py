@@ -26,8 +26,9 @@ import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certificates import make_tls_files
-from tests.helpers import (GATEWAY_BIN, PROCESS_START_TIMEOUT_S, TIMEOUT_S, free_port, gateway_environment,
-                           receive_event, wait_for)
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_event
+from tests.support.processes import GATEWAY_BIN, PROCESS_START_TIMEOUT_S, free_port, gateway_environment
 from wsgateway.client import GatewayClient, Unavailable
 from wsgateway.config import FLAGS, load, parse_duration
 

@@ -18,8 +18,11 @@ import pytest
 import websocket
 from sqlalchemy.engine import make_url
 
-from tests.helpers import (TIMEOUT_S, GatewayProcess, GatewayUnderTest, RawClient, TcpForwarder, TokenTable,
-                           answer_pings, receive_event, wait_for)
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_event
+from tests.support.frames import RawClient, answer_pings
+from tests.support.gateways import GatewayUnderTest, TokenTable
+from tests.support.processes import GatewayProcess, TcpForwarder
 
 DB_TIMEOUT_S = 1.0
 OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA

@@ -9,30 +9,11 @@ import time
 import gevent
 import websocket
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import read_until_closed, receive_event, status_and_json
+from tests.support.gateways import GatewayUnderTest
 
 HEADER_TIMEOUT_S = 1.0
-
-
-def read_until_closed(sock: socket.socket, timeout_s: float = TIMEOUT_S) -> bytes:
-    """Everything the gateway sends until it hangs up; fails if it has not within `timeout_s`."""
-    sock.settimeout(timeout_s)
-    received = b""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return received
-        if not chunk:
-            return received
-        received += chunk
-    raise AssertionError(f"the gateway kept the connection open; got {received!r}")
-
-
-def status_and_json(response: bytes) -> tuple[int, dict]:
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
 def served_quickly(gateway: GatewayUnderTest, player_id: int) -> None:

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from tests.helpers import CLIENT_MASK as MASK
-from tests.helpers import client_frame
+from tests.support.frames import CLIENT_MASK as MASK
+from tests.support.frames import client_frame
 from wsgateway.errors import CloseCode, ProtocolViolation
 from wsgateway.frames import (
     OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, Close, FrameParser, Message, Ping, Pong,

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import GatewayUnderTest, Reply, receive_event
+from tests.support.clients import receive_event
+from tests.support.gateways import GatewayUnderTest, Reply
 
 PLAYER = 21
 _keys = itertools.count()

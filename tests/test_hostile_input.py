@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest
+from tests.support import TIMEOUT_S
+from tests.support.gateways import GatewayUnderTest
 
 DOCUMENTED = {200, 400, 401, 403, 404, 405, 408, 413, 414, 426, 429, 431, 503}  # README, "Errors"
 MAX_BODY = 2048

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tests.helpers import FakeConnection
+from tests.support.fakes import FakeConnection
 from wsgateway.hub import Hub
 
 

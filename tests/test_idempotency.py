@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gevent
 
-from tests.helpers import FakeClock
+from tests.support.fakes import FakeClock
 from wsgateway.idempotency import ClaimState, MemoryIdempotencyStore, fingerprint
 
 

@@ -1,7 +1,7 @@
 """wsgateway.keepalive: one loop pings every connection once a period, spread, and reaps the silent."""
 from __future__ import annotations
 
-from tests.helpers import FakeConnection
+from tests.support.fakes import FakeConnection
 from wsgateway.errors import CloseCode
 from wsgateway.keepalive import KeepAlive
 

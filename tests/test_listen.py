@@ -11,7 +11,8 @@ from pathlib import Path
 import gevent
 import pytest
 
-from tests.helpers import GATEWAY_BIN, PROCESS_START_TIMEOUT_S, TIMEOUT_S, free_port, gateway_environment, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.processes import GATEWAY_BIN, PROCESS_START_TIMEOUT_S, free_port, gateway_environment
 from wsgateway.client import PlayerListener
 
 

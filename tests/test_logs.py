@@ -11,7 +11,10 @@ import sqlite3
 import pytest
 import websocket
 
-from tests.helpers import TIMEOUT_S, GatewayProcess, TokenTable, receive_close, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close, receive_event
+from tests.support.gateways import TokenTable
+from tests.support.processes import GatewayProcess
 from wsgateway.logs import redact
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import gevent
 import websocket
 
-from tests.helpers import TIMEOUT_S, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_event
 
 MISSED = "gateway.missed"
 

@@ -1,7 +1,7 @@
 """wsgateway.offline: the in-memory offline queue (FIFO, bounded, TTL, exact loss accounting)."""
 from __future__ import annotations
 
-from tests.helpers import FakeClock
+from tests.support.fakes import FakeClock
 from wsgateway.offline import Backlog, MemoryOfflineQueue
 
 

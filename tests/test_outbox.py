@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.helpers import wait_for
+from tests.support import wait_for
 from wsgateway.errors import CloseCode
 from wsgateway.outbox import Flusher, Outbox, OutboxLimits, OutboxState
 

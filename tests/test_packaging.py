@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.helpers import PROCESS_START_TIMEOUT_S, gateway_environment
+from tests.support.processes import PROCESS_START_TIMEOUT_S, gateway_environment
 
 PROJECT = Path(__file__).resolve().parent.parent
 

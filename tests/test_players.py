@@ -9,7 +9,8 @@ import socket
 import gevent
 import pytest
 
-from tests.helpers import TIMEOUT_S, receive_close, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close, receive_event
 from wsgateway.broker import Envelope
 from wsgateway.errors import CloseCode
 from wsgateway.frames import close_frame

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.support import wait_for
 from wsgateway.config import ConfigError, load, parse_networks
 from wsgateway.proxies import MAX_HOPS, TrustedProxies
 

@@ -13,7 +13,9 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, Reply, receive_event
+from tests.support import TIMEOUT_S
+from tests.support.clients import receive_event
+from tests.support.gateways import GatewayUnderTest, Reply
 from wsgateway.publishing import BATCH_SLICE
 
 PLAYER = 21

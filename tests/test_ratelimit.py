@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tests.helpers import FakeClock
+from tests.support.fakes import FakeClock
 from wsgateway import ratelimit
 from wsgateway.ratelimit import RateLimiter
 

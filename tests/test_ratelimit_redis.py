@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from tests.helpers import REDIS_URL, TIMEOUT_S
+from tests.support import TIMEOUT_S
+from tests.support.redis_server import REDIS_URL
 from wsgateway.ratelimit import RateLimiter
 from wsgateway.ratelimit_redis import RedisRateLimiter
 from wsgateway.redis_link import RedisKeys, create_client

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 
-from tests.helpers import FakeClock
+from tests.support.fakes import FakeClock
 from wsgateway.recent_tokens import RecentTokens
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.helpers import TIMEOUT_S, receive_close, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close, receive_event
 
 PERIOD_S = 0.2
 

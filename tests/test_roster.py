@@ -1,7 +1,7 @@
 """wsgateway.roster.LocalRoster: seats, the per-player limit, and live-or-queued routing."""
 from __future__ import annotations
 
-from tests.helpers import FakeClock, FakeConnection
+from tests.support.fakes import FakeClock, FakeConnection
 from wsgateway.hub import Hub
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.roster import LOCAL_GATEWAY, LocalRoster

@@ -5,7 +5,8 @@ import gevent
 import pytest
 import redis
 
-from tests.helpers import REDIS_URL, TIMEOUT_S, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.redis_server import REDIS_URL
 from wsgateway.errors import BrokerUnavailable
 from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
 from wsgateway.roster_redis import RedisRoster, gateway_of

@@ -17,8 +17,11 @@ import gevent
 import pytest
 import websocket
 
-from tests.helpers import (TIMEOUT_S, GatewayProcess, GatewayUnderTest, RawClient, TokenTable, receive_close,
-                           receive_event, wait_for)
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close, receive_event
+from tests.support.frames import RawClient
+from tests.support.gateways import GatewayUnderTest, TokenTable
+from tests.support.processes import GatewayProcess
 from wsgateway.connection import CLOSE_HANDSHAKE_TIMEOUT_S
 from wsgateway.server import freeze_startup_heap
 

@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import MYSQL_SERVER_URL
-from tests.helpers import TIMEOUT_S, GatewayProcess, free_port, run_gateway_cli, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.processes import GatewayProcess, free_port, run_gateway_cli
 
 PROJECT = Path(__file__).resolve().parent.parent
 

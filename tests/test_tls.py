@@ -12,7 +12,10 @@ import pytest
 import websocket
 
 from tests.certificates import TlsFiles, make_tls_files
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, receive_close, receive_event, run_gateway_cli, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_close, receive_event
+from tests.support.gateways import GatewayUnderTest
+from tests.support.processes import run_gateway_cli
 from wsgateway.client import GatewayClient, GatewayError
 from wsgateway.protocol import event_frame
 

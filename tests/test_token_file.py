@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import websocket
 
-from tests.helpers import GatewayUnderTest, TokenTable, receive_close, receive_event, wait_for
+from tests.support import wait_for
+from tests.support.clients import receive_close, receive_event
+from tests.support.gateways import GatewayUnderTest, TokenTable
 
 
 def db_path(gateway: GatewayUnderTest) -> Path:

@@ -14,7 +14,9 @@ import pytest
 import websocket
 from sqlalchemy import event
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, Reply, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_event
+from tests.support.gateways import GatewayUnderTest, Reply
 
 PLAYER = 21
 

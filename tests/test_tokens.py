@@ -12,7 +12,8 @@ import gevent
 import pytest
 from sqlalchemy import create_engine, event, inspect, text
 
-from tests.helpers import TIMEOUT_S, TokenTable
+from tests.support import TIMEOUT_S
+from tests.support.gateways import TokenTable
 from wsgateway.errors import StoreUnavailable
 from wsgateway import tokens as tokens_module
 from wsgateway.tokens import REVALIDATION_BATCH, SqlTokenStore, utc_now

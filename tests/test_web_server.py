@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import inspect
 import json
-import re
 import socket
 import ssl
 import time
@@ -22,36 +21,14 @@ from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
 from tests.certificates import make_tls_files
-from tests.helpers import TIMEOUT_S, GatewayProcess, TokenTable, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import answers_in, read_until_closed, receive_event
+from tests.support.gateways import TokenTable
+from tests.support.processes import GatewayProcess
 from wsgateway.publishing import Publishing
 from wsgateway.web_server import retire_library_websocket
 
 REQUEST_TIMEOUT_S = 0.5
-
-
-def read_until_closed(sock: socket.socket, timeout_s: float = TIMEOUT_S) -> bytes:
-    """Everything the peer sends until it closes; fails if it does not close in time."""
-    sock.settimeout(timeout_s)
-    received = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return received
-        if not chunk:
-            return received
-        received += chunk
-
-
-def answers_in(data: bytes) -> list[tuple[int, bytes, bytes]]:
-    """The (status, head, body) of each response in `data`, in order."""
-    answers = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)\r\ncontent-length: (\d+)", head).group(1))
-        answers.append((int(head.split(b" ", 2)[1]), head, rest[:length]))
-        data = rest[length:]
-    return answers
 
 
 def publish_request(token: str, body: bytes, *headers: str, path: str = "/publish", length: bool = True) -> bytes:

@@ -13,7 +13,10 @@ import gevent
 import pytest
 import websocket
 
-from tests.helpers import TIMEOUT_S, GatewayUnderTest, RawClient, answer_pings, receive_event, wait_for
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.clients import receive_event
+from tests.support.frames import RawClient, answer_pings
+from tests.support.gateways import GatewayUnderTest
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 KEEPALIVE_FLAGS = ("-ping-period", "100ms", "-pong-wait", "300ms")

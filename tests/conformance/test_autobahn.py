@@ -11,7 +11,7 @@ import pytest
 
 from tests.conformance.autobahn import CI_CASES, FULL_CASES, Python27Missing, ensure_wstest, run_fuzzingclient
 from tests.conformance.echo_server import start_echo_server
-from tests.helpers import TIMEOUT_S
+from tests.support import TIMEOUT_S
 
 CASE_COUNTS = {CI_CASES: 247, FULL_CASES: 301}  # what wstest 25.10.1 runs for these patterns
 
