@@ -159,3 +159,60 @@ def test_malformed_requests_get_json_400_or_414(gateway):
             answer_status, body = status_and_json(read_until_closed(sock))
             assert answer_status == status and set(body) == {"error"}, (request[:40], answer_status, body)
     assert gateway.get("/healthz").status == 200
+
+
+def flood_offline_queues(gateway: GatewayUnderTest, server_token: str) -> int:
+    """The issue's flood: 600 publishes of 0.9 MiB to distinct offline players (ids 1000-1599);
+    then three small ones to player 21. Returns how many were answered queued."""
+    payload = "x" * ((9 << 20) // 10)
+    queued = 0
+    for player_id in range(1000, 1600):
+        reply = gateway.publish(server_token, player_id, "big", payload)
+        assert reply.status == 200, reply.body
+        queued += reply.json["queued"]
+    for number in range(3):
+        assert gateway.publish(server_token, 21, "small", number).json == {"delivered": 0, "queued": True}
+    return queued
+
+
+def check_the_newest_survived(gateway: GatewayUnderTest) -> None:
+    """Player 21 gets its three in order; player 1000's message (the oldest) was given up."""
+    server_token = gateway.tokens.server()
+    newest = gateway.connect(gateway.tokens.player(21))
+    assert [receive_event(newest)["payload"] for _ in range(3)] == [0, 1, 2]
+    oldest = gateway.connect(gateway.tokens.player(1000))
+    assert gateway.publish(server_token, 1000, "marker").json["delivered"] == 1
+    assert receive_event(oldest)["event"] == "marker"
+    survivor = gateway.connect(gateway.tokens.player(1599))
+    assert receive_event(survivor)["event"] == "big"
+
+
+def test_offline_flood_stays_within_max_offline_bytes_and_counts_what_it_gives_up(start_gateway):
+    """600 x 0.9 MiB to offline players hold at most the default 64 MiB; drops counted; the newest survive."""
+    gateway = start_gateway("-rate-limit", "0")
+    server_token = gateway.tokens.server()
+    assert flood_offline_queues(gateway, server_token) == 600
+    assert 0 < gateway.metric("ws_offline_queue_bytes") <= 64 << 20
+    kept = gateway.metric("ws_offline_queue_messages")
+    assert kept < 80
+    assert gateway.metric("ws_messages_dropped_total", reason="offline_bytes_limit") == 603 - kept
+    check_the_newest_survived(gateway)
+
+
+def test_offline_flood_stays_within_max_offline_bytes_in_redis(start_cluster_gateway, redis_prefix):
+    """With -broker, two gateways' queues together hold at most the cluster's 64 MiB; drops counted."""
+    import redis
+
+    from tests.helpers import REDIS_URL
+    from wsgateway.redis_link import RedisKeys
+
+    first, second = start_cluster_gateway("-rate-limit", "0"), start_cluster_gateway("-rate-limit", "0")
+    server_token = first.tokens.server()
+    assert flood_offline_queues(first, server_token) == 600
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = RedisKeys(redis_prefix)
+    assert 0 < int(client.hget(keys.queue_sizes, "")) <= 64 << 20
+    kept = client.zcard(keys.queue_heads) - 1 + 3  # every queue holds one frame, player 21's three
+    client.close()
+    assert first.metric("ws_messages_dropped_total", reason="offline_bytes_limit") == 603 - kept
+    check_the_newest_survived(second)

@@ -8,16 +8,19 @@ import redis
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.redis_server import REDIS_URL
 from wsgateway.errors import BrokerUnavailable
+from wsgateway.offline import MESSAGE_OVERHEAD_BYTES
 from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
 from wsgateway.roster_redis import RedisRoster, gateway_of
 
 
 def make_roster(prefix: str, *, max_conns: int = 3, max_queued: int = 5, offline_ttl_s: float = 60.0,
-                presence_ttl_s: float = 15.0, url: str = REDIS_URL) -> RedisRoster:
+                presence_ttl_s: float = 15.0, url: str = REDIS_URL, max_offline_bytes: int = 0,
+                max_offline_players: int = 0) -> RedisRoster:
     """One gateway's roster in the cluster named by `prefix` (sweeping as often as asked)."""
     return RedisRoster(create_client(url, TIMEOUT_S), RedisKeys(prefix), new_gateway_id(),
                        max_conns_per_player=max_conns, max_queued=max_queued, offline_ttl_s=offline_ttl_s,
-                       presence_ttl_s=presence_ttl_s, sweep_interval_s=0.01)
+                       presence_ttl_s=presence_ttl_s, max_offline_bytes=max_offline_bytes,
+                       max_offline_players=max_offline_players, sweep_interval_s=0.01)
 
 
 def seat(roster: RedisRoster, player_id: str):
@@ -224,3 +227,84 @@ def test_requeued_frames_keep_publish_order_in_the_queue(redis_prefix):
     assert roster.requeue("p", b"late-2", mine, sent_at_ms).queued
     _, backlog = seat(make_roster(redis_prefix), "p")
     assert backlog.frames == [b"late-1", b"late-2", b"published-after"]
+
+
+def item_bytes(frame: bytes) -> int:
+    """What a frame counts against -max-offline-bytes in Redis, as in memory (not its expiry prefix)."""
+    return len(frame) + MESSAGE_OVERHEAD_BYTES
+
+
+def held_bytes(prefix: str) -> int:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return int(client.hget(RedisKeys(prefix).queue_sizes, "") or 0)
+    finally:
+        client.close()
+
+
+def test_all_queues_of_the_cluster_stay_within_their_bytes_the_oldest_given_up_first(redis_prefix):
+    """Past -max-offline-bytes the oldest frame of any player, pushed from any gateway, goes first, counted."""
+    frame = b"x" * 1000
+    first, second = (make_roster(redis_prefix, max_offline_bytes=3 * item_bytes(frame)) for _ in range(2))
+    assert first.route("a", frame + b"1", True).queued
+    assert second.route("b", frame + b"2", True).queued
+    assert first.route("a", frame + b"3", True).over_total_bytes == 1  # a's first: one byte too many
+    assert held_bytes(redis_prefix) <= 3 * item_bytes(frame)
+    route = second.route("c", frame, True)
+    assert route.queued and route.over_total_bytes == 1  # b's
+    assert seat(first, "a")[1].frames == [frame + b"3"] and seat(first, "a")[1].frames == []
+    _, backlog_b = seat(second, "b")
+    assert backlog_b.frames == [] and backlog_b.missed_dropped == 1
+    assert seat(first, "c")[1].frames == [frame]
+    assert held_bytes(redis_prefix) == 0
+
+
+def test_a_frame_larger_than_every_queue_together_is_not_queued_in_redis(redis_prefix):
+    """A frame past -max-offline-bytes on its own is given up (counted), pushing nothing out."""
+    roster = make_roster(redis_prefix, max_offline_bytes=2000)
+    assert roster.route("a", b"small", True).queued
+    route = roster.route("b", b"x" * 2000, True)
+    assert (route.queued, route.over_total_bytes, route.gateways) == (False, 1, frozenset())
+    assert seat(roster, "a")[1].frames == [b"small"]
+    assert seat(roster, "b")[1].missed_dropped == 1
+
+
+def test_past_the_queue_bound_the_oldest_whole_queue_goes_in_redis(redis_prefix):
+    """Past -max-offline-players the queue holding the oldest frame is given up whole, and counted."""
+    roster = make_roster(redis_prefix, max_offline_players=2)
+    for player, frame in (("a", b"a1"), ("b", b"b1"), ("a", b"a2"), ("b", b"b2")):
+        assert roster.route(player, frame, True).over_total_players == 0
+    route = roster.route("c", b"c1", True)
+    assert route.queued and route.over_total_players == 2
+    _, backlog_a = seat(roster, "a")
+    assert backlog_a.frames == [] and backlog_a.missed_dropped == 2
+    assert seat(roster, "b")[1].frames == [b"b1", b"b2"]
+    assert seat(roster, "c")[1].frames == [b"c1"]
+    assert held_bytes(redis_prefix) == 0
+
+
+def test_swept_and_taken_queues_leave_the_accounting(redis_prefix):
+    """Queues that expire (the sweep) or are taken no longer count against the bound."""
+    roster = make_roster(redis_prefix, offline_ttl_s=0.2, max_offline_bytes=1 << 20)
+    roster.route("gone", b"1", True)
+    roster.route("taken", b"2", True)
+    seat(roster, "taken")
+    assert held_bytes(redis_prefix) == item_bytes(b"1")
+    wait_for(lambda: roster.maintain(), what="a sweep that finds the expired queue")
+    assert held_bytes(redis_prefix) == 0
+    client = redis.Redis.from_url(REDIS_URL)
+    assert client.zcard(RedisKeys(redis_prefix).queue_heads) == 0
+    client.close()
+
+
+def test_600_large_publishes_to_distinct_offline_players_stay_within_the_bound_in_redis(redis_prefix):
+    """The issue's case in Redis: 600 frames of 0.9 MiB to distinct players; the newest survive, the rest counted."""
+    cap = 64 << 20
+    roster = make_roster(redis_prefix, max_offline_bytes=cap, max_offline_players=10_000)
+    frame = b"x" * ((9 << 20) // 10)
+    given_up = sum(roster.route(str(player), frame, True).over_total_bytes for player in range(600))
+    assert held_bytes(redis_prefix) <= cap
+    kept = 600 - given_up
+    assert kept == cap // item_bytes(frame)
+    assert all(seat(roster, str(player))[1].frames == [frame] for player in range(600 - kept, 600))
+    assert seat(roster, str(599 - kept))[1].missed_dropped == 1

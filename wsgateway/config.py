@@ -46,6 +46,8 @@ class Config:
     max_total_conns: int  # open connections of every kind (HTTP, TLS, WebSocket) at once; 0 = unlimited
     max_queued: int  # offline messages kept per player; 0 = offline queueing off
     offline_ttl_s: float  # how long an offline message waits; 0 = offline queueing off
+    max_offline_bytes: int  # accounted bytes of all offline queues together, oldest given up past it; 0 = no bound
+    max_offline_players: int  # offline queues at once, the oldest given up past it; 0 = no bound
     rate_limit: int  # bucket size (burst) per server subject; 0 = unlimited
     rate_period_s: float  # the bucket refills `rate_limit` tokens over this period
     revalidate_period_s: float  # live tokens rechecked, server tokens cached, this often
@@ -302,6 +304,12 @@ FLAGS: tuple[_Flag, ...] = (
           "max open connections of every kind (HTTP and WebSocket); more get 503 at once (0 = unlimited)"),
     _Flag("max-queued", "100", parse_count, "max offline messages per player, oldest dropped (0 = no queue)"),
     _Flag("offline-ttl", "10s", parse_duration, "how long an offline message waits (0 = no queue)"),
+    _Flag("max-offline-bytes", "64MiB", parse_size,
+          "bytes held by all offline queues together (with -broker: the whole cluster's), the oldest message "
+          "given up past it (0 = no bound)"),
+    _Flag("max-offline-players", "10000", parse_count,
+          "offline queues held at once (with -broker: the whole cluster's), the oldest queue given up past it "
+          "(0 = no bound)"),
     _Flag("rate-limit", "200", parse_count, "messages per rate period per server token (0 = unlimited)"),
     _Flag("rate-period", "1s", _positive_duration, "rate limit window"),
     _Flag("revalidate-period", "1m", _positive_duration, "token revalidation interval"),
@@ -568,6 +576,8 @@ def build(raw: dict[str, str]) -> Config:
         max_total_conns=value["max-total-conns"],
         max_queued=value["max-queued"],
         offline_ttl_s=value["offline-ttl"],
+        max_offline_bytes=value["max-offline-bytes"],
+        max_offline_players=value["max-offline-players"],
         rate_limit=value["rate-limit"],
         rate_period_s=value["rate-period"],
         revalidate_period_s=value["revalidate-period"],

@@ -37,8 +37,9 @@ from wsgateway.broker import Broker, Envelope
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.frames import OP_CLOSE, close_frame
 from wsgateway.hub import Deliverable, Hub
-from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_DISABLED, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL,
-                               DROP_SLOW_CONSUMER, GatewayMetrics)
+from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_BYTES_LIMIT, DROP_OFFLINE_DISABLED,
+                               DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_OFFLINE_PLAYERS_LIMIT, DROP_SLOW_CONSUMER,
+                               GatewayMetrics)
 from wsgateway.offline import Backlog
 from wsgateway.protocol import event_frame
 from wsgateway.roster import Roster, Route, Seat
@@ -164,6 +165,10 @@ class Delivery:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(route.dropped)
         if route.expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(route.expired)
+        if route.over_total_bytes:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_BYTES_LIMIT).inc(route.over_total_bytes)
+        if route.over_total_players:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_PLAYERS_LIMIT).inc(route.over_total_players)
         if route.queueing_off:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
 

@@ -48,6 +48,8 @@ prometheus_metrics.Lock = values.Lock
 DROP_OFFLINE_FULL = "offline_queue_full"  # oldest offline message dropped for a newer one
 DROP_OFFLINE_EXPIRED = "offline_expired"  # offline message outlived -offline-ttl
 DROP_OFFLINE_DISABLED = "offline_disabled"  # player offline and queueing is off
+DROP_OFFLINE_BYTES_LIMIT = "offline_bytes_limit"  # oldest of all queues given up for -max-offline-bytes
+DROP_OFFLINE_PLAYERS_LIMIT = "offline_players_limit"  # oldest whole queue given up for -max-offline-players
 DROP_SLOW_CONSUMER = "slow_consumer"  # frames discarded when a too-slow socket was closed
 DROP_CONNECTION_GONE = "connection_gone"  # arrived for a closed connection; Redis out of reach to queue it
 DROP_STREAM_TRIMMED = "broker_stream_trimmed"  # trimmed from a gateway's stream before it read them
@@ -86,6 +88,10 @@ class GatewayMetrics:
         self.offline_queue_messages = Gauge(
             "ws_offline_queue_messages", "Messages waiting in this process's offline queues now "
             "(in-process broker only; with -broker they wait in Redis).", registry=registry,
+            multiprocess_mode="livesum")
+        self.offline_queue_bytes = Gauge(
+            "ws_offline_queue_bytes", "Bytes this process's offline queues hold now, as counted against "
+            "-max-offline-bytes (in-process broker only; with -broker they wait in Redis).", registry=registry,
             multiprocess_mode="livesum")
         self.messages_dropped = Counter(
             "ws_messages_dropped", "Messages given up, by reason.", ["reason"], registry=registry)

@@ -75,6 +75,9 @@ class RedisKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.queue_index = f"{prefix}:queues"  # ZSET player -> when its whole queue has expired
+        self.queue_heads = f"{prefix}:queue-heads"  # ZSET queue -> expiry of its oldest frame
+        self.queue_sizes = f"{prefix}:queue-sizes"  # HASH queue -> accounted bytes; field "" = all queues
+        self.queue_clock = f"{prefix}:queue-clock"  # the last queued frame's stamp (expiry_ms * 1000 + n)
         self.gateways = f"{prefix}:gateways"  # ZSET gateway -> presence expiry
         self.gateway_connections = f"{prefix}:gateway-connections"  # HASH gateway -> connections
         self.streams = f"{prefix}:streams"  # ZSET gateway -> until when it reads its stream (broadcasts)
@@ -91,7 +94,7 @@ class RedisKeys:
         return f"{self.prefix}:present:{player_id}"
 
     def queue(self, player_id: str) -> str:
-        """LIST of "expiry_ms:frame" items, oldest first."""
+        """LIST of "expiry_ms.nnn:frame" items, oldest first (nnn orders frames queued in one ms)."""
         return f"{self.prefix}:queue:{player_id}"
 
     def missed(self, player_id: str) -> str:

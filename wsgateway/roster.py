@@ -33,7 +33,8 @@ class Route(NamedTuple):
 
     `gateways` hold the player's connections (`connections` of them in all) and must get
     the message live. Otherwise it was `queued` (with `dropped` older messages pushed out of
-    a full queue) or, when queueing was not asked for or is off, it goes nowhere.
+    a full queue, and the oldest of any player's given up to keep all queues within their
+    bounds) or, when queueing was not asked for or is off, it goes nowhere.
     """
 
     gateways: frozenset[str]
@@ -41,6 +42,8 @@ class Route(NamedTuple):
     queued: bool = False
     dropped: int = 0  # older frames pushed out of the full queue
     expired: int = 0  # frames found expired in the queue while queueing this one
+    over_total_bytes: int = 0  # frames given up for -max-offline-bytes (this one when not queued)
+    over_total_players: int = 0  # frames of whole queues given up for -max-offline-players
     queueing_off: bool = False  # the player was offline, queueing was asked, and it is disabled
 
 
@@ -150,8 +153,9 @@ class LocalRoster:
             return Route(frozenset(), 0)
         if not self._offline.enabled:
             return Route(frozenset(), 0, queueing_off=True)
-        dropped = self._offline.push(player_id, frame)
-        return Route(frozenset(), 0, queued=True, dropped=dropped)
+        pushed = self._offline.push(player_id, frame)
+        return Route(frozenset(), 0, queued=pushed.queued, dropped=pushed.over_player_bound,
+                     over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
         return self.route(player_id, frame, queue_if_offline=True)  # in the publisher's turn: in order

@@ -9,6 +9,12 @@ clock (so hosts need not agree on the time):
 * `take_seat` makes the seat present and empties the queue in one step, so of two
   connections arriving at once on two gateways exactly one gets the backlog.
 
+All queues of the cluster together are bounded by `-max-offline-bytes` and
+`-max-offline-players` (cluster-wide, since the queues are the cluster's and Redis's
+memory is what the bounds protect): `route` gives up the oldest frame of any player
+first, found through a sorted set of every queue's oldest frame, and keeps each queue's
+accounted bytes in a hash whose field "" is their total.
+
 Seats carry an expiry that each gateway refreshes every third of `-presence-ttl`; the
 seats of a gateway that died expire by themselves, and its players count as offline
 within `-presence-ttl`. The refresh checks every seat (`EXTEND`): one Redis lost,
@@ -36,7 +42,7 @@ import time
 
 import redis
 
-from wsgateway.offline import MISSED_RETENTION_S, Backlog
+from wsgateway.offline import MESSAGE_OVERHEAD_BYTES, MISSED_RETENTION_S, Backlog
 from wsgateway.redis_link import RedisKeys, broker_errors
 from wsgateway.roster import Census, Route, Seat
 
@@ -59,6 +65,32 @@ local function expire_at_least(key, at)
 end
 """
 
+# The accounting of every queue together. heads: ZSET queue -> expiry of its oldest frame
+# (the oldest of all is the first); sizes: HASH queue -> accounted bytes, field "" = total.
+# Called after frames entered or left a queue, with what they counted.
+_LUA_QUEUE_ACCOUNTS = """
+local function item_size(item)
+  return string.len(item) - string.find(item, ':', 1, true) + %d
+end
+local function note_head(heads, queue)
+  local head = redis.call('LINDEX', queue, 0)
+  if head then
+    redis.call('ZADD', heads, tonumber(string.sub(head, 1, string.find(head, ':', 1, true) - 1)), queue)
+  else
+    redis.call('ZREM', heads, queue)
+  end
+end
+local function resize(sizes, queue, delta)
+  if delta == 0 then return end
+  if redis.call('HINCRBY', sizes, queue, delta) <= 0 then redis.call('HDEL', sizes, queue) end
+  if redis.call('HINCRBY', sizes, '', delta) <= 0 then redis.call('HDEL', sizes, '') end
+end
+local function forget_queue(heads, sizes, queue)
+  resize(sizes, queue, -(tonumber(redis.call('HGET', sizes, queue)) or 0))
+  redis.call('ZREM', heads, queue)
+end
+""" % MESSAGE_OVERHEAD_BYTES
+
 # KEYS: seats. ARGV: ttl_ms, max_conns, seat. Returns 1 when the seat was granted.
 RESERVE = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -69,10 +101,10 @@ expire_at_least(KEYS[1], now + tonumber(ARGV[1]))
 return 1
 """
 
-# KEYS: seats, present, queue, missed, queue index, gateway connections, players.
-# ARGV: presence_ttl_ms, seat, gateway, player.
+# KEYS: seats, present, queue, missed, queue index, gateway connections, players, queue heads,
+# queue sizes. ARGV: presence_ttl_ms, seat, gateway, player.
 # Returns {frames..., expired now, dropped since last connection, expired since last connection}.
-TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + """
+TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + """
 local expiry = now + tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
 redis.call('ZADD', KEYS[2], expiry, ARGV[2])
@@ -84,6 +116,7 @@ local items = redis.call('LRANGE', KEYS[3], 0, -1)
 local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], KEYS[3])
+forget_queue(KEYS[8], KEYS[9], KEYS[3])
 local frames = {}
 local expired = 0
 for _, item in ipairs(items) do
@@ -110,10 +143,12 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[4], ARGV[3]) end
 """
 
-# KEYS: present, queue, missed, queue index.
-# ARGV: frame, queue_if_offline (1/0), max_queued, offline_ttl_ms, missed retention ms.
-# Returns {queued (1/0), dropped, expired, seats...}.
-ROUTE = _LUA_NOW_MS + """
+# KEYS: present, queue, missed, queue index, queue heads, queue sizes, queue clock.
+# ARGV: frame, queue_if_offline (1/0), max_queued, offline_ttl_ms, missed retention ms,
+#       max_offline_bytes, max_offline_players, missed-key prefix, queue-key prefix.
+# Live (or offline without queueing): {0, 0, 0, seats...}.
+# Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players}.
+ROUTE = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local seats = redis.call('ZRANGE', KEYS[1], 0, -1)
 if #seats > 0 or ARGV[2] == '0' then
@@ -122,6 +157,13 @@ if #seats > 0 or ARGV[2] == '0' then
   table.insert(seats, 1, 0)
   return seats
 end
+local heads, sizes = KEYS[5], KEYS[6]
+local retention = ARGV[5]
+local function lost(queue, what, count)
+  local missed = ARGV[8] .. string.sub(queue, string.len(ARGV[9]) + 1)
+  redis.call('HINCRBY', missed, what, count)
+  redis.call('PEXPIRE', missed, retention)
+end
 local expired = 0
 while true do
   local head = redis.call('LINDEX', KEYS[2], 0)
@@ -129,27 +171,68 @@ while true do
   local colon = string.find(head, ':', 1, true)
   if tonumber(string.sub(head, 1, colon - 1)) > now then break end
   redis.call('LPOP', KEYS[2])
+  resize(sizes, KEYS[2], -item_size(head))
   expired = expired + 1
 end
+if expired > 0 then lost(KEYS[2], 'expired', expired) end
 local ttl = tonumber(ARGV[4])
-local length = redis.call('RPUSH', KEYS[2], (now + ttl) .. ':' .. ARGV[1])
-local dropped = 0
-if length > tonumber(ARGV[3]) then
-  dropped = length - tonumber(ARGV[3])
-  redis.call('LTRIM', KEYS[2], dropped, -1)
+-- the expiry, made unique and increasing across the cluster with thousandths, so that the
+-- oldest frame of all is exactly the first in `heads`
+local stamp = math.max((now + ttl) * 1000, (tonumber(redis.call('GET', KEYS[7])) or 0) + 1)
+redis.call('SET', KEYS[7], string.format('%d', stamp), 'PX', 2 * ttl + 60000)
+local item = string.format('%d.%03d', math.floor(stamp / 1000), stamp % 1000) .. ':' .. ARGV[1]
+local size = item_size(item)
+local max_bytes, max_players = tonumber(ARGV[6]), tonumber(ARGV[7])
+if max_bytes > 0 and size > max_bytes then
+  note_head(heads, KEYS[2])
+  lost(KEYS[2], 'dropped', 1)
+  return {1, 0, 0, expired, 1, 0}
 end
-if dropped > 0 then redis.call('HINCRBY', KEYS[3], 'dropped', dropped) end
-if expired > 0 then redis.call('HINCRBY', KEYS[3], 'expired', expired) end
+local dropped = 0
+while redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[3]) do
+  resize(sizes, KEYS[2], -item_size(redis.call('LPOP', KEYS[2])))
+  dropped = dropped + 1
+end
+if dropped > 0 then lost(KEYS[2], 'dropped', dropped) end
+-- the bounds on every queue together: the oldest frame of all goes first
+local over_bytes = 0
+while max_bytes > 0 and (tonumber(redis.call('HGET', sizes, '')) or 0) + size > max_bytes do
+  local oldest = redis.call('ZRANGE', heads, 0, 0)[1]
+  if not oldest then redis.call('HDEL', sizes, '') break end  -- nothing left to count
+  local gone = redis.call('LPOP', oldest)
+  if gone then
+    resize(sizes, oldest, -item_size(gone))
+    note_head(heads, oldest)
+    lost(oldest, 'dropped', 1)
+    over_bytes = over_bytes + 1
+  else
+    forget_queue(heads, sizes, oldest)  -- the list itself is gone (its backstop expiry)
+  end
+end
+local over_players = 0
+if max_players > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  while redis.call('ZCARD', heads) >= max_players do
+    local oldest = redis.call('ZRANGE', heads, 0, 0)[1]
+    local held = redis.call('LLEN', oldest)
+    redis.call('DEL', oldest)
+    redis.call('ZREM', KEYS[4], oldest)
+    forget_queue(heads, sizes, oldest)
+    if held > 0 then lost(oldest, 'dropped', held) end
+    over_players = over_players + held
+  end
+end
+redis.call('RPUSH', KEYS[2], item)
+resize(sizes, KEYS[2], size)
+note_head(heads, KEYS[2])
 redis.call('ZADD', KEYS[4], now + ttl, KEYS[2])
 -- a backstop only: the sweep removes (and counts) expired queues long before this
 redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
-if dropped > 0 or expired > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[5]) end
-return {1, dropped, expired}
+return {1, 1, dropped, expired, over_bytes, over_players}
 """
 
-# KEYS: queue index. ARGV: batch, missed-key prefix, queue-key prefix, missed retention ms.
-# Removes queues whose every frame expired; returns how many frames they held.
-SWEEP = _LUA_NOW_MS + """
+# KEYS: queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix, queue-key prefix,
+# missed retention ms. Removes queues whose every frame expired; returns how many frames they held.
+SWEEP = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
 local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local expired = 0
 for _, queue in ipairs(queues) do
@@ -160,6 +243,7 @@ for _, queue in ipairs(queues) do
     redis.call('PEXPIRE', ARGV[2] .. player, ARGV[4])
     redis.call('DEL', queue)
   end
+  forget_queue(KEYS[2], KEYS[3], queue)
   redis.call('ZREM', KEYS[1], queue)
   expired = expired + held
 end
@@ -276,12 +360,17 @@ class RedisRoster:
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, gateway_id: str, *, max_conns_per_player: int,
                  max_queued: int, offline_ttl_s: float, presence_ttl_s: float,
+                 max_offline_bytes: int = 0, max_offline_players: int = 0,
                  sweep_interval_s: float = SWEEP_INTERVAL_S) -> None:
+        """`max_offline_bytes`, `max_offline_players`: bounds on the cluster's queues together
+        (0 = none); every gateway of a cluster should be given the same."""
         self.max_conns_per_player = max_conns_per_player
         self.gateway_id = gateway_id
         self._client = client
         self._keys = keys
         self._max_queued = max_queued
+        self._max_offline_bytes = max_offline_bytes
+        self._max_offline_players = max_offline_players
         self._offline_ttl_ms = int(offline_ttl_s * 1000)
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._sweep_interval_ms = max(1, int(sweep_interval_s * 1000))
@@ -322,7 +411,8 @@ class RedisRoster:
         with broker_errors("take seat"):
             reply = self._take_seat(
                 keys=[keys.seats(player), keys.present(player), keys.queue(player), keys.missed(player),
-                      keys.queue_index, keys.gateway_connections, keys.players],
+                      keys.queue_index, keys.gateway_connections, keys.players, keys.queue_heads,
+                      keys.queue_sizes],
                 args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player])
         self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
@@ -340,13 +430,17 @@ class RedisRoster:
         queue = queue_if_offline and self.queueing
         with broker_errors("route"):
             reply = self._route(
-                keys=[keys.present(player_id), keys.queue(player_id), keys.missed(player_id), keys.queue_index],
-                args=[frame, 1 if queue else 0, self._max_queued, self._offline_ttl_ms, _MISSED_RETENTION_MS])
-        queued, dropped, expired, seats = int(reply[0]), int(reply[1]), int(reply[2]), reply[3:]
+                keys=[keys.present(player_id), keys.queue(player_id), keys.missed(player_id), keys.queue_index,
+                      keys.queue_heads, keys.queue_sizes, keys.queue_clock],
+                args=[frame, 1 if queue else 0, self._max_queued, self._offline_ttl_ms, _MISSED_RETENTION_MS,
+                      self._max_offline_bytes, self._max_offline_players, keys.missed(""), keys.queue("")])
+        if int(reply[0]):
+            queued, dropped, expired, over_bytes, over_players = (int(value) for value in reply[1:])
+            return Route(frozenset(), 0, queued=bool(queued), dropped=dropped, expired=expired,
+                         over_total_bytes=over_bytes, over_total_players=over_players)
+        seats = reply[3:]
         if seats:
             return Route(frozenset(gateway_of(seat.decode()) for seat in seats), len(seats))
-        if queued:
-            return Route(frozenset(), 0, queued=True, dropped=dropped, expired=expired)
         return Route(frozenset(), 0, queueing_off=queue_if_offline and not self.queueing)
 
     def reach(self) -> int:
@@ -388,7 +482,7 @@ class RedisRoster:
         with broker_errors("maintain"):
             if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True, px=self._sweep_interval_ms):
                 return 0
-            return int(self._sweep(keys=[self._keys.queue_index],
+            return int(self._sweep(keys=[self._keys.queue_index, self._keys.queue_heads, self._keys.queue_sizes],
                                    args=[SWEEP_BATCH, self._keys.missed(""), self._keys.queue(""),
                                          _MISSED_RETENTION_MS]))
 
@@ -431,7 +525,7 @@ class RedisRoster:
                 player = seat.player_id
                 self._take_seat(keys=[keys.seats(player), keys.present(player), keys.queue(player),
                                       keys.missed(player), keys.queue_index, keys.gateway_connections,
-                                      keys.players],
+                                      keys.players, keys.queue_heads, keys.queue_sizes],
                                 args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player], client=pipeline)
             # take_seat counts each seat as a new connection: set the true count again
             pipeline.hset(keys.gateway_connections, self.gateway_id,

@@ -78,12 +78,15 @@ class Gateway:
         if config.broker_url:
             self._use_redis(config)
         else:
-            offline = self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s)
+            offline = self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s,
+                                                        max_total_bytes=config.max_offline_bytes,
+                                                        max_players=config.max_offline_players)
             self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player)
             self.broker = InProcessBroker()
             self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
             self.idempotency = MemoryIdempotencyStore(config.idempotency_window_s, config.idempotency_max_keys)
             self.metrics.offline_queue_messages.set_function(lambda: len(offline))
+            self.metrics.offline_queue_bytes.set_function(lambda: offline.held_bytes)
         self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics,
                                  notify_missed=config.notify_missed)
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
@@ -115,7 +118,8 @@ class Gateway:
         self.gateway_id = new_gateway_id()
         roster = RedisRoster(client, keys, self.gateway_id, max_conns_per_player=config.max_conns_per_player,
                              max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
-                             presence_ttl_s=config.presence_ttl_s)
+                             presence_ttl_s=config.presence_ttl_s, max_offline_bytes=config.max_offline_bytes,
+                             max_offline_players=config.max_offline_players)
         self.roster = roster
         self.broker = RedisBroker(
             client, keys, self.gateway_id, stream_length=config.broker_stream_length,
