@@ -225,3 +225,63 @@ def test_workers_serve_one_port_are_replaced_and_drain(cluster):
     assert receive_close(fresh)[0] == 1001
     assert supervisor.wait(TIMEOUT_S * 2) == 0
     assert not supervisor.pid_file.exists()
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of `pid` (Linux's /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as listing:
+        return {int(child) for child in listing.read().split()}
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def log_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sighup_to_the_supervisor_reopens_every_log_and_kills_nobody(cluster):
+    """-workers 2 and SIGHUP: supervisor and both workers reopen the log, keep their pids and sockets."""
+    (supervisor,) = cluster.start(1, "-workers", "2", "-shutdown-timeout", "3s")
+    workers = wait_for(lambda: len(found := children(supervisor.process.pid)) == 2 and found, what="two workers")
+    wait_for(lambda: len(worker_pids(supervisor)) == 2, what="two workers serving")
+    client = cluster.connect(supervisor, cluster.tokens.player(100))
+    wait_connected(supervisor, 1)
+    supervisor.log_file.rename(supervisor.log_file.with_name("rotated.log"))
+
+    supervisor.send_signal(signal.SIGHUP)
+    wait_for(lambda: sum(line["event"] == "log_reopened" for line in log_events(supervisor.log_file)) == 3,
+             what="supervisor and both workers writing to the new log file")
+    assert children(supervisor.process.pid) == workers and supervisor.process.poll() is None
+    server = cluster.tokens.server()
+    assert publish(supervisor, server, 100, "after-hup")[1]["delivered"] == 1
+    assert receive_event(client)["event"] == "after-hup"
+
+    supervisor.send_signal(signal.SIGTERM)
+    assert receive_close(client)[0] == 1001
+    assert supervisor.wait(TIMEOUT_S * 2) == 0
+    assert not supervisor.pid_file.exists()
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(cluster):
+    """SIGKILL to the supervisor: each worker notices, closes its sockets with 1001 and exits; the port goes quiet."""
+    (supervisor,) = cluster.start(1, "-workers", "2", "-shutdown-timeout", "3s")
+    workers = wait_for(lambda: len(found := children(supervisor.process.pid)) == 2 and found, what="two workers")
+    wait_for(lambda: len(worker_pids(supervisor)) == 2, what="two workers serving")
+    client = cluster.connect(supervisor, cluster.tokens.player(100))
+    wait_connected(supervisor, 1)
+
+    supervisor.process.kill()
+    supervisor.wait()
+    assert receive_close(client)[0] == 1001
+    wait_for(lambda: not any(running(pid) for pid in workers), TIMEOUT_S * 2, what="both workers gone")
+    with pytest.raises(OSError):
+        get(supervisor, "/healthz")
+    gone = [line for line in log_events(supervisor.log_file) if line["event"] == "supervisor_gone"]
+    assert len(gone) == 2

@@ -283,3 +283,31 @@ def test_keep_alive_publishes_do_not_wait_for_delayed_acks(gateway, tokens):
         connection.close()
     durations.sort()
     assert durations[len(durations) // 2] < 0.02, durations
+
+
+def log_events(path) -> list[str]:
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sighup_reopens_the_log_file_and_the_gateway_serves_on(gateway_process):
+    """SIGHUP after logrotate moved the log: a new file at the path, sockets untouched, then SIGTERM drains as usual."""
+    process = gateway_process("-shutdown-timeout", "3s")
+    table = TokenTable(process.database_url)
+    client = websocket.create_connection(f"{process.ws_url}?token={table.player(21)}", timeout=TIMEOUT_S)
+    deliver_once(process, client, table, 21)
+    rotated = process.log_file.with_name("ws-gateway.log.1")
+    process.log_file.rename(rotated)
+
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "log_reopened" in log_events(process.log_file), what="log_reopened in the new file")
+    deliver_once(process, client, table, 21)  # the same socket, still served
+    assert process.process.poll() is None and process.pid_file.exists()
+    assert "started" in log_events(rotated) and "started" not in log_events(process.log_file)
+    table.engine.dispose()
+
+    process.send_signal(signal.SIGTERM)
+    assert receive_close(client) == (1001, "server shutting down")
+    assert process.wait(timeout_s=3 + TIMEOUT_S) == 0
+    assert not process.pid_file.exists()
+    assert "stopped" in log_events(process.log_file)
+    assert process.stderr_file.read_text() == ""

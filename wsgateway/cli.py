@@ -15,19 +15,29 @@ A gateway binds its address as soon as the settings are read, before it imports 
 stack and the database layer (Flask, SQLAlchemy: most of its start-up time, and several
 seconds on a busy machine). On a restart the players' reconnects then wait in the
 accept queue until it serves, instead of being refused and retried seconds later.
+
+Signals: SIGTERM and SIGINT drain (`server`, `workers`). SIGHUP reopens `-log-file` and
+nothing else, from the moment logging is set up: the conventional meaning for a daemon
+whose log logrotate moves (`postrotate kill -HUP`), while the gateway has no settings to
+reload and a drain already has its signals. So a hang-up (a closed terminal, a stray
+`kill -HUP`) no longer ends the process at once, without close frames and leaving its pid
+file behind. The `-workers` supervisor passes it on to every worker.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
+
+import gevent
 
 from wsgateway import commands
 from wsgateway.config import Config, ConfigError, load
 from wsgateway.errors import BrokerUnavailable, StoreMisconfigured, StoreUnavailable
-from wsgateway.logs import setup_logging
-from wsgateway.workers import Supervisor, bind_listener, inherited_listener
+from wsgateway.logs import reopen_log_file, setup_logging
+from wsgateway.workers import Supervisor, bind_listener, inherited_listener, watch_supervisor
 
 PORT_WAIT_S = 2.0  # how long a starting gateway waits for its address to be let go of
 
@@ -55,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if config.workers > 1:
         return _supervise(config, arguments)
+    gevent.signal_handler(signal.SIGHUP, on_hangup)
 
     listener = inherited_listener()
     if listener is None:
@@ -88,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             gateway.shutdown(0)
             return _fail(f"-pid-file: cannot write {config.pid_file!r}: {exc.strerror}", 2)
+    watch_supervisor(gateway.shutdown)  # a worker drains when its supervisor is gone
     log.info("start-up heap frozen", extra={"event": "heap_frozen", "objects": freeze_startup_heap()})
     try:
         gateway.serve_forever()
@@ -97,11 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def on_hangup(then: Callable[[], None] | None = None) -> None:
+    """SIGHUP: reopen -log-file, say so in the new file (or on standard output), then `then`."""
+    path = reopen_log_file()
+    log.info("SIGHUP received, log file reopened" if path else "SIGHUP received, logging to standard output",
+             extra={"event": "log_reopened", "signal": "SIGHUP", "log_file": path or ""})
+    if then is not None:
+        then()
+
+
 def _supervise(config: Config, argv: list[str]) -> int:
     """-workers N: this process only binds, supervises and relays signals."""
     from wsgateway.server import remove_pid_file, write_pid_file
 
     supervisor = Supervisor(config, argv)
+    gevent.signal_handler(signal.SIGHUP, on_hangup, supervisor.hang_up)
     if config.pid_file:
         try:
             write_pid_file(config.pid_file)

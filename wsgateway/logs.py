@@ -6,6 +6,9 @@ name), `message`, plus the context given in `extra=` (`player_id`, `subject_id`,
 still masks anything shaped like `token=...` (percent-encoded letters included, since
 the query parser decodes them) or `Bearer ...`, so a library that logs a request line or
 a header cannot leak one either.
+
+SIGHUP reopens `-log-file` (`reopen_log_file`), so that logrotate can move the file away
+and have the gateway write to a new one at the same path without losing a line.
 """
 from __future__ import annotations
 
@@ -76,3 +79,17 @@ def _log_greenlet_error(context: Any, kind: Any, value: Any, traceback: Any) -> 
     exc_info = (kind, value, traceback) if isinstance(value, BaseException) else None
     _hub_log.error("greenlet failed", exc_info=exc_info, extra={
         "event": "internal_error", "context": repr(context)[:200], "error_type": getattr(kind, "__name__", str(kind))})
+
+
+def reopen_log_file() -> str | None:
+    """Write from now on to the file that is at the `-log-file` path now (after logrotate
+    moved the old one away); return that path, or None when logging to standard output.
+    Lines written before the call are in the old file, lines after in the new one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            fresh = open(handler.baseFilename, handler.mode, encoding=handler.encoding, errors=handler.errors)
+            old = handler.setStream(fresh)
+            if old is not None:
+                old.close()
+            return handler.baseFilename
+    return None
