@@ -465,6 +465,8 @@ class Soak:
             "gc_objects": {"cold": cold["objects"], "after_clients_left": [round_["end"]["objects"] for round_ in rounds]},
             "allocated_blocks": {"cold": cold["allocated_blocks"],
                                  "after_clients_left": [round_["end"]["allocated_blocks"] for round_ in rounds]},
+            "pymalloc_arenas": {"cold": cold["pymalloc_arenas"],
+                                "after_clients_left": [round_["end"]["pymalloc_arenas"] for round_ in rounds]},
             "traced_kib": {"cold": cold["traced_kib"], "after_clients_left": [round_["end"]["traced_kib"] for round_ in rounds]},
             "gateway_exit_status": exit_status,
             "load_average": [round(value, 2) for value in os.getloadavg()],
@@ -505,6 +507,7 @@ def main() -> int:
     print(f"  gateway memory (MiB, lists are per round): {result['rss_mib']}")
     print(f"  gateway greenlets: {result['greenlets']}, open fds: {result['open_fds']}, "
           f"objects tracked by gc: {result['gc_objects']}, allocated blocks: {result['allocated_blocks']}, "
+          f"pymalloc arenas (1 MiB): {result['pymalloc_arenas']}, "
           f"traced by tracemalloc (KiB): {result['traced_kib']}")
     print(f"  close codes: {result['close_codes']}, refused publishes: {result['refused_publishes']}, "
           f"connect failures: {result['connect_failures']}, gateway exit: {result['gateway_exit_status']}, "
