@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/soak.py                            # 1,000 players, 10 minutes
     .venv/bin/python bench/soak.py --duration 30 --players 200  # what CI runs (tests/test_soak.py)
+    .venv/bin/python bench/soak.py --faults --duration 90 --rounds 2 --players 300  # with faults
 
 A real gateway process (bin/ws-gateway's `main`, through bench/soak_gateway.py for
 memory and greenlet figures) on a fresh sqlite file. Players connect over WebSocket,
@@ -17,6 +18,20 @@ Checked at the end, from the publishers' answers and what every connection recei
   up, and the number given up equals the offline drops in the gateway's metrics;
 * a broadcast answered {"delivered": N} arrived on exactly N connections;
 * on every connection, messages came in publish order.
+
+With --faults: two gateways on `-broker`, a private redis-server on a free port (started
+and stopped by the soak, never the shared one), and in every round, at a quarter, a half
+and three quarters of it: Redis restarted (empty: it keeps nothing on disk), the token
+file replaced (a new sqlite file renamed into place, in which a tenth of the players have
+new tokens; clients use the new ones from then on), and FLUSHALL. Throughout, each client
+that closes cleanly races a publish to the other gateway against its own close ("r"
+messages, a stream of their own). Each loss is attributed: to the close race, to a fault
+when published within FAULT_WINDOW_S after it, or to nothing known. Offline messages Redis
+held when it restarted or was flushed are reported apart (`queued_lost_with_redis`): the
+documented limit of a Redis without persistence, which no metric counts. Also reported:
+publishes answered `queued` while the player had a connection open (parked), answers with
+`scope: local`, and, for the token file, new tokens refused or removed ones still accepted
+later than one -revalidate-period after the replacement.
 
 Prints totals, losses, duplicates, reorderings, memory and greenlets, and with --json one
 JSON line last. Exit status 1 if anything was lost, doubled or reordered.
@@ -47,6 +62,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
+import redis  # noqa: E402
 from gevent.event import Event  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -56,12 +72,17 @@ sys.path.insert(0, str(PROJECT))
 from wsgateway.tokens import SQLITE_SCHEMA  # noqa: E402
 
 GATEWAY = PROJECT / "bench" / "soak_gateway.py"
+OFFLINE_REASONS = ("offline_expired", "offline_queue_full", "offline_bytes_limit", "offline_players_limit")
 OFFLINE_TTL_S = 5.0
 MAX_QUEUED = 20
 PUBLISHERS = 8
 HOT_PLAYERS = 10  # they get HOT_SHARE of the single-player publishes
 HOT_SHARE = 0.2
 STEP_TIMEOUT_S = 60.0  # for each phase that waits on the gateway
+REVALIDATE_PERIOD_S = 5.0
+FAULT_WINDOW_S = 10.0  # a loss this soon after a fault is put down to it
+REDIS_DOWN_S = 1.0  # how long a restarted Redis stays down
+ROTATED_SHARE = 0.1  # players whose token changes when the token file is replaced
 
 
 # --- a minimal WebSocket client ----------------------------------------------------------------------
@@ -80,7 +101,9 @@ class Connection:
     closed_at: float = 0.0
     close_code: int | None = None
     published: list[int] = field(default_factory=list)  # seq numbers of the player's messages, in arrival order
+    raced: list[int] = field(default_factory=list)  # seq numbers of the messages raced against a close
     broadcasts: list[int] = field(default_factory=list)
+    close_started_at: float = 0.0
     sock: socket.socket | None = None
     closed: Event = field(default_factory=Event)
 
@@ -128,7 +151,8 @@ class Connection:
                     del buffer[:start + length]
                     if opcode == 0x1:
                         message = json.loads(payload)
-                        (self.published if message["event"] == "p" else self.broadcasts).append(message["payload"])
+                        streams = {"p": self.published, "r": self.raced, "b": self.broadcasts}
+                        streams[message["event"]].append(message["payload"])
                     elif opcode == 0x9:
                         sock.sendall(masked_frame(0xA, payload))
                     elif opcode == 0x8:
@@ -147,6 +171,7 @@ class Connection:
 
     def close(self) -> None:
         """Clean close: send ours, read on until the gateway's close frame."""
+        self.close_started_at = time.monotonic()
         try:
             self.sock.sendall(masked_frame(0x8, struct.pack("!H", 1000)))
         except OSError:
@@ -161,15 +186,26 @@ class Publish:
     seq: int
     delivered: int
     queued: bool
+    stream: str = "p"
+    sent_at: float = 0.0
+    answered_at: float = 0.0
+    local: bool = False  # answered with "scope": "local"
 
 
 class Soak:
     def __init__(self, options: argparse.Namespace, workdir: Path) -> None:
         self.options = options
         self.workdir = workdir
-        self.port = 0
-        self.process: subprocess.Popen | None = None
+        self.ports: list[int] = []
+        self.processes: list[subprocess.Popen] = []
+        self.redis: subprocess.Popen | None = None
+        self.redis_port = 0
+        self.database = workdir / "tokens.db"
         self.tokens: dict[int, str] = {}
+        self.old_tokens: dict[int, str] = {}  # players' tokens before the file was replaced
+        self.faults: list[tuple[float, str]] = []  # (time.monotonic(), kind)
+        self.token_checks: Counter = Counter()
+        self.next_race_seq: dict[int, int] = {}
         self.server_token = secrets.token_hex(16)
         rng = random.Random(options.seed)
         self.rng = rng
@@ -189,31 +225,109 @@ class Soak:
         self.connect_failures: Counter = Counter()
         self.publish_failures: Counter = Counter()
 
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The first gateway: the one whose memory and greenlets are reported."""
+        return self.processes[0] if self.processes else None
+
     # --- the gateway --------------------------------------------------------------------
-    def start_gateway(self) -> None:
-        database = self.workdir / "tokens.db"
-        with sqlite3.connect(database) as connection:
+    def write_token_file(self, path: Path) -> None:
+        """A sqlite token file with every player's current token and the server token."""
+        with sqlite3.connect(path) as connection:
             for statement in SQLITE_SCHEMA:
                 connection.execute(statement)
-            rows = [(secrets.token_hex(16), player, "soak", 0, "2099-01-01 00:00:00")
-                    for player in range(1, self.options.players + 1)]
+            rows = [(token, player, "soak", 0, "2099-01-01 00:00:00") for player, token in self.tokens.items()]
             rows.append((self.server_token, None, "soak-backend", 1, "2099-01-01 00:00:00"))
             connection.executemany("INSERT INTO ws_token VALUES (?, ?, ?, ?, ?)", rows)
-            self.tokens = {player: token for token, player, *_ in rows if player is not None}
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+
+    def start_gateway(self) -> None:
+        """One gateway, or with --faults two on a private Redis."""
+        self.tokens = {player: secrets.token_hex(16) for player in range(1, self.options.players + 1)}
+        self.write_token_file(self.database)
+        broker: list[str] = []
+        if self.options.faults:
+            self.redis_port = free_port()
+            self.start_redis()
+            broker = ["-broker", f"redis://127.0.0.1:{self.redis_port}/0", "-broker-prefix", "soak"]
         environment = {name: value for name, value in os.environ.items() if not name.startswith("WS_GATEWAY_")}
         environment["WS_SOAK_STATS"] = str(self.workdir / "stats.json")
-        self.process = subprocess.Popen(
-            [sys.executable, str(GATEWAY), "-addr", f"127.0.0.1:{self.port}", "-dsn", f"file:{database}",
-             "-rate-limit", "0", "-max-conns", "5", "-max-queued", str(MAX_QUEUED),
-             "-offline-ttl", f"{OFFLINE_TTL_S:g}s", "-ping-period", "10s", "-pong-wait", "30s",
-             "-revalidate-period", "5s",  # revalidation runs often, over a changing set of live tokens
-             "-log-level", "warning", "-log-file", str(self.workdir / "gateway.log"), "-shutdown-timeout", "10s"],
-            env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "gateway.stderr", "w"))
-        self.wait_for(lambda: self.request("GET", "/healthz")[0] == 200, "the gateway to start")
+        for number in range(2 if self.options.faults else 1):
+            port = free_port()
+            suffix = f"-{number}" if number else ""
+            self.ports.append(port)
+            self.processes.append(subprocess.Popen(
+                [sys.executable, str(GATEWAY), "-addr", f"127.0.0.1:{port}", "-dsn", f"file:{self.database}",
+                 "-rate-limit", "0", "-max-conns", "5", "-max-queued", str(MAX_QUEUED),
+                 "-offline-ttl", f"{OFFLINE_TTL_S:g}s", "-ping-period", "10s", "-pong-wait", "30s",
+                 # revalidation runs often, over a changing set of live tokens
+                 "-revalidate-period", f"{REVALIDATE_PERIOD_S:g}s", *broker,
+                 "-log-level", "warning", "-log-file", str(self.workdir / f"gateway{suffix}.log"),
+                 "-shutdown-timeout", "10s"],
+                env=environment if number == 0 else {k: v for k, v in environment.items() if k != "WS_SOAK_STATS"},
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(self.workdir / f"gateway{suffix}.stderr", "w")))
+        for port in self.ports:
+            self.wait_for(lambda: self.request("GET", "/healthz", port=port)[0] == 200, "the gateway to start")
+
+    # --- faults -------------------------------------------------------------------------
+    def start_redis(self) -> None:
+        """redis-server of the soak's own (nothing on disk), stopped only by its pid."""
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_for(lambda: self.redis_answers(), "redis-server to start")
+
+    def redis_answers(self) -> bool:
+        try:
+            return redis.Redis(port=self.redis_port, socket_timeout=1).ping()
+        except redis.RedisError:
+            return False
+
+    def stop_redis(self) -> None:
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(STEP_TIMEOUT_S)
+        self.redis = None
+
+    def restart_redis(self) -> None:
+        self.faults.append((time.monotonic(), "redis_restart"))
+        self.stop_redis()
+        gevent.sleep(REDIS_DOWN_S)
+        self.start_redis()
+
+    def flush_redis(self) -> None:
+        self.faults.append((time.monotonic(), "redis_flushall"))
+        redis.Redis(port=self.redis_port, socket_timeout=5).flushall()
+
+    def replace_token_file(self) -> None:
+        """A new file renamed into place (a restored backup, a deploy): a share of the
+        players have new tokens in it, and their old ones are gone."""
+        rotated = self.rng.sample(sorted(self.tokens), max(1, int(len(self.tokens) * ROTATED_SHARE)))
+        for player in rotated:
+            self.old_tokens[player] = self.tokens[player]
+            self.tokens[player] = secrets.token_hex(16)
+        fresh = self.database.with_name("tokens.db.new")
+        self.write_token_file(fresh)
+        os.replace(fresh, self.database)
+        self.faults.append((time.monotonic(), "token_file_replaced"))
+
+    def inject_faults(self, duration_s: float) -> None:
+        """One of each fault, spread over the round."""
+        started = time.monotonic()
+        for share, fault in ((0.25, self.restart_redis), (0.5, self.replace_token_file), (0.75, self.flush_redis)):
+            gevent.sleep(max(0.0, started + share * duration_s - time.monotonic()))
+            if self.stopping.is_set():
+                return
+            fault()
+
+    def past_revalidation(self) -> bool:
+        """Whether the last token-file replacement is more than a revalidation period old."""
+        replaced = [at for at, kind in self.faults if kind == "token_file_replaced"]
+        return bool(replaced) and time.monotonic() > replaced[-1] + REVALIDATE_PERIOD_S + 1.0
 
     def stats(self) -> dict:
         path = self.workdir / "stats.json"
@@ -223,17 +337,19 @@ class Soak:
         return json.loads(path.read_text())
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        status, body = self.request("GET", "/metrics")
-        samples = {}
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return samples
+        """Every gateway's samples, added up."""
+        samples: Counter = Counter()
+        for port in self.ports:
+            status, body = self.request("GET", "/metrics", port=port)
+            for family in text_string_to_metric_families(body.decode()):
+                for sample in family.samples:
+                    samples[(sample.name, tuple(sorted(sample.labels.items())))] += sample.value
+        return dict(samples)
 
     def request(self, method: str, path: str, body: dict | None = None,
-             connection: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+                connection: http.client.HTTPConnection | None = None, port: int | None = None) -> tuple[int, bytes]:
         own = connection is None
-        connection = connection or http.client.HTTPConnection("127.0.0.1", self.port, timeout=STEP_TIMEOUT_S)
+        connection = connection or http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=STEP_TIMEOUT_S)
         try:
             headers = {"Authorization": f"Bearer {self.server_token}", "Content-Type": "application/json"}
             connection.request(method, path, json.dumps(body) if body is not None else None, headers)
@@ -259,10 +375,11 @@ class Soak:
         """Keep one connection slot up: connect, live a while, close cleanly, pause, again."""
         player = slot[0]
         rng = random.Random(hash((self.options.seed, slot)))
+        port = self.ports[hash(slot) % len(self.ports)]
         while True:
             connection = Connection(player)
             try:
-                connection.open(self.port, self.tokens[player])
+                self.open(connection, port)
             except (OSError, ConnectionError) as error:
                 self.connect_failures[str(error)[:60]] += 1
                 gevent.sleep(0.5)
@@ -277,34 +394,59 @@ class Soak:
             if self.final.is_set() and not connection.closed.is_set():
                 return  # stays connected for the end checks
             del self.live[slot]
+            if self.options.faults and not connection.closed.is_set():
+                other = self.ports[(self.ports.index(port) + 1) % len(self.ports)]
+                gevent.spawn(self.publish, player, port=other, stream="r")
             connection.close()
             if not self.final.is_set():
                 gevent.sleep(rng.uniform(6.0, 8.0) if rng.random() < 0.1 else rng.uniform(0.05, 1.0))
+
+    def open(self, connection: Connection, port: int) -> None:
+        """Connect with the player's current token. A refused new token (the token file was
+        replaced) is counted, and so is a removed token that still connects, once more than
+        one revalidation period has passed."""
+        player = connection.player
+        try:
+            connection.open(port, self.tokens[player])
+        except ConnectionError as error:
+            if player not in self.old_tokens or "401" not in str(error) or not self.past_revalidation():
+                raise
+            self.token_checks["new_token_refused"] += 1
+            connection.open(port, self.old_tokens[player])  # what the gateway still knows
+            self.token_checks["removed_token_accepted"] += 1
 
     # --- traffic ------------------------------------------------------------------------
     def publisher(self, index: int) -> None:
         players = [player for player in range(1, self.options.players + 1) if player % PUBLISHERS == index]
         hot = [player for player in players if player <= HOT_PLAYERS]
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=STEP_TIMEOUT_S)
+        port = self.ports[index % len(self.ports)]
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=STEP_TIMEOUT_S)
         rng = random.Random(self.options.seed * 1000 + index)
         interval_s = PUBLISHERS / self.options.publish_rate
         next_at = time.monotonic()
         while not self.stopping.is_set():
             player = rng.choice(hot) if hot and rng.random() < HOT_SHARE else rng.choice(players)
-            self.publish(player, connection)
+            self.publish(player, connection, port=port)
             next_at += interval_s
             gevent.sleep(max(0.0, next_at - time.monotonic()))
         connection.close()
 
-    def publish(self, player: int, connection: http.client.HTTPConnection | None = None) -> None:
-        seq = self.next_seq.get(player, 0) + 1
-        self.next_seq[player] = seq
-        status, body = self.request("POST", "/publish", {"player_id": player, "event": "p", "payload": seq}, connection)
+    def publish(self, player: int, connection: http.client.HTTPConnection | None = None, *,
+                port: int | None = None, stream: str = "p") -> None:
+        """A numbered message in the player's stream: "p" (one publisher per player, so
+        in order) or "r" (raced against a close)."""
+        sequences = self.next_seq if stream == "p" else self.next_race_seq
+        seq = sequences.get(player, 0) + 1
+        sequences[player] = seq
+        sent_at = time.monotonic()
+        status, body = self.request("POST", "/publish", {"player_id": player, "event": stream, "payload": seq},
+                                    connection, port)
         if status != 200:
             self.publish_failures[status] += 1  # not published: cannot be owed to anyone
             return
         answer = json.loads(body)
-        self.publishes.append(Publish(player, seq, answer["delivered"], answer["queued"]))
+        self.publishes.append(Publish(player, seq, answer["delivered"], answer["queued"], stream, sent_at,
+                                      time.monotonic(), answer.get("scope") == "local"))
 
     def broadcaster(self) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=STEP_TIMEOUT_S)
@@ -331,8 +473,10 @@ class Soak:
         cold = self.stats()
         rounds = [self.round(self.options.duration / self.options.rounds) for _ in range(self.options.rounds)]
         metrics = self.metrics()
-        self.process.send_signal(signal.SIGTERM)
-        exit_status = self.process.wait(STEP_TIMEOUT_S)
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        exit_status = max(process.wait(STEP_TIMEOUT_S) for process in self.processes)
+        self.stop_redis()
         return self.report(cold, rounds, metrics, exit_status)
 
     def round(self, duration_s: float) -> dict:
@@ -349,6 +493,8 @@ class Soak:
         self.go.set()
         traffic = [gevent.spawn(self.publisher, index) for index in range(PUBLISHERS)]
         traffic.append(gevent.spawn(self.broadcaster))
+        if self.options.faults:
+            traffic.append(gevent.spawn(self.inject_faults, duration_s))
         peak_rss_kib = start["rss_kib"]
         while time.monotonic() - started < duration_s:
             gevent.sleep(min(5.0, max(0.0, duration_s - (time.monotonic() - started))))
@@ -395,7 +541,8 @@ class Soak:
         broadcast_receipts: Counter = Counter()
         reordered = duplicates = 0
         for connection in self.connections:
-            for sequence, counter, key in ((connection.published, receipts, connection.player),
+            for sequence, counter, key in ((connection.published, receipts, (connection.player, "p")),
+                                           (connection.raced, receipts, (connection.player, "r")),
                                            (connection.broadcasts, broadcast_receipts, None)):
                 seen = set()
                 for previous, current in zip(sequence, sequence[1:]):
@@ -405,18 +552,30 @@ class Soak:
                     if seq in seen:
                         duplicates += 1
                     seen.add(seq)
-                    counter[(key, seq) if key is not None else seq] += 1
+                    counter[(*key, seq) if key is not None else seq] += 1
         lost_live = lost_queued = extra = 0
         queued = 0
+        causes: Counter = Counter()  # lost live messages by what they are put down to
+        beyond_causes: Counter = Counter()  # received on more connections than answered, likewise
+        queued_lost_with_redis = 0
         for publish in self.publishes:
-            got = receipts[(publish.player, publish.seq)]
+            got = receipts[(publish.player, publish.stream, publish.seq)]
             if publish.queued:
                 queued += 1
-                lost_queued += got == 0
+                if got == 0 and self.wiped_by_redis(publish):
+                    queued_lost_with_redis += 1
+                else:
+                    lost_queued += got == 0
                 extra += max(0, got - 1)
+                if got > 1:
+                    beyond_causes[self.cause(publish)] += got - 1
             else:
                 lost_live += max(0, publish.delivered - got)
+                if publish.delivered > got:
+                    causes[self.cause(publish)] += publish.delivered - got
                 extra += max(0, got - publish.delivered)
+                if got > publish.delivered:
+                    beyond_causes[self.cause(publish)] += got - publish.delivered
         for seq, delivered in self.broadcasts.items():
             got = broadcast_receipts[seq]
             lost_live += max(0, delivered - got)
@@ -425,8 +584,7 @@ class Soak:
         def metric(name: str, **labels: str) -> float:
             return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
-        dropped_offline = metric("ws_messages_dropped_total", reason="offline_expired") + metric(
-            "ws_messages_dropped_total", reason="offline_queue_full")
+        dropped_offline = sum(metric("ws_messages_dropped_total", reason=reason) for reason in OFFLINE_REASONS)
         unaccounted = lost_queued - int(dropped_offline)
         losses = lost_live + max(0, unaccounted)
         result = {
@@ -441,16 +599,24 @@ class Soak:
             "broadcasts": len(self.broadcasts),
             "frames_received": sum(receipts.values()) + sum(broadcast_receipts.values()),
             "queued_dropped_seen": lost_queued,
-            "queued_dropped_metrics": {"offline_expired": metric("ws_messages_dropped_total", reason="offline_expired"),
-                                       "offline_queue_full": metric("ws_messages_dropped_total",
-                                                                    reason="offline_queue_full"),
-                                       "slow_consumer": metric("ws_messages_dropped_total", reason="slow_consumer")},
+            "queued_dropped_metrics": {reason: metric("ws_messages_dropped_total", reason=reason)
+                                       for reason in (*OFFLINE_REASONS, "slow_consumer")},
             "offline_queue_left": metric("ws_offline_queue_messages"),
             "losses": losses,
             "unaccounted_drops": unaccounted,
             "duplicates": duplicates + extra,
             "reordered": reordered,
             "refused_publishes": dict(self.publish_failures),
+            "faults": dict(Counter(kind for _, kind in self.faults)),
+            "losses_by_cause": dict(causes),
+            "doubled_on_one_connection": duplicates,
+            "received_beyond_the_answer": extra,  # on more connections than `delivered` said
+            "beyond_the_answer_by_cause": dict(beyond_causes),
+            "queued_lost_with_redis": queued_lost_with_redis,
+            "queued_while_connected": dict(self.parked()),
+            "answers_scope_local": sum(publish.local for publish in self.publishes),
+            "raced_publishes": sum(publish.stream == "r" for publish in self.publishes),
+            "token_file": dict(self.token_checks),
             "connect_failures": dict(self.connect_failures),
             "close_codes": dict(Counter(c.close_code for c in self.connections)),
             "rss_mib": {"cold": mib(cold["rss_kib"]), "start": mib(rounds[0]["start"]["rss_kib"]),
@@ -474,6 +640,61 @@ class Soak:
         return result
 
 
+    def fault_before(self, at: float) -> tuple[float, str] | None:
+        """The last fault injected before `at`, if any."""
+        earlier = [fault for fault in self.faults if fault[0] <= at]
+        return earlier[-1] if earlier else None
+
+    def cause(self, publish: Publish) -> str:
+        """What a lost live message is put down to."""
+        if publish.stream == "r":
+            return "close_race"
+        fault = self.fault_before(publish.answered_at)
+        if fault is not None and publish.sent_at - fault[0] < FAULT_WINDOW_S:
+            return fault[1]
+        return "unexplained"
+
+    def wiped_by_redis(self, publish: Publish) -> bool:
+        """Whether a queued message was in Redis when Redis restarted or was flushed: a
+        fault of that kind came after it was queued, before the player's next connection."""
+        wipes = [at for at, kind in self.faults if kind in ("redis_restart", "redis_flushall")
+                 and at >= publish.answered_at]
+        if not wipes:
+            return False
+        reconnected = [connection.opened_at for connection in self.by_player.get(publish.player, ())
+                       if connection.opened_at > publish.answered_at]
+        return not reconnected or min(reconnected) > wipes[0]
+
+    def parked(self) -> Counter:
+        """Publishes answered `queued` while the player had a connection open since well
+        before the publish until after its answer, by the fault last before it."""
+        found: Counter = Counter()
+        for publish in self.publishes:
+            if not publish.queued:
+                continue
+            for connection in self.by_player.get(publish.player, ()):
+                ended = connection.close_started_at or connection.closed_at or float("inf")
+                if connection.opened_at + 0.5 < publish.sent_at and ended > publish.answered_at + 0.5:
+                    fault = self.fault_before(publish.answered_at)
+                    found[fault[1] if fault else "no_fault"] += 1
+                    break
+        return found
+
+    @property
+    def by_player(self) -> dict[int, list[Connection]]:
+        if not hasattr(self, "_by_player"):
+            self._by_player: dict[int, list[Connection]] = {}
+            for connection in self.connections:
+                self._by_player.setdefault(connection.player, []).append(connection)
+        return self._by_player
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--players", type=int, default=1000)
@@ -484,6 +705,9 @@ def main() -> int:
     parser.add_argument("--broadcast-rate", type=float, default=2.0, help="broadcasts per second")
     parser.add_argument("--mean-life", type=float, default=20.0, help="mean seconds a connection lives")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--faults", action="store_true",
+                        help="two gateways on a private Redis; restart and flush it, replace the token file, "
+                             "race publishes against closes")
     parser.add_argument("--json", action="store_true", help="end with the figures as one JSON line")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ws-soak-") as workdir:
@@ -491,11 +715,13 @@ def main() -> int:
         try:
             result = soak.run()
         finally:
-            if soak.process is not None and soak.process.poll() is None:
-                soak.process.kill()
-            stderr = Path(workdir, "gateway.stderr")
-            if stderr.exists() and stderr.read_text():
-                print(f"gateway stderr:\n{stderr.read_text()[-3000:]}", file=sys.stderr)
+            for process in soak.processes:
+                if process.poll() is None:
+                    process.kill()
+            soak.stop_redis()
+            for stderr in sorted(Path(workdir).glob("gateway*.stderr")):
+                if stderr.read_text():
+                    print(f"{stderr.name}:\n{stderr.read_text()[-3000:]}", file=sys.stderr)
     print(f"soak: {result['players']} players on {result['connection_slots']} connection slots, "
           f"{result['connections_opened']} connections opened over {result['duration_s']} s "
           f"in {result['rounds']} rounds")
@@ -504,6 +730,15 @@ def main() -> int:
     print(f"  offline messages given up: {result['queued_dropped_seen']} seen, metrics "
           f"{result['queued_dropped_metrics']}")
     print(f"  losses: {result['losses']}, duplicates: {result['duplicates']}, reordered: {result['reordered']}")
+    if options.faults:
+        print(f"  faults injected: {result['faults']}; losses by cause: {result['losses_by_cause']}; "
+              f"raced publishes: {result['raced_publishes']}")
+        print(f"  duplicates: {result['doubled_on_one_connection']} doubled on one connection, "
+              f"{result['received_beyond_the_answer']} received on more connections than answered, by cause: "
+              f"{result['beyond_the_answer_by_cause']}")
+        print(f"  queued while the player was connected (parked), by last fault: {result['queued_while_connected']}; "
+              f"offline messages lost with Redis's data: {result['queued_lost_with_redis']}; "
+              f"answers with scope local: {result['answers_scope_local']}; token file: {result['token_file']}")
     print(f"  gateway memory (MiB, lists are per round): {result['rss_mib']}")
     print(f"  gateway greenlets: {result['greenlets']}, open fds: {result['open_fds']}, "
           f"objects tracked by gc: {result['gc_objects']}, allocated blocks: {result['allocated_blocks']}, "
