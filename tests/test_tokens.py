@@ -575,3 +575,16 @@ def test_a_failing_batch_fails_its_callers_and_the_next_batch_recovers(sqlite_ur
         table.engine.dispose()
     finally:
         store.close()
+
+
+def test_lookups_prepare_a_few_statements_whatever_the_batch_size(any_database_url, store, table):
+    """Revalidating 1 to 300 tokens sends the driver at most ten SQL texts (sqlite keeps each prepared, natively)."""
+    from sqlalchemy import event
+
+    tokens = [table.player(index) for index in range(300)]
+    texts: set[str] = set()
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda connection, cursor, statement, *rest: texts.add(statement))
+    for size in range(1, 301):
+        assert store.valid_player_tokens(tokens[:size]) == set(tokens[:size])
+    assert 1 < len(texts) <= 10
