@@ -207,7 +207,7 @@ class Soak:
         self.redis_port = 0
         self.database = workdir / "tokens.db"
         self.tokens: dict[int, str] = {}
-        self.old_tokens: dict[int, str] = {}  # players' tokens before the file was replaced
+        self.old_tokens: dict[int, list[str]] = {}  # players' earlier tokens, oldest first
         self.faults: list[tuple[float, str]] = []  # (time.monotonic(), kind)
         self.token_checks: Counter = Counter()
         self.next_race_seq: dict[int, int] = {}
@@ -314,7 +314,7 @@ class Soak:
         players have new tokens in it, and their old ones are gone."""
         rotated = self.rng.sample(sorted(self.tokens), max(1, int(len(self.tokens) * ROTATED_SHARE)))
         for player in rotated:
-            self.old_tokens[player] = self.tokens[player]
+            self.old_tokens.setdefault(player, []).append(self.tokens[player])
             self.tokens[player] = secrets.token_hex(16)
         fresh = self.database.with_name("tokens.db.new")
         self.write_token_file(fresh)
@@ -414,12 +414,21 @@ class Soak:
         player = connection.player
         try:
             connection.open(port, self.tokens[player])
+            return
         except ConnectionError as error:
-            if player not in self.old_tokens or "401" not in str(error) or not self.past_revalidation():
+            if player not in self.old_tokens or "401" not in str(error):
                 raise
-            self.token_checks["new_token_refused"] += 1
-            connection.open(port, self.old_tokens[player])  # what the gateway still knows
-            self.token_checks["removed_token_accepted"] += 1
+            refused = error
+        late = self.past_revalidation()
+        self.token_checks["new_token_refused" if late else "new_token_refused_within_revalidation"] += 1
+        for token in reversed(self.old_tokens[player]):  # what the gateway may still know
+            try:
+                connection.open(port, token)
+            except ConnectionError:
+                continue
+            self.token_checks["removed_token_accepted" if late else "removed_token_accepted_within_revalidation"] += 1
+            return
+        raise refused
 
     # --- traffic ------------------------------------------------------------------------
     def publisher(self, index: int) -> None:
@@ -515,7 +524,9 @@ class Soak:
         # once a connection has them, it has everything published before them.
         self.final.set()
         gevent.joinall(clients, timeout=STEP_TIMEOUT_S, raise_error=True)
-        self.wait_for(lambda: len(self.live) == len(self.slots), "every client back for the final check")
+        self.wait_for(lambda: len(self.live) == len(self.slots),
+                      lambda: f"every client back for the final check ({len(self.live)} of {len(self.slots)}; "
+                              f"connect failures: {dict(self.connect_failures)})")
         self.settle(lambda: self.active() == len(self.slots),
                     lambda: f"the gateways to count every client back ({self.active()} of {len(self.slots)})")
         for player in range(1, self.options.players + 1):
@@ -596,10 +607,12 @@ class Soak:
                 extra += max(0, got - publish.delivered)
                 if got > publish.delivered:
                     beyond_causes[self.cause(publish)] += got - publish.delivered
+        broadcast_beyond = 0
         for seq, delivered in self.broadcasts.items():
             got = broadcast_receipts[seq]
             lost_live += max(0, delivered - got)
             extra += max(0, got - delivered)
+            broadcast_beyond += max(0, got - delivered)
 
         def metric(name: str, **labels: str) -> float:
             return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
@@ -632,6 +645,7 @@ class Soak:
             "doubled_on_one_connection": duplicates,
             "received_beyond_the_answer": extra,  # on more connections than `delivered` said
             "beyond_the_answer_by_cause": dict(beyond_causes),
+            "broadcasts_beyond_the_answer": broadcast_beyond,  # a broadcast's `delivered` undercounting
             "queued_lost_with_redis": queued_lost_with_redis,
             "queued_while_connected": dict(self.parked()),
             "answers_scope_local": sum(publish.local for publish in self.publishes),
@@ -756,7 +770,7 @@ def main() -> int:
               f"raced publishes: {result['raced_publishes']}")
         print(f"  duplicates: {result['doubled_on_one_connection']} doubled on one connection, "
               f"{result['received_beyond_the_answer']} received on more connections than answered, by cause: "
-              f"{result['beyond_the_answer_by_cause']}")
+              f"{result['beyond_the_answer_by_cause']}, of broadcasts: {result['broadcasts_beyond_the_answer']}")
         print(f"  queued while the player was connected (parked), by last fault: {result['queued_while_connected']}; "
               f"offline messages lost with Redis's data: {result['queued_lost_with_redis']}; "
               f"answers with scope local: {result['answers_scope_local']}; token file: {result['token_file']}")

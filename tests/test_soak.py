@@ -46,3 +46,17 @@ def _check_figures(result: dict) -> None:
     assert second - first < BLOCKS_PER_ROUND, "Python memory grows round after round"
     first, second = result["rss_mib"]["after_clients_left_trimmed"]
     assert second - first < 4, "resident memory in use grows round after round"
+
+
+def test_soak_with_faults_injects_each_fault_and_accounts_for_every_message():
+    """--faults, CI size: Redis restarted and flushed, token file replaced, closes raced; every loss attributed."""
+    finished = subprocess.run([sys.executable, str(SOAK), "--faults", "--players", "40", "--duration", "24",
+                               "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert finished.returncode in (0, 1), finished.stdout[-3000:] + finished.stderr[-3000:]
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert result["faults"] == {"redis_restart": 1, "token_file_replaced": 1, "redis_flushall": 1}
+    assert result["raced_publishes"] > 0 and result["publishes_live"] > 100
+    assert sum(result["losses_by_cause"].values()) == result["losses"] - max(0, result["unaccounted_drops"])
+    assert (finished.returncode == 0) == (
+        not (result["losses"] or result["duplicates"] or result["reordered"] or result["unaccounted_drops"]))
+    assert result["gateway_exit_status"] == 0
