@@ -355,15 +355,16 @@ class SqlTokenStore:
         per token, every batch size was a new entry in SQLAlchemy's compiled cache (500
         entries of up to 1,000 parameters each), memory that grew with every revalidation.
 
-        The list is padded (repeating its last value, which IN ignores) to a power of two:
+        The list is padded (repeating its last value, which IN ignores) to a power of two or a full batch:
         each length is a different SQL text to the driver, and Python's sqlite3 keeps up to
         128 prepared statements per connection, about 96 KiB each at 1,000 parameters, in
         sqlite's own memory. One per length was the soak's native growth of 1.5-5 MiB per
         round (Python's heap flat); padded, a connection prepares at most eleven."""
+        forms = 2 if self._is_sqlite else 1
         values: list[object] = list(tokens)
         if self._is_sqlite:
             values += [token.encode("utf-8") for token in tokens]
-        values += values[-1:] * (_padded_length(len(values)) - len(values))
+        values += values[-1:] * (_padded_length(len(values), REVALIDATION_BATCH * forms) - len(values))
 
         def run() -> list:
             with self.engine.connect() as connection:
@@ -423,9 +424,9 @@ class SqlTokenStore:
         return moment is not None and moment > self._now()
 
 
-def _padded_length(length: int) -> int:
-    """The power of two at or above `length` (at least 1)."""
-    return 1 << max(0, length - 1).bit_length()
+def _padded_length(length: int, most: int) -> int:
+    """The power of two at or above `length`, but no more than `most` (a full batch)."""
+    return max(length, min(most, 1 << max(0, length - 1).bit_length()))
 
 
 class _Raised:
