@@ -253,10 +253,13 @@ def test_sighup_to_the_supervisor_reopens_every_log_and_kills_nobody(cluster):
     wait_for(lambda: len(worker_pids(supervisor)) == 2, what="two workers serving")
     client = cluster.connect(supervisor, cluster.tokens.player(100))
     wait_connected(supervisor, 1)
+    wait_for(lambda: sum(line["event"] == "heap_frozen" for line in log_events(supervisor.log_file)) == 2,
+             what="both workers serving")
     supervisor.log_file.rename(supervisor.log_file.with_name("rotated.log"))
 
     supervisor.send_signal(signal.SIGHUP)
-    wait_for(lambda: sum(line["event"] == "log_reopened" for line in log_events(supervisor.log_file)) == 3,
+    wait_for(lambda: {line["pid"] for line in log_events(supervisor.log_file) if line["event"] == "log_reopened"}
+             == {supervisor.process.pid, *workers}, TIMEOUT_S * 2,
              what="supervisor and both workers writing to the new log file")
     assert children(supervisor.process.pid) == workers and supervisor.process.poll() is None
     server = cluster.tokens.server()

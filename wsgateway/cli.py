@@ -113,7 +113,7 @@ def on_hangup(then: Callable[[], None] | None = None) -> None:
     """SIGHUP: reopen -log-file, say so in the new file (or on standard output), then `then`."""
     path = reopen_log_file()
     log.info("SIGHUP received, log file reopened" if path else "SIGHUP received, logging to standard output",
-             extra={"event": "log_reopened", "signal": "SIGHUP", "log_file": path or ""})
+             extra={"event": "log_reopened", "signal": "SIGHUP", "log_file": path or "", "pid": os.getpid()})
     if then is not None:
         then()
 
