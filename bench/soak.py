@@ -611,6 +611,8 @@ class Soak:
         for seq, delivered in self.broadcasts.items():
             got = broadcast_receipts[seq]
             lost_live += max(0, delivered - got)
+            if delivered > got:
+                causes["broadcast"] += delivered - got  # not told apart further: no time is kept
             extra += max(0, got - delivered)
             broadcast_beyond += max(0, got - delivered)
 
