@@ -6,8 +6,15 @@ for a checkout, does the same after finding the project and its .venv.
 """
 from __future__ import annotations
 
-import gevent
-from gevent import monkey
+import signal
+
+# SIGHUP's meaning (reopen -log-file) is installed once logging is set up; until then a
+# hang-up must not end the process, which it would by default (a -workers worker that is
+# still importing when the supervisor passes one on, for instance).
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import gevent  # noqa: E402
+from gevent import monkey  # noqa: E402
 
 gevent.config.track_greenlet_tree = False  # no spawning stacks: cheaper spawns, fewer objects per socket
 monkey.patch_all()
