@@ -203,7 +203,7 @@ def test_offline_flood_stays_within_max_offline_bytes_in_redis(start_cluster_gat
     """With -broker, two gateways' queues together hold at most the cluster's 64 MiB; drops counted."""
     import redis
 
-    from tests.helpers import REDIS_URL
+    from tests.support.redis_server import REDIS_URL
     from wsgateway.redis_link import RedisKeys
 
     first, second = start_cluster_gateway("-rate-limit", "0"), start_cluster_gateway("-rate-limit", "0")
