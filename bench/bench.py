@@ -53,7 +53,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PROJECT = Path(__file__).resolve().parent.parent
 GATEWAY_BIN = PROJECT / "bin" / "ws-gateway"
@@ -849,25 +849,12 @@ def ws_worker(spec: dict[str, Any]) -> None:
                 continue
             now = time.monotonic()
             buffer = player.buffer + data if player.buffer else data
-            position, size = 0, len(buffer)
-            while size - position >= 2:
-                length, header = buffer[position + 1] & 0x7F, 2
-                if length == 126:
-                    if size - position < 4:
-                        break
-                    length, header = int.from_bytes(buffer[position + 2:position + 4], "big"), 4
-                elif length == 127:
-                    if size - position < 10:
-                        break
-                    length, header = int.from_bytes(buffer[position + 2:position + 10], "big"), 10
-                end = position + header + length
-                if end > size:
-                    break
-                opcode = buffer[position] & 0x0F
+            position = 0
+            for opcode, start, end in server_frames(buffer):
                 if opcode == 0x1:
                     frames += 1
                     if record_latency:
-                        payload = buffer[position + header:end]
+                        payload = buffer[start:end]
                         mark = payload.find(b'"t":')
                         if mark >= 0:
                             latencies.append(now - float(payload[mark + 4:payload.index(b"}", mark)]))
@@ -876,6 +863,27 @@ def ws_worker(spec: dict[str, Any]) -> None:
                 position = end
             player.buffer = buffer[position:]
             last_rx = now
+
+
+def server_frames(buffer: bytes) -> Iterator[tuple[int, int, int]]:
+    """The whole unmasked frames at the start of `buffer`, as (opcode, payload start, end);
+    a frame cut short ends the run (its bytes wait for the next read)."""
+    position, size = 0, len(buffer)
+    while size - position >= 2:
+        length, header = buffer[position + 1] & 0x7F, 2
+        if length == 126:
+            if size - position < 4:
+                return
+            length, header = int.from_bytes(buffer[position + 2:position + 4], "big"), 4
+        elif length == 127:
+            if size - position < 10:
+                return
+            length, header = int.from_bytes(buffer[position + 2:position + 10], "big"), 10
+        end = position + header + length
+        if end > size:
+            return
+        yield buffer[position] & 0x0F, position + header, end
+        position = end
 
 
 class _HttpConnection:

@@ -469,24 +469,11 @@ class _PlayerClient:
         self.frames(player, player.buffer + data if player.buffer else data, now)
 
     def frames(self, player: _Player, buffer: bytes, now: float) -> None:
-        position, size = 0, len(buffer)
-        while size - position >= 2:
-            length, header = buffer[position + 1] & 0x7F, 2
-            if length == 126:
-                if size - position < 4:
-                    break
-                length, header = int.from_bytes(buffer[position + 2:position + 4], "big"), 4
-            elif length == 127:
-                if size - position < 10:
-                    break
-                length, header = int.from_bytes(buffer[position + 2:position + 10], "big"), 10
-            end = position + header + length
-            if end > size:
-                break
-            opcode = buffer[position] & 0x0F
+        position = 0
+        for opcode, start, end in core.server_frames(buffer):
             assert player.sock is not None
             if opcode == 0x8:
-                code = buffer[position + header:position + header + 2]
+                code = buffer[start:start + 2]
                 try:
                     player.sock.send(_CLOSE_REPLY + code)
                 except OSError:
