@@ -11,6 +11,7 @@ from gevent.pool import Pool
 from sqlalchemy import event, text
 
 from tests.support import TIMEOUT_S, wait_for
+from tests.support.frames import RawClient
 from tests.support.gateways import GatewayUnderTest
 from wsgateway import tokens as tokens_module
 from wsgateway.tokens import utc_now
@@ -32,22 +33,12 @@ def add_players(gateway: GatewayUnderTest, count: int) -> list[str]:
 
 def open_websocket(gateway: GatewayUnderTest, token: str, sockets: list[socket.socket]) -> int:
     """The status of a raw /ws upgrade; an accepted socket is kept open in `sockets`."""
-    sock = socket.create_connection((gateway.host, gateway.port), timeout=3 * TIMEOUT_S)
-    sock.sendall(f"GET /ws?token={token} HTTP/1.1\r\nHost: {gateway.host}\r\nUpgrade: websocket\r\n"
-                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    status = int(head.split(b" ", 2)[1]) if head else 0
-    if status == 101:
-        sockets.append(sock)
+    client = RawClient(gateway.host, gateway.port, f"/ws?token={token}", timeout_s=3 * TIMEOUT_S)
+    if client.status == 101:
+        sockets.append(client.sock)
     else:
-        sock.close()
-    return status
+        client.sock.close()
+    return client.status
 
 
 def test_connect_storm_is_admitted_with_few_queries(start_gateway, any_database_url):

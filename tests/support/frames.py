@@ -32,8 +32,8 @@ def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: in
 class RawClient:
     """A hand-driven WebSocket client for frames no well-behaved library would send."""
 
-    def __init__(self, host: str, port: int, path: str) -> None:
-        self.sock = socket.create_connection((host, port), timeout=TIMEOUT_S)
+    def __init__(self, host: str, port: int, path: str, timeout_s: float = TIMEOUT_S) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
