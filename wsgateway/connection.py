@@ -1,5 +1,7 @@
-"""One WebSocket connection after the handshake: reader loop, close handshake, and its
-outbox (`wsgateway.outbox`).
+"""A player connection after its request was admitted: what every transport shares
+(`PlayerConnection`: the outbox, holding live frames behind the backlog, the life as one
+`ConnectionState`), and the WebSocket one (`Connection`: reader loop, close handshake).
+The Server-Sent Events stream is the other kind (`wsgateway.connection_sse`).
 
 A publisher must never wait on a player's socket: `send()` never blocks (see `Outbox`).
 When the outbox passes its bound in frames or bytes the client is too slow: the backlog
@@ -40,40 +42,36 @@ class ConnectionState(Enum):
     ABORTED = "aborted"  # ended at once: the backlog was dropped
 
 
-class Connection:
-    """A WebSocket connection over an upgraded gevent socket.
+class PlayerConnection:
+    """What every kind of player connection shares, whatever its framing: who it is, its
+    life (`ConnectionState`), its outbox, and live frames held behind the backlog.
 
-    `serve()` runs the reader loop in the calling greenlet until the connection ends and
-    returns its close code. `send()`, `close()` and `abort()` may be called from any
-    greenlet, never block, and are idempotent once the connection is closing.
+    The hub, delivery, keep-alive, revalidation and shutdown see only this (`hub.Deliverable`,
+    `delivery.HeldConnection`, `keepalive.Pingable`, `revalidation.Closable`): what a
+    transport adds is how it frames a message (`send`, `send_later` take the WebSocket frame
+    every recipient shares), how it pings, closes and reads. `send()`, `close()` and
+    `abort()` may be called from any greenlet, never block, and are idempotent once the
+    connection is closing.
     """
 
     __slots__ = (
         "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames", "state",
-        "_socket", "_rfile", "_limits", "_max_message_bytes", "_on_message", "_clock", "_outbox",
-        "_close_sent", "_close_timer", "_held",
+        "_socket", "_limits", "_clock", "_outbox", "_held",
     )
 
-    def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
-                 player_id: str = "", token: str = "", remote: str = "",
-                 on_message: Callable[[Connection, Message], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER) -> None:
+    def __init__(self, sock: socket.socket, *, limits: OutboxLimits, player_id: str = "", token: str = "",
+                 remote: str = "", clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER) -> None:
         self.player_id = player_id
         self.token = token  # kept for revalidation; never logged
         self.remote = remote
         self._socket = sock
-        self._rfile = rfile
         self._limits = limits
-        self._max_message_bytes = max_message_bytes
-        self._on_message = on_message
         self._clock = clock
         self.last_heard = clock()
         self.close_code: int = CloseCode.ABNORMAL
         self.dropped_frames = 0
         self.state = ConnectionState.OPEN
         self._outbox = Outbox(sock, limits, self, flusher)
-        self._close_sent = False  # our close frame was written (or its echo of the client's)
-        self._close_timer: Greenlet | None = None
         self._held: list[bytes] | None = None  # live frames waiting behind the backlog (see hold)
 
     @property
@@ -134,6 +132,72 @@ class Connection:
         """The flusher's turn (see `Outbox.flush`)."""
         self._outbox.flush()
 
+    # --- ending ---------------------------------------------------------------------
+    def hang_up(self) -> None:
+        """End the connection now, without a word more: the reader returns at once."""
+        self._shutdown()
+
+    def abort(self, code: CloseCode) -> None:
+        """End now: discard the backlog, try to tell the client why without waiting, and
+        shut the socket so the reader returns. For clients that cannot or will not read."""
+        if self.state is ConnectionState.ABORTED:
+            return
+        self._start_closing(code)
+        self.state = ConnectionState.ABORTED
+        if self._held:
+            self.dropped_frames += len(self._held)
+        self._held = None
+        # Only a writer can have put part of a frame on the wire (a partial send always
+        # hands the rest to one); frames merely queued for the flusher are whole.
+        dropped, mid_frame = self._outbox.discard()
+        self.dropped_frames += dropped
+        if not mid_frame and code != CloseCode.ABNORMAL:
+            farewell = self._farewell(code)
+            if farewell:
+                try:
+                    self._outbox.send_now(farewell)
+                except OSError:  # ssl.SSLError included: under TLS the farewell is best effort
+                    pass
+        self._shutdown()
+
+    def _farewell(self, code: CloseCode) -> bytes:
+        """The bytes that tell the client why an abort ends the connection (b"": none
+        left to send); what the kernel does not take at once is lost."""
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _discard_backlog(self) -> None:
+        """The reader ended: nothing more will be written."""
+        dropped, _ = self._outbox.discard()
+        self.dropped_frames += dropped
+
+
+class Connection(PlayerConnection):
+    """A WebSocket connection over an upgraded gevent socket.
+
+    `serve()` runs the reader loop in the calling greenlet until the connection ends and
+    returns its close code.
+    """
+
+    __slots__ = ("_rfile", "_max_message_bytes", "_on_message", "_close_sent", "_close_timer")
+
+    def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
+                 player_id: str = "", token: str = "", remote: str = "",
+                 on_message: Callable[[Connection, Message], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER) -> None:
+        super().__init__(sock, limits=limits, player_id=player_id, token=token, remote=remote, clock=clock,
+                         flusher=flusher)
+        self._rfile = rfile
+        self._max_message_bytes = max_message_bytes
+        self._on_message = on_message
+        self._close_sent = False  # our close frame was written (or its echo of the client's)
+        self._close_timer: Greenlet | None = None
+
     def ping(self) -> None:
         """Send a ping; the client's pong refreshes `last_heard`."""
         self.send(PING_FRAME)
@@ -151,42 +215,16 @@ class Connection:
         if handshake_timeout_s is not None:
             self._close_timer = gevent.spawn_later(handshake_timeout_s, self._shutdown)
 
-    def hang_up(self) -> None:
-        """End the connection now, without a word more: the reader returns at once."""
-        self._shutdown()
-
-    def abort(self, code: CloseCode) -> None:
-        """End now: discard the backlog, try to send a close frame without waiting, and
-        shut the socket so the reader returns. For clients that cannot or will not read."""
-        if self.state is ConnectionState.ABORTED:
-            return
-        self._start_closing(code)
-        self.state = ConnectionState.ABORTED
-        if self._held:
-            self.dropped_frames += len(self._held)
-        self._held = None
-        # Only a writer can have put part of a frame on the wire (a partial send always
-        # hands the rest to one); frames merely queued for the flusher are whole.
-        dropped, mid_frame = self._outbox.discard()
-        self.dropped_frames += dropped
-        if not mid_frame and not self._close_sent and code != CloseCode.ABNORMAL:
-            self._close_sent = True
-            try:
-                self._outbox.send_now(close_frame(code, code.reason))
-            except OSError:  # ssl.SSLError included: under TLS the close frame is best effort
-                pass
-        self._shutdown()
+    def _farewell(self, code: CloseCode) -> bytes:
+        if self._close_sent:
+            return b""
+        self._close_sent = True
+        return close_frame(code, code.reason)
 
     def _send_close(self, code: int, reason: str) -> None:
         if not self._close_sent:
             self._close_sent = True
             self._outbox.write(close_frame(code, reason))
-
-    def _shutdown(self) -> None:
-        try:
-            self._socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     # --- reading --------------------------------------------------------------------
     def serve(self) -> int:
@@ -272,5 +310,4 @@ class Connection:
         self._start_closing(self.close_code)
         if self._close_timer is not None:
             self._close_timer.kill(block=False)
-        dropped, _ = self._outbox.discard()
-        self.dropped_frames += dropped
+        self._discard_backlog()
