@@ -1,5 +1,5 @@
-"""Who may open a player connection (`/ws?token=PLAYER_TOKEN`), and giving back what an
-admission reserved.
+"""Who may open a player connection (`/ws?token=PLAYER_TOKEN`, and the event stream
+`/events?token=PLAYER_TOKEN`), and giving back what an admission reserved.
 
 `PlayerEndpoint.admitted(request)` checks, in this order and each before any cost of the
 next: shutting down (503), the Origin (403), the token present (401), the client address
@@ -11,10 +11,17 @@ failed handshake, a broker that fails while the connection is set up, or a bug. 
 `serve`'s `delivery.connect` on, the seat belongs to the connection, and
 `delivery.disconnect` frees it. (`-max-total-conns` is the web server's: it counts every
 open connection, before any request is read.)
+
+Both transports are admitted by the same `admitted` and live the same life (`_run`: seated,
+served, given back, counted and logged); `PlayerEndpoint` builds a WebSocket
+`Connection` after the 101, `EventStreamEndpoint` an `EventStreamConnection` whose
+response head it writes. An event stream counts as one of the player's `-max-conns`
+connections, in presence and the census, and takes the offline backlog, like a socket.
 """
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -22,6 +29,8 @@ from urllib.parse import parse_qs, urlsplit
 from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.config import Config
 from wsgateway.connection import Connection
+from wsgateway.connection_sse import EventStreamConnection
+from wsgateway.event_stream import retry_hint
 from wsgateway.outbox import OutboxLimits
 from wsgateway.delivery import Delivery
 from wsgateway.errors import BrokerUnavailable, ClientError, CloseCode, Refusal, StoreUnavailable
@@ -29,9 +38,14 @@ from wsgateway.metrics import DROP_SLOW_CONSUMER, GatewayMetrics
 from wsgateway.publishing import refuse_if_throttled
 from wsgateway.roster import Roster, Seat
 from wsgateway.tokens import TokenStore
-from wsgateway.web_server import WebSocketRequest
+from wsgateway.web_server import WebSocketRequest, http_date_now
 
 log = logging.getLogger(__name__)
+
+TRANSPORT_WEBSOCKET = "websocket"
+TRANSPORT_SSE = "sse"
+RETRY_HINT_MS = (1000, 5000)  # an event stream's reconnection delay, drawn per stream: a restart's
+#                               reconnect wave is spread over these seconds
 
 
 class AdmissionServices(Protocol):
@@ -52,11 +66,12 @@ class Admission:
     set) is given back to the roster. A small object, not a generator: it lives as long
     as the socket."""
 
-    __slots__ = ("player_id", "token", "seat", "_roster")
+    __slots__ = ("player_id", "token", "origin", "seat", "_roster")
 
-    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster) -> None:
+    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster, origin: str | None = None) -> None:
         self.player_id = player_id
         self.token = token
+        self.origin = origin  # the request's Origin header, allowed by -origins
         self.seat: Seat | None = seat  # None once the connection owns it
         self._roster = roster
 
@@ -121,7 +136,7 @@ class PlayerEndpoint:
         if seat is None:
             rejected.labels("too_many_connections").inc()
             raise Refusal.TOO_MANY_PLAYER_CONNECTIONS(limit=services.config.max_conns_per_player)
-        return Admission(player_id, token, seat, services.roster)
+        return Admission(player_id, token, seat, services.roster, request.headers.get("origin"))
 
     def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:
         """The 503 for a dependency that did not answer, counted and logged under `reason`."""
@@ -131,33 +146,73 @@ class PlayerEndpoint:
 
     def serve(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
         """Serve the upgraded socket until it ends; the seat goes to the connection."""
-        services = self._services
-        seat = admission.seat
-        assert seat is not None
         connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
                                 player_id=admission.player_id, token=admission.token, remote=remote)
         del rfile  # the connection drops it once it has taken what it read ahead
         try:
-            services.delivery.connect(connection, seat)
+            self._run(admission, connection, TRANSPORT_WEBSOCKET)
         except BrokerUnavailable:
             connection.abort(CloseCode.TRY_AGAIN_LATER)
-            services.metrics.disconnects.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
-            return  # the seat is given back by `admitted`
+            self._services.metrics.disconnects.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
+
+    def _run(self, admission: Admission, connection: Connection | EventStreamConnection, transport: str) -> None:
+        """Seat `connection` (raises `BrokerUnavailable` before it is seated, the seat then
+        given back by `admitted`), serve it until it ends, then give everything back,
+        counted and logged. The one life of every kind of player connection."""
+        services = self._services
+        seat = admission.seat
+        assert seat is not None
+        services.delivery.connect(connection, seat)
         admission.seat = None  # from here delivery.disconnect frees it
+        sse = transport == TRANSPORT_SSE
+        if sse:
+            services.metrics.sse_active_connections.inc()
         started = time.monotonic()
-        context = {"player_id": admission.player_id, "remote": remote}
+        context = {"player_id": admission.player_id, "remote": connection.remote, "transport": transport}
         log.info("player connected", extra={"event": "ws_connected", **context})
         try:
             connection.serve()
         finally:
             services.delivery.disconnect(connection, seat)
-            code = int(connection.close_code)
-            services.metrics.disconnects.labels(str(code)).inc()
+            code = str(int(connection.close_code))
+            services.metrics.disconnects.labels(code).inc()
+            if sse:
+                services.metrics.sse_active_connections.dec()
+                services.metrics.sse_disconnects.labels(code).inc()
             if connection.dropped_frames:
                 services.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(connection.dropped_frames)
             log.info("player disconnected", extra={
-                "event": "ws_disconnected", "code": code,
+                "event": "ws_disconnected", "code": int(code),
                 "duration_s": round(time.monotonic() - started, 3), **context})
+
+
+class EventStreamEndpoint(PlayerEndpoint):
+    """`GET /events?token=PLAYER_TOKEN`: the same stream as Server-Sent Events (a
+    `web_server.StreamEndpoint`). Admitted exactly as `/ws`; the response is
+    `200 text/event-stream`, unbuffered, ended by closing the connection."""
+
+    def serve(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
+        """Serve the stream until it ends. A broker that fails while the stream is set
+        up is a 503 (`ClientError`): nothing was written yet."""
+        del rfile  # a stream's client has nothing more to send
+        preamble = self._response_head(admission) + retry_hint(random.randint(*RETRY_HINT_MS))
+        connection = EventStreamConnection(sock, preamble, limits=self._limits, player_id=admission.player_id,
+                                           token=admission.token, remote=remote)
+        try:
+            self._run(admission, connection, TRANSPORT_SSE)
+        except BrokerUnavailable as exc:
+            raise self._unavailable("broker_unavailable", "broker", exc) from None
+
+    @staticmethod
+    def _response_head(admission: Admission) -> bytes:
+        """200, the event-stream headers, and CORS for an allowed Origin (an `EventSource`
+        on another origin reads the stream only with them). `X-Accel-Buffering: no` tells
+        nginx not to buffer the response; `Connection: close`: the stream ends with it."""
+        lines = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream", "Cache-Control: no-cache",
+                 "X-Accel-Buffering: no", f"Date: {http_date_now()}", "Connection: close"]
+        if admission.origin is not None:
+            lines += [f"Access-Control-Allow-Origin: {admission.origin}", "Vary: Origin"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class OriginPolicy:

@@ -2,8 +2,8 @@
 (`players`), `/console` (with `-console`), the 426 for a plain GET on `/ws`, and the
 JSON 404/405/500 for everything else.
 
-The web server (`web_server`) answers `/ws` upgrades (`admission`) and the publishing
-paths (`publishing`) before a request reaches Flask. Every refusal comes from the
+The web server (`web_server`) answers `/ws` upgrades and `/events` (`admission`) and the
+publishing paths (`publishing`) before a request reaches Flask. Every refusal comes from the
 catalogue in `wsgateway.errors`.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from wsgateway.tokens import TokenStore
 log = logging.getLogger(__name__)
 
 WEBSOCKET_PATH = "/ws"
+EVENTS_PATH = "/events"  # Server-Sent Events: answered by the web server, never by Flask
 
 
 class Services(Protocol):

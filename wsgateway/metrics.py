@@ -73,11 +73,14 @@ class GatewayMetrics:
             "(the same as `ws-gateway --version`).", ["version"], registry=registry, multiprocess_mode="max")
         build_info.labels(version=__version__).set(1)
         self.active_connections = Gauge(
-            "ws_active_connections", "Open player WebSocket connections.", registry=registry,
+            "ws_active_connections", "Open player connections (WebSocket and event streams).", registry=registry,
             multiprocess_mode="livesum")
         self.worker_active_connections = Gauge(
-            "ws_worker_active_connections", "Open player WebSocket connections of each worker process.",
+            "ws_worker_active_connections", "Open player connections of each worker process.",
             registry=registry, multiprocess_mode="liveall")
+        self.sse_active_connections = Gauge(
+            "ws_sse_active_connections", "Open player event streams (GET /events), also counted in "
+            "ws_active_connections.", registry=registry, multiprocess_mode="livesum")
         self.messages_published = Counter(
             "ws_messages_published", "Accepted /publish and /broadcast messages.", registry=registry)
         self.messages_delivered = Counter(
@@ -124,6 +127,10 @@ class GatewayMetrics:
         self.disconnects = Counter(
             "ws_disconnects", "Closed player connections, by close code "
             "(1006: the TCP connection ended without a close frame).", ["code"], registry=registry)
+        self.sse_disconnects = Counter(
+            "ws_sse_disconnects", "Closed player event streams (GET /events), by close code, also counted in "
+            "ws_disconnects (1000: the client closed, 1006: reset or unacknowledged for -pong-wait).", ["code"],
+            registry=registry)
         self.http_requests = Counter(
             "ws_http_requests", "HTTP requests answered, by endpoint and status.",
             ["endpoint", "status"], registry=registry)
@@ -146,6 +153,7 @@ class GatewayMetrics:
             self.connections_rejected.labels(reason)
         for code in CloseCode:
             self.disconnects.labels(str(int(code)))
+            self.sse_disconnects.labels(str(int(code)))
 
     def connection_opened(self) -> None:
         self.active_connections.inc()

@@ -4,8 +4,8 @@
 and begins serving without blocking (tests use that, on port 0); `serve_forever()` also
 installs SIGTERM/SIGINT handlers and returns once `shutdown()` has finished.
 
-Shutdown: stop accepting, refuse new WebSocket upgrades (503), close every player
-socket with 1001, let in-flight HTTP requests finish, end idle keep-alive connections,
+Shutdown: stop accepting, refuse new WebSocket upgrades and event streams (503), close
+every player socket with 1001 (an event stream gets `gateway.close` 1001 and its end), let in-flight HTTP requests finish, end idle keep-alive connections,
 and give up after `shutdown_timeout_s`.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import gevent.ssl
 from gevent.event import Event
 from prometheus_client import CollectorRegistry
 
-from wsgateway.admission import PlayerEndpoint
-from wsgateway.app import WEBSOCKET_PATH, create_app
+from wsgateway.admission import EventStreamEndpoint, PlayerEndpoint
+from wsgateway.app import EVENTS_PATH, WEBSOCKET_PATH, create_app
 from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.broker import Broker, InProcessBroker
 from wsgateway.config import Config, ConfigError
@@ -98,6 +98,7 @@ class Gateway:
                              tls_handshake_timeout_s=config.tls_handshake_timeout_s,
                              max_connections=config.max_total_conns, max_body_bytes=config.max_body_bytes),
             publishing=Publishing(self), websocket_endpoints={WEBSOCKET_PATH: PlayerEndpoint(self)},
+            stream_endpoints={EVENTS_PATH: EventStreamEndpoint(self)},
             ssl_context=tls_context(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None,
             on_capacity_refusal=self.metrics.connections_rejected.labels("capacity").inc,
             trusted_proxies=TrustedProxies(config.trusted_proxies))

@@ -18,8 +18,10 @@ WebSocket handshake is the library's). What they add, in the order a connection 
    `MAX_HEADER_COUNT` headers is 431. The body is read whole, at most `-max-body` bytes
    (413 past it, without reading it), before the application sees the request;
 5. the answer: `/ws` upgrades go to their `WebSocketEndpoint` before Flask (a Flask view
-   could never refuse an upgrade: the library answers 101 before any view runs); the
-   publishing paths go to `publishing.answer()`; the rest to the Flask app. A request that
+   could never refuse an upgrade: the library answers 101 before any view runs); `/events`
+   to its `StreamEndpoint` (a response that lasts as long as the connection, written by the
+   endpoint's own non-blocking outbox, not through WSGI); the publishing paths go to
+   `publishing.answer()`; the rest to the Flask app. A request that
    asked for `Connection: close` is answered with it and the connection closed.
 
 Every refusal comes from the catalogue in `wsgateway.errors`, and every line this module
@@ -84,6 +86,18 @@ class WebSocketEndpoint(Protocol):
         """Serve the upgraded connection until it ends."""
 
 
+class StreamEndpoint(Protocol):
+    """A route whose answer is a stream as long as the connection (`GET /events`): admits or
+    refuses the request, then writes its response and serves it until it ends."""
+
+    def admitted(self, request: WebSocketRequest) -> ContextManager[Any]:
+        """As `WebSocketEndpoint.admitted`; a refusal is answered before anything is written."""
+
+    def serve(self, admission: Any, sock: Any, rfile: Any, remote: str) -> None:
+        """Write the response and serve the stream until it ends; raise `ClientError`
+        before writing anything to refuse it after all."""
+
+
 @dataclass(frozen=True)
 class WebSocketRequest:
     """What an endpoint sees of an upgrade request."""
@@ -106,6 +120,7 @@ class WebServer(pywsgi.WSGIServer):
     def __init__(self, listener: Any, application: Any, *, limits: WebLimits,
                  publishing: Publishing | None = None,
                  websocket_endpoints: Mapping[str, WebSocketEndpoint] | None = None,
+                 stream_endpoints: Mapping[str, StreamEndpoint] | None = None,
                  ssl_context: Any = None, on_capacity_refusal: Callable[[], None] | None = None,
                  trusted_proxies: TrustedProxies | None = None, backlog: int | None = None) -> None:
         """`backlog`: the accept queue when `listener` is an address to bind (None:
@@ -116,6 +131,7 @@ class WebServer(pywsgi.WSGIServer):
         self.limits = limits
         self.publishing = publishing  # answers /publish, /publish/batch, /broadcast
         self.websocket_endpoints: Mapping[str, WebSocketEndpoint] = websocket_endpoints or {}
+        self.stream_endpoints: Mapping[str, StreamEndpoint] = stream_endpoints or {}  # GET only
         self.draining = False  # no further request is read once set
         self.idle_handlers: set[WebHandler] = set()  # waiting for their next request line
         self.open_connections = 0  # accepted and not yet closed, TLS handshakes included
@@ -559,8 +575,14 @@ class WebHandler(WebSocketHandler):
 
     # --- WebSocket -------------------------------------------------------------------------
     def run_application(self) -> None:
-        """A `/ws` upgrade goes to its endpoint before Flask; anything else to Flask."""
-        endpoint = self.server.websocket_endpoints.get(self.environ["PATH_INFO"])
+        """A `/ws` upgrade goes to its endpoint before Flask, and so does any request to a
+        stream's path (`/events`); anything else to Flask."""
+        path = self.environ["PATH_INFO"]
+        stream = self.server.stream_endpoints.get(path)
+        if stream is not None:
+            self._answer_stream(stream)
+            return
+        endpoint = self.server.websocket_endpoints.get(path)
         if endpoint is None or not _asks_for_websocket(self.environ):
             pywsgi.WSGIHandler.run_application(self)  # Flask (a plain GET /ws gets its 426)
             return
@@ -570,10 +592,13 @@ class WebHandler(WebSocketHandler):
             with endpoint.admitted(WebSocketRequest(self.head.headers, self.query, self.remote)) as admission:
                 self._upgrade_and_serve(endpoint, admission)
         except ClientError as refusal:
-            body = refusal.body()
-            self.start_response(STATUS_LINES[refusal.status], refusal.response_headers(body))
-            self.result = [body]
-            self.process_result()
+            self._answer_refusal(refusal)
+
+    def _answer_refusal(self, refusal: ClientError) -> None:
+        body = refusal.body()
+        self.start_response(STATUS_LINES[refusal.status], refusal.response_headers(body))
+        self.result = [body]
+        self.process_result()
 
     def _upgrade_and_serve(self, endpoint: WebSocketEndpoint, admission: Any) -> None:
         """gevent-websocket's handshake (101), then the endpoint serves the socket."""
@@ -584,13 +609,33 @@ class WebHandler(WebSocketHandler):
         # The library built its own WebSocket object; ours does the framing.
         retire_library_websocket(self.websocket)
         self.write(b"")  # the 101
-        # An idle socket may live for hours: keep nothing it does not need. The library's
-        # WebSocket object goes, and so does every reference to the buffered reader and
-        # its 8 KiB buffer (`Connection` takes what it read ahead, then reads the socket
-        # directly); the closed stand-in tells pywsgi that no request follows. The
-        # request's head, body and environ go too: every object a socket keeps is walked
-        # by each full garbage collection.
-        self.websocket = self.response_headers = self.result = None
+        self.websocket = None
+        self._serve_connection(endpoint, admission)
+
+    def _answer_stream(self, stream: StreamEndpoint) -> None:
+        """A stream's request: GET only (405 otherwise), admitted, then the endpoint writes
+        the response and serves it; no request follows on this connection."""
+        self.close_connection = True
+        try:
+            if self.command != "GET":
+                raise Refusal.METHOD_NOT_ALLOWED(allow="GET")
+            assert self.head is not None
+            with stream.admitted(WebSocketRequest(self.head.headers, self.query, self.remote)) as admission:
+                self._serve_connection(stream, admission)
+        except ClientError as refusal:
+            self._answer_refusal(refusal)
+            return
+        self._orig_status = "200 OK"  # for the request's log line, written when the stream ended
+        self.status, self.code = self._orig_status.encode("latin-1"), 200
+
+    def _serve_connection(self, endpoint: WebSocketEndpoint | StreamEndpoint, admission: Any) -> None:
+        # An idle socket may live for hours: keep nothing it does not need. Every
+        # reference to the buffered reader and its 8 KiB buffer goes (a `Connection`
+        # takes what it read ahead, then reads the socket directly); the closed
+        # stand-in tells pywsgi that no request follows. The request's head, body and
+        # environ go too: every object a socket keeps is walked by each full garbage
+        # collection.
+        self.response_headers = self.result = None
         self.head, self.body = None, b""
         self.environ = {"PATH_INFO": self.environ.get("PATH_INFO", "")}
         endpoint.serve(admission, self.socket, self._hand_over_reader(), self.remote)
