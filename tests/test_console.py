@@ -3,27 +3,17 @@ Debian's headless Chromium (connect, publish, read the event, reconnect after 10
 operator's counts, presence look-up and disconnect)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import subprocess
-from pathlib import Path
-from typing import Any
 
 import gevent
-import pytest
 
 from tests.support import TIMEOUT_S, wait_for
+from tests.support.browser import BrowserScript, require_browser
 from tests.support.clients import receive_close
 from wsgateway.errors import CloseCode
 
-BROWSER_DIR = Path(__file__).resolve().parent / "browser"
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-# CI sets this once it has installed the test tools: then a missing piece fails the test.
-BROWSER_REQUIRED = os.environ.get("WS_GATEWAY_TEST_TOOLS") == "required"
 SCREENSHOT = os.environ.get("WS_GATEWAY_CONSOLE_SCREENSHOT")  # `make console-screenshot` sets it
-BROWSER_STEP_TIMEOUT_S = 6 * TIMEOUT_S  # a cold Chromium start is slow on a loaded 2-core machine
 
 
 def test_console_is_404_unless_enabled(gateway):
@@ -46,62 +36,14 @@ def test_console_page_and_script_are_served_with_a_strict_policy(start_gateway):
     assert b"new WebSocket" in script.body
 
 
-def browser_missing() -> str | None:
-    """Why the browser test cannot run here, or None when it can."""
-    if shutil.which("node") is None:
-        return "node is not installed"
-    if not Path(CHROMIUM).exists():
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium; `make install-test-tools` does it)"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return "playwright-core is not installed in tests/browser (`make install-test-tools`)"
-    return None
-
-
-class BrowserScript:
-    """tests/browser/console_check.mjs as a child process: JSON step reports in, commands out."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.process = subprocess.Popen(
-            ["node", "console_check.mjs", json.dumps(options)], cwd=BROWSER_DIR, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "CHROMIUM_PATH": CHROMIUM, "STEP_TIMEOUT_MS": str(int(BROWSER_STEP_TIMEOUT_S * 1000))})
-
-    def step(self, name: str) -> dict[str, Any]:
-        """The next report, which must be step `name`."""
-        with gevent.Timeout(BROWSER_STEP_TIMEOUT_S + TIMEOUT_S, AssertionError(f"no '{name}' step from the browser")):
-            line = self.process.stdout.readline()
-        if not line:
-            self.process.wait(timeout=TIMEOUT_S)
-            raise AssertionError(f"browser script ended before '{name}': {self.process.stderr.read()}")
-        report = json.loads(line)
-        assert report["step"] == name, report
-        return report
-
-    def tell(self, line: str) -> None:
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-
-    def finish(self) -> int:
-        return self.process.wait(timeout=BROWSER_STEP_TIMEOUT_S)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=TIMEOUT_S)
-
-
 def test_console_in_a_real_browser(start_gateway, caplog):
     """In headless Chromium the console connects, publishes, shows the event, reconnects after 1001, stops at
     1008; as an operator it shows live counts, looks a player up and disconnects it (4002), the token in no URL."""
-    missing = browser_missing()
-    if missing:
-        if BROWSER_REQUIRED:
-            pytest.fail(f"the browser test is required here but cannot run: {missing}")
-        pytest.skip(missing)
+    require_browser()
     gateway = start_gateway("-console")
     player_token, server_token = gateway.tokens.player(21), gateway.tokens.server()
     caplog.set_level(logging.DEBUG, logger="wsgateway")
-    browser = BrowserScript({"url": f"http://{gateway.host}:{gateway.port}", "playerToken": player_token,
+    browser = BrowserScript("console_check.mjs", {"url": f"http://{gateway.host}:{gateway.port}", "playerToken": player_token,
                              "serverToken": server_token, "playerId": "21", "screenshot": SCREENSHOT})
     try:
         loaded = browser.step("loaded")

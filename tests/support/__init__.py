@@ -2,6 +2,8 @@
 
     gateways      an in-process gateway on a free port, its token table, HTTP and WebSocket calls
     clients       what a WebSocket or raw-socket client reads back (events, closes, raw answers)
+    event_streams a Server-Sent Events client (`GET /events`) over a raw socket
+    browser       headless Chromium driven by a node script in tests/browser
     frames        raw WebSocket frames as a client builds them, and a socket-level client
     fakes         a clock and a connection for the pure-module unit tests
     processes     bin/ws-gateway as a child process, free ports, a TCP relay that can be cut

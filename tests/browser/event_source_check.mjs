@@ -1,0 +1,71 @@
+// Drives an EventSource in Debian's headless Chromium for tests/test_sse_browser.py: the test
+// sends one JSON command per line on stdin and reads one JSON report per line on stdout.
+//
+//   node event_source_check.mjs '{"page": "http://127.0.0.1:PORT/healthz"}'
+//
+//   {"cmd": "open", "url": "/events?token=...", "events": ["score", "gateway.close"]}
+//        a new EventSource, listening for those event names (and unnamed "message" events)
+//   {"cmd": "wait", "events": N, "opens": M}   until N events and M open events have arrived
+//   {"cmd": "state"}                           readyState and everything seen so far
+//   {"cmd": "close"}                           source.close()
+//   {"cmd": "quit"}
+// Every report carries what was seen: events [{type, data, lastEventId}], opens, errors, readyState.
+import { createInterface } from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const options = JSON.parse(process.argv[2]);
+const STEP_TIMEOUT_MS = Number(process.env.STEP_TIMEOUT_MS || 15000);
+const input = createInterface({ input: process.stdin });
+
+function report(step, details = {}) {
+  process.stdout.write(JSON.stringify({ step, ...details }) + '\n');
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync', '--no-first-run'],
+});
+try {
+  const page = await browser.newPage();
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(String(error)));
+  await page.goto(options.page);
+  const seen = () => page.evaluate(() => ({
+    events: window.streamEvents, opens: window.streamOpens, errors: window.streamErrors,
+    readyState: window.stream ? window.stream.readyState : null,
+  }));
+  report('loaded');
+  for await (const line of input) {
+    const command = JSON.parse(line);
+    if (command.cmd === 'open') {
+      await page.evaluate(({ url, events }) => {
+        window.streamEvents = []; window.streamOpens = 0; window.streamErrors = 0;
+        const source = window.stream = new EventSource(url);
+        const record = (event) => window.streamEvents.push(
+          { type: event.type, data: JSON.parse(event.data), lastEventId: event.lastEventId });
+        for (const name of events) source.addEventListener(name, record);
+        source.onmessage = record;
+        source.onopen = () => { window.streamOpens += 1; };
+        source.onerror = () => { window.streamErrors += 1; };
+      }, command);
+      report('opened');
+    } else if (command.cmd === 'wait') {
+      await page.waitForFunction(({ events, opens }) => window.streamEvents.length >= (events || 0)
+        && window.streamOpens >= (opens || 0), command);
+      report('waited', { ...(await seen()), problems });
+    } else if (command.cmd === 'state') {
+      report('state', { ...(await seen()), problems });
+    } else if (command.cmd === 'close') {
+      await page.evaluate(() => window.stream.close());
+      report('closed', { ...(await seen()), problems });
+    } else if (command.cmd === 'quit') {
+      break;
+    }
+  }
+} finally {
+  await browser.close();
+}
+process.exit(0);

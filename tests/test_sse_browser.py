@@ -1,0 +1,74 @@
+"""`GET /events` in a real browser: an `EventSource` in Debian's headless Chromium receives named events (also
+from another origin, through CORS), reconnects by itself after the gateway ends the stream, and stops when its
+token was revoked (the reconnection is refused 401)."""
+from __future__ import annotations
+
+import json
+
+from tests.support import wait_for
+from tests.support.browser import BrowserScript, require_browser
+from wsgateway.errors import CloseCode
+
+EVENTS = ["score", "round_over", "gateway.close"]
+
+
+def test_event_source_receives_named_events_reconnects_and_stops_when_revoked(start_gateway):
+    """Named events arrive as sent; after gateway.close 1001 the browser reconnects by itself; after 1008 it is
+    refused 401 and stays closed."""
+    require_browser()
+    gateway = start_gateway()
+    server, token = gateway.tokens.server(), gateway.tokens.player(21)
+    browser = BrowserScript("event_source_check.mjs", {"page": f"http://{gateway.host}:{gateway.port}/healthz"})
+    try:
+        browser.step("loaded")
+        browser.tell(json.dumps({"cmd": "open", "url": f"/events?token={token}", "events": EVENTS}))
+        browser.step("opened")
+        browser.tell(json.dumps({"cmd": "wait", "opens": 1}))
+        browser.step("waited")
+        wait_for(lambda: gateway.gateway.hub.connection_count() == 1, what="the browser's stream seated")
+        assert gateway.publish(server, 21, "score", {"points": 5, "big": 2 ** 53 - 1}).status == 200
+        assert gateway.broadcast(server, "round_over", {"round": 3}).status == 200
+        assert gateway.publish(server, 21, "two\nlines", [1]).status == 200
+        browser.tell(json.dumps({"cmd": "wait", "events": 3}))
+        seen = browser.step("waited")
+        assert [(event["type"], event["data"]) for event in seen["events"]] == [
+            ("score", {"points": 5, "big": 2 ** 53 - 1}), ("round_over", {"round": 3}),
+            ("message", {"event": "two\nlines", "payload": [1]})]
+
+        (connection,) = gateway.gateway.hub.connections()
+        connection.close(CloseCode.GOING_AWAY)
+        browser.tell(json.dumps({"cmd": "wait", "events": 4, "opens": 2}))  # the retry hint is at most 5 s
+        seen = browser.step("waited")
+        assert seen["events"][3] == {"type": "gateway.close", "data": {"code": 1001, "reason": "server shutting down"},
+                                     "lastEventId": ""}
+        wait_for(lambda: gateway.gateway.hub.connection_count() == 1, what="the browser's new stream")
+        assert gateway.metric("ws_sse_disconnects_total", code="1001") == 1
+        assert gateway.publish(server, 21, "score", "after").status == 200
+        browser.tell(json.dumps({"cmd": "wait", "events": 5}))
+        assert browser.step("waited")["events"][4]["data"] == "after"
+
+        gateway.tokens.revoke(token)
+        assert gateway.gateway.revalidator.run_once() == 1
+        browser.tell(json.dumps({"cmd": "wait", "events": 6}))
+        assert browser.step("waited")["events"][5]["data"] == {"code": 1008, "reason": "token revoked or expired"}
+        wait_for(lambda: gateway.metric("ws_connections_rejected_total", reason="unauthorized") == 1,
+                 what="the browser's reconnection refused", timeout_s=30)
+        browser.tell(json.dumps({"cmd": "state"}))
+        state = browser.step("state")
+        assert state["readyState"] == 2 and state["problems"] == []  # CLOSED: a 401 is not retried
+
+        # From another origin (localhost is not 127.0.0.1): CORS lets the page read the stream.
+        other = gateway.tokens.player(22)
+        browser.tell(json.dumps({"cmd": "open", "url": f"http://localhost:{gateway.port}/events?token={other}",
+                                 "events": EVENTS}))
+        browser.step("opened")
+        browser.tell(json.dumps({"cmd": "wait", "opens": 1}))
+        browser.step("waited")
+        wait_for(lambda: gateway.gateway.hub.is_connected("22"), what="the cross-origin stream seated")
+        assert gateway.publish(server, 22, "score", "cross-origin").status == 200
+        browser.tell(json.dumps({"cmd": "wait", "events": 1}))
+        assert browser.step("waited")["events"] == [{"type": "score", "data": "cross-origin", "lastEventId": ""}]
+        browser.tell(json.dumps({"cmd": "quit"}))
+        assert browser.finish() == 0
+    finally:
+        browser.kill()
