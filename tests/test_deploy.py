@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.certificates import make_tls_files
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.clients import receive_event
+from tests.support.event_streams import EventStreamClient
 from tests.support.processes import GATEWAY_BIN, PROCESS_START_TIMEOUT_S, free_port, gateway_environment
 from wsgateway.client import GatewayClient, Unavailable
 from wsgateway.config import FLAGS, load, parse_duration
@@ -160,6 +161,17 @@ def test_nginx_site_timeouts_outlast_the_gateways_keepalive():
     assert re.search(r"client_max_body_size 1m;", site) and DEFAULTS.max_body_bytes == 1024 * 1024
 
 
+def test_nginx_site_streams_events_unbuffered_past_the_keepalive():
+    """/events has its own location: unbuffered, uncached, waiting longer than -ping-period and -pong-wait."""
+    site = (ETC / "nginx-ws-gateway.conf").read_text()
+    events_location = site.split("location = /events {", 1)[1].split("}", 1)[0]
+    for directive in ("proxy_http_version 1.1;", "proxy_buffering off;", "proxy_cache off;", " emerg;"):
+        assert directive in events_location
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        timeout_s = parse_duration(re.search(rf"{directive} (\w+);", events_location).group(1))
+        assert timeout_s > DEFAULTS.pong_wait_s > DEFAULTS.ping_period_s
+
+
 def nginx_binary() -> str | None:
     if NGINX_UNPACKED.exists():
         return str(NGINX_UNPACKED)
@@ -286,6 +298,25 @@ def test_nginx_site_terminates_tls_for_wss_and_publishing(nginx_in_front):
     assert player_token not in site.logged()
 
 
+def test_nginx_site_streams_events_as_they_are_published(nginx_in_front):
+    """Through the nginx site over https: /events is the gateway's event stream, each event arrives as it is
+    published (nothing buffered), and no log holds the player's token."""
+    gateway, site = nginx_in_front
+    player_token = gateway.tokens.player(21)
+    stream = EventStreamClient("localhost", site.https_port, f"?token={player_token}", tls=site.trust)
+    gateway.clients.append(stream)
+    assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
+    assert stream.next_block().get("retry") is not None
+    wait_for(lambda: gateway.gateway.hub.connection_count() == 1, what="stream through nginx")
+    for number in range(3):  # each one read before the next is published: nothing waits in a buffer
+        assert gateway.publish(gateway.tokens.server(), 21, "via-nginx", number).status == 200
+        block = stream.next_block()
+        assert (block.event, block.data) == ("via-nginx", number)
+    stream.close()
+    wait_for(lambda: "GET /events " in site.access_log.read_text(), what="the /events line in nginx's access log")
+    assert player_token not in site.logged()
+
+
 def test_nginx_site_logs_no_token_while_the_gateway_is_down(tmp_path):
     """With nothing listening behind the site, players and publishers get 502, the site's access log says
     so with the upstream's address, and no log nginx writes holds a token."""
@@ -298,6 +329,7 @@ def test_nginx_site_logs_no_token_while_the_gateway_is_down(tmp_path):
         assert refused.value.status_code == 502
         assert https_get(site, f"/ws/?token={player_token}").status == 502  # a mistyped path: location /
         assert https_get(site, f"/ws?%74oken={player_token}").status == 502
+        assert https_get(site, f"/events?token={player_token}").status == 502
         publisher = GatewayClient(f"https://localhost:{site.https_port}", server_token, ssl_context=site.trust,
                                   retries=0)
         with pytest.raises(Unavailable):
@@ -305,10 +337,10 @@ def test_nginx_site_logs_no_token_while_the_gateway_is_down(tmp_path):
         plain = http.client.HTTPConnection("127.0.0.1", site.http_port, timeout=TIMEOUT_S)
         plain.request("GET", f"/ws?token={player_token}", headers={"Host": "ws.example.org"})
         assert plain.getresponse().status == 301
-        wait_for(lambda: site.access_log.read_text().count(f"upstream=127.0.0.1:{down_port} (502)") >= 5,
+        wait_for(lambda: site.access_log.read_text().count(f"upstream=127.0.0.1:{down_port} (502)") >= 6,
                  what="each failed request in the access log, with its upstream")
     logged = site.logged()
-    assert "GET /ws " in logged and "POST /publish " in logged
+    assert "GET /ws " in logged and "POST /publish " in logged and "GET /events " in logged
     assert player_token not in logged and server_token not in logged
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -48,8 +49,10 @@ class EventStreamClient:
     retry_ms: int | None = None  # the stream's retry hint, once read (open_stream reads it)
 
     def __init__(self, host: str, port: int, query: str, headers: dict[str, str] | None = None,
-                 method: str = "GET", timeout_s: float = TIMEOUT_S) -> None:
+                 method: str = "GET", timeout_s: float = TIMEOUT_S, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         lines = [f"{method} /events{query} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream",
                  *(f"{name}: {value}" for name, value in (headers or {}).items())]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -95,7 +98,7 @@ class EventStreamClient:
         while time.monotonic() < deadline:
             try:
                 self._fill()
-            except (EOFError, ConnectionResetError):
+            except (EOFError, ConnectionResetError, ssl.SSLEOFError):
                 break
         else:
             raise AssertionError(f"the gateway kept the stream open; got {self._buffer!r}")
