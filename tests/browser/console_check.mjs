@@ -6,7 +6,7 @@
 //   node console_check.mjs '{"url": "http://127.0.0.1:PORT", "playerToken": "...",
 //                            "serverToken": "...", "playerId": "21", "screenshot": "path or null"}'
 import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const options = JSON.parse(process.argv[2]);
 const STEP_TIMEOUT_MS = Number(process.env.STEP_TIMEOUT_MS || 15000);
@@ -21,12 +21,7 @@ async function waitForLine(expected) {
   if (done || value.trim() !== expected) throw new Error(`expected "${expected}" on stdin, got ${value}`);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
+const browser = await launchChromium();
 try {
   const page = await browser.newPage({ viewport: { width: 1200, height: 860 } });
   page.setDefaultTimeout(STEP_TIMEOUT_MS);

@@ -7,11 +7,10 @@
 //        a new EventSource, listening for those event names (and unnamed "message" events)
 //   {"cmd": "wait", "events": N, "opens": M}   until N events and M open events have arrived
 //   {"cmd": "state"}                           readyState and everything seen so far
-//   {"cmd": "close"}                           source.close()
 //   {"cmd": "quit"}
 // Every report carries what was seen: events [{type, data, lastEventId}], opens, errors, readyState.
 import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const options = JSON.parse(process.argv[2]);
 const STEP_TIMEOUT_MS = Number(process.env.STEP_TIMEOUT_MS || 15000);
@@ -21,12 +20,7 @@ function report(step, details = {}) {
   process.stdout.write(JSON.stringify({ step, ...details }) + '\n');
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
+const browser = await launchChromium();
 try {
   const page = await browser.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT_MS);
@@ -58,9 +52,6 @@ try {
       report('waited', { ...(await seen()), problems });
     } else if (command.cmd === 'state') {
       report('state', { ...(await seen()), problems });
-    } else if (command.cmd === 'close') {
-      await page.evaluate(() => window.stream.close());
-      report('closed', { ...(await seen()), problems });
     } else if (command.cmd === 'quit') {
       break;
     }
