@@ -14,6 +14,7 @@ import websocket
 from tests.certificates import TlsFiles, make_tls_files
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.clients import receive_close, receive_event
+from tests.support.event_streams import EventStreamClient
 from tests.support.gateways import GatewayUnderTest
 from tests.support.processes import run_gateway_cli
 from wsgateway.client import GatewayClient, GatewayError
@@ -78,6 +79,29 @@ def test_shutdown_closes_wss_sockets_with_1001(tls_gateway, tls_files):
     client.send_close(1001)  # answer the close, so shutdown need not wait for its handshake timeout
     stopper.join(TIMEOUT_S)
     assert stopper.successful() and tls_gateway.gateway.hub.connection_count() == 0
+
+
+def test_an_event_stream_over_https_carries_events_and_ends_with_gateway_close(tls_gateway, tls_files):
+    """Over TLS a stream's bytes all go through its writer: the head, a 512 KiB event, a burst, and at the
+    operator's disconnect gateway.close 4002 and the end of the response, drained before it."""
+    gateway = tls_gateway
+    stream = EventStreamClient("localhost", gateway.port, f"?token={gateway.tokens.player(21)}",
+                               tls=trusting(tls_files))
+    gateway.clients.append(stream)
+    assert stream.status == 200 and stream.headers["content-type"] == "text/event-stream"
+    assert stream.next_block().get("retry") is not None
+    wait_for(lambda: gateway.gateway.hub.connection_count() == 1, what="stream over TLS registered")
+    big = "x" * (512 * 1024)
+    gateway.gateway.delivery.publish("21", event_frame("big", big))
+    for number in range(300):
+        gateway.gateway.delivery.publish("21", event_frame("n", number))
+    operator = GatewayClient(f"https://localhost:{gateway.port}", gateway.tokens.server(),
+                             ssl_context=trusting(tls_files))
+    assert operator.disconnect(21) == 1
+    blocks = [stream.next_block() for _ in range(301)]
+    assert blocks[0].data == big and [block.data for block in blocks[1:]] == list(range(300))
+    (last,) = stream.blocks_until_closed()
+    assert (last.event, last.data) == ("gateway.close", {"code": 4002, "reason": "disconnected by the server"})
 
 
 def test_plain_http_to_a_tls_port_fails_without_harming_the_gateway(tls_gateway, tls_files, caplog):
