@@ -314,7 +314,8 @@ class Bench:
         """Open one connection per token, spread over client processes of `per_worker` each."""
         new_workers = []
         for start in range(0, len(tokens), per_worker):
-            worker = Worker("ws", {"port": self.gateway.port, "tokens": tokens[start:start + per_worker]})
+            worker = Worker("ws", {"port": self.gateway.port, "tokens": tokens[start:start + per_worker],
+                                   "transport": self.args.transport})
             new_workers.append(worker)
         opened = 0
         for worker in new_workers:
@@ -675,6 +676,8 @@ def add_options(parser: argparse.ArgumentParser, default_scenarios: str) -> None
     parser.add_argument("--gateway-flag", action="append", default=[], metavar="FLAG",
                         help="extra ws-gateway flag, e.g. --gateway-flag=-max-outbox=8192 (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (gateway log)")
+    parser.add_argument("--transport", choices=("websocket", "sse"), default="websocket",
+                        help="how the players connect: /ws, or /events (Server-Sent Events)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -775,10 +778,19 @@ class _PlayerSocket:
         self.buffer = buffer
 
 
+UPGRADE_REQUEST = ("GET /ws?token={token} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+STREAM_REQUEST = "GET /events?token={token} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
+
+
 def ws_worker(spec: dict[str, Any]) -> None:
-    """Hold one WebSocket per token; count the text frames received; answer pings; on
-    request, take the publish time out of latency frames."""
+    """Hold one WebSocket (or event stream, with `"transport": "sse"`) per token; count the
+    messages received; answer pings; on request, take the publish time out of latency
+    messages."""
     port, tokens = spec["port"], spec["tokens"]
+    sse = spec.get("transport") == "sse"
+    request, accepted = (STREAM_REQUEST, b"HTTP/1.1 200") if sse else (UPGRADE_REQUEST, b"HTTP/1.1 101")
+    messages = stream_events if sse else websocket_messages
     players: dict[int, _PlayerSocket] = {}
     poller = select.epoll()
     try:
@@ -787,9 +799,7 @@ def ws_worker(spec: dict[str, Any]) -> None:
             for token in tokens[start:start + 200]:
                 sock = socket.create_connection(("127.0.0.1", port))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(f"GET /ws?token={token} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\n"
-                             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                             "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+                sock.sendall(request.format(token=token).encode())
                 pending.append(sock)
             for sock in pending:
                 response = b""
@@ -799,7 +809,7 @@ def ws_worker(spec: dict[str, Any]) -> None:
                         raise OSError(f"closed during the handshake: {response[:80]!r}")
                     response += chunk
                 head, rest = response.split(b"\r\n\r\n", 1)
-                if not head.startswith(b"HTTP/1.1 101"):
+                if not head.startswith(accepted):
                     raise OSError(f"handshake refused: {head[:80]!r}")
                 sock.setblocking(False)
                 players[sock.fileno()] = _PlayerSocket(sock, rest)
@@ -850,19 +860,36 @@ def ws_worker(spec: dict[str, Any]) -> None:
             now = time.monotonic()
             buffer = player.buffer + data if player.buffer else data
             position = 0
-            for opcode, start, end in server_frames(buffer):
-                if opcode == 0x1:
-                    frames += 1
-                    if record_latency:
-                        payload = buffer[start:end]
-                        mark = payload.find(b'"t":')
-                        if mark >= 0:
-                            latencies.append(now - float(payload[mark + 4:payload.index(b"}", mark)]))
-                elif opcode == 0x9:
-                    player.sock.send(pong)
+            for message, end in messages(buffer, player.sock, pong):
                 position = end
+                if message is None:
+                    continue
+                frames += 1
+                if record_latency:
+                    mark = message.find(b'"t":')
+                    if mark >= 0:
+                        latencies.append(now - float(message[mark + 4:message.index(b"}", mark)]))
             player.buffer = buffer[position:]
             last_rx = now
+
+
+def websocket_messages(buffer: bytes, sock: socket.socket, pong: bytes) -> Iterator[tuple[bytes | None, int]]:
+    """Each whole frame at the start of `buffer`: its payload if it is a text frame (else
+    None), and where it ends; pings are answered on the way."""
+    for opcode, start, end in server_frames(buffer):
+        if opcode == 0x9:
+            sock.send(pong)
+        yield (buffer[start:end] if opcode == 0x1 else None), end
+
+
+def stream_events(buffer: bytes, sock: socket.socket, pong: bytes) -> Iterator[tuple[bytes | None, int]]:
+    """Each whole block at the start of `buffer`: the event if it carries one (None for
+    the retry hint and keepalive comments), and where it ends."""
+    position = 0
+    while (end := buffer.find(b"\n\n", position)) >= 0:
+        block = buffer[position:end]
+        position = end + 2
+        yield (block if block.startswith((b"event:", b"data:")) else None), position
 
 
 def server_frames(buffer: bytes) -> Iterator[tuple[int, int, int]]:

@@ -53,3 +53,26 @@ def test_bench_runs_the_connection_life_cycle_scenarios(tmp_path):
                    "storm: failed attempts", "stop: process exited, s", "/publish, no keep-alive, req/s"):
         assert f"| {figure}" in output, output
     assert "close codes 1001: 40" in output, output
+
+
+def test_bench_measures_event_streams_too(tmp_path):
+    """With --transport sse the players hold event streams: the memory and fan-out figures are theirs."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--scenarios", "memory,fanout,latency", "--transport", "sse",
+         "--connections", "20", "--broadcasts", "3", "--rounds", "1", "--duration-s", "0.5",
+         "--latency-rate", "200", "--hold", "0", "--connections-per-client", "25"],
+        cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
+        timeout=4 * PROCESS_START_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr + result.stdout
+    for figure in ("KiB per idle connection", "fan-out deliveries/s", "latency p99 ms"):
+        assert f"| {figure}" in result.stdout, result.stdout
+
+
+def test_transport_fanout_prints_the_cost_of_a_delivery_by_transport(tmp_path):
+    """bench/transport_fanout.py broadcasts to a few connections of each kind and prints the CPU per delivery."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH.parent / "transport_fanout.py")], cwd=tmp_path,
+        env={**gateway_environment(), "N": "20", "B": "3"}, capture_output=True, text=True,
+        timeout=PROCESS_START_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "websocket:" in result.stdout and "sse:" in result.stdout and "µs CPU per delivery" in result.stdout
