@@ -20,6 +20,7 @@ from tests.support.clients import read_until_closed, receive_event, status_and_j
 from tests.support.event_streams import EventStreamClient, open_stream
 from tests.support.gateways import GatewayUnderTest
 from wsgateway.admission import RETRY_HINT_MS
+from wsgateway.errors import BrokerUnavailable
 from wsgateway.event_stream import ENCODER
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -288,3 +289,23 @@ def test_a_broadcast_is_encoded_once_for_every_stream(gateway, tokens):
     assert gateway.broadcast(server, "round_over", {"round": 3}).json == {"delivered": 5}
     assert [stream.next_event().data for stream in streams] == [{"round": 3}] * 5
     assert ENCODER.encoded == encoded + 1
+
+
+def test_a_broker_failing_while_the_stream_is_set_up_is_a_503_and_the_seat_comes_back(start_gateway, monkeypatch):
+    """Nothing is streamed before the backlog is fetched: a broker that fails then is answered 503, counted, and
+    the player's seat is free again."""
+    gateway = start_gateway("-max-conns", "1")
+    token = gateway.tokens.player(21)
+    roster = gateway.gateway.roster
+    take_seat = roster.take_seat
+
+    def failing(seat):
+        raise BrokerUnavailable("redis went away")
+    monkeypatch.setattr(roster, "take_seat", failing)
+    client = refused(gateway, f"?token={token}")
+    assert (client.status, client.body) == (503, {"error": "broker unavailable, retry later"})
+    assert client.headers["retry-after"] == "1"
+    assert gateway.metric("ws_connections_rejected_total", reason="broker_unavailable") == 1
+    assert gateway.gateway.hub.connection_count() == 0
+    monkeypatch.setattr(roster, "take_seat", take_seat)
+    open_stream(gateway, token)
