@@ -100,7 +100,7 @@ class StreamEndpoint(Protocol):
 
 @dataclass(frozen=True)
 class WebSocketRequest:
-    """What an endpoint sees of an upgrade request."""
+    """What an endpoint sees of its request: an upgrade, or a stream's GET."""
 
     headers: Mapping[str, str]  # lower-case name -> value
     query: str  # the raw query string
