@@ -52,12 +52,14 @@ class Admission:
     set) is given back to the roster. A small object, not a generator: it lives as long
     as the socket."""
 
-    __slots__ = ("player_id", "token", "seat", "_roster")
+    __slots__ = ("player_id", "token", "seat", "last_event_id", "_roster")
 
-    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster) -> None:
+    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster,
+                 last_event_id: str | None = None) -> None:
         self.player_id = player_id
         self.token = token
         self.seat: Seat | None = seat  # None once the connection owns it
+        self.last_event_id = last_event_id  # None: the client did not ask for ids (see `last_event_id_of`)
         self._roster = roster
 
     def __enter__(self) -> Admission:
@@ -94,7 +96,8 @@ class PlayerEndpoint:
         if not self._origins.allows(request.headers.get("origin")):
             rejected.labels("origin").inc()
             raise Refusal.ORIGIN_NOT_ALLOWED()
-        token = (parse_qs(request.query).get("token") or [""])[0]
+        query = parse_qs(request.query, keep_blank_values=True)
+        token = (query.get("token") or [""])[0]
         if not token:
             rejected.labels("unauthorized").inc()
             services.metrics.auth_failures.labels("player", "missing").inc()
@@ -121,7 +124,7 @@ class PlayerEndpoint:
         if seat is None:
             rejected.labels("too_many_connections").inc()
             raise Refusal.TOO_MANY_PLAYER_CONNECTIONS(limit=services.config.max_conns_per_player)
-        return Admission(player_id, token, seat, services.roster)
+        return Admission(player_id, token, seat, services.roster, last_event_id_of(query))
 
     def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:
         """The 503 for a dependency that did not answer, counted and logged under `reason`."""
@@ -134,11 +137,13 @@ class PlayerEndpoint:
         services = self._services
         seat = admission.seat
         assert seat is not None
+        wants_ids = admission.last_event_id is not None and services.delivery.history is not None
         connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
-                                player_id=admission.player_id, token=admission.token, remote=remote)
+                                player_id=admission.player_id, token=admission.token, remote=remote,
+                                wants_ids=wants_ids)
         del rfile  # the connection drops it once it has taken what it read ahead
         try:
-            services.delivery.connect(connection, seat)
+            services.delivery.connect(connection, seat, admission.last_event_id)
         except BrokerUnavailable:
             connection.abort(CloseCode.TRY_AGAIN_LATER)
             services.metrics.disconnects.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
@@ -158,6 +163,14 @@ class PlayerEndpoint:
             log.info("player disconnected", extra={
                 "event": "ws_disconnected", "code": code,
                 "duration_s": round(time.monotonic() - started, 3), **context})
+
+
+def last_event_id_of(query: dict[str, list[str]]) -> str | None:
+    """`last_event_id` from the query: None when absent (the client wants today's frames),
+    "" when empty (ids, nothing to resume from yet). A repeated one counts once, the first;
+    a value no gateway made is the history's to answer (`gateway.missed`, malformed)."""
+    values = query.get("last_event_id")
+    return values[0] if values else None
 
 
 class OriginPolicy:

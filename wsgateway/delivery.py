@@ -36,17 +36,17 @@ from gevent.lock import BoundedSemaphore
 from wsgateway.broker import Broker, Envelope
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.frames import OP_CLOSE, close_frame
+from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, missed_notice
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_BYTES_LIMIT, DROP_OFFLINE_DISABLED,
                                DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_OFFLINE_PLAYERS_LIMIT, DROP_SLOW_CONSUMER,
-                               GatewayMetrics)
+                               RESUME_MISSED, RESUME_RECOVERED, GatewayMetrics)
 from wsgateway.offline import Backlog
 from wsgateway.protocol import event_frame
 from wsgateway.roster import Roster, Route, Seat
 
 log = logging.getLogger(__name__)
 
-MISSED_EVENT = "gateway.missed"
 _CLOSE_FRAME_FIRST_BYTE = 0x80 | OP_CLOSE  # FIN + close: what `close_frame` starts with
 
 
@@ -64,17 +64,19 @@ class HeldConnection(Deliverable, Protocol):
 
     def hold(self) -> None: ...
 
-    def release(self, first: list[bytes]) -> int: ...
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int: ...
 
 
 class Delivery:
     """Publishes messages and delivers the broker's envelopes to local connections."""
 
     def __init__(self, hub: Hub, roster: Roster, broker: Broker, metrics: GatewayMetrics,
-                 notify_missed: bool = False) -> None:
+                 notify_missed: bool = False, history: History | None = None) -> None:
         """`notify_missed`: a connection that takes a backlog from a queue that lost
-        messages first gets `{"event": "gateway.missed", "payload": {"dropped", "expired"}}`."""
+        messages first gets `{"event": "gateway.missed", "payload": {"dropped", "expired"}}`.
+        `history`: messages kept with their ids, for connections that resume (None: off)."""
         self.hub = hub
+        self.history = history
         self.notify_missed = notify_missed
         self.roster = roster
         self.metrics = metrics
@@ -95,11 +97,14 @@ class Delivery:
         self.metrics.messages_published.inc()
         if player_id is not None:
             return self._to_player(player_id, frame, queue_if_offline=False, batched=False)
+        stamped = None
         try:
+            if self.history is not None:
+                stamped = self.history.record_broadcast(frame)
             reach = self.roster.reach()
-            self._broker.publish(Envelope(frame))
+            self._broker.publish(Envelope(frame, stamped=stamped))
         except BrokerUnavailable:
-            return Outcome(self._deliver_locally(Envelope(frame)), local_only=True)
+            return Outcome(self._deliver_locally(Envelope(frame, stamped=stamped)), local_only=True)
         return Outcome(reach)
 
     def close_player(self, player_id: str, code: CloseCode) -> int:
@@ -112,22 +117,43 @@ class Delivery:
             self._broker.publish(Envelope(close_frame(code, code.reason), player_id, route.gateways))
         return route.connections
 
-    def connect(self, connection: HeldConnection, seat: Seat) -> None:
+    def connect(self, connection: HeldConnection, seat: Seat, last_event_id: str | None = None) -> None:
         """Register the connection, then send the player's backlog before any live frame.
 
         Live frames that arrive while the backlog is fetched are held behind it. The
         connection counts as open (the gauge) once it took its seat: from then on every
-        gateway routes the player's messages to it."""
+        gateway routes the player's messages to it.
+
+        `last_event_id` (None: the connection did not ask for ids): the connection is
+        resuming after that id ("" for none yet). It is sent the history's replay instead
+        of the backlog (the backlog's messages are in the history), then live frames with
+        their ids, none twice (see `history`); without a history, a `gateway.missed`
+        notice (for a non-empty id) and the backlog."""
         connection.hold()
         self.hub.add(connection)
         try:
             backlog = self.roster.take_seat(seat)
+            replay = self.history.replay(seat.player_id, last_event_id) \
+                if self.history is not None and last_event_id is not None else None
+            if self.history is not None and last_event_id is None and backlog.frames:
+                self.history.note_taken(seat.player_id)
         except BaseException:
             self.hub.remove(connection)
             raise
         self.metrics.connection_opened()
         self._seated[seat.seat_id] = connection
-        self._release(connection, self._backlog_frames(backlog))
+        if replay is None:
+            frames = self._backlog_frames(backlog)
+            if last_event_id:  # asked to resume, and there is no history to resume from
+                self.metrics.resumes.labels(RESUME_MISSED).inc()
+                frames = [missed_notice(REASON_OFF, None, len(frames)), *frames]
+            self._release(connection, frames)
+            return
+        if backlog.expired:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        if last_event_id:
+            self.metrics.resumes.labels(RESUME_RECOVERED if replay.recovered else RESUME_MISSED).inc()
+        self._release(connection, replay.frames, replay.replayed)
 
     def disconnect(self, connection: Deliverable, seat: Seat) -> None:
         self._seated.pop(seat.seat_id, None)
@@ -141,17 +167,24 @@ class Delivery:
         """Periodic upkeep of the roster: presence kept alive (and written back where it
         was lost), expired offline messages counted as dropped."""
         self.reassert_presence()
+        if self.history is not None:
+            self.history.maintain()
         expired = self.roster.maintain()
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
 
     def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool, batched: bool) -> Outcome:
+        stamped = None
         try:
+            if self.history is not None:
+                stamped = self.history.record(player_id, frame)
             route = self.roster.route(player_id, frame, queue_if_offline)
             if route.gateways:
-                self._broker.publish(Envelope(frame, player_id, route.gateways, batched))
+                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, stamped=stamped))
+            elif route.queued and stamped is not None:
+                self.history.note_queued(player_id, stamped)
         except BrokerUnavailable:
-            delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched))
+            delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched, stamped=stamped))
             if not delivered:
                 raise
             return Outcome(delivered, local_only=True)
@@ -207,8 +240,9 @@ class Delivery:
                                                  "expired": backlog.missed_expired}), *frames]
         return frames
 
-    def _release(self, connection: HeldConnection, frames: list[bytes]) -> None:
-        delivered = connection.release(frames)
+    def _release(self, connection: HeldConnection, frames: list[bytes],
+                 replayed: frozenset[str] = frozenset()) -> None:
+        delivered = connection.release(frames, replayed)
         self.metrics.messages_delivered.inc(delivered)
         if delivered < len(frames):  # the socket closed itself as too slow mid-backlog
             self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(frames) - delivered)
@@ -229,7 +263,10 @@ class Delivery:
         try:
             route = self.roster.requeue(player_id, envelope.frame, envelope.gateways, envelope.sent_at_ms)
             if route.gateways:
-                self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched))
+                self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
+                                              stamped=envelope.stamped))
+            elif route.queued and self.history is not None and isinstance(envelope.stamped, Stamped):
+                self.history.note_queued(player_id, envelope.stamped)
         except BrokerUnavailable as exc:
             self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc()
             log.warning("message for a closed connection given up: broker unavailable",
@@ -240,9 +277,10 @@ class Delivery:
 
     def _deliver_locally(self, envelope: Envelope) -> int:
         if envelope.player_id is None:
-            delivered = self.hub.broadcast(envelope.frame)
+            delivered = self.hub.broadcast(envelope.frame, envelope.stamped)
         else:
-            delivered = self.hub.deliver(envelope.player_id, envelope.frame, later=envelope.batched)
+            delivered = self.hub.deliver(envelope.player_id, envelope.frame, later=envelope.batched,
+                                         stamped=envelope.stamped)
         self.metrics.messages_delivered.inc(delivered)
         return delivered
 

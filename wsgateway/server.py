@@ -36,6 +36,7 @@ from wsgateway.hub import Hub
 from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import DROP_STREAM_TRIMMED, GatewayMetrics
+from wsgateway.history import History, MemoryHistory
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.proxies import TrustedProxies
 from wsgateway.publishing import Publishing
@@ -88,7 +89,7 @@ class Gateway:
             self.metrics.offline_queue_messages.set_function(lambda: len(offline))
             self.metrics.offline_queue_bytes.set_function(lambda: offline.held_bytes)
         self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics,
-                                 notify_missed=config.notify_missed)
+                                 notify_missed=config.notify_missed, history=self._history(config))
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
         self.server = WebServer(
@@ -104,6 +105,17 @@ class Gateway:
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
         self._shutdown_started = False
+
+    def _history(self, config: Config) -> History | None:
+        """The kept messages resuming connections replay (None with -history-size 0)."""
+        if not config.history_size or not config.history_ttl_s:
+            return None
+        if config.broker_url:
+            return None  # TODO redis
+        history = MemoryHistory(config.history_size, config.history_ttl_s, config.max_history_bytes)
+        self.metrics.history_messages.set_function(lambda: len(history))
+        self.metrics.history_bytes.set_function(lambda: history.held_bytes)
+        return history
 
     def _use_redis(self, config: Config) -> None:
         """Shared roster, broker and rate limit: every gateway on this -broker acts as one."""
