@@ -43,16 +43,25 @@ older than what is kept) starts with `{"event": "gateway.missed", "payload":
 An empty `last_event_id` means "no position yet": the connection gets what was queued
 for the player while it was offline (as a legacy connection gets its backlog), with ids.
 
-The seam for transports (WebSocket here, Server-Sent Events): a transport's connection
-sets `wants_ids`, and calls `Delivery.connect(connection, seat, last_event_id=...)`;
-it then receives `Stamped` frames (replay first, then live) and may read each one's
-`event_id` and `json`, and cache its own encoding in `Stamped.encodings`, once per
-message for all its connections.
+The seam for transports (WebSocket here, Server-Sent Events):
+
+* the transport's connection is a `delivery.HeldConnection` with `wants_ids = True`
+  (`hub.Deliverable`), and `release(first, replayed)` sends `first`, then what it held
+  since `hold()` except the frames whose `event_id` is in `replayed`;
+* admission as for `/ws`, then `Delivery.connect(connection, seat, last_event_id)`
+  (`""` for none yet; None only for a connection that wants today's frames) and
+  `Delivery.disconnect(connection, seat)` at the end;
+* what reaches `send`/`send_later`/`release` are WebSocket text frames: `Stamped` ones
+  (with the id) when the gateway keeps a history, plain ones otherwise and for the
+  `gateway.missed` notice. `message_parts(frame)` gives (id or None, event, payload
+  text), split once per message for all connections; a transport may keep its own
+  encoding of a message in `Stamped.encodings[name]`, built once for all its connections.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
+import json as _json
 import re
 import secrets
 import time
@@ -62,6 +71,7 @@ from typing import Callable, Iterable, NamedTuple, Protocol
 from wsgateway.frames import text_frame
 from wsgateway.protocol import event_frame
 
+_decoder = _json.JSONDecoder()
 MISSED_EVENT = "gateway.missed"
 MAX_ID_LENGTH = 128  # longer last_event_id values are malformed, not parsed
 # What one kept message costs besides its frame: the Stamped object, its attribute dict and
@@ -96,7 +106,8 @@ class Stamped(bytes):
     expires_at: float
     queued: bool  # it went to the player's offline queue
     removed: bool  # it left the history
-    encodings: dict[str, bytes]
+    parts: MessageParts | None  # see `message_parts`
+    encodings: dict[str, bytes]  # what other transports built from it, once, by their name
 
 
 def stamp(json: bytes, event_id: str, player_seq: int, broadcast_seq: int, expires_at: float = 0.0) -> Stamped:
@@ -109,6 +120,7 @@ def stamp(json: bytes, event_id: str, player_seq: int, broadcast_seq: int, expir
     frame.expires_at = expires_at
     frame.queued = False
     frame.removed = False
+    frame.parts = None
     frame.encodings = {}
     return frame
 
@@ -117,6 +129,33 @@ def frame_text(frame: bytes) -> bytes:
     """The payload of an unmasked server text frame (`frames.encode_frame`'s header)."""
     length = frame[1] & 0x7F
     return frame[2:] if length < 126 else frame[4:] if length == 126 else frame[10:]
+
+
+class MessageParts(NamedTuple):
+    """A message as a transport other than WebSocket writes it (Server-Sent Events)."""
+
+    event_id: str | None  # None: a frame without an id (a notice, or no history)
+    event: str
+    payload: bytes  # the payload's JSON text, compact, one line
+
+
+def message_parts(frame: bytes) -> MessageParts:
+    """The id, event and payload text of a message frame (what `Hub` hands to a
+    connection). Split once per message for a `Stamped` frame (every connection gets
+    the same object); a plain frame is split on each call."""
+    if isinstance(frame, Stamped):
+        if frame.parts is None:
+            frame.parts = _parts(frame.json, frame.event_id)
+        return frame.parts
+    return _parts(frame_text(frame), None)
+
+
+def _parts(json: bytes, event_id: str | None) -> MessageParts:
+    """Split `{"event":E,"payload":P}` (protocol.event_json's form) without re-encoding
+    P, so that its text (big integers, key order) stays exactly as published."""
+    text = json.decode("utf-8", "surrogatepass")
+    event, end = _decoder.raw_decode(text, len('{"event":'))
+    return MessageParts(event_id, event, text[end + len(',"payload":'):-1].encode("utf-8", "surrogatepass"))
 
 
 class Position(NamedTuple):
