@@ -174,8 +174,8 @@ def test_live_frames_held_during_the_replay_are_sent_once():
     """A message published while a resuming connection fetches its replay arrives once,
     after the replay, and one published after it arrives live."""
     hub = Hub()
-    roster = _RosterThatYields(hub, MemoryOfflineQueue(10, 10), 0)
     history = MemoryHistory(10, 60, epoch="e")
+    roster = _RosterThatYields(hub, MemoryOfflineQueue(10, 10), 0, history)
     delivery = Delivery(hub, roster, InProcessBroker(), GatewayMetrics(CollectorRegistry()), history=history)
     first = delivery.publish("21", frame(0))
     assert first.queued

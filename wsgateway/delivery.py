@@ -97,14 +97,16 @@ class Delivery:
         self.metrics.messages_published.inc()
         if player_id is not None:
             return self._to_player(player_id, frame, queue_if_offline=False, batched=False)
-        stamped = None
         try:
-            if self.history is not None:
-                stamped = self.history.record_broadcast(frame)
             reach = self.roster.reach()
-            self._broker.publish(Envelope(frame, stamped=stamped))
+            if self.history is None:
+                self._broker.publish(Envelope(frame))
+            elif self.history.sends:
+                self.history.record_broadcast(frame)
+            else:
+                self._broker.publish(Envelope(frame, stamped=self.history.record_broadcast(frame)))
         except BrokerUnavailable:
-            return Outcome(self._deliver_locally(Envelope(frame, stamped=stamped)), local_only=True)
+            return Outcome(self._deliver_locally(Envelope(frame)), local_only=True)
         return Outcome(reach)
 
     def close_player(self, player_id: str, code: CloseCode) -> int:
@@ -174,17 +176,12 @@ class Delivery:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
 
     def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool, batched: bool) -> Outcome:
-        stamped = None
         try:
-            if self.history is not None:
-                stamped = self.history.record(player_id, frame)
             route = self.roster.route(player_id, frame, queue_if_offline)
-            if route.gateways:
-                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, stamped=stamped))
-            elif route.queued and stamped is not None:
-                self.history.note_queued(player_id, stamped)
+            if route.gateways and not route.sent:
+                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, stamped=route.stamped))
         except BrokerUnavailable:
-            delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched, stamped=stamped))
+            delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched))
             if not delivered:
                 raise
             return Outcome(delivered, local_only=True)

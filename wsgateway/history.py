@@ -68,6 +68,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Callable, Iterable, NamedTuple, Protocol
 
+from wsgateway.config import Config
 from wsgateway.frames import text_frame
 from wsgateway.protocol import event_frame
 
@@ -281,13 +282,16 @@ def _merged(own: Iterable[Stamped], broadcasts: Iterable[Stamped]) -> Iterable[S
 
 class History(Protocol):
     """Kept messages and their ids. In memory (`MemoryHistory`) nothing yields; the Redis
-    one (`history_redis`) may block the calling greenlet and raises `BrokerUnavailable`."""
+    one (`history_redis`) may block the calling greenlet and raises `BrokerUnavailable`.
 
-    def record(self, player_id: str, frame: bytes) -> Stamped:
-        """Give a message to one player its id and keep it; the id-carrying frame."""
+    A player message gets its id in the roster's route step (`Roster.route`), from the
+    history the roster was given; a broadcast to all gets its id here."""
 
-    def record_broadcast(self, frame: bytes) -> Stamped:
-        """The same for a broadcast to every player: kept once, in the broadcast stream."""
+    sends: bool  # record_broadcast also hands the broadcast to every gateway (the broker must not)
+
+    def record_broadcast(self, frame: bytes) -> Stamped | None:
+        """Give a broadcast to every player its id and keep it once, in the broadcast
+        stream; the id-carrying frame (None when `sends`: the gateways build it)."""
 
     def note_queued(self, player_id: str, stamped: Stamped) -> None:
         """The message went to the player's offline queue (see `plan_replay`, empty id)."""
@@ -301,6 +305,11 @@ class History(Protocol):
 
     def maintain(self) -> int:
         """Give up expired messages, forget idle streams; return messages given up."""
+
+
+def keeps_history(config: Config) -> bool:
+    """-history-size and -history-ttl both above zero."""
+    return config.history_size > 0 and config.history_ttl_s > 0
 
 
 class _Stream:
@@ -322,6 +331,8 @@ class _Stream:
 
 class MemoryHistory:
     """`History` in this process's memory; its epoch is new with every process."""
+
+    sends = False
 
     def __init__(self, max_per_stream: int, ttl_s: float, max_total_bytes: int = 0,
                  clock: Callable[[], float] = time.monotonic, epoch: str | None = None) -> None:
@@ -348,6 +359,8 @@ class MemoryHistory:
         return self._size
 
     def record(self, player_id: str, frame: bytes) -> Stamped:
+        """Give a message to one player its id and keep it (`LocalRoster.route` calls
+        this); the id-carrying frame."""
         now = self._clock()
         stream = self._players.get(player_id)
         if stream is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from typing import NamedTuple, Protocol
 
+from wsgateway.history import MemoryHistory, Stamped
 from wsgateway.hub import Hub
 from wsgateway.offline import Backlog, MemoryOfflineQueue
 
@@ -45,6 +46,8 @@ class Route(NamedTuple):
     over_total_bytes: int = 0  # frames given up for -max-offline-bytes (this one when not queued)
     over_total_players: int = 0  # frames of whole queues given up for -max-offline-players
     queueing_off: bool = False  # the player was offline, queueing was asked, and it is disabled
+    stamped: Stamped | None = None  # the message with its id, when the roster keeps a history in process
+    sent: bool = False  # the route step also put it on its way to `gateways` (history in Redis: one atomic step)
 
 
 class Census(NamedTuple):
@@ -73,6 +76,8 @@ class Roster(Protocol):
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
         """Decide, atomically with presence, whether the frame goes live or to the queue.
+        With a history, the same step gives the message its id and keeps it (`history`),
+        so that a message has its id before it is sent or queued.
 
         Live means routed to the gateways that hold a connection of the player now. Across
         processes the frame travels on after this answer, and the connection may close
@@ -117,10 +122,12 @@ class LocalRoster:
     """`Roster` for a single gateway: presence is the hub, the queue is in memory.
     Nothing here yields, so route/take_seat are atomic by construction."""
 
-    def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int) -> None:
+    def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int,
+                 history: MemoryHistory | None = None) -> None:
         self.max_conns_per_player = max_conns_per_player  # 0 = unlimited
         self._hub = hub
         self._offline = offline
+        self._history = history
         self._reserved: dict[str, int] = {}
         self._seat_numbers = itertools.count(1)
 
@@ -146,6 +153,15 @@ class LocalRoster:
         pass  # the hub forgets the connection; nothing else is kept per seat
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+        stamped = self._history.record(player_id, frame) if self._history is not None else None
+        route = self._route(player_id, frame, queue_if_offline)
+        if stamped is None:
+            return route
+        if route.queued:
+            self._history.note_queued(player_id, stamped)
+        return route._replace(stamped=stamped)
+
+    def _route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
         connections = self._hub.count_of(player_id)
         if connections:
             return Route(frozenset((LOCAL_GATEWAY,)), connections)
@@ -158,7 +174,7 @@ class LocalRoster:
                      over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
-        return self.route(player_id, frame, queue_if_offline=True)  # in the publisher's turn: in order
+        return self._route(player_id, frame, queue_if_offline=True)  # in the publisher's turn: in order; kept already
 
     def reach(self) -> int:
         return self._hub.connection_count()

@@ -36,7 +36,7 @@ from wsgateway.hub import Hub
 from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import DROP_STREAM_TRIMMED, GatewayMetrics
-from wsgateway.history import History, MemoryHistory
+from wsgateway.history import History, MemoryHistory, keeps_history
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.proxies import TrustedProxies
 from wsgateway.publishing import Publishing
@@ -72,6 +72,7 @@ class Gateway:
         self.roster: Roster
         self.broker: Broker
         self.offline: MemoryOfflineQueue | None = None  # with -broker, queues live in Redis
+        self.history: History | None = None  # -history-size 0: none
         self.limiter: Limiter
         self.idempotency: IdempotencyStore
         self._redis: Any = None  # the -broker client (redis.Redis), for the eviction check
@@ -82,14 +83,15 @@ class Gateway:
             offline = self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s,
                                                         max_total_bytes=config.max_offline_bytes,
                                                         max_players=config.max_offline_players)
-            self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player)
+            self.history = self._memory_history(config)
+            self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player, self.history)
             self.broker = InProcessBroker()
             self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
             self.idempotency = MemoryIdempotencyStore(config.idempotency_window_s, config.idempotency_max_keys)
             self.metrics.offline_queue_messages.set_function(lambda: len(offline))
             self.metrics.offline_queue_bytes.set_function(lambda: offline.held_bytes)
         self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics,
-                                 notify_missed=config.notify_missed, history=self._history(config))
+                                 notify_missed=config.notify_missed, history=self.history)
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
         self.server = WebServer(
@@ -106,12 +108,10 @@ class Gateway:
         self._stopped = Event()
         self._shutdown_started = False
 
-    def _history(self, config: Config) -> History | None:
+    def _memory_history(self, config: Config) -> MemoryHistory | None:
         """The kept messages resuming connections replay (None with -history-size 0)."""
-        if not config.history_size or not config.history_ttl_s:
+        if not keeps_history(config):
             return None
-        if config.broker_url:
-            return None  # TODO redis
         history = MemoryHistory(config.history_size, config.history_ttl_s, config.max_history_bytes)
         self.metrics.history_messages.set_function(lambda: len(history))
         self.metrics.history_bytes.set_function(lambda: history.held_bytes)
