@@ -204,3 +204,129 @@ def test_without_history_a_resume_is_told_so(start_gateway):
     assert receive_event(tab)["payload"]["reason"] == "history_off"
     gateway.publish(server, 21, "n", 1)
     assert tab.recv() == '{"event":"n","payload":1}'
+
+
+# --- with -broker: the history in Redis, ids per player across the cluster -----------------
+
+def test_cluster_frames_without_the_parameter_are_byte_for_byte_todays(start_cluster_gateway):
+    """With -broker and a history, a client without ids gets exactly the legacy frames."""
+    first, second = start_cluster_gateway(*HISTORY), start_cluster_gateway(*HISTORY)
+    server = first.tokens.server()
+    client = second.connect(first.tokens.player(21))
+    with_ids = second.connect(first.tokens.player(21), resume(""))
+    first.publish(server, 21, "score", {"points": 5})
+    first.broadcast(server, "round", None)
+    assert [client.recv(), client.recv()] == ['{"event":"score","payload":{"points":5}}',
+                                              '{"event":"round","payload":null}']
+    stamped = [json.loads(with_ids.recv()) for _ in range(2)]
+    assert [list(event) for event in stamped] == [["event", "payload", "id"]] * 2
+
+
+def test_resume_on_another_gateway_gets_exactly_what_was_missed(start_cluster_gateway):
+    """A player that loses gateway A resumes on gateway B with its last id: what it
+    missed, published through either gateway, broadcasts included, then live."""
+    first, second = start_cluster_gateway(*HISTORY), start_cluster_gateway(*HISTORY)
+    server = first.tokens.server()
+    token = first.tokens.player(21)
+    other_tab = second.connect(token)
+    tab = first.connect(token, resume(""))
+    first.publish(server, 21, "n", 0)
+    last_id = receive_event(tab)["id"]
+    tab.close()
+    wait_for(lambda: first.metric("ws_active_connections") == 0, what="the tab to go")
+    first.publish(server, 21, "n", 1)
+    second.broadcast(server, "b", 2)
+    second.publish(server, 21, "n", 3)
+    first.broadcast(server, "b", 4, player_id=21)
+    assert [event["payload"] for event in events(other_tab, 5)] == [0, 1, 2, 3, 4]
+    tab = second.connect(token, resume(last_id))
+    first.publish(server, 21, "n", 5)
+    resumed = events(tab, 5)
+    assert [event["payload"] for event in resumed] == [1, 2, 3, 4, 5]
+    assert second.metric("ws_resumes_total", outcome="recovered") == 1
+
+
+def test_cluster_resume_racing_a_burst_of_publishes(start_cluster_gateway):
+    """Publishes and broadcasts through two gateways racing a resume on a third: each
+    message exactly once, in order."""
+    flags = ("-history-size", "2000", "-history-ttl", "1m", "-rate-limit", "0")
+    gateways = [start_cluster_gateway(*flags) for _ in range(2)]
+    server = gateways[0].tokens.server()
+    token = gateways[0].tokens.player(21)
+    tab = gateways[0].connect(token, resume(""))
+    gateways[0].publish(server, 21, "n", 0)
+    last_id = receive_event(tab)["id"]
+    tab.close()
+    wait_for(lambda: gateways[0].metric("ws_active_connections") == 0, what="the tab to go")
+    total = 300
+
+    def burst() -> None:
+        for number in range(1, total):
+            gateway = gateways[number % 2]
+            reply = gateway.publish(server, 21, "n", number) if number % 5 else gateway.broadcast(server, "n", number)
+            assert reply.status == 200
+
+    publisher = gevent.spawn(burst)
+    gevent.sleep(0.05)
+    tab = gateways[1].connect(token, resume(last_id))
+    publisher.get(timeout=TIMEOUT_S * 6)
+    assert [event["payload"] for event in events(tab, total - 1)] == list(range(1, total))
+    gateways[0].publish(server, 21, "end", None)
+    assert receive_event(tab)["event"] == "end"
+
+
+def test_cluster_offline_backlog_comes_once_with_ids(start_cluster_gateway):
+    """Queued while offline through one gateway, received on another with an empty id:
+    once, with ids; a resume from the last of them then gets only what came after."""
+    first, second = start_cluster_gateway(*HISTORY), start_cluster_gateway(*HISTORY)
+    server = first.tokens.server()
+    token = first.tokens.player(21)
+    for number in range(3):
+        assert first.publish(server, 21, "n", number).json["queued"] is True
+    tab = second.connect(token, resume(""))
+    backlog = events(tab, 3)
+    assert [event["payload"] for event in backlog] == [0, 1, 2]
+    tab.close()
+    wait_for(lambda: second.metric("ws_active_connections") == 0, what="the tab to go")
+    first.publish(server, 21, "n", 3)
+    tab = first.connect(token, resume(backlog[-1]["id"]))
+    assert receive_event(tab)["payload"] == 3
+
+
+def test_cluster_ids_from_a_lost_redis_history(start_gateway, private_redis):
+    """Redis restarted without persistence: the old id is from a lost history."""
+    flags = ("-broker", private_redis.url, *HISTORY)
+    gateway = start_gateway(*flags)
+    server = gateway.tokens.server()
+    token = gateway.tokens.player(21)
+    tab = gateway.connect(token, resume(""))
+    gateway.publish(server, 21, "n", 0)
+    last_id = receive_event(tab)["id"]
+    tab.close()
+    wait_for(lambda: gateway.metric("ws_active_connections") == 0, what="the tab to go")
+    private_redis.stop()
+    private_redis.start()
+    wait_for(lambda: gateway.publish(server, 21, "n", 1).status == 200, what="the gateway back on redis")
+    tab = gateway.connect(token, resume(last_id))
+    notice = receive_event(tab)
+    assert notice["payload"]["recovered"] is False and notice["payload"]["reason"] == "history_lost"
+    assert [event["payload"] for event in events(tab, 1)] == [1]
+
+
+def test_cluster_too_old_and_malformed(start_cluster_gateway):
+    """With -broker too: an id past -history-size is too old, a malformed one is malformed."""
+    gateway = start_cluster_gateway("-history-size", "2", "-history-ttl", "1m")
+    server = gateway.tokens.server()
+    token = gateway.tokens.player(21)
+    tab = gateway.connect(token, resume(""))
+    gateway.publish(server, 21, "n", 0)
+    last_id = receive_event(tab)["id"]
+    tab.close()
+    wait_for(lambda: gateway.metric("ws_active_connections") == 0, what="the tab to go")
+    for number in range(1, 5):
+        gateway.publish(server, 21, "n", number)
+    tab = gateway.connect(token, resume(last_id))
+    assert receive_event(tab)["payload"]["reason"] == "too_old"
+    assert [event["payload"] for event in events(tab, 2)] == [3, 4]
+    other = gateway.connect(token, resume("zz.1.2"))
+    assert receive_event(other)["payload"]["reason"] == "malformed"

@@ -20,7 +20,8 @@ class Envelope(NamedTuple):
     `sent_at_ms`: when the transport took it (Redis's clock, ms), set by a broker that
     knows; a message routed again after its connection closed keeps its place by it.
     `stamped`: the same message with its id (`history.Stamped`), for connections that
-    asked for ids; None when the gateway keeps no history.
+    asked for ids; None when the gateway keeps no history. `event_id`: that id, as it
+    crosses processes (the receiving gateway builds the stamped frame once from it).
 
     A `frame` that is a WebSocket close frame asks the receiving gateways to close the
     player's connections with its code (`Delivery.close_player`, `POST /disconnect`):
@@ -33,6 +34,7 @@ class Envelope(NamedTuple):
     batched: bool = False
     sent_at_ms: int = 0
     stamped: bytes | None = None
+    event_id: str = ""
 
 
 Deliver = Callable[[Envelope], object]

@@ -36,7 +36,7 @@ from gevent.lock import BoundedSemaphore
 from wsgateway.broker import Broker, Envelope
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.frames import OP_CLOSE, close_frame
-from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, missed_notice
+from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, missed_notice, restamp
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_BYTES_LIMIT, DROP_OFFLINE_DISABLED,
                                DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_OFFLINE_PLAYERS_LIMIT, DROP_SLOW_CONSUMER,
@@ -250,6 +250,8 @@ class Delivery:
         request is carried out here and never routed again."""
         if envelope.frame[0] == _CLOSE_FRAME_FIRST_BYTE:
             return self._close_locally(envelope)
+        if envelope.event_id and envelope.stamped is None:
+            envelope = envelope._replace(stamped=restamp(envelope.frame, envelope.event_id))
         delivered = self._deliver_locally(envelope)
         if not delivered and envelope.player_id is not None and envelope.gateways is not None:
             self._reroute(envelope.player_id, envelope)
@@ -261,7 +263,7 @@ class Delivery:
             route = self.roster.requeue(player_id, envelope.frame, envelope.gateways, envelope.sent_at_ms)
             if route.gateways:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
-                                              stamped=envelope.stamped))
+                                              stamped=envelope.stamped, event_id=envelope.event_id))
             elif route.queued and self.history is not None and isinstance(envelope.stamped, Stamped):
                 self.history.note_queued(player_id, envelope.stamped)
         except BrokerUnavailable as exc:

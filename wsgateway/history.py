@@ -126,6 +126,15 @@ def stamp(json: bytes, event_id: str, player_seq: int, broadcast_seq: int, expir
     return frame
 
 
+def restamp(frame: bytes, event_id: str) -> Stamped | None:
+    """The stamped frame of a message that crossed processes with its id (built once per
+    message by each gateway that receives it); None for an id that is not one of ours."""
+    position = parse_event_id(event_id)
+    if position is None:
+        return None
+    return stamp(frame_text(frame), event_id, position.player_seq, position.broadcast_seq)
+
+
 def frame_text(frame: bytes) -> bytes:
     """The payload of an unmasked server text frame (`frames.encode_frame`'s header)."""
     length = frame[1] & 0x7F

@@ -128,10 +128,19 @@ class Gateway:
         client = create_client(config.broker_url, config.db_timeout_s)
         keys = RedisKeys(config.broker_prefix)
         self.gateway_id = new_gateway_id()
-        roster = RedisRoster(client, keys, self.gateway_id, max_conns_per_player=config.max_conns_per_player,
-                             max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
-                             presence_ttl_s=config.presence_ttl_s, max_offline_bytes=config.max_offline_bytes,
-                             max_offline_players=config.max_offline_players)
+        settings = dict(max_conns_per_player=config.max_conns_per_player,
+                        max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
+                        presence_ttl_s=config.presence_ttl_s, max_offline_bytes=config.max_offline_bytes,
+                        max_offline_players=config.max_offline_players)
+        if keeps_history(config):
+            from wsgateway.history_redis import HistoryRoster, RedisHistory
+            history = self.history = RedisHistory(
+                client, keys, max_per_stream=config.history_size, ttl_s=config.history_ttl_s,
+                max_total_bytes=config.max_history_bytes, stream_length=config.broker_stream_length,
+                stream_ttl_s=2 * config.presence_ttl_s)  # the broker's stream expiry (RedisBroker)
+            roster: RedisRoster = HistoryRoster(client, keys, self.gateway_id, history=history, **settings)
+        else:
+            roster = RedisRoster(client, keys, self.gateway_id, **settings)
         self.roster = roster
         self.broker = RedisBroker(
             client, keys, self.gateway_id, stream_length=config.broker_stream_length,
