@@ -17,6 +17,8 @@ next to the server's), then runs these scenarios and prints one figure per line:
   broadcast to all of them;
 * scaleout: the fan-out again over the Redis broker (`--redis`): one gateway process, then
   `-workers 2` on one port, then the publisher on one gateway and every player on another;
+* history: run any of these with `--gateway-flag=-history-size=100` (messages kept for
+  resuming) and `--ids` (players ask for ids), against the same run without;
 * connect, storm, stop, publish_close: a connection's life, each on gateways of its own
   (bench/lifecycle.py): `--storm-players` players opening their connections, reconnecting
   after a restart, and a graceful stop; `/publish` with a new connection per request.
@@ -314,7 +316,8 @@ class Bench:
         """Open one connection per token, spread over client processes of `per_worker` each."""
         new_workers = []
         for start in range(0, len(tokens), per_worker):
-            worker = Worker("ws", {"port": self.gateway.port, "tokens": tokens[start:start + per_worker]})
+            worker = Worker("ws", {"port": self.gateway.port, "tokens": tokens[start:start + per_worker],
+                                   "query": "&last_event_id=" if self.args.ids else ""})
             new_workers.append(worker)
         opened = 0
         for worker in new_workers:
@@ -675,6 +678,9 @@ def add_options(parser: argparse.ArgumentParser, default_scenarios: str) -> None
     parser.add_argument("--gateway-flag", action="append", default=[], metavar="FLAG",
                         help="extra ws-gateway flag, e.g. --gateway-flag=-max-outbox=8192 (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (gateway log)")
+    parser.add_argument("--ids", action="store_true",
+                        help="players connect with last_event_id= (frames with ids; give the gateway "
+                             "--gateway-flag=-history-size=N to keep a history)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -778,7 +784,7 @@ class _PlayerSocket:
 def ws_worker(spec: dict[str, Any]) -> None:
     """Hold one WebSocket per token; count the text frames received; answer pings; on
     request, take the publish time out of latency frames."""
-    port, tokens = spec["port"], spec["tokens"]
+    port, tokens, query = spec["port"], spec["tokens"], spec.get("query", "")
     players: dict[int, _PlayerSocket] = {}
     poller = select.epoll()
     try:
@@ -787,7 +793,7 @@ def ws_worker(spec: dict[str, Any]) -> None:
             for token in tokens[start:start + 200]:
                 sock = socket.create_connection(("127.0.0.1", port))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(f"GET /ws?token={token} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\n"
+                sock.sendall(f"GET /ws?token={token}{query} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\n"
                              "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                              "Sec-WebSocket-Version: 13\r\n\r\n".encode())
                 pending.append(sock)

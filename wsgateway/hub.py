@@ -109,13 +109,16 @@ class Hub:
         snapshot = [connection for connections in self._by_player.values() for connection in connections]
         if self.pause is None or len(snapshot) <= self.broadcast_slice:
             delivered = 0
+            if stamped is not None:
+                for connection in snapshot:
+                    if self._unfinished:
+                        self._catch_up(connection, None)
+                    delivered += connection.send_later(stamped if connection.wants_ids else frame)
+                return delivered
             for connection in snapshot:
                 if self._unfinished:
                     self._catch_up(connection, None)
-                if stamped is not None and connection.wants_ids:
-                    delivered += connection.send_later(stamped)
-                else:
-                    delivered += connection.send_later(frame)
+                delivered += connection.send_later(frame)
             return delivered
         broadcast = _UnfinishedBroadcast(frame, set(snapshot), stamped)
         self._unfinished.append(broadcast)
