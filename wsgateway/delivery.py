@@ -19,6 +19,11 @@ shared roster lost (Redis restarted, flushed, or evicted a key) is written back 
 one heartbeat (`reassert_presence`), and what was queued meanwhile for a player who was
 connected all along goes to that connection, before any later live message.
 
+With a history (`history`), a message has its id from the roster's route step and the
+hub hands its stamped frame to the connections that asked for ids; a connection that
+resumes (`connect` with `last_event_id`) is sent the history's replay instead of its
+backlog, then live frames, none twice.
+
 Closing a player's connections (`close_player`) travels like a message: its envelope
 carries a WebSocket close frame, and the gateway that receives it closes the player's
 sockets with that frame's code instead of sending it (see `broker.Envelope`). So every
