@@ -9,7 +9,7 @@ import gevent
 import websocket
 
 from tests.support import TIMEOUT_S, wait_for
-from tests.support.clients import receive_event
+from tests.support.clients import receive_close, receive_event
 
 HISTORY = ("-history-size", "50", "-history-ttl", "1m")
 
@@ -330,3 +330,19 @@ def test_cluster_too_old_and_malformed(start_cluster_gateway):
     assert [event["payload"] for event in events(tab, 2)] == [3, 4]
     other = gateway.connect(token, resume("zz.1.2"))
     assert receive_event(other)["payload"]["reason"] == "malformed"
+
+
+def test_disconnect_with_a_history_keeps_nothing(start_gateway, start_cluster_gateway):
+    """POST /disconnect is not a message: nothing is kept, a resume after it gets nothing."""
+    for gateway in (start_gateway(*HISTORY), start_cluster_gateway(*HISTORY)):
+        server = gateway.tokens.server()
+        token = gateway.tokens.player(21)
+        tab = gateway.connect(token, resume(""))
+        gateway.publish(server, 21, "n", 0)
+        last_id = receive_event(tab)["id"]
+        assert gateway.post("/disconnect", {"player_id": 21}, token=server).json == {"disconnected": 1}
+        assert receive_close(tab)[0] == 4002
+        wait_for(lambda: gateway.metric("ws_active_connections") == 0, what="the tab to go")
+        tab = gateway.connect(token, resume(last_id))
+        gateway.publish(server, 21, "n", 1)
+        assert receive_event(tab)["payload"] == 1

@@ -119,7 +119,7 @@ class Delivery:
         many the roster knew at that moment (as `Roster.presence`). Each gateway starts
         the closing handshakes as soon as the envelope reaches it; a connection still
         being set up (not yet seated) is not among them. Never queued."""
-        route = self.roster.route(player_id, b"", queue_if_offline=False)
+        route = self.roster.route(player_id, b"", queue_if_offline=False, keep=False)
         if route.gateways:
             self._broker.publish(Envelope(close_frame(code, code.reason), player_id, route.gateways))
         return route.connections
@@ -229,7 +229,7 @@ class Delivery:
                     self._release(connection, self._backlog_frames(backlog) if backlog is not None else [])
             for player_id, backlog in backlogs.items():  # every connection of the player closed meanwhile
                 for frame in backlog.frames:
-                    self._count_route(self.roster.route(player_id, frame, queue_if_offline=True))
+                    self._count_route(self.roster.route(player_id, frame, queue_if_offline=True, keep=False))
 
     def _backlog_frames(self, backlog: Backlog) -> list[bytes]:
         """What a connection taking `backlog` is sent first (expired ones counted)."""

@@ -368,7 +368,9 @@ class HistoryRoster(RedisRoster):
         self._history = history
         self._history_route = self._client.register_script(HISTORY_ROUTE)
 
-    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
+        if not keep:
+            return super().route(player_id, frame, queue_if_offline)
         history = self._history
         reply = self._route_with(
             self._history_route, player_id, frame, queue_if_offline,

@@ -74,10 +74,11 @@ class Roster(Protocol):
     def leave(self, seat: Seat) -> None:
         """The connection ended."""
 
-    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         """Decide, atomically with presence, whether the frame goes live or to the queue.
         With a history, the same step gives the message its id and keeps it (`history`),
-        so that a message has its id before it is sent or queued.
+        so that a message has its id before it is sent or queued; `keep` False: not a
+        new message (a close request, or a frame routed again), nothing is kept.
 
         Live means routed to the gateways that hold a connection of the player now. Across
         processes the frame travels on after this answer, and the connection may close
@@ -152,11 +153,11 @@ class LocalRoster:
     def leave(self, seat: Seat) -> None:
         pass  # the hub forgets the connection; nothing else is kept per seat
 
-    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
-        stamped = self._history.record(player_id, frame) if self._history is not None else None
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
+        if not keep or self._history is None:
+            return self._route(player_id, frame, queue_if_offline)
+        stamped = self._history.record(player_id, frame)
         route = self._route(player_id, frame, queue_if_offline)
-        if stamped is None:
-            return route
         if route.queued:
             self._history.note_queued(player_id, stamped)
         return route._replace(stamped=stamped)

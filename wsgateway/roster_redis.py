@@ -430,7 +430,7 @@ class RedisRoster:
                               keys.players],
                         args=[seat.seat_id, self.gateway_id, seat.player_id])
 
-    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         return self._route_reply(self._route_with(self._route, player_id, frame, queue_if_offline), queue_if_offline)
 
     def _route_with(self, script: Script, player_id: str, frame: bytes, queue_if_offline: bool,
