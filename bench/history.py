@@ -70,7 +70,7 @@ def build(mode: str, connections: int) -> tuple[Any, list[SinkConnection]]:
     from wsgateway.hub import Hub
     from wsgateway.metrics import GatewayMetrics
     from wsgateway.offline import MemoryOfflineQueue
-    from wsgateway.roster import LocalRoster
+    from wsgateway import roster as rosters
 
     hub = Hub()
     offline = MemoryOfflineQueue(100, 10)
@@ -78,7 +78,8 @@ def build(mode: str, connections: int) -> tuple[Any, list[SinkConnection]]:
     if mode != "off":
         from wsgateway.history import MemoryHistory
         history = MemoryHistory(100, 120, 64 << 20)
-    roster = LocalRoster(hub, offline, 0, history) if history is not None else LocalRoster(hub, offline, 0)
+    roster = rosters.LocalRoster(hub, offline, 0) if history is None \
+        else rosters.HistoryLocalRoster(hub, offline, 0, history)
     options = {"history": history} if "history" in inspect.signature(Delivery).parameters else {}
     delivery = Delivery(hub, roster, InProcessBroker(), GatewayMetrics(CollectorRegistry()), **options)
     sinks = []

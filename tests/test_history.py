@@ -14,7 +14,7 @@ from wsgateway.hub import Hub
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.protocol import event_frame
-from wsgateway.roster import LocalRoster
+from wsgateway.roster import HistoryLocalRoster
 
 
 def frame(number: int) -> bytes:
@@ -158,7 +158,7 @@ def test_forgotten_streams_refuse_only_what_they_could_have_answered():
     assert after.broadcast_seq < fresh.broadcast_seq
 
 
-class _RosterThatYields(LocalRoster):
+class _RosterThatYields(HistoryLocalRoster):
     """A roster whose take_seat lets a publish in, as a Redis round trip does."""
 
     during_take_seat: list = []

@@ -184,7 +184,7 @@ class Delivery:
         try:
             route = self.roster.route(player_id, frame, queue_if_offline)
             if route.gateways and not route.sent:
-                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, stamped=route.stamped))
+                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, 0, route.stamped))
         except BrokerUnavailable:
             delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched))
             if not delivered:

@@ -123,12 +123,10 @@ class LocalRoster:
     """`Roster` for a single gateway: presence is the hub, the queue is in memory.
     Nothing here yields, so route/take_seat are atomic by construction."""
 
-    def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int,
-                 history: MemoryHistory | None = None) -> None:
+    def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int) -> None:
         self.max_conns_per_player = max_conns_per_player  # 0 = unlimited
         self._hub = hub
         self._offline = offline
-        self._history = history
         self._reserved: dict[str, int] = {}
         self._seat_numbers = itertools.count(1)
 
@@ -154,15 +152,6 @@ class LocalRoster:
         pass  # the hub forgets the connection; nothing else is kept per seat
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
-        if not keep or self._history is None:
-            return self._route(player_id, frame, queue_if_offline)
-        stamped = self._history.record(player_id, frame)
-        route = self._route(player_id, frame, queue_if_offline)
-        if route.queued:
-            self._history.note_queued(player_id, stamped)
-        return route._replace(stamped=stamped)
-
-    def _route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
         connections = self._hub.count_of(player_id)
         if connections:
             return Route(frozenset((LOCAL_GATEWAY,)), connections)
@@ -175,7 +164,7 @@ class LocalRoster:
                      over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
-        return self._route(player_id, frame, queue_if_offline=True)  # in the publisher's turn: in order; kept already
+        return self.route(player_id, frame, queue_if_offline=True, keep=False)  # in the publisher's turn: in order
 
     def reach(self) -> int:
         return self._hub.connection_count()
@@ -197,3 +186,23 @@ class LocalRoster:
 
     def close(self) -> None:
         pass
+
+
+class HistoryLocalRoster(LocalRoster):
+    """`LocalRoster` whose route step gives each new message its id and keeps it in the
+    history (in process, nothing yields between the two): the Route carries the stamped
+    frame. A roster without history stays `LocalRoster`, and costs nothing more."""
+
+    def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int,
+                 history: MemoryHistory) -> None:
+        super().__init__(hub, offline, max_conns_per_player)
+        self._history = history
+
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
+        if not keep:
+            return super().route(player_id, frame, queue_if_offline)
+        stamped = self._history.record(player_id, frame)
+        route = super().route(player_id, frame, queue_if_offline)
+        if route.queued:
+            self._history.note_queued(player_id, stamped)
+        return route._replace(stamped=stamped)

@@ -42,7 +42,7 @@ from wsgateway.proxies import TrustedProxies
 from wsgateway.publishing import Publishing
 from wsgateway.ratelimit import Limiter, RateLimiter
 from wsgateway.revalidation import Revalidator
-from wsgateway.roster import LocalRoster, Roster
+from wsgateway.roster import HistoryLocalRoster, LocalRoster, Roster
 from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import SqlTokenStore, TokenStore
 from wsgateway.web_server import WebLimits, WebServer
@@ -83,8 +83,9 @@ class Gateway:
             offline = self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s,
                                                         max_total_bytes=config.max_offline_bytes,
                                                         max_players=config.max_offline_players)
-            self.history = self._memory_history(config)
-            self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player, self.history)
+            history = self.history = self._memory_history(config)
+            self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player) if history is None \
+                else HistoryLocalRoster(self.hub, offline, config.max_conns_per_player, history)
             self.broker = InProcessBroker()
             self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
             self.idempotency = MemoryIdempotencyStore(config.idempotency_window_s, config.idempotency_max_keys)
