@@ -76,9 +76,9 @@ _decoder = _json.JSONDecoder()
 MISSED_EVENT = "gateway.missed"
 MAX_ID_LENGTH = 128  # longer last_event_id values are malformed, not parsed
 # What one kept message costs besides its frame: the Stamped object's attribute dict, its
-# JSON text and id, the deque and arrival slots: 844 bytes per message of 86 measured with
-# tracemalloc on CPython 3.11 (bench/history.py memory, 20,000 messages to 1,000 players).
-ENTRY_OVERHEAD_BYTES = 750
+# id, the deque and arrival slots: 603 bytes per message of 86 measured with tracemalloc on
+# CPython 3.11 (bench/history.py memory: 20,000 messages to 1,000 players).
+ENTRY_OVERHEAD_BYTES = 520
 STREAM_RETENTION_S = 24 * 3600.0  # an empty player stream is forgotten after this long idle
 MAX_PLAYER_STREAMS = 100_000  # and past this many streams the idlest go first
 
@@ -102,28 +102,30 @@ class Stamped(bytes):
     `encodings`: what other transports built from it (e.g. Server-Sent Events), once."""
 
     event_id: str
-    json: bytes  # the message's legacy JSON text, without the id
     player_seq: int
     broadcast_seq: int
-    expires_at: float
-    queued: bool  # it went to the player's offline queue
-    removed: bool  # it left the history
-    parts: MessageParts | None  # see `message_parts`
     encodings: dict[str, bytes]  # what other transports built from it, once, by their name
+    # Set only when they change (class defaults: a publish sets four attributes, not eight).
+    expires_at: float = 0.0
+    queued: bool = False  # it went to the player's offline queue
+    removed: bool = False  # it left the history
+    parts: MessageParts | None = None  # see `message_parts`
+
+    @property
+    def json(self) -> bytes:
+        """The message's legacy JSON text, without the id (`{"event":..,"payload":..}`)."""
+        return frame_text(self)[:-len(self.event_id) - 9] + b"}"  # less `,"id":"<id>"`
 
 
 def stamp(json: bytes, event_id: str, player_seq: int, broadcast_seq: int, expires_at: float = 0.0) -> Stamped:
     """The id-carrying frame for a message's JSON text (`{"event":..,"payload":..}`)."""
     frame = Stamped(text_frame(b"%s,\"id\":\"%s\"}" % (json[:-1], event_id.encode("ascii"))))
     frame.event_id = event_id
-    frame.json = json
     frame.player_seq = player_seq
     frame.broadcast_seq = broadcast_seq
-    frame.expires_at = expires_at
-    frame.queued = False
-    frame.removed = False
-    frame.parts = None
     frame.encodings = {}
+    if expires_at:
+        frame.expires_at = expires_at
     return frame
 
 
