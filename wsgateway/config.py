@@ -569,6 +569,9 @@ def build(raw: dict[str, str]) -> Config:
         raise ConfigError(f"-pong-wait: {raw['pong-wait']} must be longer than -ping-period {raw['ping-period']}")
     if value["workers"] > 1 and not value["broker"]:
         raise ConfigError(f"-workers: {value['workers']} workers need -broker redis://... to act as one gateway")
+    if 2 * value["history-size"] > value["max-outbox"]:  # a replay: the player's own and the broadcasts
+        raise ConfigError(f"-history-size: {value['history-size']} would replay up to twice as many frames at once, "
+                          f"more than -max-outbox {value['max-outbox']} lets one socket hold")
     tls_cert, tls_key = raw["tls-cert"].strip(), raw["tls-key"].strip()
     if bool(tls_cert) != bool(tls_key):
         missing, given = ("-tls-key", "-tls-cert") if tls_cert else ("-tls-cert", "-tls-key")
