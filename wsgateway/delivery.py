@@ -283,8 +283,7 @@ class Delivery:
         if envelope.player_id is None:
             delivered = self.hub.broadcast(envelope.frame, envelope.stamped)
         else:
-            delivered = self.hub.deliver(envelope.player_id, envelope.frame, later=envelope.batched,
-                                         stamped=envelope.stamped)
+            delivered = self.hub.deliver(envelope.player_id, envelope.frame, envelope.batched, envelope.stamped)
         self.metrics.messages_delivered.inc(delivered)
         return delivered
 
