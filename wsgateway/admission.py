@@ -96,8 +96,8 @@ class PlayerEndpoint:
         if not self._origins.allows(request.headers.get("origin")):
             rejected.labels("origin").inc()
             raise Refusal.ORIGIN_NOT_ALLOWED()
-        query = parse_qs(request.query, keep_blank_values=True)
-        token = (query.get("token") or [""])[0]
+        query = parse_qs(request.query, keep_blank_values=True)  # blank: `last_event_id=` means something
+        token = next((value for value in query.get("token", ()) if value), "")  # the first one not blank
         if not token:
             rejected.labels("unauthorized").inc()
             services.metrics.auth_failures.labels("player", "missing").inc()
