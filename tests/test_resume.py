@@ -346,3 +346,26 @@ def test_disconnect_with_a_history_keeps_nothing(start_gateway, start_cluster_ga
         tab = gateway.connect(token, resume(last_id))
         gateway.publish(server, 21, "n", 1)
         assert receive_event(tab)["payload"] == 1
+
+
+def test_queued_messages_come_once_to_a_resume(start_gateway, start_cluster_gateway):
+    """Offline, its messages queued: a resume gets them once, from the history, and the
+    offline queue is empty afterwards (a connection without ids gets nothing of them)."""
+    for gateway in (start_gateway(*HISTORY), start_cluster_gateway(*HISTORY)):
+        server = gateway.tokens.server()
+        token = gateway.tokens.player(21)
+        tab = gateway.connect(token, resume(""))
+        gateway.publish(server, 21, "n", 0)
+        last_id = receive_event(tab)["id"]
+        tab.close()
+        wait_for(lambda: gateway.metric("ws_active_connections") == 0, what="the tab to go")
+        assert all(gateway.publish(server, 21, "n", number).json["queued"] for number in (1, 2))
+        tab = gateway.connect(token, resume(last_id))
+        assert [event["payload"] for event in events(tab, 2)] == [1, 2]
+        legacy = gateway.connect(token)
+        gateway.publish(server, 21, "n", 3)
+        assert receive_event(legacy)["payload"] == 3
+        assert receive_event(tab)["payload"] == 3
+        tab.close()
+        legacy.close()
+        wait_for(lambda: gateway.metric("ws_active_connections") == 0, what="both to go")
