@@ -17,6 +17,8 @@ next to the server's), then runs these scenarios and prints one figure per line:
   broadcast to all of them;
 * scaleout: the fan-out again over the Redis broker (`--redis`): one gateway process, then
   `-workers 2` on one port, then the publisher on one gateway and every player on another;
+* history: run any of these with `--gateway-flag=-history-size=100` (messages kept for
+  resuming) and `--ids` (players ask for ids), against the same run without;
 * connect, storm, stop, publish_close: a connection's life, each on gateways of its own
   (bench/lifecycle.py): `--storm-players` players opening their connections, reconnecting
   after a restart, and a graceful stop; `/publish` with a new connection per request.
@@ -315,7 +317,8 @@ class Bench:
         new_workers = []
         for start in range(0, len(tokens), per_worker):
             worker = Worker("ws", {"port": self.gateway.port, "tokens": tokens[start:start + per_worker],
-                                   "transport": self.args.transport})
+                                   "transport": self.args.transport,
+                                   "query": "&last_event_id=" if self.args.ids else ""})
             new_workers.append(worker)
         opened = 0
         for worker in new_workers:
@@ -678,6 +681,9 @@ def add_options(parser: argparse.ArgumentParser, default_scenarios: str) -> None
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (gateway log)")
     parser.add_argument("--transport", choices=("websocket", "sse"), default="websocket",
                         help="how the players connect: /ws, or /events (Server-Sent Events)")
+    parser.add_argument("--ids", action="store_true",
+                        help="players connect with last_event_id= (frames with ids; give the gateway "
+                             "--gateway-flag=-history-size=N to keep a history)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -778,16 +784,17 @@ class _PlayerSocket:
         self.buffer = buffer
 
 
-UPGRADE_REQUEST = ("GET /ws?token={token} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+UPGRADE_REQUEST = ("GET /ws?token={token}{query} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\n"
                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-STREAM_REQUEST = "GET /events?token={token} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
+STREAM_REQUEST = "GET /events?token={token}{query} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
 
 
 def ws_worker(spec: dict[str, Any]) -> None:
     """Hold one WebSocket (or event stream, with `"transport": "sse"`) per token; count the
     messages received; answer pings; on request, take the publish time out of latency
     messages."""
-    port, tokens = spec["port"], spec["tokens"]
+    port, tokens, query = spec["port"], spec["tokens"], spec.get("query", "")
     sse = spec.get("transport") == "sse"
     request, accepted = (STREAM_REQUEST, b"HTTP/1.1 200") if sse else (UPGRADE_REQUEST, b"HTTP/1.1 101")
     messages = stream_events if sse else websocket_messages
@@ -799,7 +806,7 @@ def ws_worker(spec: dict[str, Any]) -> None:
             for token in tokens[start:start + 200]:
                 sock = socket.create_connection(("127.0.0.1", port))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(request.format(token=token).encode())
+                sock.sendall(request.format(token=token, query=query).encode())
                 pending.append(sock)
             for sock in pending:
                 response = b""

@@ -494,3 +494,11 @@ def test_problems_lists_every_refused_setting():
     found = problems(raw)
     assert [line.split(":", 1)[0] for line in found] == ["-db", "-max-conns", "-offline-ttl"]
     assert problems(read_settings([], env={})) == []
+
+
+def test_history_size_must_fit_a_replay_in_the_outbox():
+    """-history-size past half of -max-outbox is refused: a replay could not be held."""
+    assert load(["-history-size", "2048"], env={}).history_size == 2048
+    with pytest.raises(ConfigError, match="-history-size: 2049 would replay"):
+        load(["-history-size", "2049"], env={})
+    assert load(["-history-size", "3000", "-max-outbox", "6000"], env={}).history_size == 3000

@@ -66,13 +66,15 @@ class Admission:
     set) is given back to the roster. A small object, not a generator: it lives as long
     as the socket."""
 
-    __slots__ = ("player_id", "token", "origin", "seat", "_roster")
+    __slots__ = ("player_id", "token", "origin", "seat", "last_event_id", "_roster")
 
-    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster, origin: str | None = None) -> None:
+    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster, origin: str | None = None,
+                 last_event_id: str | None = None) -> None:
         self.player_id = player_id
         self.token = token
         self.origin = origin  # the request's Origin header, allowed by -origins
         self.seat: Seat | None = seat  # None once the connection owns it
+        self.last_event_id = last_event_id  # None: the client did not ask for ids (see `last_event_id_of`)
         self._roster = roster
 
     def __enter__(self) -> Admission:
@@ -109,7 +111,8 @@ class PlayerEndpoint:
         if not self._origins.allows(request.headers.get("origin")):
             rejected.labels("origin").inc()
             raise Refusal.ORIGIN_NOT_ALLOWED()
-        token = (parse_qs(request.query).get("token") or [""])[0]
+        query = parse_qs(request.query, keep_blank_values=True)  # blank: `last_event_id=` means something
+        token = next((value for value in query.get("token", ()) if value), "")  # the first one not blank
         if not token:
             rejected.labels("unauthorized").inc()
             services.metrics.auth_failures.labels("player", "missing").inc()
@@ -136,7 +139,8 @@ class PlayerEndpoint:
         if seat is None:
             rejected.labels("too_many_connections").inc()
             raise Refusal.TOO_MANY_PLAYER_CONNECTIONS(limit=services.config.max_conns_per_player)
-        return Admission(player_id, token, seat, services.roster, request.headers.get("origin"))
+        return Admission(player_id, token, seat, services.roster, request.headers.get("origin"),
+                         last_event_id_of(query))
 
     def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:
         """The 503 for a dependency that did not answer, counted and logged under `reason`."""
@@ -146,23 +150,27 @@ class PlayerEndpoint:
 
     def serve(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
         """Serve the upgraded socket until it ends; the seat goes to the connection."""
+        wants_ids = admission.last_event_id is not None and self._services.delivery.history is not None
         connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
-                                player_id=admission.player_id, token=admission.token, remote=remote)
+                                player_id=admission.player_id, token=admission.token, remote=remote,
+                                wants_ids=wants_ids)
         del rfile  # the connection drops it once it has taken what it read ahead
         try:
-            self._run(admission, connection, TRANSPORT_WEBSOCKET)
+            self._run(admission, connection, TRANSPORT_WEBSOCKET, admission.last_event_id)
         except BrokerUnavailable:
             connection.abort(CloseCode.TRY_AGAIN_LATER)
             self._services.metrics.disconnects.labels(str(int(CloseCode.TRY_AGAIN_LATER))).inc()
 
-    def _run(self, admission: Admission, connection: Connection | EventStreamConnection, transport: str) -> None:
-        """Seat `connection` (raises `BrokerUnavailable` before it is seated, the seat then
-        given back by `admitted`), serve it until it ends, then give everything back,
-        counted and logged. The one life of every kind of player connection."""
+    def _run(self, admission: Admission, connection: Connection | EventStreamConnection, transport: str,
+             last_event_id: str | None) -> None:
+        """Seat `connection`, resuming after `last_event_id` (`Delivery.connect`; raises
+        `BrokerUnavailable` before it is seated, the seat then given back by `admitted`),
+        serve it until it ends, then give everything back, counted and logged. The one
+        life of every kind of player connection."""
         services = self._services
         seat = admission.seat
         assert seat is not None
-        services.delivery.connect(connection, seat)
+        services.delivery.connect(connection, seat, last_event_id)
         admission.seat = None  # from here delivery.disconnect frees it
         sse = transport == TRANSPORT_SSE
         if sse:
@@ -186,20 +194,43 @@ class PlayerEndpoint:
                 "duration_s": round(time.monotonic() - started, 3), **context})
 
 
+def last_event_id_of(query: dict[str, list[str]]) -> str | None:
+    """`last_event_id` from the query: None when absent (the client wants today's frames),
+    "" when empty (ids, nothing to resume from yet). A repeated one counts once, the first;
+    a value no gateway made is the history's to answer (`gateway.missed`, malformed)."""
+    values = query.get("last_event_id")
+    return values[0] if values else None
+
+
 class EventStreamEndpoint(PlayerEndpoint):
     """`GET /events?token=PLAYER_TOKEN`: the same stream as Server-Sent Events (a
     `web_server.StreamEndpoint`). Admitted exactly as `/ws`; the response is
-    `200 text/event-stream`, unbuffered, ended by closing the connection."""
+    `200 text/event-stream`, unbuffered, ended by closing the connection.
+
+    A stream always carries ids when the gateway keeps a history (`id:` lines): it resumes
+    after the `Last-Event-ID` header a browser's `EventSource` sends when it reconnects,
+    else after the `last_event_id` query parameter (a page that kept the last id across a
+    reload), else from no position yet (`""`: the backlog, with ids)."""
+
+    def admitted(self, request: WebSocketRequest) -> Admission:
+        admission = super().admitted(request)
+        header = request.headers.get("last-event-id")
+        if header is not None:  # the browser's own, newer than an id the page put in the URL
+            admission.last_event_id = header.strip()
+        return admission
 
     def serve(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
         """Serve the stream until it ends. A broker that fails while the stream is set
         up is a 503 (`ClientError`): nothing was written yet."""
         del rfile  # a stream's client has nothing more to send
+        history = self._services.delivery.history is not None
+        last_event_id = "" if admission.last_event_id is None and history else admission.last_event_id
         preamble = self._response_head(admission) + retry_hint(random.randint(*RETRY_HINT_MS))
         connection = EventStreamConnection(sock, preamble, limits=self._limits, player_id=admission.player_id,
-                                           token=admission.token, remote=remote)
+                                           token=admission.token, remote=remote,
+                                           wants_ids=history)
         try:
-            self._run(admission, connection, TRANSPORT_SSE)
+            self._run(admission, connection, TRANSPORT_SSE, last_event_id)
         except BrokerUnavailable as exc:
             raise self._unavailable("broker_unavailable", "broker", exc) from None
 

@@ -19,6 +19,9 @@ class Envelope(NamedTuple):
     one socket leave together (see `Hub.deliver`); it does not cross process boundaries.
     `sent_at_ms`: when the transport took it (Redis's clock, ms), set by a broker that
     knows; a message routed again after its connection closed keeps its place by it.
+    `stamped`: the same message with its id (`history.Stamped`), for connections that
+    asked for ids; None when the gateway keeps no history. `event_id`: that id, as it
+    crosses processes (the receiving gateway builds the stamped frame once from it).
 
     A `frame` that is a WebSocket close frame asks the receiving gateways to close the
     player's connections with its code (`Delivery.close_player`, `POST /disconnect`):
@@ -30,6 +33,8 @@ class Envelope(NamedTuple):
     gateways: frozenset[str] | None = None
     batched: bool = False
     sent_at_ms: int = 0
+    stamped: bytes | None = None
+    event_id: str = ""
 
 
 Deliver = Callable[[Envelope], object]

@@ -49,17 +49,18 @@ _TO_PLAYER = b"P"
 _TO_ALL = b"A"
 _FIELD = b"e"
 _GATEWAYS_FIELD = b"g"  # the other gateways a player envelope went to (when it went to several)
+_ID_FIELD = b"i"  # the message's id, when the gateways keep a history (history_redis writes it too)
 
 # KEYS: the streams. ARGV: max length, stream ttl ms, wire form, the gateways it goes to
-# ('' when only one). For a stream that does not exist (its reader not yet back after
-# Redis lost it, or gone): created with an expiry, so nobody's stream lives for ever.
+# ('' when only one), the message's id ('' without history). For a stream that does not
+# exist (its reader not yet back after Redis lost it, or gone): created with an expiry,
+# so nobody's stream lives for ever.
 CREATE_AND_PUBLISH = """
+local fields = {'e', ARGV[3]}
+if ARGV[4] ~= '' then table.insert(fields, 'g') table.insert(fields, ARGV[4]) end
+if ARGV[5] ~= '' then table.insert(fields, 'i') table.insert(fields, ARGV[5]) end
 for _, stream in ipairs(KEYS) do
-  if ARGV[4] == '' then
-    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[3])
-  else
-    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[3], 'g', ARGV[4])
-  end
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
   redis.call('PEXPIRE', stream, ARGV[2], 'NX')
 end
 """
@@ -165,12 +166,14 @@ class RedisBroker:
                 self._broadcast(keys=[self._keys.streams],
                                 args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data])
             else:
-                self._to_gateways(sorted(envelope.gateways), data)
+                self._to_gateways(sorted(envelope.gateways), data, envelope)
 
-    def _to_gateways(self, gateways: list[str], data: bytes) -> None:
+    def _to_gateways(self, gateways: list[str], data: bytes, envelope: Envelope) -> None:
         """One plain XADD per stream (NOMKSTREAM: no stream is made without an expiry);
         the rare stream that does not exist is created by a script, with its expiry."""
         fields = {_FIELD: data}
+        if envelope.event_id:
+            fields[_ID_FIELD] = envelope.event_id.encode()
         if len(gateways) > 1:
             fields[_GATEWAYS_FIELD] = "\n".join(gateways).encode()
         streams = [self._keys.stream(gateway) for gateway in gateways]
@@ -184,7 +187,8 @@ class RedisBroker:
         missing = [stream for stream, entry_id in zip(streams, added) if entry_id is None]
         if missing:
             self._create_and_publish(keys=missing, args=[self._stream_length, self._stream_ttl_ms, data,
-                                                         fields.get(_GATEWAYS_FIELD, b"")])
+                                                         fields.get(_GATEWAYS_FIELD, b""),
+                                                         fields.get(_ID_FIELD, b"")])
 
     def state(self) -> str:
         return "ok" if self._subscribed.is_set() else "reconnecting"
@@ -245,6 +249,9 @@ class RedisBroker:
         if data is None or self._deliver is None:
             return
         envelope = decode(data)
+        event_id = fields.get(_ID_FIELD)
+        if event_id is not None:
+            envelope = envelope._replace(event_id=event_id.decode("ascii", "replace"))
         if envelope.player_id is not None:
             gateways = fields.get(_GATEWAYS_FIELD)
             envelope = envelope._replace(gateways=frozenset(gateways.decode().split("\n")) if gateways

@@ -48,6 +48,9 @@ class Config:
     offline_ttl_s: float  # how long an offline message waits; 0 = offline queueing off
     max_offline_bytes: int  # accounted bytes of all offline queues together, oldest given up past it; 0 = no bound
     max_offline_players: int  # offline queues at once, the oldest given up past it; 0 = no bound
+    history_size: int  # messages kept per player stream (and in the broadcast stream) for resuming; 0 = no history
+    history_ttl_s: float  # how long a kept message stays; 0 = no history
+    max_history_bytes: int  # accounted bytes of all history together, oldest given up past it; 0 = no bound
     rate_limit: int  # bucket size (burst) per server subject; 0 = unlimited
     rate_period_s: float  # the bucket refills `rate_limit` tokens over this period
     revalidate_period_s: float  # live tokens rechecked, server tokens cached, this often
@@ -310,6 +313,12 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-offline-players", "10000", parse_count,
           "offline queues held at once (with -broker: the whole cluster's), the oldest queue given up past it "
           "(0 = no bound)"),
+    _Flag("history-size", "0", parse_count,
+          "messages kept per player, and of broadcasts, for clients resuming with last_event_id (0 = no history)"),
+    _Flag("history-ttl", "2m", parse_duration, "how long a kept message can be resumed from (0 = no history)"),
+    _Flag("max-history-bytes", "64MiB", parse_size,
+          "bytes held by all history together (with -broker: the whole cluster's), the oldest message given up "
+          "past it (0 = no bound)"),
     _Flag("rate-limit", "200", parse_count, "messages per rate period per server token (0 = unlimited)"),
     _Flag("rate-period", "1s", _positive_duration, "rate limit window"),
     _Flag("revalidate-period", "1m", _positive_duration, "token revalidation interval"),
@@ -560,6 +569,9 @@ def build(raw: dict[str, str]) -> Config:
         raise ConfigError(f"-pong-wait: {raw['pong-wait']} must be longer than -ping-period {raw['ping-period']}")
     if value["workers"] > 1 and not value["broker"]:
         raise ConfigError(f"-workers: {value['workers']} workers need -broker redis://... to act as one gateway")
+    if 2 * value["history-size"] > value["max-outbox"]:  # a replay: the player's own and the broadcasts
+        raise ConfigError(f"-history-size: {value['history-size']} would replay up to twice as many frames at once, "
+                          f"more than -max-outbox {value['max-outbox']} lets one socket hold")
     tls_cert, tls_key = raw["tls-cert"].strip(), raw["tls-key"].strip()
     if bool(tls_cert) != bool(tls_key):
         missing, given = ("-tls-key", "-tls-cert") if tls_cert else ("-tls-cert", "-tls-key")
@@ -578,6 +590,9 @@ def build(raw: dict[str, str]) -> Config:
         offline_ttl_s=value["offline-ttl"],
         max_offline_bytes=value["max-offline-bytes"],
         max_offline_players=value["max-offline-players"],
+        history_size=value["history-size"],
+        history_ttl_s=value["history-ttl"],
+        max_history_bytes=value["max-history-bytes"],
         rate_limit=value["rate-limit"],
         rate_period_s=value["rate-period"],
         revalidate_period_s=value["revalidate-period"],

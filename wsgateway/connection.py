@@ -27,6 +27,7 @@ from gevent import Greenlet
 from wsgateway.errors import CloseCode, ProtocolViolation
 from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, Ping,
                               close_frame, encode_frame)
+from wsgateway.history import Stamped
 from wsgateway.outbox import FLUSHER, Flusher, Outbox, OutboxLimits
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,17 @@ class PlayerConnection:
     """
 
     __slots__ = (
-        "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames", "state",
+        "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames", "state", "wants_ids",
         "_socket", "_limits", "_clock", "_outbox", "_held",
     )
 
     def __init__(self, sock: socket.socket, *, limits: OutboxLimits, player_id: str = "", token: str = "",
-                 remote: str = "", clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER) -> None:
+                 remote: str = "", wants_ids: bool = False, clock: Callable[[], float] = time.monotonic,
+                 flusher: Flusher = FLUSHER) -> None:
         self.player_id = player_id
         self.token = token  # kept for revalidation; never logged
         self.remote = remote
+        self.wants_ids = wants_ids  # frames carry their ids (history.Stamped): it asked with last_event_id
         self._socket = sock
         self._limits = limits
         self._clock = clock
@@ -109,13 +112,15 @@ class PlayerConnection:
         and fetching it may take a round trip to the shared roster."""
         self._held = []
 
-    def release(self, first: list[bytes]) -> int:
-        """Send `first` (the backlog), then the frames held since `hold`; return how many
-        of `first` were taken."""
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int:
+        """Send `first` (the backlog, or a replay), then the frames held since `hold`,
+        except those whose id is in `replayed` (`first` carried them already); return
+        how many of `first` were taken."""
         held, self._held = self._held or [], None
         taken = sum(self.send(frame) for frame in first)
         for frame in held:
-            self.send(frame)
+            if not (replayed and isinstance(frame, Stamped) and frame.event_id in replayed):
+                self.send(frame)
         return taken
 
     def send_later(self, frame: bytes) -> bool:
@@ -187,11 +192,11 @@ class Connection(PlayerConnection):
     __slots__ = ("_rfile", "_max_message_bytes", "_on_message", "_close_sent", "_close_timer")
 
     def __init__(self, sock: socket.socket, rfile, *, limits: OutboxLimits, max_message_bytes: int,
-                 player_id: str = "", token: str = "", remote: str = "",
+                 player_id: str = "", token: str = "", remote: str = "", wants_ids: bool = False,
                  on_message: Callable[[Connection, Message], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER) -> None:
-        super().__init__(sock, limits=limits, player_id=player_id, token=token, remote=remote, clock=clock,
-                         flusher=flusher)
+        super().__init__(sock, limits=limits, player_id=player_id, token=token, remote=remote, wants_ids=wants_ids,
+                         clock=clock, flusher=flusher)
         self._rfile = rfile
         self._max_message_bytes = max_message_bytes
         self._on_message = on_message

@@ -5,8 +5,10 @@ Everything but the framing is `connection.PlayerConnection`'s: the same outbox a
 bounds (a slow reader is closed as too slow, 4000), the same holding of live messages
 behind the backlog, the same states. What differs:
 
-* `send` and `send_later` take the message's WebSocket frame, as every connection does,
-  and write its event (encoded once per message for every stream, `EventEncoder`);
+* `send` and `send_later` take the message's WebSocket frame, as every connection does
+  (the history's `Stamped` one, with its id, whenever the gateway keeps one: a stream
+  always `wants_ids` then), and write its event (encoded once per message for every
+  stream, `EventEncoder`), with an `id:` line when the frame has an id;
 * the response head and the `retry:` hint leave with the backlog, in one write, when
   delivery releases the stream: until then nothing is written, so a broker that fails
   while the stream is set up is still answered 503;
@@ -47,10 +49,11 @@ class EventStreamConnection(PlayerConnection):
     __slots__ = ("_preamble", "_encoder", "_closer")
 
     def __init__(self, sock: socket.socket, preamble: bytes, *, limits: OutboxLimits, player_id: str = "",
-                 token: str = "", remote: str = "", clock: Callable[[], float] = time.monotonic,
-                 flusher: Flusher = FLUSHER, encoder: EventEncoder = ENCODER) -> None:
-        super().__init__(sock, limits=limits, player_id=player_id, token=token, remote=remote, clock=clock,
-                         flusher=flusher)
+                 token: str = "", remote: str = "", wants_ids: bool = False,
+                 clock: Callable[[], float] = time.monotonic, flusher: Flusher = FLUSHER,
+                 encoder: EventEncoder = ENCODER) -> None:
+        super().__init__(sock, limits=limits, player_id=player_id, token=token, remote=remote, wants_ids=wants_ids,
+                         clock=clock, flusher=flusher)
         self._preamble = preamble
         self._encoder = encoder
         self._closer: Greenlet | None = None
@@ -72,10 +75,11 @@ class EventStreamConnection(PlayerConnection):
             return self._outbox.write_later(self._encoder.event(frame))
         return super().send_later(frame)
 
-    def release(self, first: list[bytes]) -> int:
-        """The preamble (the first time), then the backlog, then what was held."""
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int:
+        """The preamble (the first time), then the backlog or replay, then what was held
+        (less what the replay carried)."""
         self._write_preamble()
-        return super().release(first)
+        return super().release(first, replayed)
 
     def _write_preamble(self) -> None:
         if self._preamble:

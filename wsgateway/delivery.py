@@ -19,6 +19,11 @@ shared roster lost (Redis restarted, flushed, or evicted a key) is written back 
 one heartbeat (`reassert_presence`), and what was queued meanwhile for a player who was
 connected all along goes to that connection, before any later live message.
 
+With a history (`history`), a message has its id from the roster's route step and the
+hub hands its stamped frame to the connections that asked for ids; a connection that
+resumes (`connect` with `last_event_id`) is sent the history's replay instead of its
+backlog, then live frames, none twice.
+
 Closing a player's connections (`close_player`) travels like a message: its envelope
 carries a WebSocket close frame, and the gateway that receives it closes the player's
 sockets with that frame's code instead of sending it (see `broker.Envelope`). So every
@@ -36,17 +41,17 @@ from gevent.lock import BoundedSemaphore
 from wsgateway.broker import Broker, Envelope
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.frames import OP_CLOSE, close_frame
+from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, missed_notice, restamp
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_BYTES_LIMIT, DROP_OFFLINE_DISABLED,
                                DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_OFFLINE_PLAYERS_LIMIT, DROP_SLOW_CONSUMER,
-                               GatewayMetrics)
+                               RESUME_MISSED, RESUME_RECOVERED, GatewayMetrics)
 from wsgateway.offline import Backlog
 from wsgateway.protocol import event_frame
 from wsgateway.roster import Roster, Route, Seat
 
 log = logging.getLogger(__name__)
 
-MISSED_EVENT = "gateway.missed"
 _CLOSE_FRAME_FIRST_BYTE = 0x80 | OP_CLOSE  # FIN + close: what `close_frame` starts with
 
 
@@ -64,17 +69,19 @@ class HeldConnection(Deliverable, Protocol):
 
     def hold(self) -> None: ...
 
-    def release(self, first: list[bytes]) -> int: ...
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int: ...
 
 
 class Delivery:
     """Publishes messages and delivers the broker's envelopes to local connections."""
 
     def __init__(self, hub: Hub, roster: Roster, broker: Broker, metrics: GatewayMetrics,
-                 notify_missed: bool = False) -> None:
+                 notify_missed: bool = False, history: History | None = None) -> None:
         """`notify_missed`: a connection that takes a backlog from a queue that lost
-        messages first gets `{"event": "gateway.missed", "payload": {"dropped", "expired"}}`."""
+        messages first gets `{"event": "gateway.missed", "payload": {"dropped", "expired"}}`.
+        `history`: messages kept with their ids, for connections that resume (None: off)."""
         self.hub = hub
+        self.history = history
         self.notify_missed = notify_missed
         self.roster = roster
         self.metrics = metrics
@@ -97,7 +104,12 @@ class Delivery:
             return self._to_player(player_id, frame, queue_if_offline=False, batched=False)
         try:
             reach = self.roster.reach()
-            self._broker.publish(Envelope(frame))
+            if self.history is None:
+                self._broker.publish(Envelope(frame))
+            elif self.history.sends:
+                self.history.record_broadcast(frame)
+            else:
+                self._broker.publish(Envelope(frame, stamped=self.history.record_broadcast(frame)))
         except BrokerUnavailable:
             return Outcome(self._deliver_locally(Envelope(frame)), local_only=True)
         return Outcome(reach)
@@ -107,27 +119,48 @@ class Delivery:
         many the roster knew at that moment (as `Roster.presence`). Each gateway starts
         the closing handshakes as soon as the envelope reaches it; a connection still
         being set up (not yet seated) is not among them. Never queued."""
-        route = self.roster.route(player_id, b"", queue_if_offline=False)
+        route = self.roster.route(player_id, b"", queue_if_offline=False, keep=False)
         if route.gateways:
             self._broker.publish(Envelope(close_frame(code, code.reason), player_id, route.gateways))
         return route.connections
 
-    def connect(self, connection: HeldConnection, seat: Seat) -> None:
+    def connect(self, connection: HeldConnection, seat: Seat, last_event_id: str | None = None) -> None:
         """Register the connection, then send the player's backlog before any live frame.
 
         Live frames that arrive while the backlog is fetched are held behind it. The
         connection counts as open (the gauge) once it took its seat: from then on every
-        gateway routes the player's messages to it."""
+        gateway routes the player's messages to it.
+
+        `last_event_id` (None: the connection did not ask for ids): the connection is
+        resuming after that id ("" for none yet). It is sent the history's replay instead
+        of the backlog (the backlog's messages are in the history), then live frames with
+        their ids, none twice (see `history`); without a history, a `gateway.missed`
+        notice (for a non-empty id) and the backlog."""
         connection.hold()
         self.hub.add(connection)
         try:
             backlog = self.roster.take_seat(seat)
+            replay = self.history.replay(seat.player_id, last_event_id) \
+                if self.history is not None and last_event_id is not None else None
+            if self.history is not None and last_event_id is None and backlog.frames:
+                self.history.note_taken(seat.player_id)
         except BaseException:
             self.hub.remove(connection)
             raise
         self.metrics.connection_opened()
         self._seated[seat.seat_id] = connection
-        self._release(connection, self._backlog_frames(backlog))
+        if replay is None:
+            frames = self._backlog_frames(backlog)
+            if last_event_id:  # asked to resume, and there is no history to resume from
+                self.metrics.resumes.labels(RESUME_MISSED).inc()
+                frames = [missed_notice(REASON_OFF, None, len(frames)), *frames]
+            self._release(connection, frames)
+            return
+        if backlog.expired:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        if last_event_id:
+            self.metrics.resumes.labels(RESUME_RECOVERED if replay.recovered else RESUME_MISSED).inc()
+        self._release(connection, replay.frames, replay.replayed)
 
     def disconnect(self, connection: Deliverable, seat: Seat) -> None:
         self._seated.pop(seat.seat_id, None)
@@ -141,6 +174,8 @@ class Delivery:
         """Periodic upkeep of the roster: presence kept alive (and written back where it
         was lost), expired offline messages counted as dropped."""
         self.reassert_presence()
+        if self.history is not None:
+            self.history.maintain()
         expired = self.roster.maintain()
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
@@ -148,8 +183,8 @@ class Delivery:
     def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool, batched: bool) -> Outcome:
         try:
             route = self.roster.route(player_id, frame, queue_if_offline)
-            if route.gateways:
-                self._broker.publish(Envelope(frame, player_id, route.gateways, batched))
+            if route.gateways and not route.sent:
+                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, 0, route.stamped))
         except BrokerUnavailable:
             delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched))
             if not delivered:
@@ -194,7 +229,7 @@ class Delivery:
                     self._release(connection, self._backlog_frames(backlog) if backlog is not None else [])
             for player_id, backlog in backlogs.items():  # every connection of the player closed meanwhile
                 for frame in backlog.frames:
-                    self._count_route(self.roster.route(player_id, frame, queue_if_offline=True))
+                    self._count_route(self.roster.route(player_id, frame, queue_if_offline=True, keep=False))
 
     def _backlog_frames(self, backlog: Backlog) -> list[bytes]:
         """What a connection taking `backlog` is sent first (expired ones counted)."""
@@ -207,8 +242,9 @@ class Delivery:
                                                  "expired": backlog.missed_expired}), *frames]
         return frames
 
-    def _release(self, connection: HeldConnection, frames: list[bytes]) -> None:
-        delivered = connection.release(frames)
+    def _release(self, connection: HeldConnection, frames: list[bytes],
+                 replayed: frozenset[str] = frozenset()) -> None:
+        delivered = connection.release(frames, replayed)
         self.metrics.messages_delivered.inc(delivered)
         if delivered < len(frames):  # the socket closed itself as too slow mid-backlog
             self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(frames) - delivered)
@@ -219,6 +255,8 @@ class Delivery:
         request is carried out here and never routed again."""
         if envelope.frame[0] == _CLOSE_FRAME_FIRST_BYTE:
             return self._close_locally(envelope)
+        if envelope.event_id and envelope.stamped is None:
+            envelope = envelope._replace(stamped=restamp(envelope.frame, envelope.event_id))
         delivered = self._deliver_locally(envelope)
         if not delivered and envelope.player_id is not None and envelope.gateways is not None:
             self._reroute(envelope.player_id, envelope)
@@ -229,7 +267,10 @@ class Delivery:
         try:
             route = self.roster.requeue(player_id, envelope.frame, envelope.gateways, envelope.sent_at_ms)
             if route.gateways:
-                self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched))
+                self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
+                                              stamped=envelope.stamped, event_id=envelope.event_id))
+            elif route.queued and self.history is not None and isinstance(envelope.stamped, Stamped):
+                self.history.note_queued(player_id, envelope.stamped)
         except BrokerUnavailable as exc:
             self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc()
             log.warning("message for a closed connection given up: broker unavailable",
@@ -240,9 +281,9 @@ class Delivery:
 
     def _deliver_locally(self, envelope: Envelope) -> int:
         if envelope.player_id is None:
-            delivered = self.hub.broadcast(envelope.frame)
+            delivered = self.hub.broadcast(envelope.frame, envelope.stamped)
         else:
-            delivered = self.hub.deliver(envelope.player_id, envelope.frame, later=envelope.batched)
+            delivered = self.hub.deliver(envelope.player_id, envelope.frame, envelope.batched, envelope.stamped)
         self.metrics.messages_delivered.inc(delivered)
         return delivered
 

@@ -6,21 +6,26 @@ event, and a comment as keepalive (WHATWG HTML, "Server-sent events")::
 
     retry: 2750                      once, first: the browser's reconnection delay (ms)
 
+    id: k3f9.a81c.17.4               the message's id, when the gateway keeps a history
     event: flag_captured             the message's event
     data: {"target":"web01"}         its payload, compact JSON on one line (null if none)
 
     : keepalive                      every -ping-period
 
-The gateway carries every message as its WebSocket frame (`protocol.event_frame`):
-through the roster, the broker, the offline queues and the hub, the frame is what a
-message is. A stream turns that frame into its event here. One message is one frame
-object for all its recipients on this gateway (the hub hands the same bytes to each), so
-`EventEncoder` keeps the last encodings by the frame's identity: a broadcast to 10,000
-streams encodes once, like its frame. Only the event and payload are taken from the
-frame, without parsing the payload: the frame is `{"event":E,"payload":P}` exactly as
-`protocol.event_json` writes it (compact, `event` first, `payload` last), so the payload
-is the bytes between `,"payload":` and the closing brace, and a big integer or a deep
-nesting arrives as it was sent.
+The `id:` line is the id a WebSocket frame carries as `"id"` (`wsgateway.history`): a
+browser sends the last one back as `Last-Event-ID` when it reconnects, and the stream
+resumes after it. Without a history there are no ids, and no `id:` line.
+
+The gateway carries every message as its WebSocket frame (`protocol.event_frame`, or the
+history's `Stamped` frame with its id): through the roster, the broker, the offline
+queues and the hub, the frame is what a message is. A stream turns that frame into its
+event here, once per message for all streams: a `Stamped` frame keeps its event in
+`Stamped.encodings`, and a plain one (no history, or a `gateway.missed` notice) is one
+frame object for all its recipients on this gateway (the hub hands the same bytes to
+each), so `EventEncoder` keeps the last few plain encodings by the frame's identity. A
+broadcast to 10,000 streams encodes once, like its frame. The id, event and payload come
+from `history.message_parts`, which does not parse the payload again: a big integer or a
+deep nesting arrives as it was sent.
 
 An event field cannot hold a line break: a message whose event has a CR or LF is sent
 as an unnamed event (the browser's `message` type) whose data is the whole frame text,
@@ -32,20 +37,18 @@ reconnects by itself after any end, and this says whether it should.
 """
 from __future__ import annotations
 
-import json
-import re
-
 import orjson
 
 from wsgateway.errors import CloseCode
 from wsgateway.frames import OP_TEXT, server_frame_payload
+from wsgateway.history import Stamped, message_parts
 
 CLOSE_EVENT = "gateway.close"
 KEEPALIVE = b": keepalive\n\n"
-ENCODINGS_KEPT = 16  # encodings remembered by frame identity (a broadcast paused between slices reuses one)
+ENCODING_NAME = "sse"  # this transport's entry in `Stamped.encodings`
+ENCODINGS_KEPT = 16  # plain frames' encodings remembered by identity (a broadcast paused between slices reuses one)
 ENCODINGS_KEPT_BYTES = 4 << 20  # ... and at most this many frame and event bytes together
-
-_EVENT_THEN_PAYLOAD = re.compile(rb'\{"event":("(?:[^"\\]|\\.)*"),"payload":', re.DOTALL)
+_EVENT_FRAME_START = b'{"event":'
 
 
 def retry_hint(milliseconds: int) -> bytes:
@@ -55,14 +58,19 @@ def retry_hint(milliseconds: int) -> bytes:
 
 def stream_event(frame: bytes) -> bytes:
     """The text/event-stream event carrying the message of one event frame."""
-    opcode, text = server_frame_payload(frame)
-    match = _EVENT_THEN_PAYLOAD.match(text)
-    if opcode != OP_TEXT or match is None or not text.endswith(b"}"):
-        raise ValueError("not a frame of protocol.event_frame")
-    event = json.loads(match.group(1))
+    if not isinstance(frame, Stamped):
+        opcode, text = server_frame_payload(frame)
+        if opcode != OP_TEXT or not text.startswith(_EVENT_FRAME_START) or not text.endswith(b"}"):
+            raise ValueError("not a frame of protocol.event_frame")
+    try:
+        event_id, event, payload = message_parts(frame)
+    except ValueError:  # json.JSONDecodeError: no event string where it must be
+        raise ValueError("not a frame of protocol.event_frame") from None
+    id_line = b"id: " + event_id.encode("ascii") + b"\n" if event_id else b""
     if "\n" in event or "\r" in event:
-        return b"data: " + text + b"\n\n"
-    return b"event: " + event.encode("utf-8") + b"\ndata: " + text[match.end():-1] + b"\n\n"
+        whole = _EVENT_FRAME_START + orjson.dumps(event) + b',"payload":' + payload + b"}"
+        return id_line + b"data: " + whole + b"\n\n"
+    return id_line + b"event: " + event.encode("utf-8") + b"\ndata: " + payload + b"\n\n"
 
 
 def close_event(code: CloseCode) -> bytes:
@@ -72,8 +80,9 @@ def close_event(code: CloseCode) -> bytes:
 
 
 class EventEncoder:
-    """`stream_event` once per message: the encodings of the last few frames are kept by
-    the frame's identity (each kept frame is referenced, so its id is not reused)."""
+    """`stream_event` once per message: in the `Stamped` frame itself, or for plain frames
+    the encodings of the last few, kept by the frame's identity (each kept frame is
+    referenced, so its id is not reused)."""
 
     __slots__ = ("_kept", "_kept_bytes", "encoded")
 
@@ -83,6 +92,12 @@ class EventEncoder:
         self.encoded = 0  # how many frames were encoded (the rest came from memory)
 
     def event(self, frame: bytes) -> bytes:
+        if isinstance(frame, Stamped):
+            event = frame.encodings.get(ENCODING_NAME)
+            if event is None:
+                event = frame.encodings[ENCODING_NAME] = stream_event(frame)
+                self.encoded += 1
+            return event
         kept = self._kept.get(id(frame))
         if kept is not None:
             return kept[1]

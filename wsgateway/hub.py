@@ -20,6 +20,10 @@ frame. Anything sent through the hub to such a connection meanwhile (a publish, 
 broadcast) first hands it the frames of the unfinished broadcasts it is owed, oldest
 first. So on every socket, a message published after a broadcast started never arrives
 before that broadcast's frame, and no connection gets a broadcast twice.
+
+A connection that asked for ids (`wants_ids`, see `history`) gets a message's `stamped`
+frame, the same message with its id, built once for all of them; the others get `frame`.
+With no history there is no `stamped` frame and nothing is looked at per connection.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class Deliverable(Protocol):
     player_id: str
     token: str
     is_open: bool  # False once closing: it takes no more frames
+    wants_ids: bool  # it gets messages with their ids (the `stamped` frames), see `history`
 
     def send(self, frame: bytes) -> bool:
         """Queue a complete frame without blocking; False if the connection is closing."""
@@ -74,8 +79,9 @@ class Hub:
             broadcast.owed.discard(connection)
         return True
 
-    def deliver(self, player_id: str, frame: bytes, later: bool = False) -> int:
-        """Hand `frame` to each of the player's connections; return how many took it.
+    def deliver(self, player_id: str, frame: bytes, later: bool = False, stamped: bytes | None = None) -> int:
+        """Hand `frame` (`stamped` to those that want ids) to each of the player's
+        connections; return how many took it.
 
         `later`: queue it for the flusher (`send_later`) instead of writing at once. A
         batch of messages to random players then costs one send per socket rather than
@@ -87,22 +93,34 @@ class Hub:
         if self._unfinished:
             for connection in connections:
                 self._catch_up(connection, None)
+        if stamped is not None:
+            if later:
+                return sum(connection.send_later(stamped if connection.wants_ids else frame)
+                           for connection in connections)
+            return sum(connection.send(stamped if connection.wants_ids else frame) for connection in connections)
         if later:
             return sum(connection.send_later(frame) for connection in connections)
         return sum(connection.send(frame) for connection in connections)
 
-    def broadcast(self, frame: bytes) -> int:
-        """Hand `frame` to every connection present now; return how many took it. May
-        call `pause()` between slices of connections (see the module docstring)."""
+    def broadcast(self, frame: bytes, stamped: bytes | None = None) -> int:
+        """Hand `frame` (`stamped` to those that want ids) to every connection present
+        now; return how many took it. May call `pause()` between slices of connections
+        (see the module docstring)."""
         snapshot = [connection for connections in self._by_player.values() for connection in connections]
         if self.pause is None or len(snapshot) <= self.broadcast_slice:
             delivered = 0
+            if stamped is not None:
+                for connection in snapshot:
+                    if self._unfinished:
+                        self._catch_up(connection, None)
+                    delivered += connection.send_later(stamped if connection.wants_ids else frame)
+                return delivered
             for connection in snapshot:
                 if self._unfinished:
                     self._catch_up(connection, None)
                 delivered += connection.send_later(frame)
             return delivered
-        broadcast = _UnfinishedBroadcast(frame, set(snapshot))
+        broadcast = _UnfinishedBroadcast(frame, set(snapshot), stamped)
         self._unfinished.append(broadcast)
         try:
             for start in range(0, len(snapshot), self.broadcast_slice):
@@ -113,7 +131,7 @@ class Hub:
                     if connection in owed:  # else a publish caught it up during a pause
                         self._catch_up(connection, broadcast)
                         owed.discard(connection)
-                        broadcast.delivered += connection.send_later(frame)
+                        broadcast.delivered += connection.send_later(broadcast.frame_for(connection))
         finally:
             self._unfinished.remove(broadcast)
         return broadcast.delivered
@@ -126,7 +144,7 @@ class Hub:
                 return
             if connection in broadcast.owed:
                 broadcast.owed.discard(connection)
-                broadcast.delivered += connection.send_later(broadcast.frame)
+                broadcast.delivered += connection.send_later(broadcast.frame_for(connection))
 
     def close_player(self, player_id: str, code: CloseCode) -> int:
         """Start closing each of the player's open connections with `code`; return how
@@ -163,9 +181,13 @@ class Hub:
 class _UnfinishedBroadcast:
     """A broadcast between two slices: its frame, and the connections still owed it."""
 
-    __slots__ = ("frame", "owed", "delivered")
+    __slots__ = ("frame", "owed", "delivered", "stamped")
 
-    def __init__(self, frame: bytes, owed: set[Deliverable]) -> None:
+    def __init__(self, frame: bytes, owed: set[Deliverable], stamped: bytes | None = None) -> None:
         self.frame = frame
         self.owed = owed
         self.delivered = 0  # connections that took the frame, caught up ones included
+        self.stamped = stamped
+
+    def frame_for(self, connection: Deliverable) -> bytes:
+        return self.stamped if self.stamped is not None and connection.wants_ids else self.frame

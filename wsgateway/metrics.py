@@ -56,6 +56,10 @@ DROP_STREAM_TRIMMED = "broker_stream_trimmed"  # trimmed from a gateway's stream
 DROP_REASONS = (DROP_OFFLINE_FULL, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_DISABLED, DROP_SLOW_CONSUMER,
                 DROP_CONNECTION_GONE, DROP_STREAM_TRIMMED)
 
+RESUME_RECOVERED = "recovered"
+RESUME_MISSED = "missed"
+RESUME_OUTCOMES = (RESUME_RECOVERED, RESUME_MISSED)
+
 # The label values the web face counts under (a test checks them against its calls).
 AUTH_FAILURE_KINDS = ("player", "server")
 AUTH_FAILURE_REASONS = ("missing", "invalid")
@@ -107,6 +111,18 @@ class GatewayMetrics:
         self.missed_notices = Counter(
             "ws_missed_notices", "gateway.missed notices sent to reconnecting players (-notify-missed).",
             registry=registry)
+        self.resumes = Counter(
+            "ws_resumes", "Connections that asked for ids with a last_event_id, by outcome: recovered "
+            "(everything after it was replayed) or missed (gateway.missed, then everything kept).",
+            ["outcome"], registry=registry)
+        for outcome in RESUME_OUTCOMES:
+            self.resumes.labels(outcome)
+        self.history_messages = Gauge(
+            "ws_history_messages", "Messages this process's history keeps now (in-process broker only; with "
+            "-broker the history is in Redis).", registry=registry, multiprocess_mode="livesum")
+        self.history_bytes = Gauge(
+            "ws_history_bytes", "Bytes this process's history holds now, as counted against -max-history-bytes "
+            "(in-process broker only).", registry=registry, multiprocess_mode="livesum")
         self.idempotent_replays = Counter(
             "ws_idempotent_replays", "Publishes answered from an earlier call with the same Idempotency-Key "
             "(nothing delivered).", registry=registry)

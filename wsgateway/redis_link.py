@@ -84,6 +84,12 @@ class RedisKeys:
         self.players = f"{prefix}:players"  # ZSET player -> expiry of its latest present seat
         self.sweep_lock = f"{prefix}:sweep-lock"
         self.idempotency_index = f"{prefix}:idempotency"  # ZSET entry key -> expiry
+        # history (-history-size), see history_redis
+        self.history_epoch = f"{prefix}:history-epoch"  # STRING: this data set's epoch, made when missing
+        self.history_broadcasts = f"{prefix}:history-broadcasts"  # LIST: the broadcast stream's kept items
+        self.history_broadcast_meta = f"{prefix}:history-broadcast-meta"  # HASH seq, trimmed, generations
+        self.history_heads = f"{prefix}:history-heads"  # ZSET stream list -> expiry of its oldest item
+        self.history_sizes = f"{prefix}:history-sizes"  # HASH stream list -> accounted bytes; field "" = all
 
     def seats(self, player_id: str) -> str:
         """ZSET seat -> expiry: every connection of the player, reserved or present."""
@@ -108,6 +114,14 @@ class RedisKeys:
     def idempotency(self, subject_id: str, key: str) -> str:
         """One remembered publish: its fingerprint and, once known, its answer."""
         return f"{self.prefix}:idempotency:{len(subject_id)}:{subject_id}:{key}"
+
+    def history(self, player_id: str) -> str:
+        """LIST of one player's kept messages, oldest first (see history_redis)."""
+        return f"{self.prefix}:history:{player_id}"
+
+    def history_meta(self, player_id: str) -> str:
+        """HASH gen, seq, trimmed, after, created, taken: one player stream's state."""
+        return f"{self.prefix}:history-meta:{player_id}"
 
     def rate(self, subject_id: str) -> str:
         return f"{self.prefix}:rate:{subject_id}"

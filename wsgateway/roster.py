@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from typing import NamedTuple, Protocol
 
+from wsgateway.history import MemoryHistory, Stamped
 from wsgateway.hub import Hub
 from wsgateway.offline import Backlog, MemoryOfflineQueue
 
@@ -45,6 +46,8 @@ class Route(NamedTuple):
     over_total_bytes: int = 0  # frames given up for -max-offline-bytes (this one when not queued)
     over_total_players: int = 0  # frames of whole queues given up for -max-offline-players
     queueing_off: bool = False  # the player was offline, queueing was asked, and it is disabled
+    stamped: Stamped | None = None  # the message with its id, when the roster keeps a history in process
+    sent: bool = False  # the route step also put it on its way to `gateways` (history in Redis: one atomic step)
 
 
 class Census(NamedTuple):
@@ -71,8 +74,11 @@ class Roster(Protocol):
     def leave(self, seat: Seat) -> None:
         """The connection ended."""
 
-    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         """Decide, atomically with presence, whether the frame goes live or to the queue.
+        With a history, the same step gives the message its id and keeps it (`history`),
+        so that a message has its id before it is sent or queued; `keep` False: not a
+        new message (a close request, or a frame routed again), nothing is kept.
 
         Live means routed to the gateways that hold a connection of the player now. Across
         processes the frame travels on after this answer, and the connection may close
@@ -145,7 +151,7 @@ class LocalRoster:
     def leave(self, seat: Seat) -> None:
         pass  # the hub forgets the connection; nothing else is kept per seat
 
-    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         connections = self._hub.count_of(player_id)
         if connections:
             return Route(frozenset((LOCAL_GATEWAY,)), connections)
@@ -158,7 +164,7 @@ class LocalRoster:
                      over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
-        return self.route(player_id, frame, queue_if_offline=True)  # in the publisher's turn: in order
+        return self.route(player_id, frame, queue_if_offline=True, keep=False)  # in the publisher's turn: in order
 
     def reach(self) -> int:
         return self._hub.connection_count()
@@ -180,3 +186,23 @@ class LocalRoster:
 
     def close(self) -> None:
         pass
+
+
+class HistoryLocalRoster(LocalRoster):
+    """`LocalRoster` whose route step gives each new message its id and keeps it in the
+    history (in process, nothing yields between the two): the Route carries the stamped
+    frame. A roster without history stays `LocalRoster`, and costs nothing more."""
+
+    def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int,
+                 history: MemoryHistory) -> None:
+        super().__init__(hub, offline, max_conns_per_player)
+        self._history = history
+
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
+        if not keep:
+            return super().route(player_id, frame, queue_if_offline)
+        stamped = self._history.record(player_id, frame)
+        route = super().route(player_id, frame, queue_if_offline)
+        if route.queued:
+            self._history.note_queued(player_id, stamped)
+        return route._replace(stamped=stamped)

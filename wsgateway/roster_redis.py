@@ -39,8 +39,10 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from typing import Sequence
 
 import redis
+from redis.commands.core import Script
 
 from wsgateway.offline import MESSAGE_OVERHEAD_BYTES, MISSED_RETENTION_S, Backlog
 from wsgateway.redis_link import RedisKeys, broker_errors
@@ -148,7 +150,9 @@ if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[4], ARGV[3]) e
 #       max_offline_bytes, max_offline_players, missed-key prefix, queue-key prefix.
 # Live (or offline without queueing): {0, 0, 0, seats...}.
 # Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players}.
-ROUTE = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
+# (ROUTE_BODY apart, so that history_redis can run it inside its own step.)
+ROUTE_PREAMBLE = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS
+ROUTE_BODY = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local seats = redis.call('ZRANGE', KEYS[1], 0, -1)
 if #seats > 0 or ARGV[2] == '0' then
@@ -229,6 +233,7 @@ redis.call('ZADD', KEYS[4], now + ttl, KEYS[2])
 redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
 return {1, 1, dropped, expired, over_bytes, over_players}
 """
+ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
 
 # KEYS: queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix, queue-key prefix,
 # missed retention ms. Removes queues whose every frame expired; returns how many frames they held.
@@ -425,15 +430,24 @@ class RedisRoster:
                               keys.players],
                         args=[seat.seat_id, self.gateway_id, seat.player_id])
 
-    def route(self, player_id: str, frame: bytes, queue_if_offline: bool) -> Route:
+    def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
+        return self._route_reply(self._route_with(self._route, player_id, frame, queue_if_offline), queue_if_offline)
+
+    def _route_with(self, script: Script, player_id: str, frame: bytes, queue_if_offline: bool,
+                    more_keys: Sequence[str] = (), more_args: Sequence[object] = ()) -> list:
+        """Run ROUTE, or a script that runs ROUTE_BODY first with the same KEYS and ARGV
+        followed by `more_keys` and `more_args`; its reply."""
         keys = self._keys
         queue = queue_if_offline and self.queueing
         with broker_errors("route"):
-            reply = self._route(
+            return script(
                 keys=[keys.present(player_id), keys.queue(player_id), keys.missed(player_id), keys.queue_index,
-                      keys.queue_heads, keys.queue_sizes, keys.queue_clock],
+                      keys.queue_heads, keys.queue_sizes, keys.queue_clock, *more_keys],
                 args=[frame, 1 if queue else 0, self._max_queued, self._offline_ttl_ms, _MISSED_RETENTION_MS,
-                      self._max_offline_bytes, self._max_offline_players, keys.missed(""), keys.queue("")])
+                      self._max_offline_bytes, self._max_offline_players, keys.missed(""), keys.queue(""),
+                      *more_args])
+
+    def _route_reply(self, reply: list, queue_if_offline: bool) -> Route:
         if int(reply[0]):
             queued, dropped, expired, over_bytes, over_players = (int(value) for value in reply[1:])
             return Route(frozenset(), 0, queued=bool(queued), dropped=dropped, expired=expired,
@@ -456,7 +470,7 @@ class RedisRoster:
         self._present.pop(player_id, None)
         with broker_errors("requeue"):
             self._withdraw(keys=[self._keys.present(player_id)], args=[f"{self.gateway_id}/"])
-        route = self.route(player_id, frame, queue_if_offline=True)
+        route = self._route_reply(self._route_with(self._route, player_id, frame, True), True)  # kept already
         if route.queued and sent_at_ms:
             with broker_errors("requeue"):
                 self._settle(keys=[self._keys.queue(player_id)],

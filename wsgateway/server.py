@@ -36,12 +36,13 @@ from wsgateway.hub import Hub
 from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
 from wsgateway.metrics import DROP_STREAM_TRIMMED, GatewayMetrics
+from wsgateway.history import History, MemoryHistory, keeps_history
 from wsgateway.offline import MemoryOfflineQueue
 from wsgateway.proxies import TrustedProxies
 from wsgateway.publishing import Publishing
 from wsgateway.ratelimit import Limiter, RateLimiter
 from wsgateway.revalidation import Revalidator
-from wsgateway.roster import LocalRoster, Roster
+from wsgateway.roster import HistoryLocalRoster, LocalRoster, Roster
 from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import SqlTokenStore, TokenStore
 from wsgateway.web_server import WebLimits, WebServer
@@ -71,6 +72,7 @@ class Gateway:
         self.roster: Roster
         self.broker: Broker
         self.offline: MemoryOfflineQueue | None = None  # with -broker, queues live in Redis
+        self.history: History | None = None  # -history-size 0: none
         self.limiter: Limiter
         self.idempotency: IdempotencyStore
         self._redis: Any = None  # the -broker client (redis.Redis), for the eviction check
@@ -81,14 +83,16 @@ class Gateway:
             offline = self.offline = MemoryOfflineQueue(config.max_queued, config.offline_ttl_s,
                                                         max_total_bytes=config.max_offline_bytes,
                                                         max_players=config.max_offline_players)
-            self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player)
+            history = self.history = self._memory_history(config)
+            self.roster = LocalRoster(self.hub, offline, config.max_conns_per_player) if history is None \
+                else HistoryLocalRoster(self.hub, offline, config.max_conns_per_player, history)
             self.broker = InProcessBroker()
             self.limiter = RateLimiter(config.rate_limit, config.rate_period_s)
             self.idempotency = MemoryIdempotencyStore(config.idempotency_window_s, config.idempotency_max_keys)
             self.metrics.offline_queue_messages.set_function(lambda: len(offline))
             self.metrics.offline_queue_bytes.set_function(lambda: offline.held_bytes)
         self.delivery = Delivery(self.hub, self.roster, self.broker, self.metrics,
-                                 notify_missed=config.notify_missed)
+                                 notify_missed=config.notify_missed, history=self.history)
         self.keepalive = KeepAlive(self.hub.connections, config.ping_period_s, config.pong_wait_s)
         self.revalidator = Revalidator(self.store, self.hub.connections)
         self.server = WebServer(
@@ -106,6 +110,15 @@ class Gateway:
         self._stopped = Event()
         self._shutdown_started = False
 
+    def _memory_history(self, config: Config) -> MemoryHistory | None:
+        """The kept messages resuming connections replay (None with -history-size 0)."""
+        if not keeps_history(config):
+            return None
+        history = MemoryHistory(config.history_size, config.history_ttl_s, config.max_history_bytes)
+        self.metrics.history_messages.set_function(lambda: len(history))
+        self.metrics.history_bytes.set_function(lambda: history.held_bytes)
+        return history
+
     def _use_redis(self, config: Config) -> None:
         """Shared roster, broker and rate limit: every gateway on this -broker acts as one."""
         from wsgateway.broker_redis import RedisBroker
@@ -117,10 +130,19 @@ class Gateway:
         client = create_client(config.broker_url, config.db_timeout_s)
         keys = RedisKeys(config.broker_prefix)
         self.gateway_id = new_gateway_id()
-        roster = RedisRoster(client, keys, self.gateway_id, max_conns_per_player=config.max_conns_per_player,
-                             max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
-                             presence_ttl_s=config.presence_ttl_s, max_offline_bytes=config.max_offline_bytes,
-                             max_offline_players=config.max_offline_players)
+        settings = dict(max_conns_per_player=config.max_conns_per_player,
+                        max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
+                        presence_ttl_s=config.presence_ttl_s, max_offline_bytes=config.max_offline_bytes,
+                        max_offline_players=config.max_offline_players)
+        if keeps_history(config):
+            from wsgateway.history_redis import HistoryRoster, RedisHistory
+            history = self.history = RedisHistory(
+                client, keys, max_per_stream=config.history_size, ttl_s=config.history_ttl_s,
+                max_total_bytes=config.max_history_bytes, stream_length=config.broker_stream_length,
+                stream_ttl_s=2 * config.presence_ttl_s)  # the broker's stream expiry (RedisBroker)
+            roster: RedisRoster = HistoryRoster(client, keys, self.gateway_id, history=history, **settings)
+        else:
+            roster = RedisRoster(client, keys, self.gateway_id, **settings)
         self.roster = roster
         self.broker = RedisBroker(
             client, keys, self.gateway_id, stream_length=config.broker_stream_length,

@@ -20,8 +20,9 @@ class FakeConnection:
     """
 
     def __init__(self, player_id: str, token: str = "token", *, accepting: bool = True,
-                 last_heard: float = 0.0) -> None:
+                 last_heard: float = 0.0, wants_ids: bool = False) -> None:
         self.player_id = player_id
+        self.wants_ids = wants_ids
         self.token = token
         self.accepting = accepting
         self.last_heard = last_heard
@@ -45,11 +46,12 @@ class FakeConnection:
     def hold(self) -> None:
         self.held = []
 
-    def release(self, first: list[bytes]) -> int:
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int:
         held, self.held = self.held or [], None
         taken = sum(self.send(frame) for frame in first)
         for frame in held:
-            self.send(frame)
+            if getattr(frame, "event_id", None) not in replayed:
+                self.send(frame)
         return taken
 
     def send_later(self, frame: bytes) -> bool:

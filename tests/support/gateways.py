@@ -127,11 +127,12 @@ class GatewayUnderTest:
         return self.post("/broadcast", body, token=token)
 
     # --- WebSocket -------------------------------------------------------------------------
-    def connect(self, token: str, **options: Any) -> websocket.WebSocket:
+    def connect(self, token: str, query: str = "", **options: Any) -> websocket.WebSocket:
         """A connected client; waits until the gateway has registered it and its seat is
-        taken (with -broker, until every gateway routes the player's messages to it)."""
+        taken (with -broker, until every gateway routes the player's messages to it).
+        `query`: more of the query string, e.g. `&last_event_id=`."""
         before = self.metric("ws_active_connections")
-        client = websocket.create_connection(f"{self.ws_url}?token={token}", timeout=TIMEOUT_S, **options)
+        client = websocket.create_connection(f"{self.ws_url}?token={token}{query}", timeout=TIMEOUT_S, **options)
         self.clients.append(client)
         wait_for(lambda: self.metric("ws_active_connections") > before, what="connection registered")
         return client
