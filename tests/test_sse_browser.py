@@ -1,12 +1,13 @@
 """`GET /events` in a real browser: an `EventSource` in Debian's headless Chromium receives named events (also
-from another origin, through CORS), reconnects by itself after the gateway ends the stream, and stops when its
-token was revoked (the reconnection is refused 401)."""
+from another origin, through CORS), reconnects by itself after the gateway ends the stream, stops when its
+token was revoked (the reconnection is refused 401), and resumes with Last-Event-ID after a restart with -broker."""
 from __future__ import annotations
 
 import json
 
-from tests.support import wait_for
-from tests.support.browser import BrowserScript, require_browser
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.browser import BROWSER_STEP_TIMEOUT_S, BrowserScript, require_browser
+from tests.support.processes import free_port
 from wsgateway.errors import CloseCode
 
 EVENTS = ["score", "round_over", "gateway.close"]
@@ -68,6 +69,51 @@ def test_event_source_receives_named_events_reconnects_and_stops_when_revoked(st
         assert gateway.publish(server, 22, "score", "cross-origin").status == 200
         browser.tell(json.dumps({"cmd": "wait", "events": 1}))
         assert browser.step("waited")["events"] == [{"type": "score", "data": "cross-origin", "lastEventId": ""}]
+        browser.tell(json.dumps({"cmd": "quit"}))
+        assert browser.finish() == 0
+    finally:
+        browser.kill()
+
+
+def test_event_source_resumes_after_the_gateway_restarts_with_broker(start_gateway, private_redis):
+    """With -broker and a history, the gateway behind the page shuts down and another takes its port: the
+    browser's EventSource reconnects by itself with Last-Event-ID and gets exactly what was published (through a
+    second gateway) meanwhile, then live events, none twice."""
+    require_browser()
+    port = free_port()
+    flags = ("-broker", private_redis.url, "-history-size", "50", "-history-ttl", "1m")
+    gateway = start_gateway("-addr", f"127.0.0.1:{port}", *flags)
+    other = start_gateway(*flags)
+    server, token = gateway.tokens.server(), gateway.tokens.player(21)
+    browser = BrowserScript("event_source_check.mjs", {"page": f"http://127.0.0.1:{port}/healthz"})
+    try:
+        browser.step("loaded")
+        browser.tell(json.dumps({"cmd": "open", "url": f"/events?token={token}", "events": ["n", "b"]}))
+        browser.step("opened")
+        browser.tell(json.dumps({"cmd": "wait", "opens": 1}))
+        browser.step("waited")
+        wait_for(lambda: gateway.gateway.hub.connection_count() == 1, what="the browser's stream seated")
+        assert gateway.publish(server, 21, "n", 0).status == 200
+        browser.tell(json.dumps({"cmd": "wait", "events": 1}))
+        first_id = browser.step("waited")["events"][0]["lastEventId"]
+        assert first_id
+
+        gateway.gateway.shutdown(timeout_s=TIMEOUT_S)
+        assert other.publish(server, 21, "n", 1).json == {"delivered": 0, "queued": True}
+        assert other.broadcast(server, "b", 2).status == 200
+        assert other.publish(server, 21, "n", 3).status == 200
+        restarted = start_gateway("-addr", f"127.0.0.1:{port}", *flags)
+        wait_for(lambda: restarted.gateway.hub.connection_count() == 1, timeout_s=BROWSER_STEP_TIMEOUT_S,
+                 what="the browser reconnected by itself")
+        assert restarted.metric("ws_resumes_total", outcome="recovered") == 1
+        assert other.publish(server, 21, "n", 4).json["delivered"] == 1
+        browser.tell(json.dumps({"cmd": "wait", "events": 5}))
+        seen = browser.step("waited")
+        assert [(event["type"], event["data"]) for event in seen["events"]] == \
+            [("n", 0), ("n", 1), ("b", 2), ("n", 3), ("n", 4)]
+        ids = [event["lastEventId"] for event in seen["events"]]
+        assert len(set(ids)) == 5 and ids[0] == first_id
+        assert seen["opens"] == 2 and seen["problems"] == []
         browser.tell(json.dumps({"cmd": "quit"}))
         assert browser.finish() == 0
     finally:
