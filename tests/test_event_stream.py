@@ -7,10 +7,11 @@ import pytest
 from hypothesis import given, strategies as st
 
 from wsgateway.errors import CloseCode
-from wsgateway.event_stream import (ENCODINGS_KEPT, ENCODINGS_KEPT_BYTES, KEEPALIVE, EventEncoder, close_event,
-                                    retry_hint, stream_event)
+from wsgateway.event_stream import (ENCODING_NAME, ENCODINGS_KEPT, ENCODINGS_KEPT_BYTES, KEEPALIVE, EventEncoder,
+                                    close_event, retry_hint, stream_event)
 from wsgateway.frames import close_frame, text_frame
-from wsgateway.protocol import event_frame
+from wsgateway.history import stamp
+from wsgateway.protocol import event_frame, event_json
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
                            | st.text(), lambda inner: st.lists(inner, max_size=4)
@@ -91,3 +92,19 @@ def test_the_encoder_holds_at_most_its_byte_bound():
         encoder.event(frame)
     assert encoder._kept_bytes <= ENCODINGS_KEPT_BYTES
     assert len(encoder._kept) == 1
+
+
+def test_a_stamped_frame_gets_its_id_line_and_is_encoded_once_in_the_frame():
+    """A history's frame: id:, event:, data:, the event kept in Stamped.encodings for every stream."""
+    frame = stamp(event_json("score", {"points": 5}), "e1.g1.7.2", player_seq=7, broadcast_seq=2)
+    encoder = EventEncoder()
+    event = encoder.event(frame)
+    assert event == b'id: e1.g1.7.2\nevent: score\ndata: {"points":5}\n\n'
+    assert encoder.event(frame) is event and frame.encodings[ENCODING_NAME] is event
+    assert encoder.encoded == 1
+
+
+def test_a_stamped_frame_with_a_line_break_in_its_event_keeps_its_id():
+    """The unnamed fallback still carries the id (and the data is the message without it)."""
+    frame = stamp(event_json("a\nb", 1), "e1.3", player_seq=0, broadcast_seq=3)
+    assert stream_event(frame) == b'id: e1.3\ndata: {"event":"a\\nb","payload":1}\n\n'
