@@ -182,9 +182,9 @@ class Host:
     def count_closes(self) -> None:
         """Add the connections the gateway closed since the clients' last reset to the errors."""
         assert self.players is not None
-        closed = self.players.stats()["closed"]
-        if closed:
-            self.errors["closed by the gateway"] = self.errors.get("closed by the gateway", 0) + closed
+        for code, count in self.players.stats()["close_codes"].items():
+            kind = f"closed by the gateway ({code})"
+            self.errors[kind] = self.errors.get(kind, 0) + count
 
     def broadcast(self, number: int) -> None:
         assert self.players is not None

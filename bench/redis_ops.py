@@ -13,6 +13,9 @@ players connect to A from one client process; then, each measured on its own:
 * publish, offline: `/publish` sent to A for players with no connection (queued in Redis);
 * batch message: `/publish/batch` of `--batch-size` messages to the players on A, per message;
 * broadcast: `/broadcast` sent to A, every player on A (and so 2 gateways' streams), per broadcast;
+* under load: `--publishers` keep-alive publishers (bench.py's HTTP clients) send `/publish`
+  to one player, then batches to all, as fast as A answers, for `--load-s` each: messages/s,
+  and A's and Redis's CPU per message (what one gateway core and one Redis node sustain);
 * close: the players' sockets close (A's roster takes their seats away);
 * heartbeat: a third gateway with `-presence-ttl 3s` holds the players idle; the presence
   upkeep per connection and heartbeat (every third of `-presence-ttl`).
@@ -200,6 +203,7 @@ def run(args: argparse.Namespace, directory: Path, redis_url: str) -> dict[str, 
         home.mkdir()
     counters = RedisCounters(redis_url)
     results: dict[str, tuple[Usage, int]] = {}
+    loads: dict[str, Load] = {}
     gateway_a = core.GatewayUnderBench(homes[0], 2 * count, flags)
     gateway_b = core.GatewayUnderBench(homes[1], 2 * count, flags)
     to_a, to_b = Publisher(gateway_a), Publisher(gateway_b)
@@ -249,6 +253,9 @@ def run(args: argparse.Namespace, directory: Path, redis_url: str) -> dict[str, 
             wait_until("broadcast", frames_arrived(players, count * args.broadcasts))
         measured(f"broadcast ({count} players, 2 gateways)", broadcast, args.broadcasts)
 
+        for mode, label in (("publish", "/publish under load"), ("batch", "batch message under load")):
+            loads[label] = under_load(args, gateway_a, players, connected, counters, idle, mode)
+
         def close() -> None:
             players.close()
             wait_until("close", lambda: active_connections(gateway_a) == 0 and counters.players_present(prefix) == 0)
@@ -260,7 +267,51 @@ def run(args: argparse.Namespace, directory: Path, redis_url: str) -> dict[str, 
         gateway_a.stop()
         gateway_b.stop()
     results.update(heartbeat(args, homes[2], redis_url, prefix, counters))
-    return results
+    return results, loads
+
+
+@dataclass
+class Load:
+    """Messages published as fast as one gateway process answers, and what they cost."""
+
+    messages: int
+    elapsed_s: float
+    gateway_cpu_s: float
+    redis: Usage
+
+
+def under_load(args: argparse.Namespace, gateway: core.GatewayUnderBench, players: lifecycle.Players,
+               connected: list[int], counters: RedisCounters, idle: Usage, mode: str) -> Load:
+    """`--publishers` keep-alive publishers (bench.py's HTTP clients, two processes) for
+    `--load-s`: `/publish` to one connected player, or batches to all of them."""
+    core.progress(f"{mode} under load")
+    processes = 2
+    clients = [core.Worker("http", {"mode": mode, "port": gateway.port, "token": gateway.server_token,
+                                    "players": connected, "batch_size": args.batch_size,
+                                    "connections": args.publishers // processes, "seed": index,
+                                    "processes": processes, "duration_s": args.load_s})
+               for index in range(processes)]
+    replies: list[dict[str, Any]] = []
+    try:
+        for client in clients:
+            client.receive()  # connected
+        players.command({"cmd": "reset", "reconnect": False})
+        cpu_before = gateway.cpu_s
+
+        def action() -> None:
+            for client in clients:
+                client.send({"cmd": "go"})
+            replies.extend(client.receive() for client in clients)
+            wait_until(f"{mode} under load", frames_arrived(players, sum(reply["messages"] for reply in replies)))
+        usage = counters.measure(action).minus(idle)
+        gateway_cpu_s = gateway.cpu_s - cpu_before
+    finally:
+        for client in clients:
+            client.stop()
+    if any(reply["errors"] for reply in replies):
+        raise SystemExit(f"{mode} under load: answers other than 200: {[reply['first_error'] for reply in replies]}")
+    return Load(sum(reply["messages"] for reply in replies), max(reply["elapsed_s"] for reply in replies),
+                gateway_cpu_s, usage)
 
 
 def heartbeat(args: argparse.Namespace, home: Path, redis_url: str, prefix: str,
@@ -282,12 +333,22 @@ def heartbeat(args: argparse.Namespace, home: Path, redis_url: str, prefix: str,
     return {f"heartbeat ({count} connections, every third of -presence-ttl)": (bare, heartbeats * count)}
 
 
-def report(results: dict[str, tuple[Usage, int]], redis_url: str) -> None:
+def report(results: dict[str, tuple[Usage, int]], loads: dict[str, Load], args: argparse.Namespace,
+           redis_url: str) -> None:
     print(f"\nRedis work per operation ({redis_url}, private; load {core.load_average()}):")
     print("| operation | commands | scripts | Redis CPU µs | commands by name (per operation) |")
     print("|---|---|---|---|---|")
     for name, (usage, per) in results.items():
         print(f"| {name} | {describe(usage, per)} |")
+    print(f"\nOne gateway process with -broker, {args.publishers} keep-alive publishers for {args.load_s:g} s "
+          f"(batches of {args.batch_size}):")
+    print("| load | messages/s | gateway CPU µs/message | Redis CPU µs/message | Redis CPU, % of a core "
+          "| commands/message |")
+    print("|---|---|---|---|---|---|")
+    for name, load in loads.items():
+        print(f"| {name} | {load.messages / load.elapsed_s:,.0f} | {load.gateway_cpu_s / load.messages * 1e6:.1f} | "
+              f"{load.redis.cpu_s / load.messages * 1e6:.1f} | {load.redis.cpu_s / load.redis.elapsed_s * 100:.0f} | "
+              f"{load.redis.commands / load.messages:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100, help="messages per /publish/batch request")
     parser.add_argument("--broadcasts", type=int, default=50, help="broadcasts measured")
     parser.add_argument("--idle-s", type=float, default=5.0, help="each idle window (background, heartbeats)")
+    parser.add_argument("--publishers", type=int, default=16, help="keep-alive publishers of the runs under load")
+    parser.add_argument("--load-s", type=float, default=5.0, help="length of each run under load")
     parser.add_argument("--gateway-flag", action="append", default=[], metavar="FLAG",
                         help="extra ws-gateway flag (repeatable)")
     args = parser.parse_args(argv)
@@ -306,12 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="ws-gateway-redis-ops-"))
     server = PrivateRedis(directory)
     try:
-        results = run(args, directory, server.url)
+        results, loads = run(args, directory, server.url)
     finally:
         core.progress("")
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-    report(results, server.url)
+    report(results, loads, args, server.url)
     return 0
 
 

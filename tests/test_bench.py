@@ -70,15 +70,16 @@ def test_capacity_bench_holds_players_on_workers_and_broadcasts_to_all(tmp_path)
 
 
 def test_redis_ops_bench_prints_the_redis_work_of_each_operation(tmp_path):
-    """bench/redis_ops.py measures, on a private redis-server, the commands and Redis CPU of a connect, a publish, a batch message, a broadcast, a close and a heartbeat, and prints one row for each."""
+    """bench/redis_ops.py measures, on a private redis-server, the commands and Redis CPU of a connect, a publish, a batch message, a broadcast, a close and a heartbeat, then publishing under load, and prints one row for each."""
     result = subprocess.run(
         [sys.executable, str(BENCH.parent / "redis_ops.py"), "--operations", "20", "--broadcasts", "2",
-         "--batch-size", "5", "--idle-s", "0.5"],
+         "--batch-size", "5", "--idle-s", "0.5", "--publishers", "2", "--load-s", "0.5"],
         cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
         timeout=4 * PROCESS_START_TIMEOUT_S)
     assert result.returncode == 0, result.stderr + result.stdout
     output = result.stdout
     for row in ("| connect |", "| publish, player on the same gateway |", "| publish, player on another gateway |",
                 "| publish, player offline (queued) |", "| batch message (5 per request) |",
-                "| broadcast (20 players, 2 gateways) |", "| close |", "| heartbeat (20 connections"):
+                "| broadcast (20 players, 2 gateways) |", "| close |", "| heartbeat (20 connections",
+                "| /publish under load |", "| batch message under load |"):
         assert row in output, output
