@@ -39,16 +39,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 
 import bench as core
 import lifecycle
-from redis_ops import PrivateRedis, RedisCounters
+from redis_ops import PrivateRedis, RedisCounters, wait_until
 
 SETTLE_S = 2.0  # after the last connection opened, before memory is read: the workers' late bookkeeping
-WAIT_S = 600.0  # the bound of every wait (connections, registrations, frames)
+WAIT_S = 600.0  # the bound of the waits for the workers and the connections
+BROADCAST_WAIT_S = 60.0  # after it, the frames a broadcast did not bring count as missing
 
 
 def process_tree(pid: int) -> list[int]:
@@ -76,14 +76,6 @@ def tree_rss_bytes(pid: int) -> int:
         except OSError:
             pass  # ended meanwhile
     return total
-
-
-def wait_until(label: str, done: Any) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not done():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{label}: not done after {WAIT_S:.0f} s")
-        time.sleep(0.05)
 
 
 def error_lines(log_path: Path) -> dict[str, int]:
@@ -122,7 +114,7 @@ class Host:
             "-workers", str(args.workers), "-broker", redis_url, "-broker-prefix", self.prefix, *args.gateway_flag])
         registry = redis.Redis.from_url(redis_url, socket_timeout=30)
         # Every worker has registered with Redis (its presence heartbeat at start).
-        wait_until("the workers' start", lambda: registry.zcard(f"{self.prefix}:gateways") >= args.workers)
+        wait_until("the workers' start", lambda: registry.zcard(f"{self.prefix}:gateways") >= args.workers, WAIT_S)
         registry.close()
         self.players: lifecycle.Players | None = None
         self.idle_cpu_share = 0.0  # of a core, every gateway process: holding the players, nothing sent
@@ -147,8 +139,8 @@ class Host:
         elapsed_s = stats["last_open"] - stats["first_attempt"]
         self.errors.update({f"connect {kind}": count for kind, count in stats["failed_by"].items()})
         report("connect", f"{args.players:,} players open in {elapsed_s:.2f} s: {args.players / elapsed_s:,.0f} "
-                          f"connections/s (offered {args.open_per_s:,}/s from {len(players.clients)} client processes), "
-                          f"{lifecycle._failures(stats)}, gateway CPU "
+                          f"connections/s (offered {args.open_per_s:,}/s from {len(players.clients)} client "
+                          f"processes), {lifecycle._failures(stats)}, gateway CPU "
                           f"{cpu_s / args.players * 1e6:.0f} µs/connection (all {args.workers} workers), clients' "
                           f"CPU {stats['cpu_s'] / args.players * 1e6:.0f} µs/connection")
         time.sleep(SETTLE_S)
@@ -198,16 +190,19 @@ class Host:
         answered_s = time.monotonic() - started
         if status != 200:
             raise SystemExit(f"/broadcast answered {status}: {body!r}")
-        wait_until("broadcast", lambda: players.stats()["text_frames"] >= self.args.players)
-        stats = players.stats()
+        deadline = time.monotonic() + BROADCAST_WAIT_S
+        while (stats := players.stats())["text_frames"] < self.args.players and time.monotonic() < deadline:
+            core.progress(f"broadcast {number}: {stats['text_frames']:,} of {self.args.players:,} received")
+            time.sleep(0.05)
         # beyond what holding the players costs anyway (heartbeats, pings), as measured idle
-        cpu_s = self.gateway.cpu_s - cpu_before - self.idle_cpu_share * (time.monotonic() - started)
+        cpu_s = max(0.0, self.gateway.cpu_s - cpu_before - self.idle_cpu_share * (time.monotonic() - started))
         missing = self.args.players - stats["text_frames"]
         if missing:
             self.errors["frames missing"] = self.errors.get("frames missing", 0) + missing
+        last_s = (stats["last_text"] or started) - started
         report(f"broadcast {number}", f"answered in {answered_s * 1e3:.0f} ms ({body}), last of "
                                       f"{stats['text_frames']:,} players received it "
-                                      f"{(stats['last_text'] - started) * 1e3:.0f} ms after it was sent; "
+                                      f"{last_s * 1e3:.0f} ms after it was sent; "
                                       f"gateway CPU beyond idle {cpu_s * 1e3:.0f} ms "
                                       f"({cpu_s / self.args.players * 1e6:.1f} µs/delivery)")
 

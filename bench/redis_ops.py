@@ -164,11 +164,12 @@ class Publisher:
         self.connection.close()
 
 
-def wait_until(label: str, done: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
+def wait_until(label: str, done: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    """Poll `done` until it holds; give up (SystemExit) after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() > deadline:
-            raise SystemExit(f"{label}: not done after {WAIT_S:.0f} s")
+            raise SystemExit(f"{label}: not done after {timeout_s:.0f} s")
         time.sleep(0.02)
 
 
