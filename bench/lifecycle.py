@@ -21,7 +21,8 @@ options), each prints its figure and the gateway's CPU time:
 
 The clients are plain non-blocking sockets and epoll, like bench.py's, `--connections-per-client`
 players per process; each process connects from its own loopback address (127.0.0.2,
-127.0.0.3, ...), so that ephemeral ports never run short. Clients are this file run as
+127.0.0.3, ...), so that ephemeral ports never run short. They count the text frames
+they receive (bench/capacity.py's broadcasts use these clients too). Clients are this file run as
 `lifecycle.py _worker player|close_publisher SPEC`.
 """
 from __future__ import annotations
