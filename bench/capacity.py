@@ -238,12 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="ws-gateway-capacity-"))
     server = None if args.redis else PrivateRedis(directory)
     host = None
+    failure = ""
     try:
         host = Host(args, directory, args.redis or server.url, private_redis=server is not None)
         host.connect()
         host.idle()
         for number in range(1, args.broadcasts + 1):
             host.broadcast(number)
+    except SystemExit as exc:  # a scenario gave up: still say what went wrong on the way
+        failure = str(exc)
     finally:
         core.progress("")
         if host is not None:
@@ -256,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(directory, ignore_errors=True)
     errors = ", ".join(f"{kind} {count:,}" for kind, count in sorted(host.errors.items())) if host else "?"
     report("errors", errors or "none")
+    if failure:
+        report("failed", failure)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
