@@ -113,9 +113,14 @@ class Host:
         self.gateway = core.GatewayUnderBench(directory, args.players, [
             "-workers", str(args.workers), "-broker", redis_url, "-broker-prefix", self.prefix, *args.gateway_flag])
         registry = redis.Redis.from_url(redis_url, socket_timeout=30)
-        # Every worker has registered with Redis (its presence heartbeat at start).
-        wait_until("the workers' start", lambda: registry.zcard(f"{self.prefix}:gateways") >= args.workers, WAIT_S)
-        registry.close()
+        try:  # every worker has registered with Redis (its presence heartbeat at start)
+            wait_until("the workers' start", lambda: registry.zcard(f"{self.prefix}:gateways") >= args.workers,
+                       WAIT_S)
+        except BaseException:
+            self.gateway.stop()
+            raise
+        finally:
+            registry.close()
         self.players: lifecycle.Players | None = None
         self.idle_cpu_share = 0.0  # of a core, every gateway process: holding the players, nothing sent
 

@@ -194,8 +194,9 @@ def describe(usage: Usage, per: int) -> str:
             f"{by_command or '-'}")
 
 
-def run(args: argparse.Namespace, directory: Path, redis_url: str) -> dict[str, tuple[Usage, int]]:
-    """Every measurement, as (what Redis did, how many operations it covers)."""
+def run(args: argparse.Namespace, directory: Path,
+        redis_url: str) -> tuple[dict[str, tuple[Usage, int]], dict[str, Load]]:
+    """Every measurement, as (what Redis did, how many operations it covers), and the runs under load."""
     prefix = f"wsgw-redis-ops-{os.getpid()}"
     count = args.operations
     flags = ["-broker", redis_url, "-broker-prefix", prefix, "-presence-ttl", QUIET_TTL, *args.gateway_flag]
@@ -208,8 +209,9 @@ def run(args: argparse.Namespace, directory: Path, redis_url: str) -> dict[str, 
     gateway_a = core.GatewayUnderBench(homes[0], 2 * count, flags)
     gateway_b = core.GatewayUnderBench(homes[1], 2 * count, flags)
     to_a, to_b = Publisher(gateway_a), Publisher(gateway_b)
-    players = lifecycle.Players(gateway_a, count, count)
+    players: lifecycle.Players | None = None
     try:
+        players = lifecycle.Players(gateway_a, count, count)
         core.progress("idle")
         idle = counters.measure(lambda: time.sleep(args.idle_s))
         results["idle, 2 gateways, per second"] = (idle, max(1, round(idle.elapsed_s)))
@@ -262,7 +264,8 @@ def run(args: argparse.Namespace, directory: Path, redis_url: str) -> dict[str, 
             wait_until("close", lambda: active_connections(gateway_a) == 0 and counters.players_present(prefix) == 0)
         measured("close", close, count)
     finally:
-        players.close()
+        if players is not None:
+            players.close()
         to_a.close()
         to_b.close()
         gateway_a.stop()
@@ -321,14 +324,16 @@ def heartbeat(args: argparse.Namespace, home: Path, redis_url: str, prefix: str,
     count = args.operations
     gateway = core.GatewayUnderBench(home, count, ["-broker", redis_url, "-broker-prefix", f"{prefix}-heartbeat",
                                                    "-presence-ttl", f"{HEARTBEAT_TTL_S}s", *args.gateway_flag])
-    players = lifecycle.Players(gateway, count, count)
+    players: lifecycle.Players | None = None
     try:
+        players = lifecycle.Players(gateway, count, count)
         players.command({"cmd": "open", "start_at": time.monotonic()})
         wait_until("heartbeat: connect", lambda: players.stats()["open"] >= count)
         core.progress("heartbeat")
         bare = counters.measure(lambda: time.sleep(args.idle_s))  # one gateway's idle work, heartbeats too
     finally:
-        players.close()
+        if players is not None:
+            players.close()
         gateway.stop()
     heartbeats = max(1, round(bare.elapsed_s * 3 / HEARTBEAT_TTL_S))
     return {f"heartbeat ({count} connections, every third of -presence-ttl)": (bare, heartbeats * count)}
