@@ -61,7 +61,7 @@ def test_capacity_bench_holds_players_on_workers_and_broadcasts_to_all(tmp_path)
         [sys.executable, str(BENCH.parent / "capacity.py"), "--players", "60", "--workers", "2",
          "--connections-per-client", "20", "--broadcasts", "1", "--idle-s", "0.2"],
         cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
-        timeout=4 * PROCESS_START_TIMEOUT_S)
+        timeout=8 * PROCESS_START_TIMEOUT_S)  # several gateway processes start
     assert result.returncode == 0, result.stderr + result.stdout
     output = result.stdout
     for figure in ("60 players open in", "connections/s", "KiB per connection", "descriptors per worker",
@@ -76,7 +76,7 @@ def test_redis_ops_bench_prints_the_redis_work_of_each_operation(tmp_path):
         [sys.executable, str(BENCH.parent / "redis_ops.py"), "--operations", "20", "--broadcasts", "2",
          "--batch-size", "5", "--idle-s", "0.5", "--publishers", "2", "--load-s", "0.5"],
         cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
-        timeout=4 * PROCESS_START_TIMEOUT_S)
+        timeout=8 * PROCESS_START_TIMEOUT_S)  # several gateway processes start
     assert result.returncode == 0, result.stderr + result.stdout
     output = result.stdout
     for row in ("| connect |", "| publish, player on the same gateway |", "| publish, player on another gateway |",
