@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         host.idle()
         for number in range(1, args.broadcasts + 1):
             host.broadcast(number)
-    except SystemExit as exc:  # a scenario gave up: still say what went wrong on the way
-        failure = str(exc)
+    except (SystemExit, KeyboardInterrupt) as exc:  # given up, or stopped: still say what went wrong on the way
+        failure = str(exc) or "interrupted"
     finally:
         core.progress("")
         if host is not None:
