@@ -354,7 +354,7 @@ class PlayerListener:
         if message.get("event") == MISSED_EVENT and isinstance(payload, dict) and payload.get("recovered") is False:
             reason = payload.get("reason")
             on_status(f"could not resume after {self.last_event_id}: {reason}; "
-                      f"the {payload.get('kept')} message(s) the gateway kept follow")
+                      f"{payload.get('kept')} kept message(s) follow")
             if reason == HISTORY_OFF:
                 self.last_event_id = ""
 
