@@ -310,3 +310,28 @@ def test_too_many_connections_is_retried_not_fatal(start_gateway):
         listener.stop()
         runner.join(timeout=TIMEOUT_S)
     assert runner.dead
+
+
+def test_the_position_is_the_id_of_the_last_message_handed_on(start_gateway):
+    """PlayerListener.last_event_id follows what on_message got; started with one, it resumes after it."""
+    gateway = start_gateway(*HISTORY)
+    server, token = gateway.tokens.server(), gateway.tokens.player(21)
+    listener = PlayerListener(base_url(gateway), token)
+    runner, messages, statuses = listen_in_greenlet(listener)
+    try:
+        wait_for(lambda: statuses == [f"connected to {listener.url}"], what="connected, with no position yet")
+        publish_numbers(gateway, server, range(2))
+        wait_for(lambda: len(messages) == 2, what="two messages")
+        assert listener.last_event_id == json.loads(messages[-1])["id"]
+    finally:
+        listener.stop()
+        runner.join(timeout=TIMEOUT_S)
+    publish_numbers(gateway, server, range(2, 4))
+    resumed = PlayerListener(base_url(gateway), token, last_event_id=json.loads(messages[0])["id"])
+    runner, replayed, statuses = listen_in_greenlet(resumed)
+    try:
+        wait_for(lambda: len(replayed) == 3, what="what came after the first message")
+        assert replayed[0] == messages[1] and [json.loads(text)["payload"] for text in replayed] == [1, 2, 3]
+    finally:
+        resumed.stop()
+        runner.join(timeout=TIMEOUT_S)
