@@ -521,8 +521,8 @@ def _parser() -> argparse.ArgumentParser:
                     "at once.",
         epilog="example:\n  ws-gateway listen --url http://127.0.0.1:8080 --token PLAYER_TOKEN\n"
                "  ws-gateway listen --token PLAYER_TOKEN | jq .payload\n"
-               "  ws-gateway listen --token PLAYER_TOKEN --last-event-id \"$(jq -r 'select(.id) | .id' out.jsonl | tail -n1)\" "
-               ">> out.jsonl")
+               "  ws-gateway listen --token PLAYER_TOKEN "
+               "--last-event-id \"$(jq -r 'select(.id) | .id' out.jsonl | tail -n1)\" >> out.jsonl")
     listen.add_argument("--url", help="the gateway's base URL, http(s):// or ws(s):// (default: from the "
                                       "settings' -addr, https with -tls-cert)")
     listen.add_argument("--token", help=f"a player token (default: ${PLAYER_TOKEN_ENV})")

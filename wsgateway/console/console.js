@@ -9,11 +9,11 @@
 // gateway that keeps a history (-history-size) replays what was published while the page
 // was away, none twice, none skipped; the page shows whether the resume recovered
 // everything or, from the gateway's `gateway.missed` notice, why it could not (what
-// follows the notice is every event the gateway still kept). Endpoints are found relative to this
-// page's URL, so the console works behind a proxy under a path prefix. Tokens stay in
-// memory: never in the URL bar, storage or the log shown on the page; the server token
-// travels only in Authorization headers (a player token must be in /ws's query: that is
-// how browsers open a WebSocket, and the gateway never logs it).
+// follows the notice is every event the gateway still kept). Endpoints are found
+// relative to this page's URL, so the console works behind a proxy under a path
+// prefix. Tokens stay in memory: never in the URL bar, storage or the log shown on the
+// page; the server token travels only in Authorization headers (a player token must be
+// in /ws's query: that is how browsers open a WebSocket, and the gateway never logs it).
 'use strict';
 
 (function () {
