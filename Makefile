@@ -48,8 +48,8 @@ $(NGINX):
 	    && dpkg-deb -x nginx_*.deb . && rm nginx_*.deb
 	$(NGINX) -v
 
-# docs/console.png and docs/console-operator.png, the console's screenshots in docs/operations.md,
-# taken by the browser test.
+# docs/console.png, docs/console-operator.png and docs/console-resume.png, the console's screenshots
+# in docs/operations.md, taken by the browser tests.
 console-screenshot: install-test install-test-tools
 	WS_GATEWAY_CONSOLE_SCREENSHOT=$(CURDIR)/docs/console.png $(PY) -m pytest -q tests/test_console.py -k browser
 

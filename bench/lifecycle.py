@@ -21,7 +21,8 @@ options), each prints its figure and the gateway's CPU time:
 
 The clients are plain non-blocking sockets and epoll, like bench.py's, `--connections-per-client`
 players per process; each process connects from its own loopback address (127.0.0.2,
-127.0.0.3, ...), so that ephemeral ports never run short. Clients are this file run as
+127.0.0.3, ...), so that ephemeral ports never run short. They count the text frames
+they receive (bench/capacity.py's broadcasts use these clients too). Clients are this file run as
 `lifecycle.py _worker player|close_publisher SPEC`.
 """
 from __future__ import annotations
@@ -88,15 +89,15 @@ class Players:
         """The clients' counters, summed (times: earliest first, latest last)."""
         replies = self.command({"cmd": "stats"})
         total: dict[str, Any] = {"open": 0, "failed": 0, "reopened": 0, "closed": 0, "attempts": 0,
-                                 "failed_by": {}, "close_codes": {}, "cpu_s": 0.0}
+                                 "text_frames": 0, "failed_by": {}, "close_codes": {}, "cpu_s": 0.0}
         for reply in replies:
-            for key in ("open", "failed", "reopened", "closed", "attempts", "cpu_s"):
+            for key in ("open", "failed", "reopened", "closed", "attempts", "text_frames", "cpu_s"):
                 total[key] += reply[key]
             for key in ("failed_by", "close_codes"):
                 for name, value in reply[key].items():
                     total[key][name] = total[key].get(name, 0) + value
         for key, pick in (("first_attempt", min), ("first_close", min), ("last_open", max), ("last_close", max),
-                          ("first_refused", min), ("last_refused", max)):
+                          ("first_refused", min), ("last_refused", max), ("last_text", max)):
             values = [reply[key] for reply in replies if reply[key] is not None]
             total[key] = pick(values) if values else None
         return total
@@ -340,7 +341,8 @@ class _PlayerClient:
         self.reset()
 
     def reset(self) -> None:
-        self.attempts = self.failed = self.reopened = self.closed = 0
+        self.attempts = self.failed = self.reopened = self.closed = self.text_frames = 0
+        self.last_text: float | None = None  # when the latest text frame arrived
         self.failed_by: dict[str, int] = {}
         self.close_codes: dict[str, int] = {}
         self.first_attempt = self.first_close = self.last_open = self.last_close = None
@@ -356,6 +358,7 @@ class _PlayerClient:
                 "first_attempt": self.first_attempt, "first_close": self.first_close,
                 "last_open": self.last_open, "last_close": self.last_close,
                 "first_refused": self.first_refused, "last_refused": self.last_refused,
+                "text_frames": self.text_frames, "last_text": self.last_text,
                 "cpu_s": core._cpu_s() - self.cpu_at_reset}
 
     def schedule(self, player: _Player, due: float) -> None:
@@ -480,7 +483,10 @@ class _PlayerClient:
                     pass
                 self.closed_by_server(player, str(int.from_bytes(code, "big")) if code else "1005", now)
                 return
-            if opcode == 0x9:
+            if opcode == 0x1:
+                self.text_frames += 1
+                self.last_text = now
+            elif opcode == 0x9:
                 try:
                     player.sock.send(b"\x8a\x80\0\0\0\0")
                 except OSError:
@@ -519,8 +525,9 @@ class _PlayerClient:
         if name == "quit":
             return False
         if name == "open":
+            per_tick = command.get("per_tick", OPEN_PER_TICK)
             for player in self.players:
-                self.schedule(player, command["start_at"] + player.index // OPEN_PER_TICK * TICK_S)
+                self.schedule(player, command["start_at"] + player.index // per_tick * TICK_S)
             core._reply({"ok": True})
         elif name == "reset":
             self.reset()

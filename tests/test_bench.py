@@ -55,6 +55,37 @@ def test_bench_runs_the_connection_life_cycle_scenarios(tmp_path):
     assert "close codes 1001: 40" in output, output
 
 
+def test_capacity_bench_holds_players_on_workers_and_broadcasts_to_all(tmp_path):
+    """bench/capacity.py connects players to `-workers 2` on a private redis-server from several client processes and loopback addresses, broadcasts to all of them, and prints memory, connect rate, broadcast time and errors."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH.parent / "capacity.py"), "--players", "60", "--workers", "2",
+         "--connections-per-client", "20", "--broadcasts", "1", "--idle-s", "0.2"],
+        cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
+        timeout=8 * PROCESS_START_TIMEOUT_S)  # several gateway processes start
+    assert result.returncode == 0, result.stderr + result.stdout
+    output = result.stdout
+    for figure in ("60 players open in", "connections/s", "KiB per connection", "descriptors per worker",
+                   "bytes per connection", "Redis CPU", "last of 60 players received it", "errors: "):
+        assert figure in output, output
+    assert "frames missing" not in output, output
+
+
+def test_redis_ops_bench_prints_the_redis_work_of_each_operation(tmp_path):
+    """bench/redis_ops.py measures, on a private redis-server, the commands and Redis CPU of a connect, a publish, a batch message, a broadcast, a close and a heartbeat, then publishing under load, and prints one row for each."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH.parent / "redis_ops.py"), "--operations", "20", "--broadcasts", "2",
+         "--batch-size", "5", "--idle-s", "0.5", "--publishers", "2", "--load-s", "0.5"],
+        cwd=tmp_path, env=gateway_environment(), capture_output=True, text=True,
+        timeout=8 * PROCESS_START_TIMEOUT_S)  # several gateway processes start
+    assert result.returncode == 0, result.stderr + result.stdout
+    output = result.stdout
+    for row in ("| connect |", "| publish, player on the same gateway |", "| publish, player on another gateway |",
+                "| publish, player offline (queued) |", "| batch message (5 per request) |",
+                "| broadcast (20 players, 2 gateways) |", "| close |", "| heartbeat (20 connections",
+                "| /publish under load |", "| batch message under load |"):
+        assert row in output, output
+
+
 def test_bench_measures_event_streams_too(tmp_path):
     """With --transport sse the players hold event streams: the memory and fan-out figures are theirs."""
     result = subprocess.run(

@@ -1,8 +1,9 @@
 """The browser console: /console only with -console, its headers, and the page driven end to end in
 Debian's headless Chromium (connect, publish, read the event, reconnect after 1001, stop after 1008; then the
-operator's counts, presence look-up and disconnect)."""
+operator's counts, presence look-up and disconnect; and resuming after a lost socket, recovered or not)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -10,7 +11,8 @@ import gevent
 
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.browser import BrowserScript, require_browser
-from tests.support.clients import receive_close
+from tests.support.clients import receive_close, receive_event
+from tests.support.processes import TcpForwarder
 from wsgateway.errors import CloseCode
 
 SCREENSHOT = os.environ.get("WS_GATEWAY_CONSOLE_SCREENSHOT")  # `make console-screenshot` sets it
@@ -43,7 +45,7 @@ def test_console_in_a_real_browser(start_gateway, caplog):
     gateway = start_gateway("-console")
     player_token, server_token = gateway.tokens.player(21), gateway.tokens.server()
     caplog.set_level(logging.DEBUG, logger="wsgateway")
-    browser = BrowserScript("console_check.mjs", {"url": f"http://{gateway.host}:{gateway.port}", "playerToken": player_token,
+    browser = BrowserScript({"url": f"http://{gateway.host}:{gateway.port}", "playerToken": player_token,
                              "serverToken": server_token, "playerId": "21", "screenshot": SCREENSHOT})
     try:
         loaded = browser.step("loaded")
@@ -107,3 +109,66 @@ def test_console_in_a_real_browser(start_gateway, caplog):
         assert browser.finish() == 0
     finally:
         browser.kill()
+
+
+HISTORY = ("-history-size", "100", "-history-ttl", "1m")
+
+
+def test_console_resumes_in_a_real_browser(start_gateway):
+    """In headless Chromium, the page's socket cut while another tab stays open and events are published: it
+    reconnects after the last id it showed, shows each event once, in order, and says it recovered; moved to a
+    gateway that never had that history, it shows the gateway.missed notice, says it did not recover, and goes
+    on with the new ids."""
+    require_browser()
+    gateway = start_gateway("-console", *HISTORY)
+    server, token = gateway.tokens.server(), gateway.tokens.player(21)
+    other_tab = gateway.connect(token)
+    relay = TcpForwarder((gateway.host, gateway.port))  # the page's way to the gateway, to be cut
+    browser = BrowserScript({"url": f"http://127.0.0.1:{relay.port}", "playerToken": token,
+                             "screenshot": SCREENSHOT and SCREENSHOT.replace(".png", "-resume.png")},
+                            "resume_check.mjs")
+    try:
+        assert browser.step("open")["state"] == "none"
+        for number in range(3):
+            assert gateway.publish(server, 21, "n", number).status == 200
+        before = browser.step("waiting")["events"]
+        relay.cut()
+        wait_for(lambda: gateway.metric("ws_active_connections") == 1, what="the page's socket gone")
+        for number in range(3, 6):
+            reply = gateway.publish(server, 21, "n", number) if number < 5 else gateway.broadcast(server, "n", number)
+            assert reply.status == 200
+        assert [receive_event(other_tab)["payload"] for _ in range(6)] == list(range(6))  # delivered, not queued
+        relay.restore()
+        browser.tell("published-while-away")
+
+        recovered = browser.step("recovered")
+        shown = recovered["events"]
+        assert [event["payload"] for event in shown] == [str(number) for number in range(6)]
+        assert shown[:3] == before and len({event["id"] for event in shown}) == 6 and all(e["id"] for e in shown)
+        assert recovered["state"] == "recovered" and before[-1]["id"] in recovered["text"]
+        assert any(f"connecting, resuming after {before[-1]['id']}" in entry for entry in recovered["log"])
+        assert recovered["lastId"] == shown[-1]["id"]
+        assert gateway.metric("ws_resumes_total", outcome="recovered") >= 1
+
+        assert browser.step("waiting")["for"] == "history-lost"
+        elsewhere = start_gateway("-console", *HISTORY)  # no -broker: it knows nothing of the first's history
+        relay.target = (elsewhere.host, elsewhere.port)
+        relay.cut()
+        relay.restore()
+        browser.tell("history-lost")
+        lost = browser.step("not-recovered")
+        assert lost["state"] == "lost" and "history_lost" in lost["text"]
+        assert any(f"not recovered after {shown[-1]['id']}: history_lost" in entry for entry in lost["log"])
+        assert browser.step("waiting")["for"] == "published-after"
+        assert elsewhere.publish(server, 21, "n", 6).status == 200
+        browser.tell("published-after")
+        after = browser.step("after")
+        notice, new = after["events"][6:]
+        assert (notice["event"], notice["id"]) == ("gateway.missed", "")
+        assert json.loads(notice["payload"])["recovered"] is False
+        assert new["payload"] == "6" and new["id"] and after["lastId"] == new["id"]
+        assert after["problems"] == []
+        assert browser.finish() == 0
+    finally:
+        browser.kill()
+        relay.close()

@@ -1,5 +1,6 @@
 """`ws-gateway listen` and `client.PlayerListener`: one JSON line per message, reconnection
-with capped backoff and jitter, bounded waits, a clean stop on SIGINT/SIGTERM, and an
+with capped backoff and jitter, resuming after the last id printed (none lost, none twice,
+the gateway's notice when it cannot), bounded waits, a clean stop on SIGINT/SIGTERM, and an
 immediate, one-line exit for a token the gateway refuses."""
 from __future__ import annotations
 
@@ -12,23 +13,34 @@ import gevent
 import pytest
 
 from tests.support import TIMEOUT_S, wait_for
-from tests.support.processes import GATEWAY_BIN, PROCESS_START_TIMEOUT_S, free_port, gateway_environment
+from tests.support.clients import receive_event
+from tests.support.processes import (GATEWAY_BIN, PROCESS_START_TIMEOUT_S, TcpForwarder, free_port,
+                                     gateway_environment)
 from wsgateway.client import PlayerListener
 
 
 class Listener:
     """bin/ws-gateway listen as a child process, its stdout and stderr in files."""
 
-    def __init__(self, directory: Path, url: str, token: str, *flags: str) -> None:
-        self.stdout = directory / "listen.out"
-        self.stderr = directory / "listen.err"
+    def __init__(self, directory: Path, url: str, token: str, *flags: str, name: str = "listen") -> None:
+        self.stdout = directory / f"{name}.out"
+        self.stderr = directory / f"{name}.err"
         with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
             self.process = subprocess.Popen([GATEWAY_BIN, "listen", "--url", url, *flags],
                                             cwd=directory, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                             env=gateway_environment(WS_GATEWAY_PLAYER_TOKEN=token))
 
     def lines(self) -> list[str]:
-        return self.stdout.read_text().splitlines()
+        """The complete lines printed so far."""
+        text = self.stdout.read_text()
+        return text[:text.rfind("\n") + 1].splitlines()
+
+    def messages(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines()]
+
+    def wait_lines(self, count: int, timeout_s: float = TIMEOUT_S) -> list[dict]:
+        wait_for(lambda: len(self.lines()) >= count, timeout_s, what=f"{count} lines printed")
+        return self.messages()
 
     def wait_connected(self, times: int = 1) -> None:
         wait_for(lambda: self.stderr.read_text().count("connected to ") >= times, PROCESS_START_TIMEOUT_S,
@@ -84,6 +96,133 @@ def test_reconnects_after_the_gateway_restarts(tmp_path, start_gateway, sqlite_u
         assert player not in listener.stderr.read_text()
     finally:
         listener.kill()
+
+
+# --- resuming after the last id printed (-history-size) -----------------------------------
+
+HISTORY = ("-history-size", "2000", "-history-ttl", "1m", "-rate-limit", "0")
+
+
+def publish_numbers(gateway, server: str, numbers: range, pause_s: float = 0.0) -> None:
+    """Publish `numbers` to player 21 in order, every fifth as a broadcast to all players."""
+    for number in numbers:
+        reply = gateway.publish(server, 21, "n", number) if number % 5 else gateway.broadcast(server, "n", number)
+        assert reply.status == 200, reply
+        gevent.sleep(pause_s)  # lets the test cut connections while the burst goes on
+
+
+def assert_exactly_once_in_order(messages: list[dict], total: int) -> None:
+    assert [message["payload"] for message in messages] == list(range(total))
+    assert [list(message) for message in messages] == [["event", "payload", "id"]] * total  # the id, last
+    assert len({message["id"] for message in messages}) == total
+
+
+def test_resumes_after_its_socket_is_cut_while_publishes_continue(tmp_path, start_gateway):
+    """Its socket cut three times during a burst while another tab stays open (so nothing is queued for the
+    player): each reconnect resumes after the last id printed, and every message is printed once, in order."""
+    total = 600
+    gateway = start_gateway(*HISTORY)
+    server, token = gateway.tokens.server(), gateway.tokens.player(21)
+    other_tab = gateway.connect(token)
+    other_tab_got = gevent.spawn(lambda: [receive_event(other_tab)["payload"] for _ in range(total)])
+    relay = TcpForwarder((gateway.host, gateway.port))
+    listener = Listener(tmp_path, f"http://127.0.0.1:{relay.port}", token, "--max-backoff", "200ms")
+    try:
+        listener.wait_connected()
+        publisher = gevent.spawn(publish_numbers, gateway, server, range(total), 0.002)
+        for cut in range(1, 4):
+            listener.wait_connected(times=cut)
+            listener.wait_lines(cut * total // 5, TIMEOUT_S * 4)  # it carries the burst, then loses it
+            relay.cut()  # frames on their way through the relay are lost with it
+            relay.restore()
+        publisher.get(timeout=TIMEOUT_S * 6)
+        assert_exactly_once_in_order(listener.wait_lines(total, TIMEOUT_S * 4), total)
+        assert other_tab_got.get(timeout=TIMEOUT_S) == list(range(total))
+        news = listener.stderr.read_text()
+        assert news.count(", resuming after ") >= 3 and "could not resume" not in news
+        assert gateway.metric("ws_resumes_total", outcome="recovered") >= 3
+    finally:
+        listener.kill()
+        relay.close()
+
+
+def test_resumes_on_a_gateway_restarted_with_broker_while_publishes_continue(tmp_path, start_cluster_gateway):
+    """With -broker the history is in Redis: a gateway restarted on the same address while another keeps
+    publishing gives the listener, resuming with its last id, exactly what it missed."""
+    port = free_port()
+    first = start_cluster_gateway("-addr", f"127.0.0.1:{port}", *HISTORY)
+    publishing = start_cluster_gateway(*HISTORY)
+    server, token = first.tokens.server(), first.tokens.player(21)
+    listener = Listener(tmp_path, f"http://127.0.0.1:{port}", token, "--max-backoff", "200ms")
+    total = 300
+    try:
+        listener.wait_connected()
+        publisher = gevent.spawn(publish_numbers, publishing, server, range(total), 0.005)
+        listener.wait_lines(total // 4, TIMEOUT_S * 4)
+        first.stop()
+        second = start_cluster_gateway("-addr", f"127.0.0.1:{port}", *HISTORY)
+        listener.wait_connected(times=2)
+        publisher.get(timeout=TIMEOUT_S * 6)
+        assert_exactly_once_in_order(listener.wait_lines(total, TIMEOUT_S * 4), total)
+        assert ", resuming after " in listener.stderr.read_text()
+        assert second.metric("ws_resumes_total", outcome="recovered") == 1
+    finally:
+        listener.kill()
+
+
+def test_a_lost_history_prints_the_notice_then_resumes_from_the_new_ids(tmp_path, start_gateway):
+    """A restart without -broker loses the history: the gateway's gateway.missed line comes first, reported on
+    stderr; the next reconnect resumes after the new history's ids, without another notice."""
+    port = free_port()
+    first = start_gateway("-addr", f"127.0.0.1:{port}", *HISTORY)
+    server, token = first.tokens.server(), first.tokens.player(21)
+    listener = Listener(tmp_path, f"http://127.0.0.1:{port}", token, "--max-backoff", "200ms")
+    try:
+        listener.wait_connected()
+        assert first.publish(server, 21, "n", 0).status == 200
+        old_id = listener.wait_lines(1)[0]["id"]
+        first.stop()
+        second = start_gateway("-addr", f"127.0.0.1:{port}", *HISTORY)
+        listener.wait_connected(times=2)
+        assert second.publish(server, 21, "n", 1).status == 200
+        notice, after = listener.wait_lines(3)[1:]
+        assert notice == {"event": "gateway.missed",
+                          "payload": {"recovered": False, "reason": "history_lost", "oldest_id": None, "kept": 0}}
+        assert after["payload"] == 1 and after["id"] != old_id
+        assert f"could not resume after {old_id}: history_lost" in listener.stderr.read_text()
+        assert second.post("/disconnect", {"player_id": 21}, token=server).json == {"disconnected": 1}
+        listener.wait_connected(times=3)
+        assert second.publish(server, 21, "n", 2).status == 200
+        assert listener.wait_lines(4)[3]["payload"] == 2  # not a second notice
+        assert f", resuming after {after['id']}" in listener.stderr.read_text()
+    finally:
+        listener.kill()
+
+
+def test_a_new_run_resumes_after_the_id_an_earlier_run_printed(tmp_path, start_gateway):
+    """--last-event-id: a listen started again with the id of the last line the earlier one printed gets exactly
+    what was published in between (another tab was open: nothing was queued for the player)."""
+    gateway = start_gateway(*HISTORY)
+    server, token = gateway.tokens.server(), gateway.tokens.player(21)
+    other_tab = gateway.connect(token)
+    earlier = Listener(tmp_path, base_url(gateway), token, name="earlier")
+    later = None
+    try:
+        earlier.wait_connected()
+        publish_numbers(gateway, server, range(3))
+        last_id = earlier.wait_lines(3)[-1]["id"]
+        assert earlier.stop(signal.SIGTERM) == 0
+        publish_numbers(gateway, server, range(3, 6))
+        assert [receive_event(other_tab)["payload"] for _ in range(6)] == list(range(6))
+        later = Listener(tmp_path, base_url(gateway), token, "--last-event-id", last_id, name="later")
+        assert [message["payload"] for message in later.wait_lines(3, PROCESS_START_TIMEOUT_S)] == [3, 4, 5]
+        assert f", resuming after {last_id}" in later.stderr.read_text()
+        publish_numbers(gateway, server, range(6, 7))
+        assert [message["payload"] for message in later.wait_lines(4)] == [3, 4, 5, 6]
+    finally:
+        earlier.kill()
+        if later is not None:
+            later.kill()
 
 
 @pytest.mark.parametrize("token_kind", ["unknown", "server"])
@@ -171,3 +310,28 @@ def test_too_many_connections_is_retried_not_fatal(start_gateway):
         listener.stop()
         runner.join(timeout=TIMEOUT_S)
     assert runner.dead
+
+
+def test_the_position_is_the_id_of_the_last_message_handed_on(start_gateway):
+    """PlayerListener.last_event_id follows what on_message got; started with one, it resumes after it."""
+    gateway = start_gateway(*HISTORY)
+    server, token = gateway.tokens.server(), gateway.tokens.player(21)
+    listener = PlayerListener(base_url(gateway), token)
+    runner, messages, statuses = listen_in_greenlet(listener)
+    try:
+        wait_for(lambda: statuses == [f"connected to {listener.url}"], what="connected, with no position yet")
+        publish_numbers(gateway, server, range(2))
+        wait_for(lambda: len(messages) == 2, what="two messages")
+        assert listener.last_event_id == json.loads(messages[-1])["id"]
+    finally:
+        listener.stop()
+        runner.join(timeout=TIMEOUT_S)
+    publish_numbers(gateway, server, range(2, 4))
+    resumed = PlayerListener(base_url(gateway), token, last_event_id=json.loads(messages[0])["id"])
+    runner, replayed, statuses = listen_in_greenlet(resumed)
+    try:
+        wait_for(lambda: len(replayed) == 3, what="what came after the first message")
+        assert replayed[0] == messages[1] and [json.loads(text)["payload"] for text in replayed] == [1, 2, 3]
+    finally:
+        resumed.stop()
+        runner.join(timeout=TIMEOUT_S)

@@ -57,3 +57,23 @@ def test_process_metrics_show_memory_and_descriptors_against_their_limit(gateway
     assert value["process_start_time_seconds"] > 0
     python = [dict(labels) for name, labels in samples if name == "python_info"]
     assert python and python[0]["implementation"] == "CPython"
+
+
+def test_a_worker_value_file_not_yet_sized_is_left_out_of_the_host_totals(tmp_path, monkeypatch):
+    """A worker that is starting has created its value file but not sized it yet: the
+    scrape still answers, with every other worker's values (it used to raise struct.error,
+    a 500 from /metrics whenever the supervisor started a worker)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from wsgateway.metrics import GatewayMetrics
+
+    running = MmapedDict(str(tmp_path / "counter_101.db"))
+    running.write_value(mmap_key("ws_published_total", "ws_published_total", [], [], "published"), 7.0, 0.0)
+    running.close()
+    (tmp_path / "gauge_livesum_102.db").touch()  # the starting worker's, 0 bytes
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+    text = GatewayMetrics(CollectorRegistry()).exposition().decode()
+
+    assert "ws_published_total 7.0" in text

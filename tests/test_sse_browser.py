@@ -13,13 +13,19 @@ from wsgateway.errors import CloseCode
 EVENTS = ["score", "round_over", "gateway.close"]
 
 
+def unexpected(problems: list[str]) -> list[str]:
+    """The page's errors, less the browser's console lines for refused loads (the 401 of a revoked token's
+    reconnection, the 404 of the page's favicon)."""
+    return [problem for problem in problems if not problem.startswith("Failed to load resource")]
+
+
 def test_event_source_receives_named_events_reconnects_and_stops_when_revoked(start_gateway):
     """Named events arrive as sent; after gateway.close 1001 the browser reconnects by itself; after 1008 it is
     refused 401 and stays closed."""
     require_browser()
     gateway = start_gateway()
     server, token = gateway.tokens.server(), gateway.tokens.player(21)
-    browser = BrowserScript("event_source_check.mjs", {"page": f"http://{gateway.host}:{gateway.port}/healthz"})
+    browser = BrowserScript({"page": f"http://{gateway.host}:{gateway.port}/healthz"}, "event_source_check.mjs")
     try:
         browser.step("loaded")
         browser.tell(json.dumps({"cmd": "open", "url": f"/events?token={token}", "events": EVENTS}))
@@ -56,7 +62,8 @@ def test_event_source_receives_named_events_reconnects_and_stops_when_revoked(st
                  what="the browser's reconnection refused", timeout_s=30)
         browser.tell(json.dumps({"cmd": "state"}))
         state = browser.step("state")
-        assert state["readyState"] == 2 and state["problems"] == []  # CLOSED: a 401 is not retried
+        assert state["readyState"] == 2  # CLOSED: a 401 is not retried
+        assert unexpected(state["problems"]) == []
 
         # From another origin (localhost is not 127.0.0.1): CORS lets the page read the stream.
         other = gateway.tokens.player(22)
@@ -86,7 +93,7 @@ def test_event_source_resumes_after_the_gateway_restarts_with_broker(start_gatew
     other = start_gateway(*flags)
     server, token = gateway.tokens.server(), gateway.tokens.player(21)
     # The page is on another origin (localhost, the stream 127.0.0.1): Last-Event-ID crosses origins as it is.
-    browser = BrowserScript("event_source_check.mjs", {"page": f"http://localhost:{port}/healthz"})
+    browser = BrowserScript({"page": f"http://localhost:{port}/healthz"}, "event_source_check.mjs")
     try:
         browser.step("loaded")
         browser.tell(json.dumps({"cmd": "open", "url": f"http://127.0.0.1:{port}/events?token={token}",
@@ -115,7 +122,7 @@ def test_event_source_resumes_after_the_gateway_restarts_with_broker(start_gatew
             [("n", 0), ("n", 1), ("b", 2), ("n", 3), ("n", 4)]
         ids = [event["lastEventId"] for event in seen["events"]]
         assert len(set(ids)) == 5 and ids[0] == first_id
-        assert seen["opens"] == 2 and seen["problems"] == []
+        assert seen["opens"] == 2 and unexpected(seen["problems"]) == []
         browser.tell(json.dumps({"cmd": "quit"}))
         assert browser.finish() == 0
     finally:

@@ -38,7 +38,14 @@ Listening as a player (what `ws-gateway listen` runs)::
     listener = PlayerListener("http://127.0.0.1:8080", "PLAYER_TOKEN")
     listener.run(print)  # each message's text, until listener.stop(); reconnects by itself
 
-It reconnects after every loss with capped exponential backoff and jitter, and gives up
+It reconnects after every loss with capped exponential backoff and jitter, and resumes:
+every connection asks for ids (`/ws?token=T&last_event_id=<the last id it handed on>`,
+empty at first), so a gateway that keeps a history (`-history-size`) replays what was
+published while the listener was away, none twice, none skipped, and every message comes
+with its `"id"` as the last key. A gateway without a history sends today's frames and
+nothing is replayed. When the gateway cannot honour the id, the first message is its
+`{"event": "gateway.missed", "payload": {"recovered": false, ...}}` notice (handed on
+like any message, and reported to `on_status`); every kept message follows. It gives up
 (raising) only when retrying cannot help: 401/403 at the handshake (`AuthError`) or
 another refusal that is not 429 or 5xx (`GatewayError`). Every wait is bounded: the
 connection and handshake by `timeout_s`, silence on an open socket by `idle_timeout_s`
@@ -59,6 +66,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 USER_AGENT = "ws-gateway-client/1"
 WEBSOCKET_PATH = "/ws"
+MISSED_EVENT = "gateway.missed"  # the gateway's notice (wsgateway/history.py; not imported: see above)
+HISTORY_OFF = "history_off"  # its reason when the gateway keeps no history
 
 
 class GatewayError(Exception):
@@ -247,18 +256,23 @@ class PlayerListener:
     """One player's connection to a gateway's `/ws`, kept open: every text message the
     player receives goes to `on_message`, in order, until `stop()`.
 
-    A message published while the listener is between connections reaches it only
-    through the gateway's offline queue (when the player has no other connection)."""
+    Every connection resumes from `last_event_id`, the id of the last message handed to
+    `on_message` (updated only once `on_message` returned). A message published while the
+    listener is between connections reaches it through the gateway's history when the
+    gateway keeps one (`-history-size`, within its size and age); without one, only
+    through the offline queue (when the player has no other connection)."""
 
     def __init__(self, url: str, token: str, *, timeout_s: float = 5.0, idle_timeout_s: float = 90.0,
                  backoff_s: float = 0.5, max_backoff_s: float = 30.0, stable_s: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None,
+                 ssl_context: ssl.SSLContext | None = None, last_event_id: str = "",
                  jitter: Callable[[], float] = random.random) -> None:
         """`url`: the gateway's base URL (`http(s)://host[:port][/prefix]`, or `ws(s)://`).
         `timeout_s`: for connecting and the handshake. `idle_timeout_s`: an open socket
         that brings nothing, not even a ping, for this long counts as lost. The pause
         before attempt n is between half and all of `min(max_backoff_s, backoff_s * 2**n)`;
-        n starts again at 0 once a connection stayed up `stable_s` or brought a message."""
+        n starts again at 0 once a connection stayed up `stable_s` or brought a message.
+        `last_event_id`: where the first connection resumes (the `"id"` of the last message
+        an earlier listener handed on); empty: no position yet."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
             raise ValueError(f"gateway URL must be http(s)://HOST[:PORT] or ws(s)://..., not {url!r}")
@@ -280,6 +294,7 @@ class PlayerListener:
         self._jitter = jitter
         self._stopped = threading.Event()
         self._socket: Any = None
+        self.last_event_id = last_event_id  # the next connection resumes after it; "": none yet
 
     def run(self, on_message: Callable[[str], None], *,
             on_status: Callable[[str], None] = lambda line: None) -> None:
@@ -317,9 +332,31 @@ class PlayerListener:
         return ceiling_s / 2 + self._jitter() * ceiling_s / 2
 
     def _connect_url(self) -> str:
-        """The handshake's URL: the one place a query parameter goes (the token now; a
-        resume position when the gateway offers one)."""
-        return f"{self.url}?token={quote(self._token, safe='')}"
+        """The handshake's URL: the one place a query parameter goes (the token, and the
+        position to resume from, always present so that every frame carries its id)."""
+        return (f"{self.url}?token={quote(self._token, safe='')}"
+                f"&last_event_id={quote(self.last_event_id, safe='')}")
+
+    def _handed_on(self, text: str, on_status: Callable[[str], None]) -> None:
+        """Bookkeeping after `on_message` returned: the message's id becomes the position
+        to resume from; a `gateway.missed` notice that the resume failed is reported.
+        After a notice the old id is kept (asking with it again costs one more notice,
+        never a message), except when the gateway keeps no history at all: then ids will
+        not come, and asking with none gets today's frames without a notice."""
+        message = _json_or_none(text)
+        if not isinstance(message, dict):
+            return
+        event_id = message.get("id")
+        if isinstance(event_id, str) and event_id:
+            self.last_event_id = event_id
+            return
+        payload = message.get("payload")
+        if message.get("event") == MISSED_EVENT and isinstance(payload, dict) and payload.get("recovered") is False:
+            reason = payload.get("reason")
+            on_status(f"could not resume after {self.last_event_id}: {reason}; "
+                      f"{payload.get('kept')} kept message(s) follow")
+            if reason == HISTORY_OFF:
+                self.last_event_id = ""
 
     def _listen_once(self, on_message: Callable[[str], None],
                      on_status: Callable[[str], None]) -> tuple[str, bool]:
@@ -337,7 +374,7 @@ class PlayerListener:
         except (OSError, websocket.WebSocketException) as exc:
             raise Unavailable(f"no answer from {self.url}: {_describe(exc)}") from None
         self._socket = connection
-        on_status(f"connected to {self.url}")
+        on_status(f"connected to {self.url}" + (f", resuming after {self.last_event_id}" if self.last_event_id else ""))
         received = False
         try:
             connection.settimeout(self.idle_timeout_s)
@@ -345,7 +382,9 @@ class PlayerListener:
                 opcode, frame = connection.recv_data_frame(control_frame=True)
                 if opcode == websocket.ABNF.OPCODE_TEXT:
                     received = True
-                    on_message(frame.data.decode("utf-8", "replace"))
+                    text = frame.data.decode("utf-8", "replace")
+                    on_message(text)
+                    self._handed_on(text, on_status)
                 elif opcode == websocket.ABNF.OPCODE_CLOSE:
                     code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else 1005
                     reason = frame.data[2:].decode("utf-8", "replace")
@@ -387,7 +426,7 @@ def _publish_result(answer: Mapping[str, Any]) -> PublishResult:
     return PublishResult(delivered=int(answer["delivered"]), queued=bool(answer.get("queued", False)))
 
 
-def _json_or_none(raw: bytes) -> Any:
+def _json_or_none(raw: bytes | str) -> Any:
     try:
         return json.loads(raw)
     except ValueError:

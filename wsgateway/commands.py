@@ -8,7 +8,7 @@
     ws-gateway [SETTINGS] publish [--url URL] --token TOKEN --player ID --event E [--payload JSON]
     ws-gateway [SETTINGS] broadcast [--url URL] --token TOKEN --event E [--player ID] [--payload JSON]
     ws-gateway [SETTINGS] checkconfig
-    ws-gateway [SETTINGS] listen [--url URL] --token PLAYER_TOKEN
+    ws-gateway [SETTINGS] listen [--url URL] --token PLAYER_TOKEN [--last-event-id ID]
     ws-gateway [SETTINGS] presence [--url URL] --token TOKEN [PLAYER]
     ws-gateway [SETTINGS] disconnect [--url URL] --token TOKEN PLAYER
 
@@ -385,9 +385,11 @@ def _disconnect(options: argparse.Namespace, config: Config) -> int:
 
 # --- listen -------------------------------------------------------------------------------
 def _listen(options: argparse.Namespace, config: Config) -> int:
-    """Print every message the player receives as one JSON line on stdout (flushed),
-    connection news on stderr; exit 0 on SIGINT/SIGTERM, 1 when the gateway refuses the
-    token (401/403) or the request in a way retrying cannot help."""
+    """Print every message the player receives as one JSON line on stdout (flushed), the
+    gateway's frame as it came (with its `"id"` when the gateway keeps a history: each
+    reconnect resumes after the last id printed), connection news on stderr; exit 0 on
+    SIGINT/SIGTERM, 1 when the gateway refuses the token (401/403) or the request in a way
+    retrying cannot help."""
     token = options.token or os.environ.get(PLAYER_TOKEN_ENV, "")
     if not token:
         raise UsageError(f"--token: a player token is required (or set {PLAYER_TOKEN_ENV})")
@@ -397,7 +399,7 @@ def _listen(options: argparse.Namespace, config: Config) -> int:
                                   timeout_s=_duration("--timeout", options.timeout),
                                   idle_timeout_s=_duration("--idle-timeout", options.idle_timeout),
                                   max_backoff_s=max_backoff_s, backoff_s=min(0.5, max_backoff_s),
-                                  ssl_context=_ssl_context(options.cacert))
+                                  ssl_context=_ssl_context(options.cacert), last_event_id=options.last_event_id)
     except ValueError as exc:
         raise UsageError(f"--url: {exc}") from None
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -511,10 +513,16 @@ def _parser() -> argparse.ArgumentParser:
         help="connect as a player and print each message",
         description="Connect to /ws with a player token and print every message the player receives as "
                     "one JSON line on standard output; connection news goes to standard error. Reconnects "
-                    "by itself with capped exponential backoff and jitter; stops cleanly on Ctrl-C or "
-                    "SIGTERM (exit 0). A token the gateway refuses (401/403) exits 1 at once.",
+                    "by itself with capped exponential backoff and jitter and resumes after the last id it "
+                    "printed: with a gateway that keeps a history (-history-size) each line carries its "
+                    "\"id\" and nothing published meanwhile is lost or printed twice; when the gateway "
+                    "cannot resume, its gateway.missed line (\"recovered\": false) comes first. Stops "
+                    "cleanly on Ctrl-C or SIGTERM (exit 0). A token the gateway refuses (401/403) exits 1 "
+                    "at once.",
         epilog="example:\n  ws-gateway listen --url http://127.0.0.1:8080 --token PLAYER_TOKEN\n"
-               "  ws-gateway listen --token PLAYER_TOKEN | jq .payload")
+               "  ws-gateway listen --token PLAYER_TOKEN | jq .payload\n"
+               "  ws-gateway listen --token PLAYER_TOKEN "
+               "--last-event-id \"$(jq -r 'select(.id) | .id' out.jsonl | tail -n1)\" >> out.jsonl")
     listen.add_argument("--url", help="the gateway's base URL, http(s):// or ws(s):// (default: from the "
                                       "settings' -addr, https with -tls-cert)")
     listen.add_argument("--token", help=f"a player token (default: ${PLAYER_TOKEN_ENV})")
@@ -525,6 +533,10 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--max-backoff", default="30s", metavar="DURATION",
                         help="longest pause between attempts (default 30s)")
     listen.add_argument("--cacert", metavar="FILE", help="trust this CA (PEM) for a wss:// gateway")
+    listen.add_argument("--last-event-id", default="", metavar="ID",
+                        help="resume after this id: the \"id\" of the last line an earlier run printed "
+                             "(default: none yet: what was queued while the player was offline, then what "
+                             "is new)")
     listen.set_defaults(handler=_listen)
 
     for name, handler in (("publish", _publish), ("broadcast", _broadcast)):

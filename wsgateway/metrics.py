@@ -21,6 +21,7 @@ its statuses are known only once answered.
 """
 from __future__ import annotations
 
+import glob
 import os
 
 from gevent import monkey
@@ -184,10 +185,33 @@ class GatewayMetrics:
         running as one of several workers."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             host = CollectorRegistry()
-            MultiProcessCollector(host)
+            _WorkerFilesCollector(host)
             _add_runtime_collectors(host)
             return generate_latest(host)
         return generate_latest(self.registry)
+
+
+# A worker's value file starts with an 8-byte header (bytes used, padding); prometheus-client
+# creates the file first and sizes it afterwards (client_python issue #1199).
+_VALUE_FILE_HEADER_BYTES = 8
+
+
+class _WorkerFilesCollector(MultiProcessCollector):
+    """The host's totals from every worker's value files, leaving out a file a worker
+    that is starting has created but not yet sized: read as it is, it fails the whole
+    scrape with a `struct.error` (a 500 from /metrics each time the supervisor starts a
+    worker). That worker has recorded nothing yet, so the totals lose nothing."""
+
+    def collect(self):
+        files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if _is_sized(path)]
+        return self.merge(files, accumulate=True)
+
+
+def _is_sized(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= _VALUE_FILE_HEADER_BYTES
+    except FileNotFoundError:  # a dead worker's file, removed by the supervisor meanwhile
+        return False
 
 
 def _add_runtime_collectors(registry: CollectorRegistry) -> None:

@@ -5,32 +5,12 @@
 //
 //   node console_check.mjs '{"url": "http://127.0.0.1:PORT", "playerToken": "...",
 //                            "serverToken": "...", "playerId": "21", "screenshot": "path or null"}'
-import { createInterface } from 'node:readline';
-import { launchChromium } from './chromium.mjs';
+import { report, waitForLine, withPage } from './harness.mjs';
 
 const options = JSON.parse(process.argv[2]);
-const STEP_TIMEOUT_MS = Number(process.env.STEP_TIMEOUT_MS || 15000);
-const input = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
-function report(step, details = {}) {
-  process.stdout.write(JSON.stringify({ step, ...details }) + '\n');
-}
-
-async function waitForLine(expected) {
-  const { value, done } = await input.next();
-  if (done || value.trim() !== expected) throw new Error(`expected "${expected}" on stdin, got ${value}`);
-}
-
-const browser = await launchChromium();
-try {
-  const page = await browser.newPage({ viewport: { width: 1200, height: 860 } });
-  page.setDefaultTimeout(STEP_TIMEOUT_MS);
-  const problems = [];
-  page.on('pageerror', (error) => problems.push(String(error)));
-  page.on('console', (message) => { if (message.type() === 'error') problems.push(message.text()); });
-  const requested = []; // every URL the page asked for: no token may be in one but /ws's player token
-  page.on('request', (request) => requested.push(request.url()));
-
+// `requested`: every URL the page asked for: no token may be in one but /ws's player token.
+await withPage(async (page, { problems, requested }) => {
   await page.goto(options.url + '/console');
   report('loaded', { title: await page.title(), state: await page.textContent('#state') });
 
@@ -128,7 +108,4 @@ try {
   report('disconnected', { result: disconnected, status: await page.getAttribute('#operator-result', 'data-status'),
                            connections: await page.textContent('#count-connections'),
                            pageUrl: page.url(), requested, problems });
-} finally {
-  await browser.close();
-}
-process.exit(0);
+});

@@ -9,30 +9,18 @@
 //   {"cmd": "state"}                           readyState and everything seen so far
 //   {"cmd": "quit"}
 // Every report carries what was seen: events [{type, data, lastEventId}], opens, errors, readyState.
-import { createInterface } from 'node:readline';
-import { launchChromium } from './chromium.mjs';
+import { nextLine, report, withPage } from './harness.mjs';
 
 const options = JSON.parse(process.argv[2]);
-const STEP_TIMEOUT_MS = Number(process.env.STEP_TIMEOUT_MS || 15000);
-const input = createInterface({ input: process.stdin });
 
-function report(step, details = {}) {
-  process.stdout.write(JSON.stringify({ step, ...details }) + '\n');
-}
-
-const browser = await launchChromium();
-try {
-  const page = await browser.newPage();
-  page.setDefaultTimeout(STEP_TIMEOUT_MS);
-  const problems = [];
-  page.on('pageerror', (error) => problems.push(String(error)));
+await withPage(async (page, { problems }) => {
   await page.goto(options.page);
   const seen = () => page.evaluate(() => ({
     events: window.streamEvents, opens: window.streamOpens, errors: window.streamErrors,
     readyState: window.stream ? window.stream.readyState : null,
   }));
   report('loaded');
-  for await (const line of input) {
+  for (let line = await nextLine(); line !== null; line = await nextLine()) {
     const command = JSON.parse(line);
     if (command.cmd === 'open') {
       await page.evaluate(({ url, events }) => {
@@ -56,7 +44,4 @@ try {
       break;
     }
   }
-} finally {
-  await browser.close();
-}
-process.exit(0);
+});

@@ -42,9 +42,9 @@ def require_browser() -> None:
 
 
 class BrowserScript:
-    """tests/browser/SCRIPT as a child process: JSON step reports in, commands out."""
+    """A script of tests/browser as a child process: JSON step reports in, commands out."""
 
-    def __init__(self, script: str, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], script: str = "console_check.mjs") -> None:
         self.process = subprocess.Popen(
             ["node", script, json.dumps(options)], cwd=BROWSER_DIR, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -2,7 +2,9 @@
 test events with a server token, from any browser, with nothing to install. With the
 server token it is also the operator's page: live counts (connections and players from
 `GET /presence`, publishes and drops per second from this gateway's `/metrics`), a
-presence look-up and a disconnect button (`POST /disconnect`).
+presence look-up and a disconnect button (`POST /disconnect`). It resumes after every
+reconnect from the id of the last event shown (`last_event_id`, with a gateway that keeps a
+history) and says whether the resume recovered everything.
 
 Two static files, `index.html` and `console.js` (plain HTML and JavaScript, no build
 step), served at `/console` and `/console/console.js` only when `-console` is set; without

@@ -4,11 +4,16 @@
 // Behaves like a real client should: on an unexpected close it reconnects after a
 // capped exponential backoff with jitter (so a restarted gateway is not hit by every
 // client at once), and it does not reconnect after a close that reconnecting cannot
-// fix (revoked token, protocol or size errors). Endpoints are found relative to this
-// page's URL, so the console works behind a proxy under a path prefix. Tokens stay in
-// memory: never in the URL bar, storage or the log shown on the page; the server token
-// travels only in Authorization headers (a player token must be in /ws's query: that is
-// how browsers open a WebSocket, and the gateway never logs it).
+// fix (revoked token, protocol or size errors). It resumes: every connection asks for
+// ids (`last_event_id`, empty at first, then the id of the last event shown), so a
+// gateway that keeps a history (-history-size) replays what was published while the page
+// was away, none twice, none skipped; the page shows whether the resume recovered
+// everything or, from the gateway's `gateway.missed` notice, why it could not (what
+// follows the notice is every event the gateway still kept). Endpoints are found
+// relative to this page's URL, so the console works behind a proxy under a path
+// prefix. Tokens stay in memory: never in the URL bar, storage or the log shown on the
+// page; the server token travels only in Authorization headers (a player token must be
+// in /ws's query: that is how browsers open a WebSocket, and the gateway never logs it).
 'use strict';
 
 (function () {
@@ -34,6 +39,10 @@
   const BACKOFF_INITIAL_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const MAX_ROWS = 500; // events kept on the page
+  // A gateway that cannot honour the id says so in its first frame; one that can says
+  // nothing. With no frame at all this long after the open, the resume was honoured.
+  const RECOVERY_SETTLE_MS = 1000;
+  const MISSED_EVENT = 'gateway.missed';
 
   const $ = (id) => document.getElementById(id);
   const base = new URL('.', window.location.href); // the gateway's root, whatever the prefix
@@ -45,6 +54,10 @@
   let countdownTimer = null;
   let opened = 0;
   let received = 0;
+  let lastId = ''; // the id of the last event shown: the next connection resumes after it
+  let lastIdToken = null; // the player token lastId belongs to (another token starts afresh)
+  let resumingFrom = null; // the id the open socket resumed from, until the outcome is known
+  let settleTimer = null;
 
   function now() {
     return new Date().toISOString().slice(11, 23); // HH:MM:SS.mmm (UTC)
@@ -76,8 +89,33 @@
   function socketUrl(token) {
     const url = new URL('ws', base);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-    url.search = '?token=' + encodeURIComponent(token);
+    url.search = '?token=' + encodeURIComponent(token) + '&last_event_id=' + encodeURIComponent(lastId);
     return url.href;
+  }
+
+  function setRecovery(state, text) {
+    $('recovery').dataset.state = state;
+    $('recovery').textContent = text;
+    $('last-id').textContent = lastId || 'none yet';
+  }
+
+  // The outcome of a resume, once known: `notice` is the gateway.missed payload, or null
+  // when the gateway honoured the id (a first frame that is an event, or silence).
+  function settleResume(notice) {
+    clearTimeout(settleTimer);
+    settleTimer = null;
+    const from = resumingFrom;
+    resumingFrom = null;
+    if (notice === null) {
+      setRecovery('recovered', 'recovered: resumed after ' + from + ', nothing missed');
+      logConnection('recovered: resumed after ' + from);
+      return;
+    }
+    const reason = String(notice.reason);
+    if (reason === 'history_off') lastId = ''; // no ids will come: ask with none
+    setRecovery('lost', 'not recovered (' + reason + '): what came after ' + from + ' may be lost; ' +
+      notice.kept + ' kept event(s) follow');
+    logConnection('not recovered after ' + from + ': ' + reason);
   }
 
   function backoffMs() {
@@ -93,8 +131,13 @@
       setState('idle', 'paste a player token first');
       return;
     }
+    if (token !== lastIdToken) {
+      lastId = ''; // an id is a position in one player's stream
+      lastIdToken = token;
+    }
+    const from = lastId;
     setState('connecting', attempt ? 'attempt ' + (attempt + 1) : '');
-    logConnection('connecting');
+    logConnection(from ? 'connecting, resuming after ' + from : 'connecting');
     const ws = new WebSocket(socketUrl(token));
     socket = ws;
     ws.onopen = () => {
@@ -104,14 +147,34 @@
       $('opened').textContent = String(opened);
       setState('open', 'receiving events');
       logConnection('open');
+      if (from) {
+        resumingFrom = from;
+        setRecovery('resuming', 'resuming after ' + from + '…');
+        settleTimer = setTimeout(() => settleResume(null), RECOVERY_SETTLE_MS);
+      } else {
+        setRecovery('none', 'no id to resume from yet: what was queued while offline, then live events');
+      }
     };
     ws.onmessage = (message) => {
       if (ws !== socket) return;
-      showEvent(message.data);
+      const frame = parseFrame(message.data);
+      if (resumingFrom !== null) {
+        const payload = frame && frame.event === MISSED_EVENT ? frame.payload : null;
+        settleResume(payload && payload.recovered === false ? payload : null);
+      }
+      if (frame && typeof frame.id === 'string' && frame.id) lastId = frame.id;
+      showEvent(frame, message.data);
+      $('last-id').textContent = lastId || 'none yet';
     };
     ws.onclose = (close) => {
       if (ws !== socket) return;
       socket = null;
+      if (resumingFrom !== null) {
+        clearTimeout(settleTimer);
+        resumingFrom = null;
+        setRecovery('resuming', 'closed before the resume was confirmed: the next connection resumes after ' +
+          (lastId || 'nothing'));
+      }
       $('close-code').dataset.code = String(close.code);
       $('close-code').textContent = describeClose(close.code, close.reason);
       logConnection('closed: ' + describeClose(close.code, close.reason));
@@ -146,22 +209,27 @@
     reconnectTimer = countdownTimer = null;
   }
 
-  function showEvent(data) {
-    let event = '(not JSON)';
-    let payload = data;
+  // A frame as the gateway sends it, {"event", "payload"[, "id"]}, or null when it is not one.
+  function parseFrame(data) {
     try {
-      const message = JSON.parse(data);
-      event = String(message.event);
-      payload = JSON.stringify(message.payload, null, 1);
+      const frame = JSON.parse(data);
+      return frame !== null && typeof frame === 'object' && !Array.isArray(frame) ? frame : null;
     } catch (error) {
-      // shown as it came
+      return null;
     }
+  }
+
+  function showEvent(frame, data) {
+    const event = frame ? String(frame.event) : '(not JSON)';
+    const payload = frame ? JSON.stringify(frame.payload, null, 1) : data; // else shown as it came
+    const id = frame && typeof frame.id === 'string' ? frame.id : '';
     received += 1;
     $('event-count').textContent = String(received);
     const row = document.createElement('tr');
-    row.className = 'event';
+    row.className = event === MISSED_EVENT ? 'event notice' : 'event';
     row.dataset.event = event;
-    for (const [name, text] of [['time', now()], ['name', event], ['payload', payload]]) {
+    row.dataset.id = id;
+    for (const [name, text] of [['time', now()], ['name', event], ['id', id], ['payload', payload]]) {
       const cell = document.createElement('td');
       cell.className = name;
       cell.textContent = text;
@@ -334,4 +402,5 @@
     $('event-count').textContent = '0';
   });
   setState('idle', 'paste a player token and connect');
+  setRecovery('none', 'not connected yet');
 })();
