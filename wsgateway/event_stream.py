@@ -40,8 +40,8 @@ from __future__ import annotations
 import orjson
 
 from wsgateway.errors import CloseCode
-from wsgateway.frames import OP_TEXT, server_frame_payload
-from wsgateway.history import Stamped, message_parts
+from wsgateway.frames import OP_TEXT
+from wsgateway.history import Stamped, frame_text, message_parts
 
 CLOSE_EVENT = "gateway.close"
 KEEPALIVE = b": keepalive\n\n"
@@ -59,8 +59,8 @@ def retry_hint(milliseconds: int) -> bytes:
 def stream_event(frame: bytes) -> bytes:
     """The text/event-stream event carrying the message of one event frame."""
     if not isinstance(frame, Stamped):
-        opcode, text = server_frame_payload(frame)
-        if opcode != OP_TEXT or not text.startswith(_EVENT_FRAME_START) or not text.endswith(b"}"):
+        text = frame_text(frame)
+        if frame[0] & 0x0F != OP_TEXT or not text.startswith(_EVENT_FRAME_START) or not text.endswith(b"}"):
             raise ValueError("not a frame of protocol.event_frame")
     try:
         event_id, event, payload = message_parts(frame)

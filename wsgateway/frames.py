@@ -72,14 +72,6 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
     return header + payload
 
 
-def server_frame_payload(frame: bytes) -> tuple[int, bytes]:
-    """The opcode and payload of one frame `encode_frame` built (unfragmented, unmasked):
-    its inverse, for a transport that carries the message without the WebSocket framing."""
-    length = frame[1] & 0x7F
-    offset = 2 if length < 126 else 4 if length == 126 else 10
-    return frame[0] & 0x0F, frame[offset:]
-
-
 def text_frame(data: bytes) -> bytes:
     """A text frame carrying `data`, which must already be UTF-8."""
     return encode_frame(OP_TEXT, data)
