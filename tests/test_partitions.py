@@ -32,7 +32,7 @@ from wsgateway.tokens import SqlTokenStore
 DB_TIMEOUT_S = 1.0
 PRESENCE_TTL_S = 3.0
 GATEWAY_FLAGS = ("-db-timeout", f"{DB_TIMEOUT_S:g}s", "-presence-ttl", f"{PRESENCE_TTL_S:g}s",
-                 "-offline-ttl", "60s", "-rate-limit", "0", "-max-conns", "0")
+                 "-offline-ttl", "60s", "-max-queued", "10000", "-rate-limit", "0", "-max-conns", "0")
 # Long enough for the cut-off gateway's presence, its broadcast registration and its
 # stream's idle expiry (each a -presence-ttl after its last refresh) to run out.
 CUT_HOLD_S = 2.5 * PRESENCE_TTL_S
@@ -300,7 +300,7 @@ def test_a_gateway_cut_off_from_redis_keeps_its_players_and_loses_no_accepted_me
         detect_s = elapsed_until(lambda: not cut_side.ready(), cut_at, 4 * TIMEOUT_S,
                                  "the cut-off gateway not ready")
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-            cut_side.websocket(cluster.tokens.player(4))
+            cut_side.websocket(cluster.tokens.player(4), timeout_s=SLOWEST_ANSWER_S)
         assert refused.value.status_code == 503
         offline_s = elapsed_until(
             lambda: other_side.request("GET", "/presence?player_id=1", token=cluster.server_token)[1]

@@ -265,8 +265,8 @@ class LabGateway:
         """From a client on the gateway's own host (or on `client`)."""
         return (client or self.host).request(self.host.address, GATEWAY_PORT, method, path, body, token, timeout_s)
 
-    def websocket(self, token: str) -> websocket.WebSocket:
-        return self.host.websocket(self.host.address, GATEWAY_PORT, f"/ws?token={token}")
+    def websocket(self, token: str, timeout_s: float = TIMEOUT_S) -> websocket.WebSocket:
+        return self.host.websocket(self.host.address, GATEWAY_PORT, f"/ws?token={token}", timeout_s)
 
     def ready(self) -> bool:
         try:
