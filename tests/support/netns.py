@@ -6,7 +6,9 @@ inside the namespaces, so the host's own interfaces, addresses and routes are ne
 touched). Every address lives inside those namespaces only (10.77.N.0/24, one subnet per
 host), and every name carries this run's pid and a random tag, so a leftover of a crashed
 run never collides with the next one. `close()` kills what was started in them and
-deletes the namespaces, which takes their veths and routes with them.
+deletes the namespaces, which takes their veths and routes with them. Should the test
+process itself be killed, what it started in them dies with it (`PR_SET_PDEATHSIG`), and
+the next lab deletes the namespaces of runs whose process is gone.
 
 A host is cut off in the router, so that its own kernel sees nothing happen:
 
@@ -28,6 +30,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +44,8 @@ from tests.support import TIMEOUT_S, wait_for
 from tests.support.processes import GATEWAY_BIN, PROCESS_START_TIMEOUT_S, gateway_environment
 
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+PREFIX = "wsgw-"  # every lab namespace is named wsgw-<pid of the test process>-<tag>-<host>
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -50,12 +55,25 @@ def unavailable_reason() -> str | None:
         return "network namespaces need root (ip netns add)"
     if shutil.which("ip") is None:
         return "no `ip` command (iproute2) to make network namespaces"
-    probe = f"wsgw-probe-{os.getpid()}-{secrets.token_hex(3)}"
+    probe = f"{PREFIX}{os.getpid()}-probe-{secrets.token_hex(3)}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"ip netns add failed: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def _die_with_the_test() -> None:
+    """In a child, before it runs its program: SIGKILL when the test process ends."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def remove_stale_namespaces() -> None:
+    """Delete the lab namespaces of test processes that no longer run (killed mid-test)."""
+    for namespace in namespaces_of(PREFIX):
+        pid = namespace[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
 def run(*argv: str) -> None:
@@ -137,7 +155,8 @@ class Host:
 
     def start(self, argv: Sequence[str], **options: Any) -> subprocess.Popen:
         """A process inside this namespace (`ip netns exec` execs it: the pid is the program's)."""
-        process = subprocess.Popen(["ip", "netns", "exec", self.namespace, *argv], **options)
+        process = subprocess.Popen(["ip", "netns", "exec", self.namespace, *argv], preexec_fn=_die_with_the_test,
+                                   **options)
         self.processes.append(process)
         return process
 
@@ -146,7 +165,8 @@ class NetworkLab:
     """A router namespace and hosts attached to it, made for one test and removed by `close()`."""
 
     def __init__(self) -> None:
-        self.tag = f"wsgw-{os.getpid()}-{secrets.token_hex(3)}"
+        remove_stale_namespaces()
+        self.tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         self.router = f"{self.tag}-router"
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
