@@ -362,6 +362,8 @@ def test_a_publish_refused_during_a_silent_cut_is_not_carried_out_when_the_netwo
     wait_for(lambda: unacknowledged_bytes(host, cluster.redis.host.address, REDIS_PORT) == 0, 4 * TIMEOUT_S,
              what="nothing left in the cut-off host's kernel for Redis")
     player = cluster.connect(5, "b")
+    wait_for(lambda: other_side.request("GET", "/presence?player_id=5", token=cluster.server_token)[1]
+             == {"player_id": "5", "connections": 1}, what="player 5 seated")
     assert other_side.request("POST", "/publish", {"player_id": 5, "event": "m", "payload": {"from": "b", "n": 1}},
                               cluster.server_token) == (200, {"delivered": 1, "queued": False})
     wait_for(lambda: player.received, what="the live message")
