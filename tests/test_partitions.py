@@ -337,6 +337,9 @@ def test_a_gateway_cut_off_from_redis_keeps_its_players_and_loses_no_accepted_me
         [answer for answer in cut_b if answer.status != 200 or "scope" in answer.body]
     assert any(answer.player == 1 and answer.body.get("queued") for answer in cut_b), \
         "b queued for player 1 while a's presence was gone"
+    healed = [answer for publisher in cluster.publishers for answer in publisher.during(heal_at + ready_s, ended_at)]
+    assert healed and all(answer.status == 200 and "scope" not in answer.body for answer in healed), \
+        [answer for answer in healed if answer.status != 200 or "scope" in answer.body]
 
     audit = Audit(cluster, answers, cut_at, cut_at + cut_done_s, heal_at)
     assert audit.problems() == [], "\n".join(audit.problems())
