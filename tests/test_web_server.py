@@ -109,6 +109,26 @@ def test_tls_client_without_a_whole_client_hello_is_closed_at_the_handshake_time
     half.close()
 
 
+def test_a_tls_connection_past_max_total_conns_is_closed_before_its_handshake(start_gateway, tmp_path):
+    """Past -max-total-conns a TLS client's ClientHello gets no ServerHello: the connection is closed unanswered."""
+    files = make_tls_files(tmp_path)
+    gateway = start_gateway("-tls-cert", str(files.cert), "-tls-key", str(files.key), "-max-total-conns", "1",
+                            "-tls-handshake-timeout", "30s")
+    held = socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S)
+    wait_for(lambda: gateway.gateway.server.open_connections == 1, what="one handshake pending")
+    with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as late:
+        late.sendall(_client_hello())
+        assert read_until_closed(late) == b""
+    assert gateway.metric("ws_connections_rejected_total", reason="capacity") == 1
+    held.close()
+    wait_for(lambda: gateway.gateway.server.open_connections == 0, what="the place freed")
+    context = ssl.create_default_context(cafile=str(files.ca_cert))
+    with context.wrap_socket(socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S),
+                             server_hostname="localhost") as secure:
+        secure.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert read_until_closed(secure).startswith(b"HTTP/1.1 200")
+
+
 def _client_hello() -> bytes:
     """The first flight of a real TLS client: its ClientHello record."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()

@@ -7,7 +7,8 @@ WebSocket handshake is the library's). What they add, in the order a connection 
 1. accept: an accept that fails (at the file-descriptor limit: EMFILE) is one JSON log line
    and a pause of the accept loop, never a traceback;
 2. `-max-total-conns`: every open connection counts (plain HTTP, TLS handshakes, upgrades,
-   WebSockets); past it a connection is answered 503 at once, before any request is read;
+   WebSockets); past it a connection is answered 503 at once, before any request is read,
+   or under TLS closed before its handshake (no answer can be read without one);
 3. TLS: the handshake must finish within `-tls-handshake-timeout`;
 4. the request: its line, headers and body must all arrive within `-request-timeout`,
    counted from when the server starts waiting for it (so an idle keep-alive connection is
@@ -162,6 +163,9 @@ class WebServer(pywsgi.WSGIServer):
         that never sends its ClientHello) is one log line."""
         self.open_connections += 1
         try:
+            if self._past_capacity():  # no TLS answer without a handshake: the cheapest refusal is the close
+                client_socket.close()
+                return
             tls_socket = self._handshake(client_socket, address)
             if tls_socket is not None:
                 with closing(tls_socket):
@@ -200,17 +204,25 @@ class WebServer(pywsgi.WSGIServer):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # not TCP (a test may hand in another kind of socket)
             pass
-        limit = self.limits.max_connections
-        if limit and self.open_connections > limit:
-            if self.on_capacity_refusal is not None:
-                self.on_capacity_refusal()
-            _refuse_at_capacity(sock, limit)
+        if self._past_capacity():
+            _refuse_at_capacity(sock, self.limits.max_connections)
             return
         try:
             self.handler_class(sock, address, self).handle()
         except Exception:  # the connection's top level: logged as one line, the server goes on
             log.exception("unhandled error in connection", extra={"event": "internal_error",
                                                                   "remote": _host(address)})
+
+    def _past_capacity(self) -> bool:
+        """Whether this connection is one past `-max-total-conns` (it is counted already);
+        such a refusal is counted too. Checked before any work: under TLS before the
+        handshake, the dearest step of an accept."""
+        limit = self.limits.max_connections
+        if not limit or self.open_connections <= limit:
+            return False
+        if self.on_capacity_refusal is not None:
+            self.on_capacity_refusal()
+        return True
 
     def end_idle_connections(self) -> None:
         """Shut the connections that wait for a request, so that shutdown need not wait."""
