@@ -23,6 +23,7 @@ from geventwebsocket.websocket import WebSocket
 from tests.certificates import make_tls_files
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.clients import answers_in, read_until_closed, receive_event
+from tests.support.frames import RawClient
 from tests.support.gateways import TokenTable
 from tests.support.processes import GatewayProcess
 from wsgateway.publishing import Publishing
@@ -383,3 +384,28 @@ def test_readme_documents_the_new_settings():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for flag in ("`-request-timeout`", "`-tls-handshake-timeout`"):
         assert flag in readme
+
+
+def test_a_connect_leaves_no_cyclic_garbage(gateway, tokens):
+    """An admitted upgrade's leftovers (the library's WebSocket, the request's environ, the handshake's
+    buffered reader) are freed when dropped, not kept for a full collection."""
+    players = [tokens.player(player_id) for player_id in range(1, 21)]
+    RawClient(gateway.host, gateway.port, f"/ws?token={players[0]}").sock.close()  # warm: caches, metric children
+    wait_for(lambda: gateway.gateway.server.open_connections == 0, what="the warm-up connection gone")
+    gc.collect()
+    gc.disable()
+    try:
+        clients = [RawClient(gateway.host, gateway.port, f"/ws?token={token}") for token in players[1:]]
+        assert {client.status for client in clients} == {101}
+        wait_for(lambda: gateway.gateway.hub.connection_count() == len(clients), what="every player seated")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        leftovers = [type(thing).__qualname__ for thing in gc.garbage
+                     if type(thing).__module__.startswith(("geventwebsocket", "_io", "gevent._socket"))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leftovers == []
+    for client in clients:
+        client.sock.close()

@@ -287,11 +287,18 @@ def retire_library_websocket(websocket: Any) -> None:
     """Make gevent-websocket's `WebSocket` object inert before it is dropped: marked
     closed, its finaliser never writes to the socket; detached from the handler, the
     finaliser stops at its first line. Otherwise it built a throw-away class twice and
-    raised once on its way (36 µs per connection, a seventh of a connect's CPU), and the
-    two objects referred to each other. `tests/test_web_server.py` fails if a
-    gevent-websocket upgrade changes what the finaliser does."""
+    raised once on its way (36 µs per connection, a seventh of a connect's CPU).
+
+    Its references go too, as its own `close()` drops them: the request's environ names
+    the object (`wsgi.websocket`) and the object the environ, a cycle that held the
+    environ, its input, the stream and through it the handshake's buffered reader (8 KiB)
+    until a full garbage collection, which is rare (`server.FULL_COLLECTION_EVERY`):
+    10 cyclic objects per connect, most of the memory per held connection that rarer
+    full collections cost. `tests/test_web_server.py` fails if a gevent-websocket
+    upgrade changes what the finaliser does, or a connect leaves cyclic garbage."""
     websocket.closed = True
     websocket.handler = None
+    websocket.environ = websocket.stream = websocket.raw_read = websocket.raw_write = None
 
 
 class WebHandler(WebSocketHandler):
