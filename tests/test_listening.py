@@ -2,6 +2,7 @@
 only when the command line starts one gateway; what it bound is taken over once."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -76,3 +77,32 @@ def test_an_address_that_cannot_be_bound_is_reported_when_taken_over():
             listening.PORT_WAIT_S = saved
         with pytest.raises(OSError):
             listening.take_early_listener()
+
+
+def test_a_socket_passed_by_systemd_is_the_listener():
+    """Under socket activation (LISTEN_PID, LISTEN_FDS, descriptor 3) the gateway listens on systemd's socket, not -addr."""
+    with listening.bind_listener("127.0.0.1", 0) as held:
+        descriptor = held.fileno()
+
+        def as_systemd_does() -> None:
+            os.dup2(descriptor, listening.SD_LISTEN_FDS_START)
+            os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+        script = ("import os, socket; from wsgateway import listening;"
+                  "listening.bind_before_imports(['-addr', '127.0.0.1:1']); listener = listening.take_early_listener();"
+                  "print(listener.getsockname()[1], listener.fileno(), os.get_inheritable(listener.fileno()),"
+                  " sorted(set(os.environ) & {'LISTEN_PID', 'LISTEN_FDS'}))")
+        # No env=: the variables set after fork reach the program only through the inherited environment.
+        result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT,
+                                pass_fds=(listening.SD_LISTEN_FDS_START,), preexec_fn=as_systemd_does,
+                                capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
+        assert result.stdout.split(" ", 3) == [str(held.getsockname()[1]), "3", "False", "[]\n"], result.stderr
+
+
+def test_variables_meant_for_another_process_are_ignored(monkeypatch):
+    """LISTEN_FDS for another pid (a parent's activation) is not ours: -addr is bound as usual."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    listening.bind_before_imports(["-addr", "127.0.0.1:0"])
+    listener = listening.take_early_listener()
+    assert listener is not None and listener.fileno() != listening.SD_LISTEN_FDS_START
+    listener.close()

@@ -9,6 +9,13 @@ commands' and metrics' modules: on a busy machine, past the players' first pause
 nothing imported but the standard library and `wsgateway.config`: the reconnects then
 wait in the accept queue while the rest is imported, and are served in turn.
 
+Binding early narrows the window in which a restart refuses reconnects; socket
+activation closes it. Under systemd with `etc/ws-gateway.socket` (sd_listen_fds(3):
+`LISTEN_PID` is this process, `LISTEN_FDS` at least 1), the listening socket is systemd's
+descriptor 3, open before the old process stops and after the new one starts: reconnects
+wait in its accept queue through the whole restart, and none is refused, however busy
+the machine. `-addr` is then the socket unit's `ListenStream=`, not the flag.
+
 This module imports neither gevent nor anything that imports it: the socket is bound
 with the standard library before gevent patches it, and `cli` takes it over as a
 gevent socket (`take_early_listener`) once it has.
@@ -26,6 +33,8 @@ from wsgateway.config import ConfigError, load, setting_option
 BIND_RETRY_INTERVAL_S = 0.02  # between two tries of an address still in use
 PORT_WAIT_S = 2.0  # how long a starting gateway waits for its address to be let go of
 LISTEN_FD_ENV = "WSGATEWAY_LISTEN_FD"  # set by the -workers supervisor for its workers only
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor systemd passes
+SOCKET_ACTIVATION_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 # What `bind_before_imports` bound (a descriptor) or the error binding gave, until
 # `take_early_listener` takes it: one process, one listener.
@@ -78,6 +87,10 @@ def bind_before_imports(argv: Sequence[str]) -> None:
     global _early
     if _early is not None or os.environ.get(LISTEN_FD_ENV) or not _only_settings(argv):
         return
+    activated = activated_listener()
+    if activated is not None:
+        _early = activated
+        return
     try:
         config = load(argv)
     except ConfigError:
@@ -89,6 +102,24 @@ def bind_before_imports(argv: Sequence[str]) -> None:
                                wait_for_port_s=PORT_WAIT_S).detach()
     except OSError as exc:
         _early = exc
+
+
+def activated_listener() -> int | None:
+    """The listening descriptor systemd passed this process (socket activation), made
+    non-inheritable and its variables removed so that no child takes it for its own; None
+    without one."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in SOCKET_ACTIVATION_ENV:
+        os.environ.pop(name, None)
+    if count < 1:
+        return None
+    os.set_inheritable(SD_LISTEN_FDS_START, False)
+    return SD_LISTEN_FDS_START
 
 
 def take_early_listener() -> socket.socket | None:
