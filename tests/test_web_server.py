@@ -409,3 +409,16 @@ def test_a_connect_leaves_no_cyclic_garbage(gateway, tokens):
     assert leftovers == []
     for client in clients:
         client.sock.close()
+
+
+def test_connections_are_accepted_with_nagle_off(gateway):
+    """The listener has TCP_NODELAY, and this kernel hands it to each accepted connection."""
+    assert gateway.gateway.server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with socket.socket() as listener:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT_S):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
