@@ -19,6 +19,9 @@ COPY Makefile requirements.txt ./
 RUN make install
 COPY bin/ bin/
 COPY wsgateway/ wsgateway/
+# The gateway's user cannot write here, so without this every start compiles the package
+# again: about 100 ms of CPU before a restarted gateway serves its players' reconnects.
+RUN .venv/bin/python -m compileall -q wsgateway
 
 USER ws-gateway
 WORKDIR /var/lib/ws-gateway

@@ -136,10 +136,14 @@ class GatewayUnderBench:
     not waited for (`ready_s` then stays None)."""
 
     def __init__(self, directory: Path, players: int, extra_flags: list[str], *, mysql_url: str | None = None,
-                 port: int | None = None, tokens_from: GatewayUnderBench | None = None) -> None:
+                 port: int | None = None, tokens_from: GatewayUnderBench | None = None,
+                 listener: socket.socket | None = None) -> None:
+        """`listener`: a listening socket handed to the gateway as systemd's socket
+        activation does (descriptor 3, LISTEN_PID, LISTEN_FDS); the bench keeps it open."""
         self.directory = directory
+        self.listener = listener
         self.db_path = directory / "tokens.db"
-        self.port = port or _free_port()
+        self.port = listener.getsockname()[1] if listener is not None else port or _free_port()
         self.server_token = "bench-server-token"
         self.player_tokens = [f"bench-player-{index:07d}" for index in range(1, players + 1)]
         self.mysql_url = tokens_from.mysql_url if tokens_from is not None else mysql_url
@@ -160,7 +164,8 @@ class GatewayUnderBench:
                 [sys.executable, str(GATEWAY_BIN), "-addr", f"127.0.0.1:{self.port}", *database_flags,
                  "-rate-limit", "0", "-max-conns", "0",
                  "-log-level", "warning", "-log-file", str(self.log_path), *extra_flags],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, cwd=directory)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, cwd=directory,
+                **_socket_activation(listener))
         if tokens_from is None:
             self._wait_ready()
             self.ready_s = time.monotonic() - started
@@ -254,6 +259,27 @@ class GatewayUnderBench:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _socket_activation(listener: socket.socket | None) -> dict[str, Any]:
+    """Popen's arguments that pass `listener` as systemd does: descriptor 3, and in the
+    child's environment LISTEN_FDS=1 and LISTEN_PID, its own pid (known only after fork)."""
+    if listener is None:
+        return {}
+    descriptor = listener.fileno()
+
+    def in_child() -> None:
+        os.dup2(descriptor, 3)
+        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+    return {"pass_fds": (3,), "preexec_fn": in_child}
+
+
+def listening_socket() -> socket.socket:
+    """A listening socket on a free loopback port, as a systemd socket unit holds one."""
+    sys.path.insert(0, str(PROJECT))
+    from wsgateway.listening import bind_listener  # the gateway's own backlog and options
+
+    return bind_listener("127.0.0.1", 0)
 
 
 def _free_port() -> int:
@@ -684,6 +710,9 @@ def add_options(parser: argparse.ArgumentParser, default_scenarios: str) -> None
     parser.add_argument("--ids", action="store_true",
                         help="players connect with last_event_id= (frames with ids; give the gateway "
                              "--gateway-flag=-history-size=N to keep a history)")
+    parser.add_argument("--socket-activation", action="store_true",
+                        help="connect, storm, stop: the bench holds the listening socket and hands it to each "
+                             "gateway process as systemd's socket activation does (etc/ws-gateway.socket)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,7 +177,7 @@ def storm(old: core.GatewayUnderBench, players: Players, flags: list[str],
     home.mkdir()
     signalled = time.monotonic()
     old.process.send_signal(signal.SIGTERM)
-    new = core.GatewayUnderBench(home, 0, flags, port=old.port, tokens_from=old)
+    new = core.GatewayUnderBench(home, 0, flags, port=old.port, tokens_from=old, listener=old.listener)
     exited: list[float] = []
 
     def watch_old() -> None:
@@ -278,7 +278,8 @@ def run(args: argparse.Namespace, directory: Path, scenarios: set[str]) -> dict[
     if scenarios & {"connect", "storm", "stop"}:
         home = directory / "lifecycle"
         home.mkdir()
-        gateway = core.GatewayUnderBench(home, args.storm_players, flags, mysql_url=args.mysql)
+        listener = core.listening_socket() if args.socket_activation else None
+        gateway = core.GatewayUnderBench(home, args.storm_players, flags, mysql_url=args.mysql, listener=listener)
         _report("start", f"a gateway with {args.storm_players:,} tokens answers /healthz {gateway.ready_s:.2f} s "
                          "after its process starts")
         players = Players(gateway, args.storm_players, args.connections_per_client)
@@ -296,6 +297,8 @@ def run(args: argparse.Namespace, directory: Path, scenarios: set[str]) -> dict[
             gateway.stop()
             current.stop()
             gateway.drop_database()
+            if listener is not None:
+                listener.close()
     if "publish_close" in scenarios:
         home = directory / "publish_close"
         home.mkdir()

@@ -36,7 +36,8 @@ def test_readme_close_code_table_is_the_close_code_catalogue():
 @pytest.mark.parametrize("refusal", list(Refusal), ids=[refusal.name for refusal in Refusal])
 def test_every_refusal_builds_a_json_answer(refusal):
     """Filled in, each entry is a ClientError whose answer is `{"error": ...}` with matching headers."""
-    error = refusal(limit=5, allow="POST", retry_after_s=2, what="broker")
+    error = refusal(limit=5, allow="POST", retry_after_s=2, what="broker", detail="bad", name="key", count=9,
+                    period="1s", first=0, index=3)
     assert isinstance(error, ClientError) and error.status == refusal.status
     body = error.body()
     assert json.loads(body) == {"error": error.message} and "{" not in error.message
@@ -52,3 +53,17 @@ def test_no_other_module_builds_an_error_body():
     builders = [path.name for path in PACKAGE.rglob("*.py")
                 if path.name not in ("errors.py", "client.py") and re.search(r"""(?<!`)\{\s*["']error["']\s*:""", path.read_text())]
     assert builders == []
+
+
+def test_refusals_are_built_from_the_catalogue_only():
+    """No module but errors.py makes up a ClientError (app.py only translates Werkzeug's own errors)."""
+    builders = [path.name for path in PACKAGE.rglob("*.py")
+                if path.name not in ("errors.py", "app.py") and "ClientError(" in path.read_text()]
+    assert builders == []
+
+
+def test_a_refusal_within_a_part_of_the_request_keeps_status_headers_and_details():
+    """within() names the part and what was left undone, keeping status and headers and adding details."""
+    error = Refusal.SHUTTING_DOWN().within("batch", "messages[3:] not delivered", {"results": []})
+    assert (error.status, error.message) == (503, "batch: server shutting down: messages[3:] not delivered")
+    assert error.headers == {"Retry-After": "1"} and json.loads(error.body())["results"] == []

@@ -187,14 +187,18 @@ def test_requeue_goes_to_a_newer_connection_not_to_those_that_had_it(redis_prefi
     assert first.requeue("p", b"y", sent_to).gateways == frozenset((third.gateway_id,))
 
 
-def test_reach_counts_connections_of_live_gateways(redis_prefix):
-    """reach() sums the connections of every live gateway: what a broadcast goes to."""
+def test_reach_counts_connections_of_live_gateways_that_read_broadcasts(redis_prefix):
+    """reach() sums the connections of every live gateway registered as a broadcast reader: what a broadcast goes to."""
     first, second = make_roster(redis_prefix), make_roster(redis_prefix)
     seat(first, "a")
     seat(first, "b")
     seat(second, "c")
     first.refresh()
     second.refresh()
+    readers = redis.Redis.from_url(REDIS_URL)
+    readers.zadd(RedisKeys(redis_prefix).streams, {first.gateway_id: 2 ** 50})
+    assert first.reach() == 2, "a gateway whose stream reader is not registered (back from a partition) is not reached"
+    readers.zadd(RedisKeys(redis_prefix).streams, {second.gateway_id: 2 ** 50})
     assert first.reach() == 3
     second.close()
     assert first.reach() == 2

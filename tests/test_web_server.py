@@ -23,6 +23,7 @@ from geventwebsocket.websocket import WebSocket
 from tests.certificates import make_tls_files
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.clients import answers_in, read_until_closed, receive_event
+from tests.support.frames import RawClient
 from tests.support.gateways import TokenTable
 from tests.support.processes import GatewayProcess
 from wsgateway.publishing import Publishing
@@ -107,6 +108,26 @@ def test_tls_client_without_a_whole_client_hello_is_closed_at_the_handshake_time
         assert read_until_closed(secure).startswith(b"HTTP/1.1 200")
     silent.close()
     half.close()
+
+
+def test_a_tls_connection_past_max_total_conns_is_closed_before_its_handshake(start_gateway, tmp_path):
+    """Past -max-total-conns a TLS client's ClientHello gets no ServerHello: the connection is closed unanswered."""
+    files = make_tls_files(tmp_path)
+    gateway = start_gateway("-tls-cert", str(files.cert), "-tls-key", str(files.key), "-max-total-conns", "1",
+                            "-tls-handshake-timeout", "30s")
+    held = socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S)
+    wait_for(lambda: gateway.gateway.server.open_connections == 1, what="one handshake pending")
+    with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as late:
+        late.sendall(_client_hello())
+        assert read_until_closed(late) == b""
+    assert gateway.metric("ws_connections_rejected_total", reason="capacity") == 1
+    held.close()
+    wait_for(lambda: gateway.gateway.server.open_connections == 0, what="the place freed")
+    context = ssl.create_default_context(cafile=str(files.ca_cert))
+    with context.wrap_socket(socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S),
+                             server_hostname="localhost") as secure:
+        secure.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert read_until_closed(secure).startswith(b"HTTP/1.1 200")
 
 
 def _client_hello() -> bytes:
@@ -363,3 +384,42 @@ def test_readme_documents_the_new_settings():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for flag in ("`-request-timeout`", "`-tls-handshake-timeout`"):
         assert flag in readme
+
+
+def test_a_connect_leaves_no_cyclic_garbage(gateway, tokens):
+    """An admitted upgrade's leftovers (the library's WebSocket, the request's environ, the handshake's
+    buffered reader) are freed when dropped, not kept for a full collection."""
+    players = [tokens.player(player_id) for player_id in range(1, 21)]
+    RawClient(gateway.host, gateway.port, f"/ws?token={players[0]}").sock.close()  # warm: caches, metric children
+    wait_for(lambda: gateway.gateway.server.open_connections == 0, what="the warm-up connection gone")
+    gc.collect()
+    gc.disable()
+    try:
+        clients = [RawClient(gateway.host, gateway.port, f"/ws?token={token}") for token in players[1:]]
+        assert {client.status for client in clients} == {101}
+        wait_for(lambda: gateway.gateway.hub.connection_count() == len(clients), what="every player seated")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        # Only the handshake makes these (other tests' leftovers may be in the garbage too).
+        leftovers = [type(thing).__qualname__ for thing in gc.garbage
+                     if type(thing).__module__.startswith("geventwebsocket")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leftovers == []
+    for client in clients:
+        client.sock.close()
+
+
+def test_connections_are_accepted_with_nagle_off(gateway):
+    """The listener has TCP_NODELAY, and this kernel hands it to each accepted connection."""
+    assert gateway.gateway.server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with socket.socket() as listener:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT_S):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

@@ -12,7 +12,8 @@ id it has seen (`XREAD BLOCK`), so a reconnecting gateway catches up on what was
 published meanwhile, in order, each envelope once. Memory stays bounded: the reader trims
 what it has read, and each stream holds at most about `-broker-stream-length` envelopes
 (`XADD MAXLEN ~`) for a reader that is away; what a reader could not read before it was
-trimmed is counted (`lost`). A stream whose reader stopped for good expires with it.
+trimmed is counted (`lost`). A stream whose reader stopped for good expires
+`IDLE_STREAM_KEEP_S` after its last word: long enough to catch up after a partition.
 
 Guarantees: in publish order per publisher, at most once per gateway, and at least once
 while Redis keeps the envelope: not when Redis restarts without persistence before the
@@ -44,6 +45,12 @@ READ_BLOCK_S = 1.0  # one XREAD waits at most this long, so the listener checks 
 READ_BATCH = 1000  # envelopes taken by one XREAD
 UPKEEP_PERIOD_S = 1.0  # the reader re-registers, refreshes its stream's expiry and trims what it read
 STREAM_LENGTH = 10_000  # default bound of a stream whose reader is away (-broker-stream-length)
+# How long a stream outlives the last word from its reader. Envelopes reach a gateway's
+# stream only while its players count as present (up to -presence-ttl after it went
+# silent), but a gateway cut off from Redis reads them only when the network heals: its
+# stream must outlast the partition, not the presence. The stream of a reader that crashed
+# (a clean stop deletes it) lingers this long, holding at most -presence-ttl of traffic.
+IDLE_STREAM_KEEP_S = 300.0
 
 _TO_PLAYER = b"P"
 _TO_ALL = b"A"
@@ -81,14 +88,14 @@ return #readers
 """
 
 # KEYS: the readers' registry, this reader's stream. ARGV: gateway, registration ttl ms,
-# the last id read ('' for none yet). Registers the reader for broadcasts, keeps its stream
-# alive, and drops what it has read.
+# the last id read ('' for none yet), stream ttl ms. Registers the reader for broadcasts,
+# keeps its stream alive, and drops what it has read.
 UPKEEP = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
   if ARGV[3] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3]) end
 end
 """
@@ -121,9 +128,10 @@ class RedisBroker:
                  stream_length: int = STREAM_LENGTH, member_ttl_s: float = 15.0,
                  on_subscribed: Callable[[], None] | None = None,
                  on_lost: Callable[[int], None] | None = None) -> None:
-        """`member_ttl_s`: how long this gateway stays registered for broadcasts, and its
-        stream alive, without a word from it (the roster's presence TTL: as long as its
-        players count as present, what is sent to them waits in its stream).
+        """`member_ttl_s`: how long this gateway stays registered for broadcasts without a
+        word from it (the roster's presence TTL: as long as its players count as present,
+        what is sent to them waits in its stream; the stream itself is kept longer, see
+        `IDLE_STREAM_KEEP_S`).
         `on_subscribed` runs (in its own greenlet) after every (re)connection: Redis may
         have restarted and lost what this gateway wrote there. `on_lost(count)`: envelopes
         trimmed from this gateway's stream before it could read them."""
@@ -136,7 +144,7 @@ class RedisBroker:
         self._stream_prefix = keys.stream("")
         self._stream_length = stream_length
         self._member_ttl_ms = max(1, int(member_ttl_s * 1000))
-        self._stream_ttl_ms = 2 * self._member_ttl_ms
+        self._stream_ttl_ms = max(2 * self._member_ttl_ms, int(IDLE_STREAM_KEEP_S * 1000))
         self._on_subscribed = on_subscribed
         self._on_lost = on_lost
         self._create_and_publish = client.register_script(CREATE_AND_PUBLISH)
@@ -225,22 +233,34 @@ class RedisBroker:
     def _listen_once(self) -> None:
         self._resume_point()
         self._upkeep_now()
+        # What was sent here while away goes out before `on_subscribed` writes presence
+        # back: that hands over what was queued for the same players later, once their
+        # presence expired (a partition longer than -presence-ttl), and must come after.
+        while self._read(block_ms=None) == READ_BATCH:
+            pass
         self._subscribed.set()
         log.info("reading redis stream", extra={"event": "broker_subscribed", "gateway": self.gateway_id})
         if self._on_subscribed is not None:
             gevent.spawn(self._on_subscribed)
         next_upkeep_at = time.monotonic() + UPKEEP_PERIOD_S
         while not self._closed:
-            reply = self._reader.xread({self._stream: self._last_id}, count=READ_BATCH,
-                                       block=int(READ_BLOCK_S * 1000))
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    self._last_id = entry_id
-                    self._read_count += 1
-                    self._hand_over(entry_id, fields)
+            self._read(block_ms=int(READ_BLOCK_S * 1000))
             if time.monotonic() >= next_upkeep_at:
                 self._upkeep_now()
                 next_upkeep_at = time.monotonic() + UPKEEP_PERIOD_S
+
+    def _read(self, block_ms: int | None) -> int:
+        """Hand over the next entries of this gateway's stream (waiting up to `block_ms`
+        for one; None: not at all); return how many there were."""
+        reply = self._reader.xread({self._stream: self._last_id}, count=READ_BATCH, block=block_ms)
+        count = 0
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                self._last_id = entry_id
+                self._read_count += 1
+                count += 1
+                self._hand_over(entry_id, fields)
+        return count
 
     def _hand_over(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Deliver one entry; a player envelope names the gateways it was sent to, so that
@@ -263,8 +283,8 @@ class RedisBroker:
 
     def _upkeep_now(self) -> None:
         last = self._last_id if self._last_id != b"0-0" else b""
-        self._upkeep(keys=[self._keys.streams, self._stream], args=[self.gateway_id, self._member_ttl_ms, last],
-                     client=self._reader)
+        self._upkeep(keys=[self._keys.streams, self._stream],
+                     args=[self.gateway_id, self._member_ttl_ms, last, self._stream_ttl_ms], client=self._reader)
 
     def _resume_point(self) -> None:
         """Where to read from after (re)connecting: after the last id read, unless Redis

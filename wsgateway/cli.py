@@ -11,10 +11,12 @@ A command word (`db`, `token`, `publish`, `broadcast`, `presence`, `disconnect`)
 among the settings runs that operations command instead (`commands`); without one, the
 gateway serves.
 
-A gateway binds its address as soon as the settings are read, before it imports the web
-stack and the database layer (Flask, SQLAlchemy: most of its start-up time, and several
-seconds on a busy machine). On a restart the players' reconnects then wait in the
-accept queue until it serves, instead of being refused and retried seconds later.
+A gateway binds its address before it imports anything but the settings' parser: started
+by `bin/ws-gateway` or `python -m wsgateway`, even before gevent (`listening`); called
+directly, as soon as the settings are read, before the web stack and the database layer
+(Flask, SQLAlchemy: most of its start-up time, and several seconds on a busy machine).
+On a restart the players' reconnects then wait in the accept queue until it serves,
+instead of being refused and retried seconds later.
 
 Signals: SIGTERM and SIGINT drain (`server`, `workers`). SIGHUP reopens `-log-file` and
 nothing else, from the moment logging is set up: the conventional meaning for a daemon
@@ -37,9 +39,8 @@ from wsgateway import commands
 from wsgateway.config import Config, ConfigError, load
 from wsgateway.errors import BrokerUnavailable, StoreMisconfigured, StoreUnavailable
 from wsgateway.logs import reopen_log_file, setup_logging
-from wsgateway.workers import Supervisor, bind_listener, inherited_listener, watch_supervisor
-
-PORT_WAIT_S = 2.0  # how long a starting gateway waits for its address to be let go of
+from wsgateway.listening import PORT_WAIT_S, bind_listener, take_early_listener
+from wsgateway.workers import Supervisor, inherited_listener, watch_supervisor
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     listener = inherited_listener()
     if listener is None:
         try:
-            listener = bind_listener(config.listen_host, config.listen_port, inheritable=False,
-                                     wait_for_port_s=PORT_WAIT_S)
+            listener = take_early_listener() or bind_listener(config.listen_host, config.listen_port,
+                                                              inheritable=False, wait_for_port_s=PORT_WAIT_S)
         except OSError as exc:
             return _fail(_cannot_listen(config, exc), 1)
     # Only now the web stack and the database layer (see the module docstring).

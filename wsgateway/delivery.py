@@ -211,9 +211,14 @@ class Delivery:
         """Refresh this gateway's presence when due (now, when `force`d: after the broker
         reconnected) and write back what the roster lost. The connections concerned hold
         their live frames while that happens, so the messages queued for them while they
-        looked offline reach them first, in order."""
+        looked offline reach them first, in order. Lost seats are written back only while
+        the broker reads: after a partition, what its stream kept for these players is
+        older than what was queued for them and is caught up first (the forced refresh
+        after the broker reconnected restores them)."""
         with self._restoring:
             lost = self.roster.refresh(force)
+            if self._broker.state() != "ok":
+                return
             held = [(seat, connection) for seat in lost
                     if (connection := self._seated.get(seat.seat_id)) is not None and connection.is_open]
             if not held:

@@ -13,9 +13,10 @@ Exception tree::
 
 HTTP errors are answered as `{"error": "..."}` with the status of the `ClientError`;
 `ClientError` builds that answer (its body, its headers, or the whole response), and
-nothing else does. The web face's refusals are the `Refusal` members below; validation
-errors of a body are `ClientError(400, "what is wrong")`. WebSocket close codes sent by
-the gateway are the `CloseCode` members. The README's tables are these catalogues
+nothing else does. Every refusal is a `Refusal` member below (a body's validation
+errors too, their messages templates); a refusal about one part of a request is
+`Refusal.X(...).within("messages[3]")`. WebSocket close codes sent by the gateway are
+the `CloseCode` members. The README's tables are these catalogues
 (`tests/test_errors.py` checks it).
 """
 from __future__ import annotations
@@ -83,6 +84,13 @@ class ClientError(GatewayError):
         self.headers = headers or {}
         self.details = details or {}
 
+    def within(self, prefix: str = "", suffix: str = "", details: dict[str, object] | None = None) -> ClientError:
+        """The same refusal said of a part of the request (`messages[3]: ...`), or of
+        what it left undone (`...: messages[3:] not delivered`), with `details` added."""
+        message = f"{prefix}: {self.message}" if prefix else self.message
+        return ClientError(self.status, f"{message}: {suffix}" if suffix else message, self.headers,
+                           {**self.details, **(details or {})})
+
     def body(self) -> bytes:
         """The JSON body: `{"error": message, **details}`."""
         return orjson.dumps({"error": self.message, **self.details})
@@ -103,9 +111,8 @@ class ClientError(GatewayError):
 
 
 class Refusal(Enum):
-    """The web face's refusals: status, message (a template for `str.format`), headers.
-    `Refusal.X(**values)` is the `ClientError` to raise. Validation errors of a body are
-    not listed: they are 400s whose message says what is wrong."""
+    """Every refusal a client can get: status, message (a template for `str.format`),
+    headers. `Refusal.X(**values)` is the `ClientError` to raise."""
 
     # Reading the request (web_server): the connection is closed after these.
     MALFORMED_REQUEST = (400, "malformed HTTP request")
@@ -131,7 +138,30 @@ class Refusal(Enum):
                       {"Retry-After": "{retry_after_s}"})  # publishing and /ws: -auth-fail-limit
     STORE_UNAVAILABLE = (503, "token store unavailable, retry later", {"Retry-After": "1"})
     BROKER_UNAVAILABLE = (503, "broker unavailable: message not accepted, retry later", {"Retry-After": "1"})
+    BATCH_BROKER_UNAVAILABLE = (503, "broker unavailable: messages[{index}:] not accepted, retry them later",
+                                {"Retry-After": "1"})
     SHUTTING_DOWN = (503, "server shutting down", {"Retry-After": "1"})
+    # A publishing body's validation (publishing): the message says what is wrong
+    BODY_NOT_JSON = (400, "body is not valid JSON: {detail}")
+    BODY_NOT_OBJECT = (400, "body must be a JSON object")
+    NESTED_TOO_DEEPLY = (400, "payload is nested too deeply")
+    PLAYER_ID_REQUIRED = (400, "player_id is required")
+    PLAYER_ID_INVALID = (400, "player_id must be a non-empty string of at most {limit} characters "
+                              "or a non-negative integer")
+    PLAYER_ID_NOT_UNICODE = (400, "player_id must be valid Unicode: lone surrogate")
+    EVENT_INVALID = (400, "event must be a non-empty string")
+    EVENT_NOT_UNICODE = (400, "event and payload must be valid Unicode: lone surrogate")
+    IDEMPOTENCY_KEY_INVALID = (400, "{name} must be 1-{limit} printable ASCII characters")
+    BATCH_NOT_ARRAY = (400, "messages must be a non-empty array")
+    BATCH_TOO_LONG = (400, "messages: {count} messages, at most {limit} per batch")
+    BATCH_OVER_RATE_LIMIT = (400, "a batch of {count} messages can never pass the rate limit of {limit} "
+                                  "messages per {period}: send smaller batches")
+    BATCH_ITEM_NOT_OBJECT = (400, "must be a JSON object")
+    BATCH_KEY_NOT_STRING = (400, "idempotency_key must be a string")
+    BATCH_KEY_REPEATED = (400, "idempotency_key repeats that of messages[{first}]")
+    # GET /presence's query (players)
+    UNKNOWN_QUERY_PARAMETER = (400, "unknown query parameter {name}: only player_id is accepted")
+    PLAYER_ID_REPEATED = (400, "player_id given more than once")
     # WebSocket admission (admission, web_server)
     WEBSOCKET_NEEDS_HTTP11 = (400, "WebSocket upgrade requires HTTP/1.1")
     WEBSOCKET_KEY_MISSING = (400, "missing Sec-WebSocket-Key")

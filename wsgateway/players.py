@@ -81,10 +81,10 @@ def _presence_query() -> str | None:
     """The `player_id` of `GET /presence`, None for the census; 400 for anything else."""
     unknown = sorted(set(request.args) - PRESENCE_PARAMETERS)
     if unknown:
-        raise ClientError(400, f"unknown query parameter {unknown[0]!r}: only player_id is accepted")
+        raise Refusal.UNKNOWN_QUERY_PARAMETER(name=repr(unknown[0]))
     values = request.args.getlist("player_id")
     if len(values) > 1:
-        raise ClientError(400, "player_id given more than once")
+        raise Refusal.PLAYER_ID_REPEATED()
     if not values:
         return None
     return player_id_of(values[0], required=True)

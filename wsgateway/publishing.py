@@ -149,15 +149,15 @@ class Publishing:
         body = json_object(request.body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise ClientError(400, "messages must be a non-empty array")
+            raise Refusal.BATCH_NOT_ARRAY()
         if len(messages) > self._max_batch:
-            raise ClientError(400, f"messages: {len(messages)} messages, at most {self._max_batch} per batch")
+            raise Refusal.BATCH_TOO_LONG(count=len(messages), limit=self._max_batch)
         validated = [_batch_item(index, message) for index, message in enumerate(messages)]
         _refuse_repeated_keys(validated)
         limit = services.limiter.limit
         if limit and len(validated) > limit:
-            raise ClientError(400, f"a batch of {len(validated)} messages can never pass the rate limit of "
-                                   f"{limit} messages per {services.config.rate_period_s:g}s: send smaller batches")
+            raise Refusal.BATCH_OVER_RATE_LIMIT(count=len(validated), limit=limit,
+                                                period=f"{services.config.rate_period_s:g}s")
         claims = self._claim_batch(subject_id, validated)
         try:
             fresh = sum(1 for claim in claims if claim is None or claim.state is ClaimState.FRESH)
@@ -178,7 +178,7 @@ class Publishing:
                 try:
                     claims.append(self._claim(subject_id, item.key, item.fingerprint))
                 except ClientError as error:
-                    raise ClientError(error.status, f"messages[{index}]: {error.message}", error.headers) from None
+                    raise error.within(f"messages[{index}]") from None
         except BaseException:
             self._release_unanswered(subject_id, items, claims)
             raise
@@ -198,16 +198,15 @@ class Publishing:
                 try:
                     refuse_while_draining(self._services)
                 except ClientError as error:
-                    raise ClientError(error.status, f"{error.message}: messages[{index}:] not delivered",
-                                      error.headers, {"results": results}) from None
+                    raise error.within(suffix=f"messages[{index}:] not delivered",
+                                       details={"results": results}) from None
             if claim is not None and claim.state is ClaimState.REPLAY:
                 results.append(self._replay(claim))
                 continue
             try:
                 result = publish_answer(publish(item.player_id, item.frame, batched=True))
             except BrokerUnavailable:
-                raise ClientError(503, f"broker unavailable: messages[{index}:] not accepted, retry them later",
-                                  {"Retry-After": "1"}, {"results": results}) from None
+                raise Refusal.BATCH_BROKER_UNAVAILABLE(index=index).within(details={"results": results}) from None
             if item.key is not None:
                 store.complete(subject_id, item.key, result)
             results.append(result)
@@ -292,11 +291,11 @@ def _batch_item(index: int, message: Any) -> _BatchItem:
     """One batch message checked like a /publish body; errors name the item."""
     try:
         if not isinstance(message, dict):
-            raise ClientError(400, "must be a JSON object")
+            raise Refusal.BATCH_ITEM_NOT_OBJECT()
         key = message.get("idempotency_key")
         if key is not None:
             if not isinstance(key, str):
-                raise ClientError(400, "idempotency_key must be a string")
+                raise Refusal.BATCH_KEY_NOT_STRING()
             check_idempotency_key(key, name="idempotency_key")
         player_id, frame = publish_message(message)
         if key is None:
@@ -304,7 +303,7 @@ def _batch_item(index: int, message: Any) -> _BatchItem:
         unkeyed = {name: value for name, value in message.items() if name != "idempotency_key"}
         return _BatchItem(player_id, frame, key, fingerprint(b"/publish", canonical(unkeyed)))
     except ClientError as error:
-        raise ClientError(error.status, f"messages[{index}]: {error.message}") from None
+        raise error.within(f"messages[{index}]") from None
 
 
 def _refuse_repeated_keys(items: list[_BatchItem]) -> None:
@@ -313,14 +312,14 @@ def _refuse_repeated_keys(items: list[_BatchItem]) -> None:
         if item.key is None:
             continue
         if item.key in first_use:
-            raise ClientError(400, f"messages[{index}]: idempotency_key repeats that of messages[{first_use[item.key]}]")
+            raise Refusal.BATCH_KEY_REPEATED(first=first_use[item.key]).within(f"messages[{index}]")
         first_use[item.key] = index
 
 
 # --- validation: each check written once -------------------------------------------------------
 def check_idempotency_key(key: str, name: str = "Idempotency-Key") -> None:
     if not 0 < len(key) <= MAX_KEY_CHARS or not (key.isascii() and key.isprintable()):
-        raise ClientError(400, f"{name} must be 1-{MAX_KEY_CHARS} printable ASCII characters")
+        raise Refusal.IDEMPOTENCY_KEY_INVALID(name=name, limit=MAX_KEY_CHARS)
 
 
 def canonical(body: dict[str, Any]) -> bytes:
@@ -333,7 +332,7 @@ def canonical(body: dict[str, Any]) -> bytes:
     try:
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     except RecursionError:
-        raise ClientError(400, "payload is nested too deeply") from None
+        raise Refusal.NESTED_TOO_DEEPLY() from None
 
 
 def publish_answer(outcome: Outcome) -> dict[str, Any]:
@@ -412,11 +411,11 @@ def json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads does
     except RecursionError:
-        raise ClientError(400, "body is not valid JSON: nested too deeply") from None
+        raise Refusal.BODY_NOT_JSON(detail="nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, our checks
-        raise ClientError(400, f"body is not valid JSON: {exc}") from None
+        raise Refusal.BODY_NOT_JSON(detail=exc) from None
     if not isinstance(body, dict):
-        raise ClientError(400, "body must be a JSON object")
+        raise Refusal.BODY_NOT_OBJECT()
     return body
 
 
@@ -438,12 +437,11 @@ def player_id_of(value: Any, *, required: bool) -> str | None:
         value = str(value)  # then held to the same length as a string id
     if isinstance(value, str) and 0 < len(value) <= MAX_PLAYER_ID_CHARS:
         if not value.isascii() and not _is_unicode(value):
-            raise ClientError(400, "player_id must be valid Unicode: lone surrogate")
+            raise Refusal.PLAYER_ID_NOT_UNICODE()
         return value
     if value is None:
-        raise ClientError(400, "player_id is required")
-    raise ClientError(400, f"player_id must be a non-empty string of at most {MAX_PLAYER_ID_CHARS} "
-                           "characters or a non-negative integer")
+        raise Refusal.PLAYER_ID_REQUIRED()
+    raise Refusal.PLAYER_ID_INVALID(limit=MAX_PLAYER_ID_CHARS)
 
 
 def _is_unicode(text: str) -> bool:
@@ -458,10 +456,10 @@ def frame_of(body: dict[str, Any]) -> bytes:
     """The frame for the body's `event` and `payload`, or 400."""
     event = body.get("event")
     if not isinstance(event, str) or not event:
-        raise ClientError(400, "event must be a non-empty string")
+        raise Refusal.EVENT_INVALID()
     try:
         return event_frame(event, body.get("payload"))
     except UnicodeEncodeError:  # a lone surrogate ("\ud800") parses but has no UTF-8 form
-        raise ClientError(400, "event and payload must be valid Unicode: lone surrogate") from None
+        raise Refusal.EVENT_NOT_UNICODE() from None
     except RecursionError:  # parsed near the depth limit, but encoding needs a few frames more
-        raise ClientError(400, "payload is nested too deeply") from None
+        raise Refusal.NESTED_TOO_DEEPLY() from None

@@ -20,16 +20,33 @@ from wsgateway.errors import BrokerUnavailable
 POOL_CONNECTIONS = 100  # Redis connections one gateway process opens at most
 
 
+KEEPALIVE_IDLE_S = 30  # an idle connection is probed after this long, then every interval
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 3
+
+
 def create_client(url: str, timeout_s: float) -> redis.Redis:
     """A pooled client for `redis://`, `rediss://` or `unix://` URLs (password in the URL).
 
     Commands fail after `timeout_s` instead of hanging on a stalled server. When every
     pooled connection is busy (a rush of 2,000 players connecting at once), a command
     waits up to `timeout_s` for one instead of failing at once: redis-py's default pool
-    raised "Too many connections", and those players were refused with 503."""
+    raised "Too many connections", and those players were refused with 503.
+
+    Over TCP, the kernel also gives up on a command Redis has not acknowledged within
+    `timeout_s` (`TCP_USER_TIMEOUT`): behind a partition that drops packets, closing a
+    timed-out connection leaves its unsent command in the kernel, which kept
+    retransmitting it, and Redis ran it when the network healed, seconds after the
+    publisher was answered 503 ("nothing was accepted") or `scope: local`."""
+    options: dict[str, object] = {}
+    if not url.startswith("unix:"):
+        wanted = {"TCP_KEEPIDLE": KEEPALIVE_IDLE_S, "TCP_KEEPINTVL": KEEPALIVE_INTERVAL_S,
+                  "TCP_KEEPCNT": KEEPALIVE_PROBES, "TCP_USER_TIMEOUT": max(1, int(timeout_s * 1000))}
+        options["socket_keepalive_options"] = {getattr(socket, name): value for name, value in wanted.items()
+                                               if hasattr(socket, name)}  # all of them on Linux
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=timeout_s, socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s, health_check_interval=30)
+        socket_connect_timeout=timeout_s, health_check_interval=30, **options)
     return redis.Redis(connection_pool=pool)
 
 

@@ -269,9 +269,19 @@ local function live_connections(gateways, counters)
 end
 """
 
-# KEYS: gateways, gateway connections. Returns the connections of live gateways.
+# KEYS: gateways, gateway connections, broadcast readers. Returns the connections of live
+# gateways that a broadcast reaches now: those registered as readers of their stream. A
+# gateway back from a partition heartbeats (and counts) before its reader is registered again.
 REACH = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
-return live_connections(KEYS[1], KEYS[2])
+live_connections(KEYS[1], KEYS[2])
+local total = 0
+for _, gateway in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local reading_until = tonumber(redis.call('ZSCORE', KEYS[3], gateway))
+  if reading_until and reading_until > now then
+    total = total + (tonumber(redis.call('HGET', KEYS[2], gateway)) or 0)
+  end
+end
+return total
 """
 
 # KEYS: gateways, gateway connections, players. Returns {players, connections}.
@@ -459,7 +469,7 @@ class RedisRoster:
 
     def reach(self) -> int:
         with broker_errors("reach"):
-            return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections]))
+            return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections, self._keys.streams]))
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
         """The frame was routed here live, but this gateway holds no open connection of

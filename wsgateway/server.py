@@ -35,6 +35,7 @@ from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.hub import Hub
 from wsgateway.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from wsgateway.keepalive import KeepAlive
+from wsgateway.listening import listen_backlog
 from wsgateway.metrics import DROP_STREAM_TRIMMED, GatewayMetrics
 from wsgateway.history import History, MemoryHistory, keeps_history
 from wsgateway.offline import MemoryOfflineQueue
@@ -46,7 +47,6 @@ from wsgateway.roster import HistoryLocalRoster, LocalRoster, Roster
 from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import SqlTokenStore, TokenStore
 from wsgateway.web_server import WebLimits, WebServer
-from wsgateway.workers import listen_backlog
 
 log = logging.getLogger(__name__)
 

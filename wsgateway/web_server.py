@@ -7,7 +7,8 @@ WebSocket handshake is the library's). What they add, in the order a connection 
 1. accept: an accept that fails (at the file-descriptor limit: EMFILE) is one JSON log line
    and a pause of the accept loop, never a traceback;
 2. `-max-total-conns`: every open connection counts (plain HTTP, TLS handshakes, upgrades,
-   WebSockets); past it a connection is answered 503 at once, before any request is read;
+   WebSockets); past it a connection is answered 503 at once, before any request is read,
+   or under TLS closed before its handshake (no answer can be read without one);
 3. TLS: the handshake must finish within `-tls-handshake-timeout`;
 4. the request: its line, headers and body must all arrive within `-request-timeout`,
    counted from when the server starts waiting for it (so an idle keep-alive connection is
@@ -140,6 +141,17 @@ class WebServer(pywsgi.WSGIServer):
         self._accept_pause_s = ACCEPT_PAUSE_S[0]
 
     # --- accept --------------------------------------------------------------------------
+    def init_socket(self) -> None:
+        """gevent's, with Nagle's algorithm off (as Go's net package does): small answers
+        and frames go at once instead of waiting for the client's delayed ACK (about
+        40 ms). Set on the listening socket, whose connections Linux accepts with it
+        already set: one system call per connection less than setting it on each."""
+        super().init_socket()
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (a test may hand in another kind of socket)
+            pass
+
     def do_read(self) -> Any:
         """gevent's accept, with a refused accept (EMFILE, ENFILE, ENOBUFS...) logged as
         one line and the accept loop paused, doubling up to a second, instead of a
@@ -178,6 +190,9 @@ class WebServer(pywsgi.WSGIServer):
         that never sends its ClientHello) is one log line."""
         self.open_connections += 1
         try:
+            if self._past_capacity():  # no TLS answer without a handshake: the cheapest refusal is the close
+                client_socket.close()
+                return
             tls_socket = self._handshake(client_socket, address)
             if tls_socket is not None:
                 with closing(tls_socket):
@@ -210,23 +225,25 @@ class WebServer(pywsgi.WSGIServer):
         return None
 
     def _serve(self, sock: socket.socket, address: Any) -> None:
-        """Nagle's algorithm off (as Go's net package does): small answers and frames go at
-        once instead of waiting for the client's delayed ACK (about 40 ms)."""
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # not TCP (a test may hand in another kind of socket)
-            pass
-        limit = self.limits.max_connections
-        if limit and self.open_connections > limit:
-            if self.on_capacity_refusal is not None:
-                self.on_capacity_refusal()
-            _refuse_at_capacity(sock, limit)
+        if self._past_capacity():
+            _refuse_at_capacity(sock, self.limits.max_connections)
             return
         try:
             self.handler_class(sock, address, self).handle()
         except Exception:  # the connection's top level: logged as one line, the server goes on
             log.exception("unhandled error in connection", extra={"event": "internal_error",
                                                                   "remote": _host(address)})
+
+    def _past_capacity(self) -> bool:
+        """Whether this connection is one past `-max-total-conns` (it is counted already);
+        such a refusal is counted too. Checked before any work: under TLS before the
+        handshake, the dearest step of an accept."""
+        limit = self.limits.max_connections
+        if not limit or self.open_connections <= limit:
+            return False
+        if self.on_capacity_refusal is not None:
+            self.on_capacity_refusal()
+        return True
 
     def end_idle_connections(self) -> None:
         """Shut the connections that wait for a request, so that shutdown need not wait."""
@@ -291,11 +308,18 @@ def retire_library_websocket(websocket: Any) -> None:
     """Make gevent-websocket's `WebSocket` object inert before it is dropped: marked
     closed, its finaliser never writes to the socket; detached from the handler, the
     finaliser stops at its first line. Otherwise it built a throw-away class twice and
-    raised once on its way (36 µs per connection, a seventh of a connect's CPU), and the
-    two objects referred to each other. `tests/test_web_server.py` fails if a
-    gevent-websocket upgrade changes what the finaliser does."""
+    raised once on its way (36 µs per connection, a seventh of a connect's CPU).
+
+    Its references go too, as its own `close()` drops them: the request's environ names
+    the object (`wsgi.websocket`) and the object the environ, a cycle that held the
+    environ, its input, the stream and through it the handshake's buffered reader (8 KiB)
+    until a full garbage collection, which is rare (`server.FULL_COLLECTION_EVERY`):
+    10 cyclic objects per connect, most of the memory per held connection that rarer
+    full collections cost. `tests/test_web_server.py` fails if a gevent-websocket
+    upgrade changes what the finaliser does, or a connect leaves cyclic garbage."""
     websocket.closed = True
     websocket.handler = None
+    websocket.environ = websocket.stream = websocket.raw_read = websocket.raw_write = None
 
 
 class WebHandler(WebSocketHandler):
@@ -638,7 +662,19 @@ class WebHandler(WebSocketHandler):
         self.response_headers = self.result = None
         self.head, self.body = None, b""
         self.environ = {"PATH_INFO": self.environ.get("PATH_INFO", "")}
-        endpoint.serve(admission, self.socket, self._hand_over_reader(), self.remote)
+        try:
+            endpoint.serve(admission, self.socket, self._hand_over_reader(), self.remote)
+        finally:
+            self._close_upgraded_socket()
+
+    def _close_upgraded_socket(self) -> None:
+        """Close the socket of a WebSocket that has ended, and tell pywsgi (no socket: no
+        further request, nothing to close). pywsgi would first read whatever the client
+        sent after its last request, so that closing does not reset an HTTP answer away: a
+        system call per connection, 10,000 of them in a shutdown, for nothing, since the
+        frames were read to the client's close or the connection was hung up."""
+        sock, self.socket = self.socket, None
+        sock.close()
 
     def _hand_over_reader(self) -> Any:
         """The buffered reader, which from now on only the endpoint's `Connection` holds

@@ -20,7 +20,6 @@ needs no polling.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -38,11 +37,10 @@ import gevent.os
 from prometheus_client.multiprocess import mark_process_dead
 
 from wsgateway.config import Config
+from wsgateway.listening import LISTEN_FD_ENV, bind_listener
 
 log = logging.getLogger(__name__)
 
-LISTEN_FD_ENV = "WSGATEWAY_LISTEN_FD"  # set by the supervisor for its workers only
-BIND_RETRY_INTERVAL_S = 0.02  # between two tries of an address still in use
 SUPERVISOR_FD_ENV = "WSGATEWAY_SUPERVISOR_FD"  # a pipe's read end; EOF = the supervisor is gone
 QUICK_DEATH_S = 2.0  # a worker that dies sooner than this after starting counts as crash-looping
 RESPAWN_MAX_DELAY_S = 10.0
@@ -51,43 +49,6 @@ STOP_GRACE_S = 2.0  # beyond -shutdown-timeout, before stragglers are killed
 # does), run by this interpreter: the same from a checkout and from `pip install`. -P keeps
 # the working directory out of its import path; PYTHONPATH leads it to this package.
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def listen_backlog() -> int:
-    """The accept queue to ask the kernel for: all it allows (net.core.somaxconn, 4096 by
-    default), as Go's net package asks. A restart sends every player back within a few
-    milliseconds; with gevent's default of 128, the handshakes past the queue were dropped
-    and the players' kernels sent them again 1, 3, 7 and 15 s later (a 10,000-player
-    reconnect storm took 18 s)."""
-    try:
-        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as handle:
-            return max(socket.SOMAXCONN, int(handle.read()))
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-
-
-def bind_listener(host: str, port: int, *, inheritable: bool = True,
-                  wait_for_port_s: float = 0.0) -> socket.socket:
-    """A listening socket on `host:port` (inheritable: for `-workers`' workers).
-
-    `wait_for_port_s`: while the address is in use, try again for this long. A restart
-    starts the new process at once, and the old one may not have closed its listener yet."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    give_up_at = time.monotonic() + wait_for_port_s
-    while True:
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((host, port))
-            break
-        except OSError as exc:
-            listener.close()
-            if exc.errno != errno.EADDRINUSE or time.monotonic() >= give_up_at:
-                raise
-            time.sleep(BIND_RETRY_INTERVAL_S)
-    listener.listen(listen_backlog())
-    listener.set_inheritable(inheritable)
-    return listener
 
 
 def inherited_listener() -> socket.socket | None:
