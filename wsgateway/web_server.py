@@ -664,11 +664,15 @@ class WebHandler(WebSocketHandler):
         self.environ = {"PATH_INFO": self.environ.get("PATH_INFO", "")}
         try:
             endpoint.serve(admission, self.socket, self._hand_over_reader(), self.remote)
-        finally:
+        except ClientError:
+            raise  # refused before anything was written (a stream's 503): answered on this socket
+        except BaseException:
             self._close_upgraded_socket()
+            raise
+        self._close_upgraded_socket()
 
     def _close_upgraded_socket(self) -> None:
-        """Close the socket of a WebSocket that has ended, and tell pywsgi (no socket: no
+        """Close the socket of a WebSocket or stream that has ended, and tell pywsgi (no socket: no
         further request, nothing to close). pywsgi would first read whatever the client
         sent after its last request, so that closing does not reset an HTTP answer away: a
         system call per connection, 10,000 of them in a shutdown, for nothing, since the
