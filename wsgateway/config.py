@@ -60,7 +60,7 @@ class Config:
     max_batch: int  # messages in one /publish/batch request (at least 1)
     max_message_bytes: int  # largest accepted client WebSocket message
     ping_period_s: float  # server ping interval
-    pong_wait_s: float  # a socket silent this long is closed
+    pong_wait_s: float  # a socket that leaves a ping unanswered this long is closed
     shutdown_timeout_s: float  # how long SIGTERM waits for sockets and requests to finish
     request_timeout_s: float  # a request's line, headers and body must arrive this fast; 0 = no limit
     max_outbox_messages: int  # frames waiting for a slow socket before it is closed
@@ -329,7 +329,7 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-batch", "1000", _positive_count, "most messages in one /publish/batch request"),
     _Flag("max-message-size", "64KiB", _positive_size, "largest client WebSocket message (larger: close 1009)"),
     _Flag("ping-period", "30s", _positive_duration, "server ping interval"),
-    _Flag("pong-wait", "60s", _positive_duration, "close a socket silent for this long"),
+    _Flag("pong-wait", "60s", _positive_duration, "close a socket that leaves a ping unanswered this long"),
     _Flag("shutdown-timeout", "10s", _positive_duration, "how long shutdown waits for sockets and requests"),
     _Flag("request-timeout", "10s", parse_duration,
           "time allowed to send a whole request (line, headers, body), or to stay idle between requests "
