@@ -12,13 +12,14 @@ checks but never make a connection that answers look silent:
   `ping_period_s` of clock time, and the pings, and the pongs that answer them, are spread
   over the period instead of arriving in one burst (a burst of 10,000 pongs stalls
   publishing for that moment).
-* A connection is closed with 4001 when a ping it was sent has had no answer (no bytes
-  at all, a pong or anything else) for more than `pong_wait_s` since that ping. One that
-  answers every ping it is sent is never reaped, however late the ticks run.
-
-With ticks on time a half-open socket or a vanished client is released within
-`ping_period_s + pong_wait_s` of its last bytes, plus one tick: the next ping comes within
-a period, and then has `pong_wait_s` to be answered.
+* A connection is closed with 4001 when it has sent nothing at all (a pong or anything
+  else) for more than `pong_wait_s` *and* a ping it was sent is unanswered and at least
+  `pong_wait_s - ping_period_s` old. With ticks on time the second condition holds
+  whenever the first does (the last ping is then at most a period old), so a half-open
+  socket or a vanished client is released within `pong_wait_s` of its last bytes plus
+  one tick, as echoCTF's ws-server does. With ticks late, a ping that went out late still
+  gets that long to be answered: one that answers every ping it is sent is never reaped,
+  however late the ticks run.
 """
 from __future__ import annotations
 
@@ -53,9 +54,10 @@ class KeepAlive:
         self.interval_s = ping_period_s / self._slices  # one slice: at most CHECK_INTERVAL_S
         self._last_slot: int | None = None  # the slot (slice-long span of clock time) of the previous tick
         self._unanswered: dict[Pingable, float] = {}  # connection -> clock time of its oldest unanswered ping
+        self._answer_grace_s = pong_wait_s - ping_period_s  # the least time a ping gets (config: pong wait > period)
 
     def tick(self, now: float) -> int:
-        """Reap the connections whose ping went unanswered for `pong_wait_s`, ping the
+        """Reap the connections silent for `pong_wait_s` with a ping unanswered, ping the
         slices that came due since the previous tick; return how many were reaped."""
         due = self._due_slices(now)
         unanswered: dict[Pingable, float] = {}  # rebuilt each tick: connections gone drop out
@@ -63,7 +65,7 @@ class KeepAlive:
         for connection in self._connections():
             pinged_at = self._unanswered.get(connection)
             if pinged_at is not None and connection.last_heard < pinged_at:
-                if now - pinged_at > self.pong_wait_s:
+                if now - connection.last_heard > self.pong_wait_s and now - pinged_at >= self._answer_grace_s:
                     connection.abort(CloseCode.PONG_TIMEOUT)
                     reaped += 1
                     continue
