@@ -266,10 +266,19 @@ def _positive_count(value: str) -> int:
     return count
 
 
+# redis+cluster://[user:password@]host:port[,host:port...][/0][?options]
+_CLUSTER_URL = re.compile(r"rediss?\+cluster://([^@/]*@)?(\[[0-9a-fA-F:.]+\]|[^,:/@\[\]]+):\d+"
+                          r"(,(\[[0-9a-fA-F:.]+\]|[^,:/@\[\]]+):\d+)*(/0?)?(\?.*)?")
+
+
 def _broker_url(value: str) -> str:
     url = value.strip()
-    if url and not re.match(r"(redis|rediss|unix)://", url):
-        raise ValueError(f"{value!r} is not a Redis URL (use redis://host:6379/0, rediss://... or unix://...)")
+    if url and not re.match(r"(redis|rediss|unix|redis\+cluster|rediss\+cluster)://", url):
+        raise ValueError(f"{value!r} is not a Redis URL (use redis://host:6379/0, rediss://..., unix://..., "
+                         "or redis+cluster://host:7000,host:7001 for a Redis Cluster)")
+    if url.split("://", 1)[0].endswith("+cluster") and not _CLUSTER_URL.fullmatch(url):
+        raise ValueError(f"{masked_password(value)!r} is not a Redis Cluster URL (its seeds as host:port,host:port; "
+                         "database 0 only)")
     return url
 
 
@@ -336,7 +345,8 @@ FLAGS: tuple[_Flag, ...] = (
           "(0 = no limit)", old_names=("header-timeout",)),
     _Flag("max-outbox", "4096", _positive_count, "frames waiting for one socket before it is closed as too slow"),
     _Flag("max-outbox-bytes", "4MiB", _positive_size, "bytes waiting for one socket before it is closed as too slow"),
-    _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://): gateways sharing it act as one"),
+    _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://), or a Redis Cluster "
+          "redis+cluster://[:password@]host:port,host:port (rediss+cluster://): gateways sharing it act as one"),
     _Flag("broker-prefix", "wsgw", _key_prefix, "Redis key prefix of this gateway cluster"),
     _Flag("presence-ttl", "15s", _positive_duration, "a dead gateway's players count as offline after this"),
     _Flag("broker-stream-length", "10000", _positive_count,
@@ -569,6 +579,9 @@ def build(raw: dict[str, str]) -> Config:
         raise ConfigError(f"-pong-wait: {raw['pong-wait']} must be longer than -ping-period {raw['ping-period']}")
     if value["workers"] > 1 and not value["broker"]:
         raise ConfigError(f"-workers: {value['workers']} workers need -broker redis://... to act as one gateway")
+    if value["history-size"] > 0 and value["history-ttl"] > 0 and value["broker"].split("://", 1)[0].endswith("+cluster"):
+        raise ConfigError(f"-history-size: {value['history-size']}: the history is kept on a single Redis only, not yet "
+                          "on a Redis Cluster (its steps span slots): use -history-size 0 with -broker redis+cluster://")
     if 2 * value["history-size"] > value["max-outbox"]:  # a replay: the player's own and the broadcasts
         raise ConfigError(f"-history-size: {value['history-size']} would replay up to twice as many frames at once, "
                           f"more than -max-outbox {value['max-outbox']} lets one socket hold")
