@@ -304,6 +304,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 return {redis.call('ZCARD', KEYS[3]), live_connections(KEYS[1], KEYS[2])}
 """
 
+# KEYS: gateways, gateway connections. Returns the connections of live gateways (a cluster's census).
+CONNECTIONS = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+return live_connections(KEYS[1], KEYS[2])
+"""
+
 # KEYS: one shard's players index. Returns the players present in that shard (a cluster's census).
 PLAYERS = _LUA_NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -423,6 +428,7 @@ class RedisRoster:
         self._reach = client.register_script(REACH)
         self._census = client.register_script(CENSUS)
         self._players = client.register_script(PLAYERS)
+        self._connections = client.register_script(CONNECTIONS)
         self._presence = client.register_script(PRESENCE)
         self._heartbeat = client.register_script(HEARTBEAT)
         self._withdraw = client.register_script(WITHDRAW)
@@ -544,7 +550,7 @@ class RedisRoster:
                 players, connections = self._census(keys=[keys.gateways, keys.gateway_connections,
                                                           keys.shards[0].players])
                 return Census(int(players), int(connections))
-            connections = self._reach(keys=[keys.gateways, keys.gateway_connections])
+            connections = self._connections(keys=[keys.gateways, keys.gateway_connections])
             players = sum(int(self._players(keys=[shard.players])) for shard in keys.shards)
         return Census(players, int(connections))
 

@@ -1,0 +1,131 @@
+"""A Redis Cluster of the test run's own: three masters with one replica each, on free
+local ports, keeping nothing on disk; every node is stopped by its pid.
+
+Starting one takes a few seconds (the nodes must meet and agree), so the suite starts it
+once per session (`redis_cluster` in conftest.py); tests keep apart by key prefix, and a
+test that kills a master (failover) starts a cluster of its own."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support import TIMEOUT_S, wait_for
+from tests.support.processes import free_port
+
+MASTERS = 3
+NODE_TIMEOUT_MS = 1000  # cluster-node-timeout: how soon a silent master is failed over
+FORMING_TIMEOUT_S = 6 * TIMEOUT_S  # nodes meeting, slots assigned, replicas synced, on a loaded host
+
+
+def _ask(port: int, *command: str) -> str:
+    """One command to one node, its reply as text ('' when the node does not answer)."""
+    try:
+        return subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True,
+                              timeout=TIMEOUT_S).stdout
+    except subprocess.TimeoutExpired:
+        return ""
+
+
+class RedisCluster:
+    """Six redis-server processes (`--cluster-enabled yes`) joined by `redis-cli --cluster create`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ports: list[int] = []
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        """The -broker URL, naming two nodes as seeds (any reachable one is enough)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports[:2])
+
+    def start(self) -> None:
+        self.ports = self._distinct_free_ports(2 * MASTERS)
+        for port in self.ports:
+            self._start_node(port)
+        created = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=FORMING_TIMEOUT_S)
+        if created.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]} {created.stderr[-2000:]}")
+        self.wait_healthy()
+
+    def _distinct_free_ports(self, count: int) -> list[int]:
+        """Free ports whose cluster bus ports (port + 10000) are free too."""
+        ports: list[int] = []
+        while len(ports) < count:
+            port = free_port()
+            if port + 10000 > 65535 or port in ports:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            ports.append(port)
+        return ports
+
+    def _start_node(self, port: int) -> None:
+        node_directory = self.directory / str(port)
+        node_directory.mkdir(parents=True, exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(node_directory / "nodes.conf"),
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "", "--appendonly", "no",
+             "--dir", str(node_directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _ask(port, "PING").strip() == "PONG", what=f"cluster node on port {port}")
+
+    def wait_healthy(self, timeout_s: float = FORMING_TIMEOUT_S) -> None:
+        """Every running node says `cluster_state:ok` and every slot has a master that answers."""
+        def healthy() -> bool:
+            running = [port for port, process in self.processes.items() if process.poll() is None]
+            return bool(running) and all("cluster_state:ok" in _ask(port, "CLUSTER", "INFO") for port in running)
+        wait_for(healthy, timeout_s, what="cluster_state:ok on every node")
+
+    def masters(self) -> list[int]:
+        """Ports of the running nodes that are masters now."""
+        return [port for port, process in self.processes.items()
+                if process.poll() is None and "role:master" in _ask(port, "INFO", "replication")]
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving `key`'s slot now."""
+        slot = int(_ask(self.ports[0], "CLUSTER", "KEYSLOT", key).strip())
+        for port in self.masters():
+            for line in _ask(port, "CLUSTER", "NODES").splitlines():
+                fields = line.split()
+                if "myself" in fields[2] and "master" in fields[2]:
+                    for ranges in fields[8:]:
+                        first, _, last = ranges.partition("-")
+                        if not first.startswith("[") and int(first) <= slot <= int(last or first):
+                            return port
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, as a crashed host would vanish."""
+        process = self.processes.pop(port)
+        process.kill()
+        process.wait(timeout=TIMEOUT_S)
+
+    def wait_failed_over(self, killed_port: int, timeout_s: float = FORMING_TIMEOUT_S) -> float:
+        """Wait until a replica took the killed master's slots; returns the seconds it took."""
+        started = time.monotonic()
+        self.wait_healthy(timeout_s)
+        assert killed_port not in self.masters()
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=TIMEOUT_S)
+        self.processes.clear()
