@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from redis.crc import key_slot
+
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.processes import free_port
 
@@ -76,16 +78,23 @@ class RedisCluster:
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", str(node_directory / "nodes.conf"),
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "", "--appendonly", "no",
+             # a replica takes over however long ago it last heard its master (a loaded host)
+             "--cluster-replica-validity-factor", "0",
              "--dir", str(node_directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _ask(port, "PING").strip() == "PONG", what=f"cluster node on port {port}")
 
     def wait_healthy(self, timeout_s: float = FORMING_TIMEOUT_S) -> None:
-        """Every running node says `cluster_state:ok` and every slot has a master that answers."""
+        """Every running node says `cluster_state:ok`, and every replica is linked to its
+        master (so it holds the master's data and can take over)."""
         def healthy() -> bool:
             running = [port for port, process in self.processes.items() if process.poll() is None]
-            return bool(running) and all("cluster_state:ok" in _ask(port, "CLUSTER", "INFO") for port in running)
-        wait_for(healthy, timeout_s, what="cluster_state:ok on every node")
+            return bool(running) and all(
+                "cluster_state:ok" in _ask(port, "CLUSTER", "INFO")
+                and ("role:slave" not in (replication := _ask(port, "INFO", "replication"))
+                     or "master_link_status:up" in replication)
+                for port in running)
+        wait_for(healthy, timeout_s, what="cluster_state:ok on every node, every replica linked")
 
     def masters(self) -> list[int]:
         """Ports of the running nodes that are masters now."""
@@ -93,16 +102,17 @@ class RedisCluster:
                 if process.poll() is None and "role:master" in _ask(port, "INFO", "replication")]
 
     def master_of(self, key: str) -> int:
-        """The port of the master serving `key`'s slot now."""
-        slot = int(_ask(self.ports[0], "CLUSTER", "KEYSLOT", key).strip())
+        """The port of the master serving `key`'s slot now (as a running node sees it)."""
+        slot = key_slot(key.encode())
         for port in self.masters():
             for line in _ask(port, "CLUSTER", "NODES").splitlines():
                 fields = line.split()
-                if "myself" in fields[2] and "master" in fields[2]:
-                    for ranges in fields[8:]:
-                        first, _, last = ranges.partition("-")
-                        if not first.startswith("[") and int(first) <= slot <= int(last or first):
-                            return port
+                if "master" not in fields[2] or "fail" in fields[2]:
+                    continue
+                for ranges in fields[8:]:
+                    first, _, last = ranges.partition("-")
+                    if not first.startswith("[") and int(first) <= slot <= int(last or first):
+                        return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise AssertionError(f"no master serves slot {slot}")
 
     def kill(self, port: int) -> None:
@@ -112,10 +122,22 @@ class RedisCluster:
         process.wait(timeout=TIMEOUT_S)
 
     def wait_failed_over(self, killed_port: int, timeout_s: float = FORMING_TIMEOUT_S) -> float:
-        """Wait until a replica took the killed master's slots; returns the seconds it took."""
+        """Wait until every running node sees a replica serving the killed master's slots
+        (and says `cluster_state:ok`); returns the seconds it took."""
         started = time.monotonic()
-        self.wait_healthy(timeout_s)
-        assert killed_port not in self.masters()
+
+        def serves_slots(port: int, seen_by: int) -> bool:
+            for line in _ask(seen_by, "CLUSTER", "NODES").splitlines():
+                fields = line.split()
+                if fields[1].split("@")[0].endswith(f":{port}"):
+                    return "master" in fields[2] and len(fields) > 8
+            return False
+
+        def taken_over() -> bool:
+            running = [port for port, process in self.processes.items() if process.poll() is None]
+            return all("cluster_state:ok" in _ask(port, "CLUSTER", "INFO") and not serves_slots(killed_port, port)
+                       for port in running)
+        wait_for(taken_over, timeout_s, what=f"a replica taking over the slots of port {killed_port}")
         return time.monotonic() - started
 
     def stop(self) -> None:
