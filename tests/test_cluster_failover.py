@@ -57,7 +57,7 @@ def test_a_killed_master_is_followed_and_no_message_answered_200_outside_the_swi
     """Kill the master holding the players' gateway's stream (and some players' keys) while
     publishers publish: only 503 or scope local during the switch, nothing else; every 200
     outside it reaches the connected player, in order, once; the time to recover is printed."""
-    flags = ("-rate-limit", "0")
+    flags = ("-rate-limit", "0")  # the default -presence-ttl (15s): well above the switch
     publisher_side = start_cluster_gateway(*flags, broker_url=own_cluster.url)
     player_side = start_cluster_gateway(*flags, broker_url=own_cluster.url)
     keys = RedisKeys(redis_prefix, cluster=True)

@@ -6,6 +6,7 @@ once per session (`redis_cluster` in conftest.py); tests keep apart by key prefi
 test that kills a master (failover) starts a cluster of its own."""
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -14,11 +15,19 @@ from pathlib import Path
 from redis.crc import key_slot
 
 from tests.support import TIMEOUT_S, wait_for
-from tests.support.processes import free_port
 
 MASTERS = 3
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout: how soon a silent master is failed over
 FORMING_TIMEOUT_S = 6 * TIMEOUT_S  # nodes meeting, slots assigned, replicas synced, on a loaded host
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _ask(port: int, *command: str) -> str:
@@ -57,17 +66,16 @@ class RedisCluster:
         self.wait_healthy()
 
     def _distinct_free_ports(self, count: int) -> list[int]:
-        """Free ports whose cluster bus ports (port + 10000) are free too."""
+        """Free ports, their cluster bus ports (port + 10000) free too, all below the
+        ephemeral range: a client that reconnects again and again to a dead node's port in
+        that range may be given that very port as its own and connect to itself (Linux's
+        TCP self-connect), and then read its own commands back as answers."""
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
         ports: list[int] = []
         while len(ports) < count:
-            port = free_port()
-            if port + 10000 > 65535 or port in ports:
+            port = random.randrange(1024, first_ephemeral - 10_000)
+            if port in ports or not all(_free(candidate) for candidate in (port, port + 10_000)):
                 continue
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
             ports.append(port)
         return ports
 
