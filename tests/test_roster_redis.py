@@ -352,3 +352,29 @@ def test_a_clusters_census_counts_every_shard(redis_cluster, redis_prefix):
     first.refresh(force=True)
     second.refresh(force=True)
     assert (first.census().players, first.census().connections) == (40, 41)
+
+
+def test_a_clusters_refresh_goes_on_for_the_shards_that_answer(redis_cluster, redis_prefix, monkeypatch):
+    """On a cluster a shard that fails (its master failing over) does not stop the others' seats being extended."""
+    import redis
+
+    roster = make_roster(redis_cluster.url, redis_prefix)
+    keys = RedisKeys(redis_prefix, cluster=True)
+    players = [str(number) for number in range(40)]
+    for player in players:
+        seat(roster, player)
+    failing = keys.shard_of(players[0]).base
+    extend = roster._extend_seats
+
+    def failing_on_one_shard(seats):
+        if keys.shard_of(seats[0].player_id).base == failing:
+            raise redis.ConnectionError("master away")
+        return extend(seats)
+    monkeypatch.setattr(roster, "_extend_seats", failing_on_one_shard)
+    client = create_client(redis_cluster.url, TIMEOUT_S)
+    healthy = next(player for player in players if keys.shard_of(player).base != failing)
+    client.delete(keys.present(healthy))
+    assert [seat.player_id for seat in roster.refresh(force=True)] == [healthy], "lost seats of the others found"
+    monkeypatch.setattr(roster, "_extend_seats", lambda seats: (_ for _ in ()).throw(redis.ConnectionError("gone")))
+    with pytest.raises(BrokerUnavailable):
+        roster.refresh(force=True)

@@ -19,8 +19,9 @@ On a Redis Cluster a Lua step may only touch one slot, so players are hashed int
 `CLUSTER_SHARDS` accounting shards (`RedisKeys`): a player's keys and its shard's
 accounting share one hash tag, and each bound is split evenly between the shards (each
 holds at most 1/16 of `-max-offline-bytes` and of `-max-offline-players`, rounded up):
-the oldest frame given up is the oldest of the player's shard. The sweep and the census
-go through the shards one by one; what concerns gateways (liveness, connection counts)
+the oldest frame given up is the oldest of the player's shard. The sweep, the census and
+the heartbeat's refresh go through the shards one by one (a shard whose master is failing
+over does not hold up the others); what concerns gateways (liveness, connection counts)
 lives in one slot of its own, and the connection counters are changed beside the Lua
 step that seats or unseats a connection instead of inside it. A single server is one
 shard: its bounds and steps are exactly the cluster-wide ones.
@@ -54,8 +55,9 @@ from typing import Sequence
 
 from redis.commands.core import Script
 
+from wsgateway.errors import BrokerUnavailable
 from wsgateway.offline import MESSAGE_OVERHEAD_BYTES, MISSED_RETENTION_S, Backlog
-from wsgateway.redis_link import Client, RedisKeys, broker_errors, is_cluster, pipelined
+from wsgateway.redis_link import REDIS_ERRORS, Client, RedisKeys, broker_errors, is_cluster, pipelined
 from wsgateway.roster import Census, Route, Seat
 
 log = logging.getLogger(__name__)
@@ -578,14 +580,42 @@ class RedisRoster:
                             args=[self._presence_ttl_ms, self.gateway_id, len(seats)])
             if not seats:
                 return []
-            pipeline = self._client.pipeline(transaction=False)
-            for seat in seats:
-                player = seat.player_id
-                pipelined(pipeline, self._extend,
-                          [self._keys.seats(player), self._keys.present(player), self._keys.shard_of(player).players],
-                          [self._presence_ttl_ms, seat.seat_id, player])
-            found = pipeline.execute()
+            if not self._cluster:
+                return self._extend_seats(seats)
+        return self._extend_by_shard(seats)
+
+    def _extend_seats(self, seats: list[Seat]) -> list[Seat]:
+        """Extend `seats` in one pipeline; return those Redis no longer had."""
+        pipeline = self._client.pipeline(transaction=False)
+        for seat in seats:
+            player = seat.player_id
+            pipelined(pipeline, self._extend,
+                      [self._keys.seats(player), self._keys.present(player), self._keys.shard_of(player).players],
+                      [self._presence_ttl_ms, seat.seat_id, player])
+        found = pipeline.execute()
         return [seat for seat, there in zip(seats, found) if not there]
+
+    def _extend_by_shard(self, seats: list[Seat]) -> list[Seat]:
+        """A cluster's refresh, one pipeline per shard: while one master is away (a
+        failover) the seats on the others are still extended, so their players do not
+        expire from presence however long the switch takes. The shards that failed are
+        logged and tried again at the next heartbeat."""
+        by_shard: dict[str, list[Seat]] = {}
+        for seat in seats:
+            by_shard.setdefault(self._keys.shard_of(seat.player_id).base, []).append(seat)
+        lost: list[Seat] = []
+        failed: list[str] = []
+        for shard, shard_seats in by_shard.items():
+            try:
+                lost.extend(self._extend_seats(shard_seats))
+            except REDIS_ERRORS as exc:
+                failed.append(f"{shard}: {type(exc).__name__}: {exc}")
+        if failed:
+            log.warning("presence not refreshed on some shards", extra={
+                "event": "presence_refresh_failed", "shards": len(failed), "detail": failed[0]})
+            if len(failed) == len(by_shard):
+                raise BrokerUnavailable(f"redis refresh failed: {failed[0]}")
+        return lost
 
     def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
         """Write lost seats back (those still here), each as `take_seat` does: whatever
