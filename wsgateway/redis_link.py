@@ -98,28 +98,23 @@ def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
     return (first + f"?{query}" if question else first), seeds
 
 
-def _create_cluster_client(url: str, timeout_s: float, **options: Any) -> redis.cluster.RedisCluster:
+def _create_cluster_client(url: str, timeout_s: float) -> redis.cluster.RedisCluster:
     first, seeds = cluster_seeds(url)
     # A node's pool blocks for a free connection as a single server's does.
     pool_class = functools.partial(redis.BlockingConnectionPool, timeout=timeout_s)
-    settings: dict[str, Any] = dict(max_connections=POOL_CONNECTIONS, socket_timeout=timeout_s,
-                                    socket_connect_timeout=timeout_s, health_check_interval=30)
-    settings.update(options)
     return redis.cluster.RedisCluster(
         url=first, startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in seeds[1:]],
-        connection_pool_class=pool_class, **settings)
+        connection_pool_class=pool_class, max_connections=POOL_CONNECTIONS, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, health_check_interval=30)
 
 
 def blocking_twin(client: Client, block_s: float) -> Client:
     """A client of the same server or cluster whose socket timeout outlasts a blocking
     read of `block_s`: the shared client's timeout (-db-timeout) may be shorter."""
     if isinstance(client, redis.cluster.RedisCluster):
-        options = {name: value for name, value in client.nodes_manager.connection_kwargs.items()
-                   if name not in _CLUSTER_CLIENT_OWN}
-        options["socket_timeout"] = (options.get("socket_timeout") or 0) + block_s
-        options["max_connections"] = 2
         return redis.cluster.RedisCluster(
-            startup_nodes=[redis.cluster.ClusterNode(node.host, node.port) for node in client.get_nodes()], **options)
+            startup_nodes=[redis.cluster.ClusterNode(node.host, node.port) for node in client.get_nodes()],
+            **cluster_twin_options(client.nodes_manager.connection_kwargs, block_s))
     pool = client.connection_pool
     options = dict(pool.connection_kwargs)
     timeout_s = options.get("socket_timeout") or 0
@@ -130,6 +125,19 @@ def blocking_twin(client: Client, block_s: float) -> Client:
 
 # connection settings a cluster client adds for itself (bound to that client), not to copy
 _CLUSTER_CLIENT_OWN = ("redis_connect_func", "oss_cluster_maint_notifications_handler", "connection_pool_class")
+
+
+def cluster_twin_options(connection_kwargs: dict[str, Any], block_s: float) -> dict[str, Any]:
+    """A cluster client's node settings for its blocking twin: the same credentials and
+    TLS (a `rediss` URL's connection class said as `ssl=True`, which is what the nodes'
+    clients take), a socket timeout longer by `block_s`, two connections per node."""
+    options = {name: value for name, value in connection_kwargs.items() if name not in _CLUSTER_CLIENT_OWN}
+    connection_class = options.pop("connection_class", None)
+    if connection_class is not None and issubclass(connection_class, redis.SSLConnection):
+        options["ssl"] = True
+    options["socket_timeout"] = (options.get("socket_timeout") or 0) + block_s
+    options["max_connections"] = 2
+    return options
 
 
 def is_cluster(client: object) -> bool:
