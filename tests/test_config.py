@@ -373,6 +373,13 @@ def test_a_redis_cluster_is_a_broker(url):
     assert load_args("-broker", url).broker_url == url
 
 
+def test_history_is_refused_on_a_redis_cluster():
+    """-history-size needs a single Redis for now: on a Redis Cluster it is refused by name."""
+    with pytest.raises(ConfigError) as refusal:
+        load_args("-broker", "redis+cluster://a:7000", "-history-size", "10")
+    assert str(refusal.value).startswith("-history-size:")
+
+
 def test_cluster_seeds_name_every_node_and_keep_credentials():
     """A cluster URL gives the first seed's URL (scheme, credentials, options) and every seed's address."""
     from wsgateway.redis_link import cluster_seeds
