@@ -66,7 +66,7 @@ def create_client(url: str, timeout_s: float) -> Client:
         options["socket_keepalive_options"] = {getattr(socket, name): value for name, value in wanted.items()
                                                if hasattr(socket, name)}  # all of them on Linux
     if is_cluster_url(url):
-        return _create_cluster_client(url, timeout_s, **options)
+        return _create_cluster_client(url, timeout_s, options)
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=POOL_CONNECTIONS, timeout=timeout_s, socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s, health_check_interval=30, **options)
@@ -98,14 +98,14 @@ def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
     return (first + f"?{query}" if question else first), seeds
 
 
-def _create_cluster_client(url: str, timeout_s: float) -> redis.cluster.RedisCluster:
+def _create_cluster_client(url: str, timeout_s: float, options: dict[str, object]) -> redis.cluster.RedisCluster:
     first, seeds = cluster_seeds(url)
     # A node's pool blocks for a free connection as a single server's does.
     pool_class = functools.partial(redis.BlockingConnectionPool, timeout=timeout_s)
     return redis.cluster.RedisCluster(
         url=first, startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in seeds[1:]],
         connection_pool_class=pool_class, max_connections=POOL_CONNECTIONS, socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s, health_check_interval=30)
+        socket_connect_timeout=timeout_s, health_check_interval=30, **options)
 
 
 def blocking_twin(client: Client, block_s: float) -> Client:
