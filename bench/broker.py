@@ -4,10 +4,11 @@ reader on another's, the real Redis in between (no sockets to players, no HTTP).
 
     .venv/bin/python bench/broker.py                       # 20,000 envelopes, 16 publishers
     .venv/bin/python bench/broker.py --envelopes 5000 --publishers 1 --redis redis://127.0.0.1:6379/0
+    .venv/bin/python bench/broker.py --redis redis+cluster://127.0.0.1:7000,127.0.0.1:7001   # a Redis Cluster
 
 Prints envelopes/s from the first publish to the last delivery, this process's CPU per
 envelope (both brokers: publishing and reading) and Redis's CPU per envelope (from INFO
-cpu; other clients of the same Redis count too). Its keys live under a fresh prefix and
+cpu, summed over a cluster's masters; other clients of the same Redis count too). Its keys live under a fresh prefix and
 are deleted at the end.
 """
 from __future__ import annotations
@@ -27,12 +28,13 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import redis  # noqa: E402
+import redis.cluster  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wsgateway.broker import Envelope  # noqa: E402
 from wsgateway.broker_redis import RedisBroker  # noqa: E402
-from wsgateway.redis_link import RedisKeys, create_client  # noqa: E402
+from wsgateway.redis_link import RedisKeys, create_client, is_cluster_url  # noqa: E402
 
 FRAME = b"\x81\x7e\x00\x96" + b"x" * 150  # a text frame of about the bench's event size
 
@@ -50,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     prefix = f"wsgw-bench-broker-{uuid.uuid4().hex[:8]}"
-    keys = RedisKeys(prefix)
+    keys = RedisKeys(prefix, cluster=is_cluster_url(args.redis))
     received = 0
     all_in = gevent.event.Event()
 
@@ -65,11 +67,14 @@ def main() -> None:
     if not reader.wait_subscribed(5.0):
         raise SystemExit(f"no answer from {args.redis}")
     publisher = RedisBroker(create_client(args.redis, 5.0), keys, "publisher")
-    stats = redis.Redis.from_url(args.redis)
+    stats = create_client(args.redis, 5.0)
 
     def redis_cpu_s() -> float:
-        cpu = stats.info("cpu")
-        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+        if is_cluster_url(args.redis):
+            nodes = stats.info("cpu", target_nodes=redis.cluster.RedisCluster.PRIMARIES).values()
+        else:
+            nodes = [stats.info("cpu")]
+        return sum(float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]) for cpu in nodes)
 
     def publish_share(first: int) -> None:
         for number in range(first, args.envelopes, args.publishers):
@@ -86,9 +91,8 @@ def main() -> None:
           f"{redis_s / args.envelopes * 1e6:.1f} µs/envelope   [load {' '.join(f'{value:.2f}' for value in os.getloadavg())}]")
     reader.close()
     publisher.close()
-    leftovers = list(stats.scan_iter(f"{prefix}:*"))
-    if leftovers:
-        stats.delete(*leftovers)
+    for leftover in stats.scan_iter(f"*{prefix}*"):  # one by one: a cluster's keys are in many slots
+        stats.delete(leftover)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from tests.support import TIMEOUT_S  # noqa: E402
 from tests.support.gateways import GatewayUnderTest, TokenTable, gateway_config  # noqa: E402
+from tests.support.redis_cluster import RedisCluster  # noqa: E402
 from tests.support.redis_server import REDIS_URL, RedisServer  # noqa: E402
 
 # Property-based tests: the same examples on every run (derandomized, no example database),
@@ -107,6 +108,26 @@ def redis_prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test run's own (three masters, one replica each), started
+    once for the session: tests on it keep apart by key prefix, and none may kill its nodes
+    (a failover test starts a cluster of its own)."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["server", "cluster"])
+def redis_url(request) -> str:
+    """Each test using this runs once on the shared single Redis and once on the session's
+    Redis Cluster (`redis+cluster://`); with `redis_prefix`, under a prefix of its own."""
+    if request.param == "server":
+        return REDIS_URL
+    return request.getfixturevalue("redis_cluster").url
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""The Broker contract, run against every backend: the in-process broker and Redis Streams.
-(What a cross-process backend keeps for a gateway that is reconnecting is tested in
+"""The Broker contract, run against every backend: the in-process broker and Redis Streams,
+on a single Redis and on a Redis Cluster. (What a cross-process backend keeps for a gateway that is reconnecting is tested in
 test_broker_redis.py, since the in-process broker has no link to lose.)"""
 from __future__ import annotations
 
@@ -25,28 +25,34 @@ class Node:
     received: list[Envelope]
 
 
-def in_process_node(_prefix: str) -> Node:
+def in_process_node() -> Node:
     received: list[Envelope] = []
     broker = InProcessBroker()
     broker.start(received.append)
     return Node(broker, LOCAL_GATEWAY, received)
 
 
-def redis_node(prefix: str) -> Node:
+def redis_node(prefix: str, url: str = REDIS_URL) -> Node:
+    """One gateway's Redis broker on `url` (a single server's or a cluster's), reading already."""
     from wsgateway.broker_redis import RedisBroker
-    from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
+    from wsgateway.redis_link import RedisKeys, create_client, is_cluster_url, new_gateway_id
 
     received: list[Envelope] = []
     gateway_id = new_gateway_id()
-    broker = RedisBroker(create_client(REDIS_URL, TIMEOUT_S), RedisKeys(prefix), gateway_id)
+    broker = RedisBroker(create_client(url, TIMEOUT_S), RedisKeys(prefix, cluster=is_cluster_url(url)), gateway_id)
     broker.start(received.append)
     assert broker.wait_subscribed(TIMEOUT_S)
     return Node(broker, gateway_id, received)
 
 
-@pytest.fixture(params=[in_process_node, redis_node], ids=["in-process", "redis"])
+@pytest.fixture(params=["in-process", "redis", "redis-cluster"])
 def node(request, redis_prefix) -> Iterator[Node]:
-    made = request.param(redis_prefix)
+    if request.param == "in-process":
+        made = in_process_node()
+    elif request.param == "redis":
+        made = redis_node(redis_prefix)
+    else:
+        made = redis_node(redis_prefix, request.getfixturevalue("redis_cluster").url)
     yield made
     made.broker.close()
 

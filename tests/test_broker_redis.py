@@ -1,16 +1,17 @@
-"""wsgateway.broker_redis beyond the contract: addressing between gateways, reconnection."""
+"""wsgateway.broker_redis beyond the contract: addressing between gateways (on a single Redis
+and on a Redis Cluster), reconnection."""
 from __future__ import annotations
 
 from tests.support import TIMEOUT_S, wait_for
 from tests.test_broker_contract import redis_node
 from wsgateway.broker import Envelope
 from wsgateway.broker_redis import RedisBroker
-from wsgateway.redis_link import RedisKeys, create_client
+from wsgateway.redis_link import RedisKeys, create_client, is_cluster_url
 
 
-def test_player_envelope_reaches_only_the_named_gateways(redis_prefix):
+def test_player_envelope_reaches_only_the_named_gateways(redis_url, redis_prefix):
     """An envelope names the gateways holding the player; the others never see it."""
-    first, second, third = (redis_node(redis_prefix) for _ in range(3))
+    first, second, third = (redis_node(redis_prefix, redis_url) for _ in range(3))
     try:
         first.broker.publish(Envelope(b"x", "p", frozenset((second.gateway_id, third.gateway_id))))
         first.broker.publish(Envelope(b"y", "p", frozenset((third.gateway_id,))))
@@ -22,9 +23,9 @@ def test_player_envelope_reaches_only_the_named_gateways(redis_prefix):
             node.broker.close()
 
 
-def test_broadcast_reaches_every_gateway_once(redis_prefix):
+def test_broadcast_reaches_every_gateway_once(redis_url, redis_prefix):
     """A broadcast envelope is delivered once on each gateway of the cluster."""
-    nodes = [redis_node(redis_prefix) for _ in range(3)]
+    nodes = [redis_node(redis_prefix, redis_url) for _ in range(3)]
     try:
         nodes[0].broker.publish(Envelope(b"all"))
         wait_for(lambda: all(len(node.received) == 1 for node in nodes), what="broadcast everywhere")
@@ -33,9 +34,9 @@ def test_broadcast_reaches_every_gateway_once(redis_prefix):
             node.broker.close()
 
 
-def test_clusters_with_other_prefixes_are_separate(redis_prefix):
+def test_clusters_with_other_prefixes_are_separate(redis_url, redis_prefix):
     """Gateways on another key prefix share the Redis but none of its messages."""
-    ours, theirs = redis_node(redis_prefix), redis_node(redis_prefix + "-other")
+    ours, theirs = redis_node(redis_prefix, redis_url), redis_node(redis_prefix + "-other", redis_url)
     try:
         ours.broker.publish(Envelope(b"ours"))
         wait_for(lambda: len(ours.received) == 1, what="our broadcast")
@@ -133,15 +134,13 @@ def test_what_a_full_stream_trimmed_before_its_reader_came_back_is_counted(redis
         relay.close()
 
 
-def test_a_closed_gateways_stream_and_registration_leave_redis(redis_prefix):
+def test_a_closed_gateways_stream_and_registration_leave_redis(redis_url, redis_prefix):
     """close() removes the gateway's stream and its broadcast registration; nothing is left behind."""
-    from tests.support.redis_server import REDIS_URL
-
-    node = redis_node(redis_prefix)
+    node = redis_node(redis_prefix, redis_url)
     node.broker.publish(Envelope(b"x", "p", frozenset((node.gateway_id,))))
     wait_for(lambda: len(node.received) == 1, what="delivery")
     node.broker.close()
-    client = create_client(REDIS_URL, TIMEOUT_S)
-    keys = RedisKeys(redis_prefix)
+    client = create_client(redis_url, TIMEOUT_S)
+    keys = RedisKeys(redis_prefix, cluster=is_cluster_url(redis_url))
     assert not client.exists(keys.stream(node.gateway_id))
     assert client.zscore(keys.streams, node.gateway_id) is None

@@ -65,6 +65,16 @@ def test_unreachable_database_at_start_exits_with_one_line(tmp_path):
     assert "Traceback" not in result.stdout
 
 
+def test_unreachable_redis_cluster_at_start_exits_with_one_line(tmp_path):
+    """A Redis Cluster none of whose seeds answers: exit 1, one line naming -broker, no traceback."""
+    result = run_gateway_cli("-addr", f"127.0.0.1:{free_port()}", "-dsn", f"file:{tmp_path / 'tokens.db'}",
+                             "-broker", f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}",
+                             "-db-timeout", "1s", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "-broker: redis unreachable at start" in one_line(result.stderr)
+    assert "Traceback" not in result.stderr
+
+
 def test_address_in_use_exits_with_one_line(tmp_path):
     """A listen address already taken: non-zero exit and one line naming -addr."""
     with socket.socket() as holder:

@@ -1,16 +1,28 @@
-"""Several in-process gateways on one Redis acting as one gateway: delivery, limits, outages."""
+"""Several in-process gateways on one Redis acting as one gateway: delivery, limits, outages.
+The scenarios that take `on_redis` run on a single Redis and on a Redis Cluster."""
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import gevent
+import pytest
 import websocket
 
 from tests.support import TIMEOUT_S, wait_for
 from tests.support.clients import receive_close, receive_event
+from tests.support.gateways import GatewayUnderTest
 
 
-def test_publish_on_one_gateway_reaches_players_on_the_others(start_cluster_gateway):
+@pytest.fixture
+def on_redis(start_cluster_gateway, redis_url) -> Callable[..., GatewayUnderTest]:
+    """Start gateways of one cluster on the shared Redis, then (second run) on the Redis Cluster."""
+    return functools.partial(start_cluster_gateway, broker_url=redis_url)
+
+
+def test_publish_on_one_gateway_reaches_players_on_the_others(on_redis):
     """A publish sent to any gateway reaches the player's connections on every gateway."""
-    first, second, third = (start_cluster_gateway() for _ in range(3))
+    first, second, third = (on_redis() for _ in range(3))
     server = first.tokens.server()
     on_second = second.connect(first.tokens.player(21))
     on_third = third.connect(first.tokens.player(21))
@@ -19,9 +31,9 @@ def test_publish_on_one_gateway_reaches_players_on_the_others(start_cluster_gate
     assert receive_event(on_second) == receive_event(on_third) == {"event": "score", "payload": {"points": 1}}
 
 
-def test_publish_order_is_kept_across_gateways(start_cluster_gateway):
+def test_publish_order_is_kept_across_gateways(on_redis):
     """Messages from one publisher arrive in publish order on a player held by another gateway."""
-    publisher_side, player_side = start_cluster_gateway(), start_cluster_gateway()
+    publisher_side, player_side = on_redis(), on_redis()
     server = publisher_side.tokens.server()
     client = player_side.connect(publisher_side.tokens.player(21))
     for number in range(100):
@@ -29,9 +41,9 @@ def test_publish_order_is_kept_across_gateways(start_cluster_gateway):
     assert [receive_event(client)["payload"] for _ in range(100)] == list(range(100))
 
 
-def test_broadcast_reaches_every_player_once(start_cluster_gateway):
+def test_broadcast_reaches_every_player_once(on_redis):
     """A broadcast reaches each connected player of the cluster exactly once."""
-    gateways = [start_cluster_gateway() for _ in range(3)]
+    gateways = [on_redis() for _ in range(3)]
     server = gateways[0].tokens.server()
     clients = [gateway.connect(gateways[0].tokens.player(30 + index)) for index, gateway in enumerate(gateways)]
     for gateway in gateways:  # the count a broadcast answers comes from each gateway's heartbeat
@@ -44,9 +56,9 @@ def test_broadcast_reaches_every_player_once(start_cluster_gateway):
     assert all(receive_event(client)["event"] == "sentinel" for client in clients), "no duplicate in between"
 
 
-def test_offline_queue_is_shared(start_cluster_gateway):
+def test_offline_queue_is_shared(on_redis):
     """A message queued through one gateway is delivered when the player connects to another."""
-    first, second = start_cluster_gateway(), start_cluster_gateway()
+    first, second = on_redis(), on_redis()
     server = first.tokens.server()
     reply = first.publish(server, 21, "while_away", 1)
     assert reply.json == {"delivered": 0, "queued": True}
@@ -55,9 +67,9 @@ def test_offline_queue_is_shared(start_cluster_gateway):
     assert second.metric("ws_messages_delivered_total") == 1
 
 
-def test_queued_messages_go_to_exactly_one_of_simultaneous_connections(start_cluster_gateway):
+def test_queued_messages_go_to_exactly_one_of_simultaneous_connections(on_redis):
     """Connecting one player to two gateways at the same moment hands the backlog to one of them."""
-    first, second = start_cluster_gateway("-max-queued", "50"), start_cluster_gateway("-max-queued", "50")
+    first, second = on_redis("-max-queued", "50"), on_redis("-max-queued", "50")
     server = first.tokens.server()
     for number in range(20):
         first.publish(server, 21, "queued", number)
@@ -77,9 +89,9 @@ def test_queued_messages_go_to_exactly_one_of_simultaneous_connections(start_clu
     assert sorted(received, key=len) == [[], list(range(20))]
 
 
-def test_max_conns_holds_across_gateways(start_cluster_gateway):
+def test_max_conns_holds_across_gateways(on_redis):
     """-max-conns counts a player's connections on every gateway."""
-    first, second = start_cluster_gateway("-max-conns", "2"), start_cluster_gateway("-max-conns", "2")
+    first, second = on_redis("-max-conns", "2"), on_redis("-max-conns", "2")
     token = first.tokens.player(21)
     first.connect(token)
     second.connect(token)
@@ -88,9 +100,9 @@ def test_max_conns_holds_across_gateways(start_cluster_gateway):
     assert second.refused(f"?token={token}")[0] == 429
 
 
-def test_rate_limit_holds_across_gateways(start_cluster_gateway):
+def test_rate_limit_holds_across_gateways(on_redis):
     """A server token's budget is spent on whichever gateway it publishes to."""
-    first, second = (start_cluster_gateway("-rate-limit", "3", "-rate-period", "1m") for _ in range(2))
+    first, second = (on_redis("-rate-limit", "3", "-rate-period", "1m") for _ in range(2))
     server = first.tokens.server()
     assert [first.publish(server, 21).status, second.publish(server, 21).status,
             first.publish(server, 21).status] == [200, 200, 200]
@@ -142,9 +154,9 @@ def test_redis_restart_restores_presence_of_connected_players(start_cluster_gate
     assert receive_event(client)["event"] == "after_restart"
 
 
-def test_gateway_leaving_takes_its_players_presence_along(start_cluster_gateway):
+def test_gateway_leaving_takes_its_players_presence_along(on_redis):
     """When a gateway shuts down, its players are offline for the others at once."""
-    first, second = start_cluster_gateway(), start_cluster_gateway()
+    first, second = on_redis(), on_redis()
     server = first.tokens.server()
     client = second.connect(first.tokens.player(21))
     stopping = gevent.spawn(second.gateway.shutdown, TIMEOUT_S)

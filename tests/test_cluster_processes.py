@@ -93,8 +93,17 @@ def cluster(tmp_path, redis_prefix) -> Iterator[Cluster]:
     made.close()
 
 
-def test_three_gateways_act_as_one(cluster):
+@pytest.fixture
+def on_any_redis(tmp_path, redis_prefix, redis_url) -> Iterator[Cluster]:
+    """Gateway processes on the shared Redis, then (second run) on the session's Redis Cluster."""
+    made = Cluster(tmp_path, redis_prefix, broker_url=redis_url)
+    yield made
+    made.close()
+
+
+def test_three_gateways_act_as_one(on_any_redis):
     """Publish, broadcast, the shared limit and the backlog hand-off across three processes."""
+    cluster = on_any_redis
     first, second, third = cluster.start(3, "-max-conns", "3", "-rate-limit", "1000")
     server = cluster.tokens.server()
     player = cluster.tokens.player(21)
@@ -203,8 +212,9 @@ def worker_pids(process: GatewayProcess) -> set[str]:
     return set()
 
 
-def test_workers_serve_one_port_are_replaced_and_drain(cluster):
+def test_workers_serve_one_port_are_replaced_and_drain(on_any_redis):
     """-workers 2: two processes share the port, a killed one is replaced, SIGTERM drains both."""
+    cluster = on_any_redis
     (supervisor,) = cluster.start(1, "-workers", "2", "-shutdown-timeout", "3s")
     pids = wait_for(lambda: len(worker_pids(supervisor)) == 2 and worker_pids(supervisor), what="two workers")
     assert str(supervisor.process.pid) not in pids

@@ -366,10 +366,36 @@ def test_broker_settings_parse():
     assert (load_args().broker_url, load_args().workers) == ("", 1)
 
 
+@pytest.mark.parametrize("url", ["redis+cluster://10.0.0.1:7000,10.0.0.2:7000", "rediss+cluster://:pw@cache:7000/0",
+                                 "redis+cluster://[::1]:7000,cache:7001?ssl_cert_reqs=none"])
+def test_a_redis_cluster_is_a_broker(url):
+    """-broker takes a Redis Cluster as redis+cluster:// (rediss+cluster:// for TLS) with its seeds."""
+    assert load_args("-broker", url).broker_url == url
+
+
+def test_history_is_refused_on_a_redis_cluster():
+    """-history-size needs a single Redis for now: on a Redis Cluster it is refused by name."""
+    with pytest.raises(ConfigError) as refusal:
+        load_args("-broker", "redis+cluster://a:7000", "-history-size", "10")
+    assert str(refusal.value).startswith("-history-size:")
+
+
+def test_cluster_seeds_name_every_node_and_keep_credentials():
+    """A cluster URL gives the first seed's URL (scheme, credentials, options) and every seed's address."""
+    from wsgateway.redis_link import cluster_seeds
+
+    assert cluster_seeds("rediss+cluster://:pw@a:7000,[::1]:7001/0?ssl_cert_reqs=none") == (
+        "rediss://:pw@a:7000?ssl_cert_reqs=none", [("a", 7000), ("::1", 7001)])
+    assert cluster_seeds("redis+cluster://a:7000") == ("redis://a:7000", [("a", 7000)])
+
+
 @pytest.mark.parametrize("argv, setting", [
     (["-workers", "2"], "-workers:"),
     (["-workers", "0", "-broker", "redis://x"], "-workers:"),
     (["-broker", "http://cache:6379"], "-broker:"),
+    (["-broker", "redis+cluster://cache"], "-broker:"),
+    (["-broker", "redis+cluster://cache:7000,other"], "-broker:"),
+    (["-broker", "redis+cluster://cache:7000/2"], "-broker:"),
     (["-broker-prefix", "has space"], "-broker-prefix:"),
     (["-presence-ttl", "0"], "-presence-ttl:"),
 ])

@@ -210,9 +210,9 @@ def test_offline_flood_stays_within_max_offline_bytes_in_redis(start_cluster_gat
     server_token = first.tokens.server()
     assert flood_offline_queues(first, server_token) == 600
     client = redis.Redis.from_url(REDIS_URL)
-    keys = RedisKeys(redis_prefix)
-    assert 0 < int(client.hget(keys.queue_sizes, "")) <= 64 << 20
-    kept = client.zcard(keys.queue_heads) - 1 + 3  # every queue holds one frame, player 21's three
+    accounts = RedisKeys(redis_prefix).shards[0]  # a single server: one accounting for all queues
+    assert 0 < int(client.hget(accounts.queue_sizes, "")) <= 64 << 20
+    kept = client.zcard(accounts.queue_heads) - 1 + 3  # every queue holds one frame, player 21's three
     client.close()
     assert first.metric("ws_messages_dropped_total", reason="offline_bytes_limit") == 603 - kept
     check_the_newest_survived(second)

@@ -21,6 +21,15 @@ reader read it, nor past the stream's length. Envelopes stay opaque: the transpo
 carries `encode(envelope)` as one field and never looks into the frame.
 
 The listener reconnects by itself with capped exponential backoff.
+
+On a Redis Cluster each stream is a key of its own slot (tagged by its gateway), so the
+streams spread over the masters and an envelope goes only to the nodes holding the
+streams it is appended to, never to every node. A broadcast reads the live readers (one
+slot) and appends to their streams, pipelined per node (a single server does both in one
+script). Upkeep registers the reader and keeps its stream in two steps (two slots). A
+failover is told from a restart by the replication id: the promoted replica carries on
+its master's data (its secondary id is the master's), so reading resumes after the last
+id read; a node that came back empty has a new one, so its stream is read from the start.
 """
 from __future__ import annotations
 
@@ -34,8 +43,7 @@ import gevent.event
 import redis
 
 from wsgateway.broker import Deliver, Envelope
-from wsgateway.errors import BrokerUnavailable
-from wsgateway.redis_link import RedisKeys, broker_errors
+from wsgateway.redis_link import REDIS_ERRORS, Client, RedisKeys, blocking_twin, broker_errors, is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +80,24 @@ for _, stream in ipairs(KEYS) do
 end
 """
 
-# KEYS: the readers' registry. ARGV: stream-key prefix, max length, stream ttl ms, wire form.
-# Returns the number of streams the envelope was appended to.
-BROADCAST = """
+_LUA_NOW_MS = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local readers = redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+# The readers still registered (forgetting those whose registration expired).
+_LUA_LIVE_READERS = """
+local function live_readers(registry)
+  redis.call('ZREMRANGEBYSCORE', registry, '-inf', now)
+  return redis.call('ZRANGE', registry, 0, -1)
+end
+"""
+
+# KEYS: the readers' registry. ARGV: stream-key prefix, max length, stream ttl ms, wire form.
+# Returns the number of streams the envelope was appended to. A single server only: the
+# streams are keys of other slots on a cluster (see READERS).
+BROADCAST = _LUA_NOW_MS + _LUA_LIVE_READERS + """
+local readers = live_readers(KEYS[1])
 for _, gateway in ipairs(readers) do
   local stream = ARGV[1] .. gateway
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[4])
@@ -87,17 +106,39 @@ end
 return #readers
 """
 
-# KEYS: the readers' registry, this reader's stream. ARGV: gateway, registration ttl ms,
-# the last id read ('' for none yet), stream ttl ms. Registers the reader for broadcasts,
-# keeps its stream alive, and drops what it has read.
-UPKEEP = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  if ARGV[3] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3]) end
+# KEYS: the readers' registry. Returns the gateways reading a stream (a cluster's broadcast).
+READERS = _LUA_NOW_MS + _LUA_LIVE_READERS + """
+return live_readers(KEYS[1])
+"""
+
+# Register a reader for broadcasts; keep its stream alive and drop what it has read.
+_LUA_UPKEEP = """
+local function register(registry, gateway, ttl_ms)
+  redis.call('ZADD', registry, now + tonumber(ttl_ms), gateway)
 end
+local function keep(stream, ttl_ms, last_read)
+  if redis.call('EXISTS', stream) == 1 then
+    redis.call('PEXPIRE', stream, ttl_ms)
+    if last_read ~= '' then redis.call('XTRIM', stream, 'MINID', '~', last_read) end
+  end
+end
+"""
+
+# KEYS: the readers' registry, this reader's stream. ARGV: gateway, registration ttl ms,
+# the last id read ('' for none yet), stream ttl ms. Both at once (a single server).
+UPKEEP = _LUA_NOW_MS + _LUA_UPKEEP + """
+register(KEYS[1], ARGV[1], ARGV[2])
+keep(KEYS[2], ARGV[4], ARGV[3])
+"""
+
+# The same in two steps, for a cluster (the registry and the stream are in two slots).
+# KEYS: the readers' registry. ARGV: gateway, registration ttl ms.
+REGISTER = _LUA_NOW_MS + _LUA_UPKEEP + """
+register(KEYS[1], ARGV[1], ARGV[2])
+"""
+# KEYS: this reader's stream. ARGV: its ttl ms, the last id read ('' for none yet).
+KEEP_STREAM = _LUA_NOW_MS + _LUA_UPKEEP + """
+keep(KEYS[1], ARGV[1], ARGV[2])
 """
 
 
@@ -124,7 +165,7 @@ def _stream_id(raw: bytes) -> tuple[int, int]:
 class RedisBroker:
     """Carries envelopes between gateways through one Redis stream per gateway."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, gateway_id: str, *,
+    def __init__(self, client: Client, keys: RedisKeys, gateway_id: str, *,
                  stream_length: int = STREAM_LENGTH, member_ttl_s: float = 15.0,
                  on_subscribed: Callable[[], None] | None = None,
                  on_lost: Callable[[int], None] | None = None) -> None:
@@ -138,7 +179,8 @@ class RedisBroker:
         self.gateway_id = gateway_id
         self.lost = 0  # envelopes trimmed from this gateway's stream before it read them
         self._client = client
-        self._reader = _blocking_twin(client, READ_BLOCK_S)
+        self._cluster = is_cluster(client)
+        self._reader = blocking_twin(client, READ_BLOCK_S)
         self._keys = keys
         self._stream = keys.stream(gateway_id)
         self._stream_prefix = keys.stream("")
@@ -150,11 +192,15 @@ class RedisBroker:
         self._create_and_publish = client.register_script(CREATE_AND_PUBLISH)
         self._broadcast = client.register_script(BROADCAST)
         self._upkeep = client.register_script(UPKEEP)
+        self._readers = client.register_script(READERS)
+        self._register = client.register_script(REGISTER)
+        self._keep_stream = client.register_script(KEEP_STREAM)
         self._deliver: Deliver | None = None
         self._listener: gevent.Greenlet | None = None
         self._subscribed = gevent.event.Event()
         self._closed = False
-        # Where reading resumes: the last id read from the stream of the Redis run `_run_id`.
+        # Where reading resumes: the last id read from the stream of the Redis run `_run_id`
+        # (on a cluster: of the data set with that replication id).
         self._last_id = b"0-0"
         self._run_id: str | None = None
         self._read_count = 0  # envelopes read from the current stream, to tell what was trimmed unread
@@ -170,21 +216,27 @@ class RedisBroker:
     def publish(self, envelope: Envelope) -> None:
         data = encode(envelope)
         with broker_errors("publish"):
-            if envelope.gateways is None:
+            if envelope.gateways is not None:
+                gateways = sorted(envelope.gateways)
+                fields = {_FIELD: data}
+                if envelope.event_id:
+                    fields[_ID_FIELD] = envelope.event_id.encode()
+                if len(gateways) > 1:
+                    fields[_GATEWAYS_FIELD] = "\n".join(gateways).encode()
+                self._append([self._keys.stream(gateway) for gateway in gateways], fields)
+            elif self._cluster:
+                readers = [reader.decode() for reader in self._readers(keys=[self._keys.streams])]
+                self._append([self._keys.stream(reader) for reader in readers], {_FIELD: data})
+            else:
                 self._broadcast(keys=[self._keys.streams],
                                 args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data])
-            else:
-                self._to_gateways(sorted(envelope.gateways), data, envelope)
 
-    def _to_gateways(self, gateways: list[str], data: bytes, envelope: Envelope) -> None:
+    def _append(self, streams: list[str], fields: dict[bytes, bytes]) -> None:
         """One plain XADD per stream (NOMKSTREAM: no stream is made without an expiry);
-        the rare stream that does not exist is created by a script, with its expiry."""
-        fields = {_FIELD: data}
-        if envelope.event_id:
-            fields[_ID_FIELD] = envelope.event_id.encode()
-        if len(gateways) > 1:
-            fields[_GATEWAYS_FIELD] = "\n".join(gateways).encode()
-        streams = [self._keys.stream(gateway) for gateway in gateways]
+        the rare stream that does not exist is created by a script, with its expiry (on a
+        cluster one script per stream: each is in a slot of its own)."""
+        if not streams:
+            return
         if len(streams) == 1:
             added = [self._client.xadd(streams[0], fields, maxlen=self._stream_length, nomkstream=True)]
         else:
@@ -194,9 +246,10 @@ class RedisBroker:
             added = pipeline.execute()
         missing = [stream for stream, entry_id in zip(streams, added) if entry_id is None]
         if missing:
-            self._create_and_publish(keys=missing, args=[self._stream_length, self._stream_ttl_ms, data,
-                                                         fields.get(_GATEWAYS_FIELD, b""),
-                                                         fields.get(_ID_FIELD, b"")])
+            args = [self._stream_length, self._stream_ttl_ms, fields[_FIELD], fields.get(_GATEWAYS_FIELD, b""),
+                    fields.get(_ID_FIELD, b"")]
+            for keys in ([stream] for stream in missing) if self._cluster else [missing]:
+                self._create_and_publish(keys=keys, args=args)
 
     def state(self) -> str:
         return "ok" if self._subscribed.is_set() else "reconnecting"
@@ -213,7 +266,7 @@ class RedisBroker:
             pipeline.zrem(self._keys.streams, self.gateway_id)
             pipeline.delete(self._stream)
             pipeline.execute()
-        except redis.RedisError:
+        except REDIS_ERRORS:
             pass  # both expire by themselves
 
     def _listen_forever(self) -> None:
@@ -221,7 +274,7 @@ class RedisBroker:
         while not self._closed:
             try:
                 self._listen_once()
-            except (redis.RedisError, OSError) as exc:
+            except (*REDIS_ERRORS, OSError) as exc:
                 self._subscribed.clear()
                 log.warning("redis stream reader lost its link, reconnecting",
                             extra={"event": "broker_reconnecting", "delay_s": delay_s, "detail": str(exc)})
@@ -283,19 +336,37 @@ class RedisBroker:
 
     def _upkeep_now(self) -> None:
         last = self._last_id if self._last_id != b"0-0" else b""
+        if self._cluster:
+            self._register(keys=[self._keys.streams], args=[self.gateway_id, self._member_ttl_ms], client=self._reader)
+            self._keep_stream(keys=[self._stream], args=[self._stream_ttl_ms, last], client=self._reader)
+            return
         self._upkeep(keys=[self._keys.streams, self._stream],
                      args=[self.gateway_id, self._member_ttl_ms, last, self._stream_ttl_ms], client=self._reader)
+
+    def _same_data(self) -> bool:
+        """Whether the node holding this gateway's stream still has the data read so far
+        (and remember what it has now). A single server: the same run id. A cluster: the
+        same replication id, or the master's one a promoted replica keeps as secondary."""
+        if not self._cluster:
+            run_id = self._reader.info("server").get("run_id")
+            same, self._run_id = run_id == self._run_id, run_id
+            return same
+        node = self._reader.get_node_from_key(self._stream)
+        replication = self._reader.info("replication", target_nodes=node)
+        same = self._run_id in (replication.get("master_replid"), replication.get("master_replid2"))
+        self._run_id = replication.get("master_replid")
+        return same
 
     def _resume_point(self) -> None:
         """Where to read from after (re)connecting: after the last id read, unless Redis
         restarted (a new run id: its stream is new, and everything in it is unread).
         Envelopes trimmed away before this gateway read them are counted as lost."""
-        run_id = self._reader.info("server").get("run_id")
-        if run_id != self._run_id:
-            if self._run_id is not None:
+        first_time = self._run_id is None
+        if not self._same_data():
+            if not first_time:
                 log.warning("redis restarted: reading this gateway's stream from its start",
                             extra={"event": "broker_redis_restarted", "gateway": self.gateway_id})
-            self._run_id, self._last_id, self._read_count = run_id, b"0-0", 0
+            self._last_id, self._read_count = b"0-0", 0
             return
         try:
             info = self._reader.xinfo_stream(self._stream)
@@ -312,14 +383,3 @@ class RedisBroker:
                         extra={"event": "broker_stream_overflow", "gateway": self.gateway_id, "lost": lost})
             if self._on_lost is not None:
                 self._on_lost(lost)
-
-
-def _blocking_twin(client: redis.Redis, block_s: float) -> redis.Redis:
-    """A client of the same server whose socket timeout outlasts a blocking read of
-    `block_s`: the shared client's timeout (-db-timeout) may be shorter."""
-    pool = client.connection_pool
-    options = dict(pool.connection_kwargs)
-    timeout_s = options.get("socket_timeout") or 0
-    options["socket_timeout"] = timeout_s + block_s
-    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, max_connections=2,
-                                                            **options))

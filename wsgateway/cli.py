@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gateway = Gateway(config, listener=listener)
     except ConfigError as exc:  # -tls-cert / -tls-key files unusable
         return _fail(str(exc), 2)
+    except BrokerUnavailable as exc:  # a Redis Cluster's client asks for the slot map at once
+        return _fail(f"-broker: redis unreachable at start: {exc}", 1)
     try:
         gateway.start()
     except StoreMisconfigured as exc:

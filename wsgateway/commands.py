@@ -296,21 +296,23 @@ def _check_broker(config: Config) -> tuple[str, list[str], list[str]]:
         return "broker: none (in-process; one gateway)", [], []
     import redis
 
-    from wsgateway.redis_link import create_client
+    from wsgateway.redis_link import REDIS_ERRORS, create_client
 
-    client = create_client(config.broker_url, config.db_timeout_s)
     where = masked_password(config.broker_url)
+    client = None
     try:
+        client = create_client(config.broker_url, config.db_timeout_s)
         client.ping()
         version = client.info("server").get("redis_version", "?")
     except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
         return "", [f"-broker: {where} refuses these credentials: {exc}"], []
     except redis.exceptions.ResponseError as exc:  # NOAUTH, WRONGPASS from servers that word it so
         return "", [f"-broker: {where} refuses: {exc}"], []
-    except redis.RedisError as exc:
+    except REDIS_ERRORS as exc:
         return "", [], [f"-broker: redis unreachable at {where}: {type(exc).__name__}: {exc}"]
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     return f"broker: ok (redis {version} at {where})", [], []
 
 

@@ -60,7 +60,7 @@ class Config:
     max_batch: int  # messages in one /publish/batch request (at least 1)
     max_message_bytes: int  # largest accepted client WebSocket message
     ping_period_s: float  # server ping interval
-    pong_wait_s: float  # a socket silent this long is closed
+    pong_wait_s: float  # a socket that leaves a ping unanswered this long is closed
     shutdown_timeout_s: float  # how long SIGTERM waits for sockets and requests to finish
     request_timeout_s: float  # a request's line, headers and body must arrive this fast; 0 = no limit
     max_outbox_messages: int  # frames waiting for a slow socket before it is closed
@@ -266,10 +266,19 @@ def _positive_count(value: str) -> int:
     return count
 
 
+# redis+cluster://[user:password@]host:port[,host:port...][/0][?options]
+_CLUSTER_URL = re.compile(r"rediss?\+cluster://([^@/]*@)?(\[[0-9a-fA-F:.]+\]|[^,:/@\[\]]+):\d+"
+                          r"(,(\[[0-9a-fA-F:.]+\]|[^,:/@\[\]]+):\d+)*(/0?)?(\?.*)?")
+
+
 def _broker_url(value: str) -> str:
     url = value.strip()
-    if url and not re.match(r"(redis|rediss|unix)://", url):
-        raise ValueError(f"{value!r} is not a Redis URL (use redis://host:6379/0, rediss://... or unix://...)")
+    if url and not re.match(r"(redis|rediss|unix|redis\+cluster|rediss\+cluster)://", url):
+        raise ValueError(f"{value!r} is not a Redis URL (use redis://host:6379/0, rediss://..., unix://..., "
+                         "or redis+cluster://host:7000,host:7001 for a Redis Cluster)")
+    if url.split("://", 1)[0].endswith("+cluster") and not _CLUSTER_URL.fullmatch(url):
+        raise ValueError(f"{masked_password(value)!r} is not a Redis Cluster URL (its seeds as host:port,host:port; "
+                         "database 0 only)")
     return url
 
 
@@ -329,14 +338,15 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-batch", "1000", _positive_count, "most messages in one /publish/batch request"),
     _Flag("max-message-size", "64KiB", _positive_size, "largest client WebSocket message (larger: close 1009)"),
     _Flag("ping-period", "30s", _positive_duration, "server ping interval"),
-    _Flag("pong-wait", "60s", _positive_duration, "close a socket silent for this long"),
+    _Flag("pong-wait", "60s", _positive_duration, "close a socket that leaves a ping unanswered this long"),
     _Flag("shutdown-timeout", "10s", _positive_duration, "how long shutdown waits for sockets and requests"),
     _Flag("request-timeout", "10s", parse_duration,
           "time allowed to send a whole request (line, headers, body), or to stay idle between requests "
           "(0 = no limit)", old_names=("header-timeout",)),
     _Flag("max-outbox", "4096", _positive_count, "frames waiting for one socket before it is closed as too slow"),
     _Flag("max-outbox-bytes", "4MiB", _positive_size, "bytes waiting for one socket before it is closed as too slow"),
-    _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://): gateways sharing it act as one"),
+    _Flag("broker", "", _broker_url, "redis://[:password@]host:port/db (or rediss://), or a Redis Cluster "
+          "redis+cluster://[:password@]host:port,host:port (rediss+cluster://): gateways sharing it act as one"),
     _Flag("broker-prefix", "wsgw", _key_prefix, "Redis key prefix of this gateway cluster"),
     _Flag("presence-ttl", "15s", _positive_duration, "a dead gateway's players count as offline after this"),
     _Flag("broker-stream-length", "10000", _positive_count,
@@ -569,6 +579,9 @@ def build(raw: dict[str, str]) -> Config:
         raise ConfigError(f"-pong-wait: {raw['pong-wait']} must be longer than -ping-period {raw['ping-period']}")
     if value["workers"] > 1 and not value["broker"]:
         raise ConfigError(f"-workers: {value['workers']} workers need -broker redis://... to act as one gateway")
+    if value["history-size"] > 0 and value["history-ttl"] > 0 and value["broker"].split("://", 1)[0].endswith("+cluster"):
+        raise ConfigError(f"-history-size: {value['history-size']}: the history is kept on a single Redis only, not yet "
+                          "on a Redis Cluster (its steps span slots): use -history-size 0 with -broker redis+cluster://")
     if 2 * value["history-size"] > value["max-outbox"]:  # a replay: the player's own and the broadcasts
         raise ConfigError(f"-history-size: {value['history-size']} would replay up to twice as many frames at once, "
                           f"more than -max-outbox {value['max-outbox']} lets one socket hold")

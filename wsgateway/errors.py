@@ -43,7 +43,7 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011  # a bug in the gateway
     TRY_AGAIN_LATER = 1013  # the shared broker was unreachable while the connection was set up
     SLOW_CONSUMER = 4000  # the socket's outbox overflowed: the client reads too slowly
-    PONG_TIMEOUT = 4001  # nothing heard from the client for -pong-wait
+    PONG_TIMEOUT = 4001  # a ping went unanswered (nothing heard from the client) for -pong-wait
     DISCONNECTED = 4002  # an operator cut the player off (POST /disconnect)
 
     @property

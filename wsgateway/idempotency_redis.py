@@ -3,19 +3,21 @@ retry that lands on another gateway is recognised too.
 
 Each key is one Redis string holding the request fingerprint and, once known, the
 answer; it expires with the window. An index sorted by expiry enforces
-`-idempotency-max-keys` for the whole cluster (the oldest keys are forgotten first).
+`-idempotency-max-keys` for the whole cluster (the oldest keys are forgotten first). On a
+Redis Cluster the entries are hashed into `CLUSTER_SHARDS` shards, each with its own index
+(one slot per shard), and each shard keeps at most its share of the bound, rounded up.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
 import gevent
-import redis
 
 from wsgateway.idempotency import IN_FLIGHT_WAIT_S, Claim, ClaimState
-from wsgateway.redis_link import RedisKeys, broker_errors
+from wsgateway.redis_link import Client, RedisKeys, broker_errors
 
 POLL_INTERVAL_S = 0.02  # how often a twin looks for the first call's answer
 
@@ -53,21 +55,21 @@ return 0
 
 
 class RedisIdempotencyStore:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, window_s: float, max_keys: int) -> None:
+    def __init__(self, client: Client, keys: RedisKeys, window_s: float, max_keys: int) -> None:
         self._client = client
         self._keys = keys
         self._window_ms = int(window_s * 1000)
-        self._max_keys = max_keys
+        self._max_keys = math.ceil(max_keys / len(keys.shards))  # per shard
         self._claim = client.register_script(CLAIM)
         self._release = client.register_script(RELEASE)
 
     def claim(self, subject_id: str, key: str, request_fingerprint: str) -> Claim:
-        entry = self._keys.idempotency(subject_id, key)
+        entry, index = self._keys.idempotency(subject_id, key)
         pending = json.dumps({"fingerprint": request_fingerprint, "result": None})
         deadline = time.monotonic() + IN_FLIGHT_WAIT_S
         while True:
             with broker_errors("idempotency claim"):
-                taken, detail = self._claim(keys=[entry, self._keys.idempotency_index],
+                taken, detail = self._claim(keys=[entry, index],
                                             args=[pending, self._window_ms, self._max_keys])
             if not taken:
                 return Claim(ClaimState.FRESH, evicted=int(detail))
@@ -81,7 +83,7 @@ class RedisIdempotencyStore:
             gevent.sleep(POLL_INTERVAL_S)  # the twin runs on another gateway: poll for its answer
 
     def complete(self, subject_id: str, key: str, result: dict[str, Any]) -> None:
-        entry = self._keys.idempotency(subject_id, key)
+        entry, _index = self._keys.idempotency(subject_id, key)
         with broker_errors("idempotency complete"):
             value = self._client.get(entry)
             if value is None:
@@ -92,4 +94,4 @@ class RedisIdempotencyStore:
 
     def release(self, subject_id: str, key: str) -> None:
         with broker_errors("idempotency release"):
-            self._release(keys=[self._keys.idempotency(subject_id, key), self._keys.idempotency_index])
+            self._release(keys=list(self._keys.idempotency(subject_id, key)))

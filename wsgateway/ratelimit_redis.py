@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 
-import redis
-
 from wsgateway.ratelimit import RateLimiter
-from wsgateway.redis_link import RedisKeys
+from wsgateway.redis_link import REDIS_ERRORS, Client, RedisKeys
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,7 @@ return string.format('%.3f', wait)
 class RedisRateLimiter:
     """Token buckets per server subject in Redis; `limit == 0` means unlimited."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, limit: int, period_s: float,
+    def __init__(self, client: Client, keys: RedisKeys, limit: int, period_s: float,
                  fallback: RateLimiter) -> None:
         self.limit = limit
         self._keys = keys
@@ -63,7 +61,7 @@ class RedisRateLimiter:
         try:
             wait_ms = float(self._take(keys=[self._keys.rate(subject)],
                                        args=[self.limit, repr(self._refill_per_ms), count, self._ttl_ms]))
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if not self._degraded:
                 self._degraded = True
                 log.warning("redis unreachable: rate limits are per gateway until it returns", extra={

@@ -15,6 +15,17 @@ memory is what the bounds protect): `route` gives up the oldest frame of any pla
 first, found through a sorted set of every queue's oldest frame, and keeps each queue's
 accounted bytes in a hash whose field "" is their total.
 
+On a Redis Cluster a Lua step may only touch one slot, so players are hashed into
+`CLUSTER_SHARDS` accounting shards (`RedisKeys`): a player's keys and its shard's
+accounting share one hash tag, and each bound is split evenly between the shards (each
+holds at most 1/16 of `-max-offline-bytes` and of `-max-offline-players`, rounded up):
+the oldest frame given up is the oldest of the player's shard. The sweep, the census and
+the heartbeat's refresh go through the shards one by one (a shard whose master is failing
+over does not hold up the others); what concerns gateways (liveness, connection counts)
+lives in one slot of its own, and the connection counters are changed beside the Lua
+step that seats or unseats a connection instead of inside it. A single server is one
+shard: its bounds and steps are exactly the cluster-wide ones.
+
 Seats carry an expiry that each gateway refreshes every third of `-presence-ttl`; the
 seats of a gateway that died expire by themselves, and its players count as offline
 within `-presence-ttl`. The refresh checks every seat (`EXTEND`): one Redis lost,
@@ -38,14 +49,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from typing import Sequence
 
-import redis
 from redis.commands.core import Script
 
+from wsgateway.errors import BrokerUnavailable
 from wsgateway.offline import MESSAGE_OVERHEAD_BYTES, MISSED_RETENTION_S, Backlog
-from wsgateway.redis_link import RedisKeys, broker_errors
+from wsgateway.redis_link import REDIS_ERRORS, Client, RedisKeys, broker_errors, is_cluster, pipelined
 from wsgateway.roster import Census, Route, Seat
 
 log = logging.getLogger(__name__)
@@ -103,8 +115,9 @@ expire_at_least(KEYS[1], now + tonumber(ARGV[1]))
 return 1
 """
 
-# KEYS: seats, present, queue, missed, queue index, gateway connections, players, queue heads,
-# queue sizes. ARGV: presence_ttl_ms, seat, gateway, player.
+# KEYS: seats, present, queue, missed, queue index, players, queue heads, queue sizes, and on a
+# single server the gateway connections (on a cluster they live in another slot: counted apart).
+# ARGV: presence_ttl_ms, seat, gateway, player.
 # Returns {frames..., expired now, dropped since last connection, expired since last connection}.
 TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + """
 local expiry = now + tonumber(ARGV[1])
@@ -112,13 +125,13 @@ redis.call('ZADD', KEYS[1], expiry, ARGV[2])
 redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 expire_at_least(KEYS[1], expiry)
 expire_at_least(KEYS[2], expiry)
-redis.call('HINCRBY', KEYS[6], ARGV[3], 1)
-redis.call('ZADD', KEYS[7], 'GT', expiry, ARGV[4])
+if KEYS[9] then redis.call('HINCRBY', KEYS[9], ARGV[3], 1) end
+redis.call('ZADD', KEYS[6], 'GT', expiry, ARGV[4])
 local items = redis.call('LRANGE', KEYS[3], 0, -1)
 local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], KEYS[3])
-forget_queue(KEYS[8], KEYS[9], KEYS[3])
+forget_queue(KEYS[7], KEYS[8], KEYS[3])
 local frames = {}
 local expired = 0
 for _, item in ipairs(items) do
@@ -135,19 +148,21 @@ frames[#frames + 1] = tostring((tonumber(missed[2]) or 0) + expired)
 return frames
 """
 
-# KEYS: seats, present, gateway connections, players. ARGV: seat, gateway, player.
-# The player leaves the players index with its last present seat.
+# KEYS: seats, present, players, and on a single server the gateway connections (as TAKE_SEAT).
+# ARGV: seat, gateway, player. The player leaves the players index with its last present seat.
 LEAVE = _LUA_NOW_MS + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], ARGV[2], -1)
+if KEYS[4] then redis.call('HINCRBY', KEYS[4], ARGV[2], -1) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[4], ARGV[3]) end
+if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[3]) end
 """
 
-# KEYS: present, queue, missed, queue index, queue heads, queue sizes, queue clock.
-# ARGV: frame, queue_if_offline (1/0), max_queued, offline_ttl_ms, missed retention ms,
-#       max_offline_bytes, max_offline_players, missed-key prefix, queue-key prefix.
+# KEYS: present, queue, missed, and the player's shard's queue index, queue heads, queue sizes,
+# queue clock. ARGV: frame, queue_if_offline (1/0), max_queued, offline_ttl_ms, missed retention
+# ms, the shard's max_offline_bytes and max_offline_players, its missed-key and queue-key prefixes.
+# The queues given up for the shard's bounds are found in its queue heads: keys of the same
+# shard, so of the same slot, named from the prefixes.
 # Live (or offline without queueing): {0, 0, 0, seats...}.
 # Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players}.
 # (ROUTE_BODY apart, so that history_redis can run it inside its own step.)
@@ -235,8 +250,9 @@ return {1, 1, dropped, expired, over_bytes, over_players}
 """
 ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
 
-# KEYS: queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix, queue-key prefix,
-# missed retention ms. Removes queues whose every frame expired; returns how many frames they held.
+# KEYS: one shard's queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix,
+# queue-key prefix, missed retention ms. Removes queues whose every frame expired (the shard's,
+# named in its index); returns how many frames they held.
 SWEEP = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
 local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local expired = 0
@@ -290,6 +306,17 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 return {redis.call('ZCARD', KEYS[3]), live_connections(KEYS[1], KEYS[2])}
 """
 
+# KEYS: gateways, gateway connections. Returns the connections of live gateways (a cluster's census).
+CONNECTIONS = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+return live_connections(KEYS[1], KEYS[2])
+"""
+
+# KEYS: one shard's players index. Returns the players present in that shard (a cluster's census).
+PLAYERS = _LUA_NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
 # KEYS: present. Returns the seats that are present and not expired.
 PRESENCE = _LUA_NOW_MS + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
@@ -330,7 +357,7 @@ for index = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[index]) end
 return found and 1 or 0
 """
 
-# KEYS: seats, present, players. ARGV: presence_ttl_ms, seat, player.
+# KEYS: seats, present, the player's shard's players index. ARGV: presence_ttl_ms, seat, player.
 # Extends the seat where it exists (and the player in the players index with it);
 # returns 0 when Redis no longer has it in both.
 EXTEND = _LUA_NOW_MS + """
@@ -373,19 +400,22 @@ def gateway_of(seat_id: str) -> str:
 class RedisRoster:
     """`Roster` shared through Redis by every gateway started with the same -broker."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, gateway_id: str, *, max_conns_per_player: int,
+    def __init__(self, client: Client, keys: RedisKeys, gateway_id: str, *, max_conns_per_player: int,
                  max_queued: int, offline_ttl_s: float, presence_ttl_s: float,
                  max_offline_bytes: int = 0, max_offline_players: int = 0,
                  sweep_interval_s: float = SWEEP_INTERVAL_S) -> None:
         """`max_offline_bytes`, `max_offline_players`: bounds on the cluster's queues together
-        (0 = none); every gateway of a cluster should be given the same."""
+        (0 = none); every gateway of a cluster should be given the same. With several
+        accounting shards (a Redis Cluster) each shard holds its share, rounded up."""
         self.max_conns_per_player = max_conns_per_player
         self.gateway_id = gateway_id
         self._client = client
         self._keys = keys
         self._max_queued = max_queued
-        self._max_offline_bytes = max_offline_bytes
-        self._max_offline_players = max_offline_players
+        self._cluster = is_cluster(client)
+        shards = len(keys.shards)
+        self._max_offline_bytes = math.ceil(max_offline_bytes / shards)  # per shard
+        self._max_offline_players = math.ceil(max_offline_players / shards)  # per shard
         self._offline_ttl_ms = int(offline_ttl_s * 1000)
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._sweep_interval_ms = max(1, int(sweep_interval_s * 1000))
@@ -399,6 +429,8 @@ class RedisRoster:
         self._leave = client.register_script(LEAVE)
         self._reach = client.register_script(REACH)
         self._census = client.register_script(CENSUS)
+        self._players = client.register_script(PLAYERS)
+        self._connections = client.register_script(CONNECTIONS)
         self._presence = client.register_script(PRESENCE)
         self._heartbeat = client.register_script(HEARTBEAT)
         self._withdraw = client.register_script(WITHDRAW)
@@ -420,25 +452,40 @@ class RedisRoster:
         with broker_errors("cancel"):
             self._client.zrem(self._keys.seats(seat.player_id), seat.seat_id)
 
-    def take_seat(self, seat: Seat) -> Backlog:
+    def _seat_keys(self, player_id: str) -> list[str]:
+        """TAKE_SEAT's keys: the player's, its shard's accounting and, on a single server
+        (one slot for all), the gateway connection counters."""
         keys = self._keys
+        shard = keys.shard_of(player_id)
+        seat_keys = [keys.seats(player_id), keys.present(player_id), shard.queue(player_id), shard.missed(player_id),
+                     shard.queue_index, shard.players, shard.queue_heads, shard.queue_sizes]
+        if not self._cluster:
+            seat_keys.append(keys.gateway_connections)
+        return seat_keys
+
+    def take_seat(self, seat: Seat) -> Backlog:
         player = seat.player_id
         with broker_errors("take seat"):
-            reply = self._take_seat(
-                keys=[keys.seats(player), keys.present(player), keys.queue(player), keys.missed(player),
-                      keys.queue_index, keys.gateway_connections, keys.players, keys.queue_heads,
-                      keys.queue_sizes],
-                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player])
+            if self._cluster:
+                # Counted first: a count one too high until the next heartbeat is harmless,
+                # a backlog taken by a step whose answer is then lost would not be.
+                self._client.hincrby(self._keys.gateway_connections, self.gateway_id, 1)
+            reply = self._take_seat(keys=self._seat_keys(player),
+                                    args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player])
         self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
 
     def leave(self, seat: Seat) -> None:
         self._forget_seat(seat)
         keys = self._keys
+        player = seat.player_id
+        leave_keys = [keys.seats(player), keys.present(player), keys.shard_of(player).players]
+        if not self._cluster:
+            leave_keys.append(keys.gateway_connections)
         with broker_errors("leave"):
-            self._leave(keys=[keys.seats(seat.player_id), keys.present(seat.player_id), keys.gateway_connections,
-                              keys.players],
-                        args=[seat.seat_id, self.gateway_id, seat.player_id])
+            self._leave(keys=leave_keys, args=[seat.seat_id, self.gateway_id, player])
+            if self._cluster:
+                self._client.hincrby(keys.gateway_connections, self.gateway_id, -1)
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         return self._route_reply(self._route_with(self._route, player_id, frame, queue_if_offline), queue_if_offline)
@@ -448,13 +495,14 @@ class RedisRoster:
         """Run ROUTE, or a script that runs ROUTE_BODY first with the same KEYS and ARGV
         followed by `more_keys` and `more_args`; its reply."""
         keys = self._keys
+        shard = keys.shard_of(player_id)
         queue = queue_if_offline and self.queueing
         with broker_errors("route"):
             return script(
-                keys=[keys.present(player_id), keys.queue(player_id), keys.missed(player_id), keys.queue_index,
-                      keys.queue_heads, keys.queue_sizes, keys.queue_clock, *more_keys],
+                keys=[keys.present(player_id), shard.queue(player_id), shard.missed(player_id), shard.queue_index,
+                      shard.queue_heads, shard.queue_sizes, shard.queue_clock, *more_keys],
                 args=[frame, 1 if queue else 0, self._max_queued, self._offline_ttl_ms, _MISSED_RETENTION_MS,
-                      self._max_offline_bytes, self._max_offline_players, keys.missed(""), keys.queue(""),
+                      self._max_offline_bytes, self._max_offline_players, shard.missed(""), shard.queue(""),
                       *more_args])
 
     def _route_reply(self, reply: list, queue_if_offline: bool) -> Route:
@@ -496,19 +544,26 @@ class RedisRoster:
             return int(self._presence(keys=[self._keys.present(player_id)]))
 
     def census(self) -> Census:
+        """One step on a single server; on a cluster the live gateways' connections, then
+        each shard's players (1 + `CLUSTER_SHARDS` steps, whatever the number of players)."""
         keys = self._keys
         with broker_errors("census"):
-            players, connections = self._census(keys=[keys.gateways, keys.gateway_connections, keys.players])
-        return Census(int(players), int(connections))
+            if not self._cluster:
+                players, connections = self._census(keys=[keys.gateways, keys.gateway_connections,
+                                                          keys.shards[0].players])
+                return Census(int(players), int(connections))
+            connections = self._connections(keys=[keys.gateways, keys.gateway_connections])
+            players = sum(int(self._players(keys=[shard.players])) for shard in keys.shards)
+        return Census(players, int(connections))
 
     def maintain(self) -> int:
-        """Sweep expired queues (one gateway at a time)."""
+        """Sweep expired queues (one gateway at a time), shard by shard."""
         with broker_errors("maintain"):
             if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True, px=self._sweep_interval_ms):
                 return 0
-            return int(self._sweep(keys=[self._keys.queue_index, self._keys.queue_heads, self._keys.queue_sizes],
-                                   args=[SWEEP_BATCH, self._keys.missed(""), self._keys.queue(""),
-                                         _MISSED_RETENTION_MS]))
+            return sum(int(self._sweep(keys=[shard.queue_index, shard.queue_heads, shard.queue_sizes],
+                                       args=[SWEEP_BATCH, shard.missed(""), shard.queue(""), _MISSED_RETENTION_MS]))
+                       for shard in self._keys.shards)
 
     def refresh(self, force: bool = False) -> list[Seat]:
         """Every third of -presence-ttl (or now, when `force`d): extend every present seat
@@ -525,13 +580,42 @@ class RedisRoster:
                             args=[self._presence_ttl_ms, self.gateway_id, len(seats)])
             if not seats:
                 return []
-            pipeline = self._client.pipeline(transaction=False)
-            for seat in seats:
-                self._extend(keys=[self._keys.seats(seat.player_id), self._keys.present(seat.player_id),
-                                   self._keys.players],
-                             args=[self._presence_ttl_ms, seat.seat_id, seat.player_id], client=pipeline)
-            found = pipeline.execute()
+            if not self._cluster:
+                return self._extend_seats(seats)
+        return self._extend_by_shard(seats)
+
+    def _extend_seats(self, seats: list[Seat]) -> list[Seat]:
+        """Extend `seats` in one pipeline; return those Redis no longer had."""
+        pipeline = self._client.pipeline(transaction=False)
+        for seat in seats:
+            player = seat.player_id
+            pipelined(pipeline, self._extend,
+                      [self._keys.seats(player), self._keys.present(player), self._keys.shard_of(player).players],
+                      [self._presence_ttl_ms, seat.seat_id, player])
+        found = pipeline.execute()
         return [seat for seat, there in zip(seats, found) if not there]
+
+    def _extend_by_shard(self, seats: list[Seat]) -> list[Seat]:
+        """A cluster's refresh, one pipeline per shard: while one master is away (a
+        failover) the seats on the others are still extended, so their players do not
+        expire from presence however long the switch takes. The shards that failed are
+        logged and tried again at the next heartbeat."""
+        by_shard: dict[str, list[Seat]] = {}
+        for seat in seats:
+            by_shard.setdefault(self._keys.shard_of(seat.player_id).base, []).append(seat)
+        lost: list[Seat] = []
+        failed: list[str] = []
+        for shard, shard_seats in by_shard.items():
+            try:
+                lost.extend(self._extend_seats(shard_seats))
+            except REDIS_ERRORS as exc:
+                failed.append(f"{shard}: {type(exc).__name__}: {exc}")
+        if failed:
+            log.warning("presence not refreshed on some shards", extra={
+                "event": "presence_refresh_failed", "shards": len(failed), "detail": failed[0]})
+            if len(failed) == len(by_shard):
+                raise BrokerUnavailable(f"redis refresh failed: {failed[0]}")
+        return lost
 
     def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
         """Write lost seats back (those still here), each as `take_seat` does: whatever
@@ -546,12 +630,9 @@ class RedisRoster:
         with broker_errors("restore"):
             pipeline = self._client.pipeline(transaction=False)
             for seat in seats:
-                player = seat.player_id
-                self._take_seat(keys=[keys.seats(player), keys.present(player), keys.queue(player),
-                                      keys.missed(player), keys.queue_index, keys.gateway_connections,
-                                      keys.players, keys.queue_heads, keys.queue_sizes],
-                                args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player], client=pipeline)
-            # take_seat counts each seat as a new connection: set the true count again
+                pipelined(pipeline, self._take_seat, self._seat_keys(seat.player_id),
+                          [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id])
+            # take_seat counts each seat as a new connection (on a single server): set the true count again
             pipeline.hset(keys.gateway_connections, self.gateway_id,
                           sum(len(seat_ids) for seat_ids in self._present.values()))
             replies = pipeline.execute()

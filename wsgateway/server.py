@@ -124,11 +124,12 @@ class Gateway:
         from wsgateway.broker_redis import RedisBroker
         from wsgateway.idempotency_redis import RedisIdempotencyStore
         from wsgateway.ratelimit_redis import RedisRateLimiter
-        from wsgateway.redis_link import RedisKeys, create_client, new_gateway_id
+        from wsgateway.redis_link import RedisKeys, broker_errors, create_client, is_cluster_url, new_gateway_id
         from wsgateway.roster_redis import RedisRoster
 
-        client = create_client(config.broker_url, config.db_timeout_s)
-        keys = RedisKeys(config.broker_prefix)
+        with broker_errors("connect"):  # a cluster's client asks for the slot map at once
+            client = create_client(config.broker_url, config.db_timeout_s)
+        keys = RedisKeys(config.broker_prefix, cluster=is_cluster_url(config.broker_url))
         self.gateway_id = new_gateway_id()
         settings = dict(max_conns_per_player=config.max_conns_per_player,
                         max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,

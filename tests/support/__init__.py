@@ -8,6 +8,7 @@
     fakes         a clock and a connection for the pure-module unit tests
     processes     bin/ws-gateway as a child process, free ports, a TCP relay that can be cut
     redis_server  the shared Redis's URL, and a private server a test may restart
+    redis_cluster a Redis Cluster of the run's own (three masters, three replicas) on free ports
     netns         network namespaces a test makes: hosts behind a router, cut off and healed
 
 This module holds what all of them share: the suite's one timeout unit, and waiting on a

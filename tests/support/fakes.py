@@ -1,6 +1,7 @@
 """Fakes for the pure-module unit tests: a clock and a connection."""
 from __future__ import annotations
 
+from typing import Callable
 
 
 class FakeClock:
@@ -16,12 +17,16 @@ class FakeClock:
 class FakeConnection:
     """A connection as the hub, delivery and keep-alive see it; records what it was given.
 
-    `accepting = False` makes `send` refuse, like a connection that is closing.
+    `accepting = False` makes `send` refuse, like a connection that is closing. Given
+    `answers_on` (a clock), it answers every ping at once: `last_heard` becomes that clock's
+    time; `answers_on = None` makes it fall silent.
     """
 
     def __init__(self, player_id: str, token: str = "token", *, accepting: bool = True,
-                 last_heard: float = 0.0, wants_ids: bool = False) -> None:
+                 last_heard: float = 0.0, wants_ids: bool = False,
+                 answers_on: Callable[[], float] | None = None) -> None:
         self.player_id = player_id
+        self.answers_on = answers_on
         self.wants_ids = wants_ids
         self.token = token
         self.accepting = accepting
@@ -59,6 +64,8 @@ class FakeConnection:
 
     def ping(self) -> None:
         self.pings += 1
+        if self.answers_on is not None:
+            self.last_heard = self.answers_on()
 
     def abort(self, code: int) -> None:
         self.aborted_with = code
