@@ -9,7 +9,7 @@ from tests.support.fakes import FakeClock, FakeConnection
 from wsgateway.broker import InProcessBroker
 from wsgateway.delivery import Delivery
 from wsgateway.history import (ENTRY_OVERHEAD_BYTES, MAX_ID_LENGTH, MemoryHistory, Position, frame_text,
-                               message_parts, parse_event_id)
+                               message_parts, parse_event_id, restamp)
 from wsgateway.hub import Hub
 from wsgateway.metrics import GatewayMetrics
 from wsgateway.offline import MemoryOfflineQueue
@@ -186,3 +186,50 @@ def test_live_frames_held_during_the_replay_are_sent_once():
     delivery.publish("21", frame(2))
     assert payloads(connection.frames) == [1, 2]
     assert all(getattr(sent, "event_id", None) for sent in connection.frames)
+
+
+def test_a_replay_says_the_point_it_brings_the_connection_to():
+    """`through` covers what the replay sent and what came before it, nothing after it:
+    a late live frame it covers is one the connection had."""
+    history = MemoryHistory(10, 60, epoch="e")
+    first = history.record("21", frame(0))
+    broadcast = history.record_broadcast(frame(1))
+    replayed = history.record("21", frame(2))
+    replay = history.replay("21", first.event_id)
+    assert payloads(replay.frames) == [1, 2]
+    later_broadcast, later = history.record_broadcast(frame(3)), history.record("21", frame(4))
+    assert [replay.through.covers(stamped) for stamped in (first, broadcast, replayed, later_broadcast, later)] \
+        == [True, True, True, False, False]
+    assert not replay.through.covers(frame(5))  # no id: a notice, or a local-only delivery
+    empty = history.replay("21", later.event_id)  # nothing after it: the point is the id's
+    assert empty.frames == [] and empty.through.covers(later) and not empty.through.covers(history.record("21", frame(6)))
+
+
+def test_a_point_covers_nothing_of_another_epoch_or_a_later_generation():
+    """Redis lost its data (a new epoch), or the player's stream was forgotten and begun
+    again (a new generation, its seqs from 1): what comes is new, whatever its numbers."""
+    history = MemoryHistory(10, 60, epoch="e")
+    for number in range(3):
+        last = history.record("21", frame(number))
+    point = history.replay("21", last.event_id).through
+    other_epoch = MemoryHistory(10, 60, epoch="f").record("21", frame(9))
+    assert (other_epoch.player_seq, other_epoch.broadcast_seq) == (1, 0)
+    assert not point.covers(other_epoch)
+    next_generation = restamp(event_frame("n", 9), "e.2.1.0")
+    assert not point.covers(next_generation) and point.covers(restamp(event_frame("n", 9), "e.1.1.0"))
+
+
+def test_a_frame_the_replay_carried_is_not_sent_when_it_comes_again_later():
+    """A live frame that reaches the connection after its release (a gateway's reader
+    that fell behind, a message routed again) is not sent a second time."""
+    hub = Hub()
+    history = MemoryHistory(10, 60, epoch="e")
+    roster = HistoryLocalRoster(hub, MemoryOfflineQueue(10, 10), 0, history)
+    delivery = Delivery(hub, roster, InProcessBroker(), GatewayMetrics(CollectorRegistry()), history=history)
+    start = history.record("21", frame(0))
+    late = history.record("21", frame(1))
+    connection = FakeConnection("21", wants_ids=True)
+    delivery.connect(connection, roster.reserve("21"), start.event_id)
+    assert hub.deliver("21", frame(1), stamped=late) == 1  # counted: it was delivered, by the replay
+    delivery.publish("21", frame(2))
+    assert payloads(connection.frames) == [1, 2]

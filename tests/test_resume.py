@@ -6,6 +6,7 @@ import json
 from urllib.parse import quote
 
 import gevent
+import gevent.event
 import websocket
 
 from tests.support import TIMEOUT_S, wait_for
@@ -273,6 +274,33 @@ def test_cluster_resume_racing_a_burst_of_publishes(start_cluster_gateway):
     assert [event["payload"] for event in events(tab, total - 1)] == list(range(1, total))
     gateways[0].publish(server, 21, "end", None)
     assert receive_event(tab)["event"] == "end"
+
+
+def test_a_resume_is_not_sent_again_what_its_gateways_reader_hands_over_late(start_cluster_gateway, monkeypatch):
+    """Messages already in this gateway's stream when the replay was read, but handed over
+    by its reader only after the connection was released (a reader that fell behind, under
+    load), are not sent twice: the replay carried them. Later ones still come, once."""
+    first, second = start_cluster_gateway(*HISTORY), start_cluster_gateway(*HISTORY)
+    server = first.tokens.server()
+    token = first.tokens.player(21)
+    other_tab = second.connect(token)  # the player's messages go to the second gateway's stream
+    tab = first.connect(token, resume(""))
+    first.publish(server, 21, "n", 0)
+    last_id = receive_event(tab)["id"]
+    assert receive_event(other_tab)["payload"] == 0
+    tab.close()
+    wait_for(lambda: first.metric("ws_active_connections") == 0, what="the tab to go")
+    broker = second.gateway.broker
+    hand_over, reader_may_go = broker._deliver, gevent.event.Event()
+    monkeypatch.setattr(broker, "_deliver", lambda envelope: reader_may_go.wait(TIMEOUT_S) and hand_over(envelope))
+    first.publish(server, 21, "n", 1)  # in the second gateway's stream, its reader held back
+    first.broadcast(server, "b", 2)
+    tab = second.connect(token, resume(last_id))
+    assert [event["payload"] for event in events(tab, 2)] == [1, 2]  # the replay
+    reader_may_go.set()
+    assert [event["payload"] for event in events(other_tab, 2)] == [1, 2]  # what the reader brought, live
+    first.publish(server, 21, "n", 3)
+    assert receive_event(tab)["payload"] == 3
 
 
 def test_cluster_offline_backlog_comes_once_with_ids(start_cluster_gateway):

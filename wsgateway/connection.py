@@ -27,7 +27,7 @@ from gevent import Greenlet
 from wsgateway.errors import CloseCode, ProtocolViolation
 from wsgateway.frames import (OP_PONG, PING_FRAME, Close, FrameParser, Message, Ping,
                               close_frame, encode_frame)
-from wsgateway.history import Stamped
+from wsgateway.history import Stamped, StreamPoint
 from wsgateway.outbox import FLUSHER, Flusher, Outbox, OutboxLimits
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class PlayerConnection:
 
     __slots__ = (
         "player_id", "token", "remote", "last_heard", "close_code", "dropped_frames", "state", "wants_ids",
-        "_socket", "_limits", "_clock", "_outbox", "_held",
+        "_socket", "_limits", "_clock", "_outbox", "_held", "_replayed_through",
     )
 
     def __init__(self, sock: socket.socket, *, limits: OutboxLimits, player_id: str = "", token: str = "",
@@ -76,6 +76,7 @@ class PlayerConnection:
         self.state = ConnectionState.OPEN
         self._outbox = Outbox(sock, limits, self, flusher)
         self._held: list[bytes] | None = None  # live frames waiting behind the backlog (see hold)
+        self._replayed_through: StreamPoint | None = None  # live frames up to here were had (see release)
 
     @property
     def is_open(self) -> bool:
@@ -97,6 +98,8 @@ class PlayerConnection:
             return False
         if self._held is not None:
             return self._hold_back(frame)
+        if self._replayed_through is not None and self._replayed_through.covers(frame):
+            return True  # had already (see release)
         return self._outbox.write(frame)
 
     def _hold_back(self, frame: bytes) -> bool:
@@ -112,12 +115,16 @@ class PlayerConnection:
         and fetching it may take a round trip to the shared roster."""
         self._held = []
 
-    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int:
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset(),
+                through: StreamPoint | None = None) -> int:
         """Send `first` (the backlog, or a replay), then the frames held since `hold`,
         except those whose id is in `replayed` (`first` carried them already); return
-        how many of `first` were taken."""
+        how many of `first` were taken. `through` (a replay's, see `history.Replay`):
+        from now on, a live frame at or before it is not sent, however late it comes."""
         held, self._held = self._held or [], None
         taken = sum(self.send(frame) for frame in first)
+        if through is not None:
+            self._replayed_through = through
         for frame in held:
             if not (replayed and isinstance(frame, Stamped) and frame.event_id in replayed):
                 self.send(frame)
@@ -131,6 +138,8 @@ class PlayerConnection:
             return False
         if self._held is not None:
             return self._hold_back(frame)
+        if self._replayed_through is not None and self._replayed_through.covers(frame):
+            return True  # had already (see release)
         return self._outbox.write_later(frame)
 
     def flush(self) -> None:

@@ -36,6 +36,7 @@ from gevent import Greenlet
 from wsgateway.connection import CLOSE_HANDSHAKE_TIMEOUT_S, READ_CHUNK_BYTES, ConnectionState, PlayerConnection
 from wsgateway.errors import CloseCode
 from wsgateway.event_stream import ENCODER, KEEPALIVE, EventEncoder, close_event
+from wsgateway.history import StreamPoint
 from wsgateway.outbox import FLUSHER, Flusher, OutboxLimits, OutboxState
 
 
@@ -65,6 +66,8 @@ class EventStreamConnection(PlayerConnection):
     # --- sending -------------------------------------------------------------------
     def send(self, frame: bytes) -> bool:
         if self._held is None and self.state is ConnectionState.OPEN:
+            if self._replayed_through is not None and self._replayed_through.covers(frame):
+                return True  # had already (see PlayerConnection.release)
             return self._outbox.write(self._encoder.event(frame))
         return super().send(frame)  # held back as the frame (encoded when released), or refused
 
@@ -72,14 +75,17 @@ class EventStreamConnection(PlayerConnection):
         """As `PlayerConnection.send_later`, written out here: once per stream of every
         broadcast, where a call more costs a tenth of the delivery."""
         if self._held is None and self.state is ConnectionState.OPEN:
+            if self._replayed_through is not None and self._replayed_through.covers(frame):
+                return True  # had already (see PlayerConnection.release)
             return self._outbox.write_later(self._encoder.event(frame))
         return super().send_later(frame)
 
-    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int:
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset(),
+                through: StreamPoint | None = None) -> int:
         """The preamble (the first time), then the backlog or replay, then what was held
         (less what the replay carried)."""
         self._write_preamble()
-        return super().release(first, replayed)
+        return super().release(first, replayed, through)
 
     def _write_preamble(self) -> None:
         if self._preamble:

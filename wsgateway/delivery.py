@@ -41,7 +41,7 @@ from gevent.lock import BoundedSemaphore
 from wsgateway.broker import Broker, Envelope
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.frames import OP_CLOSE, close_frame
-from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, missed_notice, restamp
+from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, StreamPoint, missed_notice, restamp
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_BYTES_LIMIT, DROP_OFFLINE_DISABLED,
                                DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_OFFLINE_PLAYERS_LIMIT, DROP_SLOW_CONSUMER,
@@ -69,7 +69,8 @@ class HeldConnection(Deliverable, Protocol):
 
     def hold(self) -> None: ...
 
-    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int: ...
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset(),
+                through: StreamPoint | None = None) -> int: ...
 
 
 class Delivery:
@@ -160,7 +161,7 @@ class Delivery:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
         if last_event_id:
             self.metrics.resumes.labels(RESUME_RECOVERED if replay.recovered else RESUME_MISSED).inc()
-        self._release(connection, replay.frames, replay.replayed)
+        self._release(connection, replay.frames, replay.replayed, replay.through)
 
     def disconnect(self, connection: Deliverable, seat: Seat) -> None:
         self._seated.pop(seat.seat_id, None)
@@ -248,8 +249,8 @@ class Delivery:
         return frames
 
     def _release(self, connection: HeldConnection, frames: list[bytes],
-                 replayed: frozenset[str] = frozenset()) -> None:
-        delivered = connection.release(frames, replayed)
+                 replayed: frozenset[str] = frozenset(), through: StreamPoint | None = None) -> None:
+        delivered = connection.release(frames, replayed, through)
         self.metrics.messages_delivered.inc(delivered)
         if delivered < len(frames):  # the socket closed itself as too slow mid-backlog
             self.metrics.messages_dropped.labels(DROP_SLOW_CONSUMER).inc(len(frames) - delivered)

@@ -25,7 +25,11 @@ before b+1 on every socket (the hub keeps a broadcast's frame ahead of anything 
 after it started). A replay merges the two streams in exactly that order, so a resumed
 stream is the live stream, from the position on: none twice, none skipped. Live frames
 that arrive while the replay is fetched are held behind it and those the replay already
-carried are dropped (`Replay.replayed`).
+carried are dropped (`Replay.replayed`). So are those that arrive later still but are
+not past the point the replay brought the connection to (`Replay.through`): with
+-broker, a gateway's reader that fell behind hands over, after the connection was
+released, messages that were in its stream before the replay was read (and a message
+routed again from a gateway where the player's connection closed comes late too).
 
 Memory. Each stream keeps at most `-history-size` messages, each at most `-history-ttl`;
 all streams together at most `-max-history-bytes` accounted bytes (the frame with its id
@@ -218,14 +222,44 @@ class BroadcastView(NamedTuple):
     entries: list[Stamped]
 
 
+class StreamPoint:
+    """A point in one player's stream, in the ids' order (see Ordering above): what a
+    resumed connection had before it or was replayed up to it. A live frame that `covers`
+    says is at or before the point is one the connection has had already."""
+
+    __slots__ = ("broadcast_seq", "player_seq", "_epoch_prefix", "_generation_prefix")
+
+    def __init__(self, position: Position) -> None:
+        self.broadcast_seq = position.broadcast_seq
+        self.player_seq = position.player_seq
+        self._epoch_prefix = f"{position.epoch}."
+        self._generation_prefix = f"{position.epoch}.{position.generation}." if position.generation else ""
+
+    def covers(self, frame: bytes) -> bool:
+        """Whether `frame` is a message at or before this point. Not a `Stamped` frame
+        (a notice, a local-only delivery), another epoch, or another generation of the
+        player's stream (a later one: the earlier was forgotten): no."""
+        if not isinstance(frame, Stamped) or not frame.event_id.startswith(self._epoch_prefix):
+            return False
+        if frame.broadcast_seq != self.broadcast_seq:
+            return frame.broadcast_seq < self.broadcast_seq
+        if not frame.player_seq:
+            return True  # the broadcast the point is at, or after
+        return frame.player_seq <= self.player_seq and frame.event_id.startswith(self._generation_prefix)
+
+
 class Replay(NamedTuple):
     """What a connection is sent first: `frames` (the notice first when not `recovered`);
-    `replayed` names them, so that live frames held meanwhile are not sent twice."""
+    `replayed` names them, so that live frames held meanwhile are not sent twice.
+    `through`: where the replay leaves the connection in the player's stream, when it
+    sends everything kept after a point (None for the offline backlog of an empty id):
+    live frames at or before it are never sent, however late they come."""
 
     frames: list[bytes]
     recovered: bool
     replayed: frozenset[str]
     reason: str = ""
+    through: StreamPoint | None = None
 
 
 def missed_notice(reason: str, oldest_id: str | None, kept: int) -> bytes:
@@ -243,26 +277,29 @@ def plan_replay(epoch: str, player: PlayerView | None, broadcasts: BroadcastView
     if last_event_id == "":
         queued = [entry for entry in player.entries if entry.queued and entry.player_seq > player.taken_through] \
             if player is not None else []
-        return _replay(queued, [], True)
+        return Replay(queued, True, frozenset(entry.event_id for entry in queued))
     position = parse_event_id(last_event_id)
     reason = _unhonourable(epoch, player, broadcasts, position, forgotten_after)
     if reason:
         own = player.entries if player is not None else []
         kept = list(_merged(own, broadcasts.entries))
         notice = missed_notice(reason, kept[0].event_id if kept else None, len(kept))
-        return Replay([notice, *kept], False, frozenset(entry.event_id for entry in kept), reason)
+        return Replay([notice, *kept], False, frozenset(entry.event_id for entry in kept), reason,
+                      _point_after(kept, None))
     assert position is not None
     if position.generation is not None:
         own = [entry for entry in player.entries if entry.player_seq > position.player_seq] if player else []
     else:
         own = [entry for entry in player.entries if entry.broadcast_seq >= position.broadcast_seq] if player else []
     others = [entry for entry in broadcasts.entries if entry.broadcast_seq > position.broadcast_seq]
-    return _replay(own, others, True)
-
-
-def _replay(own: list[Stamped], others: list[Stamped], recovered: bool) -> Replay:
     frames = list(_merged(own, others))
-    return Replay(frames, recovered, frozenset(frame.event_id for frame in frames))
+    return Replay(frames, True, frozenset(frame.event_id for frame in frames), "", _point_after(frames, position))
+
+
+def _point_after(frames: list[Stamped], start: Position | None) -> StreamPoint | None:
+    """The point a connection stands at after `frames` (the stream from `start` on)."""
+    position = parse_event_id(frames[-1].event_id) if frames else start
+    return StreamPoint(position) if position is not None else None
 
 
 def _unhonourable(epoch: str, player: PlayerView | None, broadcasts: BroadcastView,

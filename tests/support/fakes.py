@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from wsgateway.history import StreamPoint
+
 
 class FakeClock:
     """A monotonic clock the test moves by hand (`clock.now += 5`)."""
@@ -35,6 +37,7 @@ class FakeConnection:
         self.pings = 0
         self.aborted_with: int | None = None
         self.held: list[bytes] | None = None
+        self.replayed_through: StreamPoint | None = None
 
     @property
     def is_open(self) -> bool:
@@ -44,6 +47,8 @@ class FakeConnection:
         if self.held is not None:
             self.held.append(frame)
             return True
+        if self.replayed_through is not None and self.replayed_through.covers(frame):
+            return True
         if self.accepting:
             self.frames.append(frame)
         return self.accepting
@@ -51,9 +56,11 @@ class FakeConnection:
     def hold(self) -> None:
         self.held = []
 
-    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset()) -> int:
+    def release(self, first: list[bytes], replayed: frozenset[str] = frozenset(),
+                through: StreamPoint | None = None) -> int:
         held, self.held = self.held or [], None
         taken = sum(self.send(frame) for frame in first)
+        self.replayed_through = through or self.replayed_through
         for frame in held:
             if getattr(frame, "event_id", None) not in replayed:
                 self.send(frame)
