@@ -378,3 +378,22 @@ def test_a_clusters_refresh_goes_on_for_the_shards_that_answer(redis_cluster, re
     monkeypatch.setattr(roster, "_extend_seats", lambda seats: (_ for _ in ()).throw(redis.ConnectionError("gone")))
     with pytest.raises(BrokerUnavailable):
         roster.refresh(force=True)
+
+
+def test_a_heartbeat_racing_seat_steps_keeps_the_count_exact(redis_url, redis_prefix):
+    """The heartbeat that sets this gateway's connection count while a seat step is on its
+    way to Redis neither loses that step's +1 nor its -1: the census right after is exact."""
+    roster = make_roster(redis_url, redis_prefix)
+    roster.refresh(force=True)
+    reserved = roster.reserve("p")
+    assert reserved is not None
+    taking = gevent.spawn(roster.take_seat, reserved)
+    gevent.sleep(0)  # the step is sent, its answer not yet read
+    roster.refresh(force=True)
+    taking.get(timeout=TIMEOUT_S)
+    assert (roster.census().players, roster.census().connections) == (1, 1)
+    leaving = gevent.spawn(roster.leave, reserved)
+    gevent.sleep(0)
+    roster.refresh(force=True)
+    leaving.get(timeout=TIMEOUT_S)
+    assert (roster.census().players, roster.census().connections) == (0, 0)

@@ -36,9 +36,10 @@ live to a gateway whose connection closed on the way comes back through `requeue
 
 Counting who is online never walks the players (`census`): each gateway keeps its own
 connection count in one hash (`take_seat` adds one, `leave` takes one off, the heartbeat
-sets it), and a players index (a ZSET player -> latest seat expiry) gains a player when
-a seat is taken (or extended) and loses it when its last present seat leaves, or when
-its expiry passes (a dead gateway's players). A census sums one counter per live
+sets it, never while one of this gateway's seat steps is on its way: see `_CountKeeper`),
+and a players index (a ZSET player -> latest seat expiry) gains a player when a seat is
+taken (or extended) and loses it when its last present seat leaves, or when its expiry
+passes (a dead gateway's players). A census sums one counter per live
 gateway and counts the index after removing what expired since the last call: its cost
 grows with the gateways, not with the players.
 
@@ -51,8 +52,10 @@ import itertools
 import logging
 import math
 import time
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
+import gevent.event
 from redis.commands.core import Script
 
 from wsgateway.errors import BrokerUnavailable
@@ -65,6 +68,7 @@ log = logging.getLogger(__name__)
 SWEEP_BATCH = 200  # expired queues removed per sweep step
 _MISSED_RETENTION_MS = int(MISSED_RETENTION_S * 1000)
 SWEEP_INTERVAL_S = 1.0  # the cluster sweeps expired queues this often (one gateway per turn)
+COUNT_SETTLE_WAIT_S = 2.0  # a count being set and the seat steps on their way wait for each other at most this
 
 _LUA_NOW_MS = """
 local clock = redis.call('TIME')
@@ -386,6 +390,47 @@ return #mine
 """
 
 
+class _CountKeeper:
+    """Keeps this gateway's connection count in Redis exact while it is both changed and
+    set. A seat step (`take_seat`, `leave`) adds or takes one; the heartbeat (and
+    `restore`) sets the count to the seats this process holds. A set sent while a step is
+    on its way undoes it whichever reaches Redis first (a connection counted nowhere, or
+    one gone counted twice), until the next heartbeat: a census right after a connect was
+    one short. So a set waits until the steps on their way were answered, and new steps
+    wait for the set; each waits at most `COUNT_SETTLE_WAIT_S` (a round trip in practice;
+    past it the set goes ahead, as before, and the next heartbeat corrects the count)."""
+
+    def __init__(self) -> None:
+        self._steps_on_their_way = 0
+        self._no_step_on_its_way = gevent.event.Event()
+        self._no_step_on_its_way.set()
+        self._not_setting = gevent.event.Event()
+        self._not_setting.set()
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Around a seat step: its change of the count and of the seats held here."""
+        self._not_setting.wait(COUNT_SETTLE_WAIT_S)
+        self._steps_on_their_way += 1
+        self._no_step_on_its_way.clear()
+        try:
+            yield
+        finally:
+            self._steps_on_their_way -= 1
+            if not self._steps_on_their_way:
+                self._no_step_on_its_way.set()
+
+    @contextmanager
+    def setting(self) -> Iterator[None]:
+        """Around a step that sets the count from the seats held here."""
+        self._not_setting.clear()
+        try:
+            self._no_step_on_its_way.wait(COUNT_SETTLE_WAIT_S)
+            yield
+        finally:
+            self._not_setting.set()
+
+
 def _backlog(reply: list[bytes]) -> Backlog:
     """A TAKE_SEAT reply: the frames, then three counts."""
     return Backlog(frames=list(reply[:-3]), expired=int(reply[-3]), missed_dropped=int(reply[-2]),
@@ -422,6 +467,7 @@ class RedisRoster:
         self._seat_numbers = itertools.count(1)
         self._present: dict[str, set[str]] = {}  # player -> its seat ids here, for the heartbeat
         self._next_refresh_at = 0.0  # time.monotonic()
+        self._count = _CountKeeper()
         self._reserve = client.register_script(RESERVE)
         self._take_seat = client.register_script(TAKE_SEAT)
         self._route = client.register_script(ROUTE)
@@ -465,27 +511,29 @@ class RedisRoster:
 
     def take_seat(self, seat: Seat) -> Backlog:
         player = seat.player_id
-        with broker_errors("take seat"):
-            if self._cluster:
-                # Counted first: a count one too high until the next heartbeat is harmless,
-                # a backlog taken by a step whose answer is then lost would not be.
-                self._client.hincrby(self._keys.gateway_connections, self.gateway_id, 1)
-            reply = self._take_seat(keys=self._seat_keys(player),
-                                    args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player])
-        self._present.setdefault(player, set()).add(seat.seat_id)
+        with self._count.step():
+            with broker_errors("take seat"):
+                if self._cluster:
+                    # Counted first: a count one too high until the next heartbeat is harmless,
+                    # a backlog taken by a step whose answer is then lost would not be.
+                    self._client.hincrby(self._keys.gateway_connections, self.gateway_id, 1)
+                reply = self._take_seat(keys=self._seat_keys(player),
+                                        args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player])
+            self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
 
     def leave(self, seat: Seat) -> None:
-        self._forget_seat(seat)
         keys = self._keys
         player = seat.player_id
         leave_keys = [keys.seats(player), keys.present(player), keys.shard_of(player).players]
         if not self._cluster:
             leave_keys.append(keys.gateway_connections)
-        with broker_errors("leave"):
-            self._leave(keys=leave_keys, args=[seat.seat_id, self.gateway_id, player])
-            if self._cluster:
-                self._client.hincrby(keys.gateway_connections, self.gateway_id, -1)
+        with self._count.step():
+            self._forget_seat(seat)
+            with broker_errors("leave"):
+                self._leave(keys=leave_keys, args=[seat.seat_id, self.gateway_id, player])
+                if self._cluster:
+                    self._client.hincrby(keys.gateway_connections, self.gateway_id, -1)
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         return self._route_reply(self._route_with(self._route, player_id, frame, queue_if_offline), queue_if_offline)
@@ -574,10 +622,12 @@ class RedisRoster:
         if not force and time.monotonic() < self._next_refresh_at:
             return []
         self._next_refresh_at = time.monotonic() + self._presence_ttl_ms / 3000
-        seats = [Seat(player, seat_id) for player, seat_ids in list(self._present.items()) for seat_id in seat_ids]
+        with self._count.setting():
+            seats = [Seat(player, seat_id) for player, seat_ids in list(self._present.items()) for seat_id in seat_ids]
+            with broker_errors("refresh"):
+                self._heartbeat(keys=[self._keys.gateways, self._keys.gateway_connections],
+                                args=[self._presence_ttl_ms, self.gateway_id, len(seats)])
         with broker_errors("refresh"):
-            self._heartbeat(keys=[self._keys.gateways, self._keys.gateway_connections],
-                            args=[self._presence_ttl_ms, self.gateway_id, len(seats)])
             if not seats:
                 return []
             if not self._cluster:
@@ -627,7 +677,7 @@ class RedisRoster:
         log.warning("presence lost in redis, writing it back",
                     extra={"event": "presence_restored", "seats": len(seats)})
         keys = self._keys
-        with broker_errors("restore"):
+        with self._count.setting(), broker_errors("restore"):
             pipeline = self._client.pipeline(transaction=False)
             for seat in seats:
                 pipelined(pipeline, self._take_seat, self._seat_keys(seat.player_id),
