@@ -163,3 +163,31 @@ def test_gateway_leaving_takes_its_players_presence_along(on_redis):
     assert receive_close(client)[0] == 1001
     stopping.join(TIMEOUT_S)
     assert first.publish(server, 21, "later").json == {"delivered": 0, "queued": True}
+
+
+@pytest.mark.parametrize("history", [(), ("-history-size", "10", "-history-ttl", "1m")], ids=["plain", "history"])
+def test_a_broadcast_reaches_every_gateway_its_answer_counted(start_cluster_gateway, redis_prefix, history, monkeypatch):
+    """A gateway whose broadcast registration runs out between the count (`delivered`) and
+    the append (a gateway cut off from Redis, as its registration expires) still gets the
+    broadcast its connections were counted for."""
+    import redis
+
+    from tests.support.redis_server import REDIS_URL
+    from wsgateway.redis_link import RedisKeys
+
+    cut_off, publishing = start_cluster_gateway(*history), start_cluster_gateway(*history)
+    player = cut_off.connect(cut_off.tokens.player(21))
+    client = redis.Redis.from_url(REDIS_URL)
+    roster, count = publishing.gateway.roster, publishing.gateway.roster.reach
+
+    def count_then_expire() -> int:
+        reached = count()
+        seconds, microseconds = client.time()
+        client.zadd(RedisKeys(redis_prefix).streams, {cut_off.gateway.broker.gateway_id:
+                                                      seconds * 1000 + microseconds // 1000 - 1})
+        return reached
+
+    monkeypatch.setattr(roster, "reach", count_then_expire)
+    assert publishing.broadcast(publishing.tokens.server(), "b", 1).json == {"delivered": 1}
+    assert receive_event(player) == {"event": "b", "payload": 1}
+    client.close()

@@ -57,8 +57,18 @@ STREAM_LENGTH = 10_000  # default bound of a stream whose reader is away (-broke
 # stream only while its players count as present (up to -presence-ttl after it went
 # silent), but a gateway cut off from Redis reads them only when the network heals: its
 # stream must outlast the partition, not the presence. The stream of a reader that crashed
-# (a clean stop deletes it) lingers this long, holding at most -presence-ttl of traffic.
+# (a clean stop deletes it) lingers this long, holding at most -presence-ttl of traffic
+# (and READER_GRACE_S more of broadcasts).
 IDLE_STREAM_KEEP_S = 300.0
+# A broadcast is answered with the connections of the gateways registered as readers when
+# it was counted (`RedisRoster.reach`), then appended to the streams of those registered
+# when it is sent, one step later. A registration that ran out in between (a gateway cut
+# off from Redis, just as it expires) would have its connections counted and the message
+# never sent to them. So a broadcast still goes to a reader whose registration ran out
+# less than this ago: longer than any count-to-send gap (two Redis round trips, each
+# bounded by -db-timeout); a dead gateway's stream gets this much more, and expires.
+READER_GRACE_S = 30.0
+READER_GRACE_MS = int(READER_GRACE_S * 1000)
 
 _TO_PLAYER = b"P"
 _TO_ALL = b"A"
@@ -85,19 +95,20 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# The readers still registered (forgetting those whose registration expired).
+# The readers a broadcast goes to: those registered, and those whose registration ran out
+# less than `grace_ms` ago (see READER_GRACE_S); older ones are forgotten.
 _LUA_LIVE_READERS = """
-local function live_readers(registry)
-  redis.call('ZREMRANGEBYSCORE', registry, '-inf', now)
+local function live_readers(registry, grace_ms)
+  redis.call('ZREMRANGEBYSCORE', registry, '-inf', now - tonumber(grace_ms))
   return redis.call('ZRANGE', registry, 0, -1)
 end
 """
 
-# KEYS: the readers' registry. ARGV: stream-key prefix, max length, stream ttl ms, wire form.
-# Returns the number of streams the envelope was appended to. A single server only: the
-# streams are keys of other slots on a cluster (see READERS).
+# KEYS: the readers' registry. ARGV: stream-key prefix, max length, stream ttl ms, wire form,
+# reader grace ms. Returns the number of streams the envelope was appended to. A single
+# server only: the streams are keys of other slots on a cluster (see READERS).
 BROADCAST = _LUA_NOW_MS + _LUA_LIVE_READERS + """
-local readers = live_readers(KEYS[1])
+local readers = live_readers(KEYS[1], ARGV[5])
 for _, gateway in ipairs(readers) do
   local stream = ARGV[1] .. gateway
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[4])
@@ -106,9 +117,10 @@ end
 return #readers
 """
 
-# KEYS: the readers' registry. Returns the gateways reading a stream (a cluster's broadcast).
+# KEYS: the readers' registry. ARGV: reader grace ms. Returns the gateways a broadcast goes
+# to (a cluster's broadcast).
 READERS = _LUA_NOW_MS + _LUA_LIVE_READERS + """
-return live_readers(KEYS[1])
+return live_readers(KEYS[1], ARGV[1])
 """
 
 # Register a reader for broadcasts; keep its stream alive and drop what it has read.
@@ -225,11 +237,13 @@ class RedisBroker:
                     fields[_GATEWAYS_FIELD] = "\n".join(gateways).encode()
                 self._append([self._keys.stream(gateway) for gateway in gateways], fields)
             elif self._cluster:
-                readers = [reader.decode() for reader in self._readers(keys=[self._keys.streams])]
+                readers = [reader.decode() for reader in self._readers(keys=[self._keys.streams],
+                                                                       args=[READER_GRACE_MS])]
                 self._append([self._keys.stream(reader) for reader in readers], {_FIELD: data})
             else:
                 self._broadcast(keys=[self._keys.streams],
-                                args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data])
+                                args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data,
+                                      READER_GRACE_MS])
 
     def _append(self, streams: list[str], fields: dict[bytes, bytes]) -> None:
         """One plain XADD per stream (NOMKSTREAM: no stream is made without an expiry);

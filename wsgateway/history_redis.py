@@ -34,7 +34,7 @@ from __future__ import annotations
 import redis
 
 from wsgateway.broker import Envelope
-from wsgateway.broker_redis import encode
+from wsgateway.broker_redis import READER_GRACE_MS, encode
 from wsgateway.history import (ENTRY_OVERHEAD_BYTES, STREAM_RETENTION_S, BroadcastView, PlayerView, Replay, Stamped,
                                broadcast_event_id, frame_text, plan_replay, player_event_id, stamp)
 from wsgateway.redis_link import RedisKeys, broker_errors
@@ -207,14 +207,15 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
 # KEYS: the history's 5, the readers' registry (6). ARGV: the history's 7, json, stream
-# prefix, stream length, stream ttl ms, wire form (8..12). Returns {streams, id}.
+# prefix, stream length, stream ttl ms, wire form (8..12), reader grace ms (13, see
+# broker_redis.READER_GRACE_S). Returns {streams, id}.
 BROADCAST = _LUA_NOW_MS + _settings(1, 1) + _LUA_HISTORY + _LUA_SEND + """
 local epoch = history_epoch()
 local seq = redis.call('HINCRBY', HK.bmeta, 'seq', 1)
 local id = epoch .. '.' .. seq
 local size = history_size_of(ARGV[8], id)
 history_keep(HK.blist, string.format('%d:%d:%d:', now + HA.ttl, size, seq) .. ARGV[8], size)
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - tonumber(ARGV[13]))
 local readers = redis.call('ZRANGE', KEYS[6], 0, -1)
 history_send(readers, ARGV[9], ARGV[10], ARGV[11], ARGV[12], id)
 return {#readers, id}
@@ -316,7 +317,8 @@ class RedisHistory:
         envelope = Envelope(frame)
         with broker_errors("broadcast"):
             self._broadcast(keys=[*self.settings_keys, self._keys.streams],
-                            args=[*self.settings_args, frame_text(frame), *self.stream_args(envelope)])
+                            args=[*self.settings_args, frame_text(frame), *self.stream_args(envelope),
+                                  READER_GRACE_MS])
         return None  # each gateway builds the stamped frame from the id it reads
 
     def note_queued(self, player_id: str, stamped: Stamped) -> None:
