@@ -139,6 +139,8 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=200, help="connections opened at once")
     parser.add_argument("--interval-ms", type=float, default=20.0, help="between two bursts")
     parser.add_argument("--project", default=str(PROJECT), help="the checkout whose gateway is measured")
+    parser.add_argument("--gateway-flag", action="append", default=[], metavar="FLAG",
+                        help="extra ws-gateway flag, e.g. --gateway-flag=-db-timeout=1s (repeatable)")
     args = parser.parse_args()
     from sqlalchemy import create_engine, text
 
@@ -158,7 +160,7 @@ def main() -> int:
         gateway = subprocess.Popen(
             [sys.executable, __file__, "_gateway", args.project, str(count_file),
              "-addr", f"127.0.0.1:{port}", "-db", args.db, "-dsn", url, "-max-conns", "0", "-log-level", "warning",
-             "-log-file", str(directory / "gateway.log")], stdin=subprocess.DEVNULL)
+             "-log-file", str(directory / "gateway.log"), *args.gateway_flag], stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -3,14 +3,17 @@
 
 `PlayerEndpoint.admitted(request)` checks, in this order and each before any cost of the
 next: shutting down (503), the Origin (403), the token present (401), the client address
-within -auth-fail-limit (429, see `auth_throttle`), the token known (401, one database
-query, coalesced with those of concurrent connects), then reserves the player's seat in
-the roster (429 past `-max-conns`).
+within -auth-fail-limit (429, see `auth_throttle`); then it waits for its turn among the
+connects being admitted (`admission_queue`: at most `ADMISSIONS_AT_ONCE` at a time, in
+arrival order; 503 when the line has not moved for twice -db-timeout), checks the token
+known (401, one database query, coalesced with those of concurrent connects), and
+reserves the player's seat in the roster (429 past `-max-conns`).
 Every reservation is given back by the one context manager, however the upgrade ends: a
-failed handshake, a broker that fails while the connection is set up, or a bug. From
-`serve`'s `delivery.connect` on, the seat belongs to the connection, and
-`delivery.disconnect` frees it. (`-max-total-conns` is the web server's: it counts every
-open connection, before any request is read.)
+failed handshake, a broker that fails while the connection is set up, or a bug. The turn
+ends when `serve` starts (the 101 or the stream's head is written by then); from `serve`'s
+`delivery.connect` on, the seat belongs to the connection, and `delivery.disconnect`
+frees it. (`-max-total-conns` is the web server's: it counts every open connection,
+before any request is read.)
 
 Both transports are admitted by the same `admitted` and live the same life (`_run`: seated,
 served, given back, counted and logged); `PlayerEndpoint` builds a WebSocket
@@ -26,6 +29,7 @@ import time
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from wsgateway.admission_queue import AdmissionQueue, AdmissionStalled
 from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.config import Config
 from wsgateway.connection import Connection
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 TRANSPORT_WEBSOCKET = "websocket"
 TRANSPORT_SSE = "sse"
+ADMISSIONS_AT_ONCE = 500  # connects between their turn and their 101: a lookup batch (tokens.LOOKUP_BATCH)
 RETRY_HINT_MS = (1000, 5000)  # an event stream's reconnection delay, drawn per stream: a restart's
 #                               reconnect wave is spread over these seconds
 
@@ -56,31 +61,42 @@ class AdmissionServices(Protocol):
     roster: Roster
     delivery: Delivery
     auth_throttle: FailedAuthThrottle
+    admission_queue: AdmissionQueue
     metrics: GatewayMetrics
     draining: bool
 
 
 class Admission:
     """A player's upgrade request, accepted, and the context manager that holds what it
-    reserved: on leaving the block, a seat not handed to the connection (`seat` still
-    set) is given back to the roster. A small object, not a generator: it lives as long
-    as the socket."""
+    reserved: on leaving the block, the turn in the admission queue, if `end_turn` was not
+    called, goes to the next connect, and a seat not handed to the connection (`seat`
+    still set) is given back to the roster. A small object, not a generator: it lives as
+    long as the socket."""
 
-    __slots__ = ("player_id", "token", "origin", "seat", "last_event_id", "_roster")
+    __slots__ = ("player_id", "token", "origin", "seat", "last_event_id", "_roster", "_queue")
 
     def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster, origin: str | None = None,
-                 last_event_id: str | None = None) -> None:
+                 last_event_id: str | None = None, queue: AdmissionQueue | None = None) -> None:
         self.player_id = player_id
         self.token = token
         self.origin = origin  # the request's Origin header, allowed by -origins
         self.seat: Seat | None = seat  # None once the connection owns it
         self.last_event_id = last_event_id  # None: the client did not ask for ids (see `last_event_id_of`)
         self._roster = roster
+        self._queue = queue  # whose place this admission holds; None once given back
+
+    def end_turn(self) -> None:
+        """The admission is answered: its place in the queue goes to the next connect.
+        Idempotent."""
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue.leave(answered=True)
 
     def __enter__(self) -> Admission:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.end_turn()
         seat, self.seat = self.seat, None
         if seat is not None:
             try:
@@ -122,6 +138,29 @@ class PlayerEndpoint:
         except ClientError:
             rejected.labels("throttled").inc()
             raise
+        queue = services.admission_queue
+        try:
+            queue.enter()
+        except AdmissionStalled:
+            raise self._unavailable("admission_stalled", "token store",
+                                    StoreUnavailable("no connect admitted while this one waited")) from None
+        try:
+            return self._admitted_in_turn(request, token, query, queue)
+        except ClientError as refusal:
+            queue.leave(answered=refusal.status != 503)  # a 503: its database or broker failed
+            raise
+        except BaseException:
+            queue.leave(answered=False)
+            raise
+
+    def _admitted_in_turn(self, request: WebSocketRequest, token: str, query: dict[str, list[str]],
+                          queue: AdmissionQueue) -> Admission:
+        """The checks that wait on the database and the roster, made in this connect's turn."""
+        services = self._services
+        rejected = services.metrics.connections_rejected
+        if services.draining:  # the shutdown began while it waited
+            rejected.labels("shutting_down").inc()
+            raise Refusal.SHUTTING_DOWN()
         try:
             player_id = services.store.authenticate_player(token)
         except StoreUnavailable as exc:
@@ -140,7 +179,7 @@ class PlayerEndpoint:
             rejected.labels("too_many_connections").inc()
             raise Refusal.TOO_MANY_PLAYER_CONNECTIONS(limit=services.config.max_conns_per_player)
         return Admission(player_id, token, seat, services.roster, request.headers.get("origin"),
-                         last_event_id_of(query))
+                         last_event_id_of(query), queue)
 
     def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:
         """The 503 for a dependency that did not answer, counted and logged under `reason`."""
@@ -150,6 +189,7 @@ class PlayerEndpoint:
 
     def serve(self, admission: Admission, sock: Any, rfile: Any, remote: str) -> None:
         """Serve the upgraded socket until it ends; the seat goes to the connection."""
+        admission.end_turn()  # the 101 is written
         wants_ids = admission.last_event_id is not None and self._services.delivery.history is not None
         connection = Connection(sock, rfile, limits=self._limits, max_message_bytes=self._max_message_bytes,
                                 player_id=admission.player_id, token=admission.token, remote=remote,
@@ -223,6 +263,7 @@ class EventStreamEndpoint(PlayerEndpoint):
         """Serve the stream until it ends. A broker that fails while the stream is set
         up is a 503 (`ClientError`): nothing was written yet."""
         del rfile  # a stream's client has nothing more to send
+        admission.end_turn()
         history = self._services.delivery.history is not None
         last_event_id = "" if admission.last_event_id is None and history else admission.last_event_id
         preamble = self._response_head(admission) + retry_hint(random.randint(*RETRY_HINT_MS))

@@ -65,7 +65,7 @@ RESUME_OUTCOMES = (RESUME_RECOVERED, RESUME_MISSED)
 AUTH_FAILURE_KINDS = ("player", "server")
 AUTH_FAILURE_REASONS = ("missing", "invalid")
 REJECTION_REASONS = ("unauthorized", "throttled", "origin", "too_many_connections", "capacity", "store_unavailable",
-                     "broker_unavailable", "shutting_down")
+                     "broker_unavailable", "admission_stalled", "shutting_down")
 
 
 class GatewayMetrics:

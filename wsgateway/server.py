@@ -24,7 +24,8 @@ import gevent.ssl
 from gevent.event import Event
 from prometheus_client import CollectorRegistry
 
-from wsgateway.admission import EventStreamEndpoint, PlayerEndpoint
+from wsgateway.admission import ADMISSIONS_AT_ONCE, EventStreamEndpoint, PlayerEndpoint
+from wsgateway.admission_queue import AdmissionQueue
 from wsgateway.app import EVENTS_PATH, WEBSOCKET_PATH, create_app
 from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.broker import Broker, InProcessBroker
@@ -68,6 +69,9 @@ class Gateway:
         self.store: TokenStore = store if store is not None else SqlTokenStore(
             config.database_url, db_timeout_s=config.db_timeout_s, cache_period_s=config.revalidate_period_s)
         self.auth_throttle = FailedAuthThrottle(config.auth_fail_limit, trusted_ttl_s=config.revalidate_period_s)
+        # A turn's lookup waits at most twice -db-timeout (the query in flight, then its own).
+        self.admission_queue = AdmissionQueue(ADMISSIONS_AT_ONCE, stall_s=2 * config.db_timeout_s,
+                                              on_crowded=lambda crowded: self.server.hold_accepting(crowded))
         self.hub = Hub(pause=let_io_in)
         self.roster: Roster
         self.broker: Broker

@@ -139,6 +139,7 @@ class WebServer(pywsgi.WSGIServer):
         self.on_capacity_refusal = on_capacity_refusal  # called per connection refused at max_connections
         self.trusted_proxies = trusted_proxies or TrustedProxies()  # whose X-Forwarded-For is believed: nobody's
         self._accept_pause_s = ACCEPT_PAUSE_S[0]
+        self._accept_held = False  # see hold_accepting
 
     # --- accept --------------------------------------------------------------------------
     def init_socket(self) -> None:
@@ -172,8 +173,20 @@ class WebServer(pywsgi.WSGIServer):
         return accepted
 
     def _resume_accepting(self) -> None:
-        if self.started and not self.closed:
+        if self.started and not self.closed and not self._accept_held:
             self.start_accepting()
+
+    def hold_accepting(self, held: bool) -> None:
+        """Stop accepting (True) while the connections accepted already are more than the
+        gateway can admit soon (`admission_queue`'s crowding), or accept again (False).
+        Connections that arrive meanwhile wait in the kernel's accept queue, in order and
+        at no cost; past its length (`listening.listen_backlog`) the kernel drops their
+        SYNs, which the clients' kernels send again after 1 s, 3 s, ..."""
+        self._accept_held = held
+        if held:
+            self.stop_accepting()
+        else:
+            self._resume_accepting()
 
     # --- one connection ------------------------------------------------------------------
     def handle(self, sock: socket.socket, address: Any) -> None:
