@@ -55,7 +55,7 @@ def test_documented_endpoint_labels_are_the_apps_endpoints(start_gateway):
     """docs/operations.md lists exactly the `endpoint` values of ws_http_requests_total a gateway (with every
     route, -console included) can count: Flask's endpoints, the publishing routes, and `unmatched`."""
     gateway = start_gateway("-console")
-    flask_endpoints = {rule.endpoint for rule in gateway.gateway.server.application.url_map.iter_rules()}
+    flask_endpoints = {rule.endpoint for rule in gateway.gateway.server.application.built().url_map.iter_rules()}
     exported = text_string_to_metric_families(gateway.get("/metrics").body.decode())
     publishing = {sample.labels["endpoint"] for family in exported for sample in family.samples
                   if sample.name == "ws_publish_duration_seconds_count"}

@@ -46,6 +46,8 @@ from wsgateway.web_server import WebSocketRequest, http_date_now
 
 log = logging.getLogger(__name__)
 
+WEBSOCKET_PATH = "/ws"
+EVENTS_PATH = "/events"  # Server-Sent Events: answered by the web server, never by Flask
 TRANSPORT_WEBSOCKET = "websocket"
 TRANSPORT_SSE = "sse"
 ADMISSIONS_AT_ONCE = 500  # connects between their turn and their 101: a lookup batch (tokens.LOOKUP_BATCH)

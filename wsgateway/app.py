@@ -3,7 +3,8 @@
 JSON 404/405/500 for everything else.
 
 The web server (`web_server`) answers `/ws` upgrades and `/events` (`admission`) and the
-publishing paths (`publishing`) before a request reaches Flask. Every refusal comes from the
+publishing paths (`publishing`) before a request reaches Flask, and the app is built (and
+Flask imported) only when the first request for it arrives (`server.Gateway`). Every refusal comes from the
 catalogue in `wsgateway.errors`.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
+from wsgateway.admission import WEBSOCKET_PATH
 from wsgateway.config import Config
 from wsgateway.console import console_blueprint
 from wsgateway.delivery import Delivery
@@ -29,9 +31,6 @@ from wsgateway.roster import Roster
 from wsgateway.tokens import TokenStore
 
 log = logging.getLogger(__name__)
-
-WEBSOCKET_PATH = "/ws"
-EVENTS_PATH = "/events"  # Server-Sent Events: answered by the web server, never by Flask
 
 
 class Services(Protocol):

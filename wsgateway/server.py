@@ -17,16 +17,15 @@ import signal
 import socket
 import ssl
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import gevent
 import gevent.ssl
 from gevent.event import Event
 from prometheus_client import CollectorRegistry
 
-from wsgateway.admission import ADMISSIONS_AT_ONCE, EventStreamEndpoint, PlayerEndpoint
+from wsgateway.admission import ADMISSIONS_AT_ONCE, EVENTS_PATH, WEBSOCKET_PATH, EventStreamEndpoint, PlayerEndpoint
 from wsgateway.admission_queue import AdmissionQueue
-from wsgateway.app import EVENTS_PATH, WEBSOCKET_PATH, create_app
 from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.broker import Broker, InProcessBroker
 from wsgateway.config import Config, ConfigError
@@ -47,7 +46,7 @@ from wsgateway.revalidation import Revalidator
 from wsgateway.roster import HistoryLocalRoster, LocalRoster, Roster
 from wsgateway.scheduling import let_io_in
 from wsgateway.tokens import SqlTokenStore, TokenStore
-from wsgateway.web_server import WebLimits, WebServer
+from wsgateway.web_server import BuiltOnFirstRequest, WebLimits, WebServer
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class Gateway:
         self.revalidator = Revalidator(self.store, self.hub.connections)
         self.server = WebServer(
             listener if listener is not None else (config.listen_host, config.listen_port),
-            create_app(self), backlog=None if listener is not None else listen_backlog(),
+            BuiltOnFirstRequest(self._flask_app), backlog=None if listener is not None else listen_backlog(),
             limits=WebLimits(request_timeout_s=config.request_timeout_s,
                              tls_handshake_timeout_s=config.tls_handshake_timeout_s,
                              max_connections=config.max_total_conns, max_body_bytes=config.max_body_bytes),
@@ -113,6 +112,15 @@ class Gateway:
         self._jobs: list[gevent.Greenlet] = []
         self._stopped = Event()
         self._shutdown_started = False
+
+    def _flask_app(self) -> Any:
+        """The Flask app (`app.create_app`), imported and built for the first request that
+        needs it: importing Flask is about a tenth of a start's CPU, and the players' `/ws`
+        and `/events` and the publishing paths never reach it, so a restarted gateway
+        serves a reconnect storm that much sooner."""
+        from wsgateway.app import create_app
+
+        return create_app(self)
 
     def _memory_history(self, config: Config) -> MemoryHistory | None:
         """The kept messages resuming connections replay (None with -history-size 0)."""

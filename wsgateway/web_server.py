@@ -108,6 +108,24 @@ class WebSocketRequest:
     remote: str  # the client's address
 
 
+class BuiltOnFirstRequest:
+    """A WSGI application that `build` makes when the first request for it arrives (the
+    requests answered before WSGI, `/ws`, `/events` and publishing, never build it)."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._application: Any = None
+
+    def built(self) -> Any:
+        """The application, built now if it was not yet."""
+        if self._application is None:
+            self._application = self._build()
+        return self._application
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        return self.built()(environ, start_response)
+
+
 class _RequestDeadline(Exception):
     """-request-timeout passed: 408 if the request had begun, else a quiet close."""
 
