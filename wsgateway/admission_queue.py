@@ -11,8 +11,9 @@ their request had been read, parsed and looked up: work wasted, and the player r
 Taken a few hundred at a time in order, an admission ends soon after its lookup, the
 lookups in flight stay a batch or two, and a connect waiting for its turn costs nothing.
 
-While more connects wait than there are places, the queue is crowded and says so
-(`on_crowded(True)`, then `on_crowded(False)` once half of them have had their turn): the
+While `crowded_at` connects wait (as many as there are places unless told), the queue
+is crowded and says so (`on_crowded(True)`, then `on_crowded(False)` once half of them
+have had their turn): the
 web server stops accepting meanwhile, so that the rush waits in the kernel's accept queue
 (in order, at no cost) instead of being accepted and read by a process that has no CPU to
 spare for the admissions already under way. Without it, on a saturated process, reading
@@ -42,9 +43,10 @@ class AdmissionQueue:
     one `leave(answered)`, which hands the place to the oldest waiter. Greenlets only; never
     blocks the caller of `leave`."""
 
-    def __init__(self, places: int, stall_s: float, on_crowded: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, places: int, stall_s: float, on_crowded: Callable[[bool], None] | None = None,
+                 crowded_at: int | None = None) -> None:
         self._free = places
-        self._places = places
+        self._crowded_at = places if crowded_at is None else crowded_at
         self._stall_s = stall_s
         self._on_crowded = on_crowded
         self._crowded = False  # as last told to on_crowded
@@ -64,7 +66,7 @@ class AdmissionQueue:
             return
         turn = Event()
         self._waiting.append(turn)
-        if not self._crowded and len(self._waiting) >= self._places:
+        if not self._crowded and len(self._waiting) >= self._crowded_at:
             self._tell_crowded(True)
         started = time.monotonic()
         try:
@@ -92,7 +94,7 @@ class AdmissionQueue:
             self._free += 1
 
     def _uncrowd(self) -> None:
-        if self._crowded and len(self._waiting) <= self._places // 2:
+        if self._crowded and len(self._waiting) <= self._crowded_at // 2:
             self._tell_crowded(False)
 
     def _tell_crowded(self, crowded: bool) -> None:

@@ -24,7 +24,7 @@ import gevent.ssl
 from gevent.event import Event
 from prometheus_client import CollectorRegistry
 
-from wsgateway.admission import ADMISSIONS_AT_ONCE, EVENTS_PATH, WEBSOCKET_PATH, EventStreamEndpoint, PlayerEndpoint
+from wsgateway.admission import ADMISSIONS_AT_ONCE, ADMISSIONS_WAITING_MOST, EVENTS_PATH, WEBSOCKET_PATH, EventStreamEndpoint, PlayerEndpoint
 from wsgateway.admission_queue import AdmissionQueue
 from wsgateway.auth_throttle import FailedAuthThrottle
 from wsgateway.broker import Broker, InProcessBroker
@@ -70,7 +70,8 @@ class Gateway:
         self.auth_throttle = FailedAuthThrottle(config.auth_fail_limit, trusted_ttl_s=config.revalidate_period_s)
         # A turn's lookup waits at most twice -db-timeout (the query in flight, then its own).
         self.admission_queue = AdmissionQueue(ADMISSIONS_AT_ONCE, stall_s=2 * config.db_timeout_s,
-                                              on_crowded=lambda crowded: self.server.hold_accepting(crowded))
+                                              on_crowded=lambda crowded: self.server.hold_accepting(crowded),
+                                              crowded_at=ADMISSIONS_WAITING_MOST)
         self.hub = Hub(pause=let_io_in)
         self.roster: Roster
         self.broker: Broker
