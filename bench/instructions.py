@@ -6,11 +6,13 @@ requests one after another; callgrind counts only while the measured requests ru
 (`callgrind_control -i on`, after 50 to warm the caches up). Run it under valgrind:
 
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/dev/null \\
-        .venv/bin/python bench/instructions.py publish 500      # or: batch 40, close 500
+        .venv/bin/python bench/instructions.py publish 500      # or: batch 40, close 500, connect 500
 
 and divide valgrind's "Collected" by the count. `publish`: keep-alive `/publish`;
 `batch`: `/publish/batch` of 100 messages; `close`: `/publish` on a new connection each,
-with `Connection: close`. `--project DIR` measures another checkout. Counts vary by a
+with `Connection: close`; `connect`: a player's `/ws` upgrade on a new connection each, its
+101, then the client hangs up (the connection's whole life: accept, handshake, lookup,
+seat, teardown). `--project DIR` measures another checkout. Counts vary by a
 few per cent from run to run (how often the loop finds a socket not yet readable): run
 each side twice or more.
 """
@@ -36,6 +38,20 @@ if kind == "batch":
 else:
     body, path = b'{"player_id": 21, "event": "e"}', "/publish"
 close = "Connection: close\r\n" if kind == "close" else ""
+if kind == "connect":  # a player's upgrade, its 101, then the client hangs up
+    request = (f"GET /ws?token={token} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 101"), answer[:200]
+        sock.close()
+    sys.exit(0)
 request = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{close}\r\n").encode() + body
 sock = None
@@ -60,7 +76,7 @@ for _ in range(count):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("publish", "batch", "close"))
+    parser.add_argument("kind", choices=("publish", "batch", "close", "connect"))
     parser.add_argument("count", type=int)
     parser.add_argument("--project", default=str(Path(__file__).resolve().parent.parent))
     args = parser.parse_args()
@@ -70,9 +86,9 @@ def main() -> int:
 
     directory = tempfile.mkdtemp(prefix="ws-gateway-instructions-")
     url = f"sqlite:///{directory}/tokens.db"
-    gateway = Gateway(gateway_config(url, "-rate-limit", "0", "-log-level", "warning"))
+    gateway = Gateway(gateway_config(url, "-rate-limit", "0", "-max-conns", "0", "-log-level", "warning"))
     gateway.start()
-    token = TokenTable(url).server()
+    token = TokenTable(url).player(21) if args.kind == "connect" else TokenTable(url).server()
 
     def send(count: int) -> None:
         client = subprocess.Popen([sys.executable, "-c", CLIENT, str(gateway.address[1]), token, args.kind,
