@@ -51,7 +51,8 @@ EVENTS_PATH = "/events"  # Server-Sent Events: answered by the web server, never
 TRANSPORT_WEBSOCKET = "websocket"
 TRANSPORT_SSE = "sse"
 ADMISSIONS_AT_ONCE = 500  # connects between their turn and their 101: a lookup batch (tokens.LOOKUP_BATCH)
-ADMISSIONS_WAITING_MOST = 2000  # waiting for their turn, the web server stops accepting (admission_queue)
+ADMISSIONS_WAITING_MOST = 500  # waiting for their turn, the web server stops accepting (admission_queue):
+#   at 2,000, reading the newcomers still delayed the lookups in flight past a short -db-timeout
 RETRY_HINT_MS = (1000, 5000)  # an event stream's reconnection delay, drawn per stream: a restart's
 #                               reconnect wave is spread over these seconds
 

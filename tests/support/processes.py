@@ -109,10 +109,13 @@ class TcpForwarder:
     """A TCP relay to `target` that a test can cut or pause, to make a real server
     unreachable and reachable again. Cut: it hangs up on every connection, old and new
     (a server that is down). Paused: connections are accepted and bytes are taken but
-    nothing is passed on until `resume()` (a network partition: no error, just silence)."""
+    nothing is passed on until `resume()` (a network partition: no error, just silence).
+    `reply_delay_s` (may be changed at any time): every chunk the server sends waits this
+    long first (a distant or busy server: each round trip takes at least that)."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], reply_delay_s: float = 0.0) -> None:
         self.target = target
+        self.reply_delay_s = reply_delay_s
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
@@ -144,14 +147,16 @@ class TcpForwarder:
         upstream.settimeout(None)
         self._sockets.add(upstream)
         gevent.spawn(self._relay, client, upstream)
-        gevent.spawn(self._relay, upstream, client)
+        gevent.spawn(self._relay, upstream, client, True)
 
-    def _relay(self, source: socket.socket, destination: socket.socket) -> None:
+    def _relay(self, source: socket.socket, destination: socket.socket, is_reply: bool = False) -> None:
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                if is_reply and self.reply_delay_s:
+                    gevent.sleep(self.reply_delay_s)
                 self._flowing.wait()
                 destination.sendall(data)
         except OSError:
