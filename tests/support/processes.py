@@ -110,8 +110,9 @@ class TcpForwarder:
     unreachable and reachable again. Cut: it hangs up on every connection, old and new
     (a server that is down). Paused: connections are accepted and bytes are taken but
     nothing is passed on until `resume()` (a network partition: no error, just silence).
-    `reply_delay_s` (may be changed at any time): every chunk the server sends waits this
-    long first (a distant or busy server: each round trip takes at least that)."""
+    `reply_delay_s` (may be changed at any time): the server's answer to what the client
+    sent waits this long first, once per turn however many reads it takes (a distant or
+    busy server: each round trip takes at least that)."""
 
     def __init__(self, target: tuple[str, int], reply_delay_s: float = 0.0) -> None:
         self.target = target
@@ -146,17 +147,23 @@ class TcpForwarder:
             return
         upstream.settimeout(None)
         self._sockets.add(upstream)
-        gevent.spawn(self._relay, client, upstream)
-        gevent.spawn(self._relay, upstream, client, True)
+        turn = {"asked": False}  # the client sent something the server has not answered yet
+        gevent.spawn(self._relay, client, upstream, turn, False)
+        gevent.spawn(self._relay, upstream, client, turn, True)
 
-    def _relay(self, source: socket.socket, destination: socket.socket, is_reply: bool = False) -> None:
+    def _relay(self, source: socket.socket, destination: socket.socket, turn: dict[str, bool],
+               is_reply: bool) -> None:
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
-                if is_reply and self.reply_delay_s:
-                    gevent.sleep(self.reply_delay_s)
+                if not is_reply:
+                    turn["asked"] = True
+                elif turn["asked"]:
+                    turn["asked"] = False
+                    if self.reply_delay_s:
+                        gevent.sleep(self.reply_delay_s)
                 self._flowing.wait()
                 destination.sendall(data)
         except OSError:
