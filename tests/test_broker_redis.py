@@ -144,3 +144,23 @@ def test_a_closed_gateways_stream_and_registration_leave_redis(redis_url, redis_
     keys = RedisKeys(redis_prefix, cluster=is_cluster_url(redis_url))
     assert not client.exists(keys.stream(node.gateway_id))
     assert client.zscore(keys.streams, node.gateway_id) is None
+
+
+def test_a_reader_whose_registration_redis_lost_tells_its_owner_at_its_next_upkeep(redis_url, redis_prefix):
+    """A flush or an eviction takes the reader's registration without breaking its link:
+    at its next upkeep (within a second) it registers again and calls `on_subscribed`, so
+    that the gateway writes back its presence and connection count (a broadcast's reach)
+    as soon as broadcasts reach it again."""
+    subscriptions: list[int] = []
+    keys = RedisKeys(redis_prefix, cluster=is_cluster_url(redis_url))
+    broker = RedisBroker(create_client(redis_url, TIMEOUT_S), keys, "gw", on_subscribed=lambda: subscriptions.append(1))
+    broker.start(lambda envelope: None)
+    try:
+        assert broker.wait_subscribed(TIMEOUT_S)
+        wait_for(lambda: subscriptions == [1], what="the first subscription's call")
+        client = create_client(redis_url, TIMEOUT_S)
+        client.zrem(keys.streams, "gw")
+        wait_for(lambda: subscriptions == [1, 1], what="the call after the registration was lost")
+        assert client.zscore(keys.streams, "gw") is not None
+    finally:
+        broker.close()

@@ -397,3 +397,42 @@ def test_a_heartbeat_racing_seat_steps_keeps_the_count_exact(redis_url, redis_pr
     roster.refresh(force=True)
     leaving.get(timeout=TIMEOUT_S)
     assert (roster.census().players, roster.census().connections) == (0, 0)
+
+
+def _count_of(roster: RedisRoster, url: str, prefix: str) -> int:
+    """The connection count Redis holds for `roster`'s gateway (what a broadcast's reach sums)."""
+    keys = RedisKeys(prefix, cluster=is_cluster_url(url))
+    return int(create_client(url, TIMEOUT_S).hget(keys.gateway_connections, roster.gateway_id) or 0)
+
+
+def test_a_restore_leaves_the_connection_count_to_the_seats_own_steps(redis_url, redis_prefix):
+    """Writing lost seats back does not count their connections again (each was counted when
+    it took its seat): a broadcast's reach never sees a connection twice, and a seat taken
+    meanwhile (counted in Redis, not yet in this gateway's seats) is not counted away."""
+    roster = make_roster(redis_url, redis_prefix)
+    seat(roster, "p")
+    seat(roster, "q")
+    roster.refresh(force=True)
+    keys = RedisKeys(redis_prefix, cluster=is_cluster_url(redis_url))
+    client = create_client(redis_url, TIMEOUT_S)
+    client.delete(keys.present("p"))
+    lost = roster.refresh(force=True)
+    assert [taken.player_id for taken in lost] == ["p"]
+    client.hincrby(keys.gateway_connections, roster.gateway_id, 1)  # a third seat's step, its answer on the way
+    roster.restore(lost)
+    assert _count_of(roster, redis_url, redis_prefix) == 3
+
+
+def test_a_lost_registration_is_noticed_at_the_next_call_not_the_next_heartbeat(redis_url, redis_prefix):
+    """refresh() runs every second; when Redis lost this gateway's registration (a flush, a
+    restart) it heartbeats and reports the lost seats then, not a third of -presence-ttl later."""
+    roster = make_roster(redis_url, redis_prefix, presence_ttl_s=60.0)
+    taken, _ = seat(roster, "p")
+    assert roster.refresh(force=True) == []
+    assert roster.refresh() == [], "not due, nothing lost"
+    client = create_client(redis_url, TIMEOUT_S)
+    for key in client.scan_iter(f"*{redis_prefix}*"):
+        client.delete(key)
+    assert roster.refresh() == [taken]
+    assert _count_of(roster, redis_url, redis_prefix) == 1
+

@@ -123,10 +123,11 @@ READERS = _LUA_NOW_MS + _LUA_LIVE_READERS + """
 return live_readers(KEYS[1], ARGV[1])
 """
 
-# Register a reader for broadcasts; keep its stream alive and drop what it has read.
+# Register a reader for broadcasts (1 when it was not registered: Redis lost it); keep its
+# stream alive and drop what it has read.
 _LUA_UPKEEP = """
 local function register(registry, gateway, ttl_ms)
-  redis.call('ZADD', registry, now + tonumber(ttl_ms), gateway)
+  return redis.call('ZADD', registry, now + tonumber(ttl_ms), gateway)
 end
 local function keep(stream, ttl_ms, last_read)
   if redis.call('EXISTS', stream) == 1 then
@@ -139,14 +140,15 @@ end
 # KEYS: the readers' registry, this reader's stream. ARGV: gateway, registration ttl ms,
 # the last id read ('' for none yet), stream ttl ms. Both at once (a single server).
 UPKEEP = _LUA_NOW_MS + _LUA_UPKEEP + """
-register(KEYS[1], ARGV[1], ARGV[2])
+local missing = register(KEYS[1], ARGV[1], ARGV[2])
 keep(KEYS[2], ARGV[4], ARGV[3])
+return missing
 """
 
 # The same in two steps, for a cluster (the registry and the stream are in two slots).
 # KEYS: the readers' registry. ARGV: gateway, registration ttl ms.
 REGISTER = _LUA_NOW_MS + _LUA_UPKEEP + """
-register(KEYS[1], ARGV[1], ARGV[2])
+return register(KEYS[1], ARGV[1], ARGV[2])
 """
 # KEYS: this reader's stream. ARGV: its ttl ms, the last id read ('' for none yet).
 KEEP_STREAM = _LUA_NOW_MS + _LUA_UPKEEP + """
@@ -185,8 +187,9 @@ class RedisBroker:
         word from it (the roster's presence TTL: as long as its players count as present,
         what is sent to them waits in its stream; the stream itself is kept longer, see
         `IDLE_STREAM_KEEP_S`).
-        `on_subscribed` runs (in its own greenlet) after every (re)connection: Redis may
-        have restarted and lost what this gateway wrote there. `on_lost(count)`: envelopes
+        `on_subscribed` runs (in its own greenlet) after every (re)connection, and when
+        an upkeep finds this reader's registration gone: Redis may have restarted, been
+        flushed or evicted keys, and lost what this gateway wrote there. `on_lost(count)`: envelopes
         trimmed from this gateway's stream before it could read them."""
         self.gateway_id = gateway_id
         self.lost = 0  # envelopes trimmed from this gateway's stream before it read them
@@ -313,7 +316,11 @@ class RedisBroker:
         while not self._closed:
             self._read(block_ms=int(READ_BLOCK_S * 1000))
             if time.monotonic() >= next_upkeep_at:
-                self._upkeep_now()
+                if self._upkeep_now() and self._on_subscribed is not None:
+                    # Redis lost the registration (FLUSHALL, eviction) without dropping the
+                    # link: broadcasts reach this gateway again from now on, so its presence
+                    # (and connection count, a broadcast's reach) is written back at once.
+                    gevent.spawn(self._on_subscribed)
                 next_upkeep_at = time.monotonic() + UPKEEP_PERIOD_S
 
     def _read(self, block_ms: int | None) -> int:
@@ -348,14 +355,17 @@ class RedisBroker:
         except Exception:
             log.exception("delivering a broker message failed", extra={"event": "delivery_failed"})
 
-    def _upkeep_now(self) -> None:
+    def _upkeep_now(self) -> bool:
+        """Register as a reader, keep the stream; True when the registration was missing."""
         last = self._last_id if self._last_id != b"0-0" else b""
         if self._cluster:
-            self._register(keys=[self._keys.streams], args=[self.gateway_id, self._member_ttl_ms], client=self._reader)
+            missing = self._register(keys=[self._keys.streams], args=[self.gateway_id, self._member_ttl_ms],
+                                     client=self._reader)
             self._keep_stream(keys=[self._stream], args=[self._stream_ttl_ms, last], client=self._reader)
-            return
-        self._upkeep(keys=[self._keys.streams, self._stream],
-                     args=[self.gateway_id, self._member_ttl_ms, last, self._stream_ttl_ms], client=self._reader)
+            return bool(missing)
+        return bool(self._upkeep(keys=[self._keys.streams, self._stream],
+                                 args=[self.gateway_id, self._member_ttl_ms, last, self._stream_ttl_ms],
+                                 client=self._reader))
 
     def _same_data(self) -> bool:
         """Whether the node holding this gateway's stream still has the data read so far

@@ -121,7 +121,8 @@ return 1
 
 # KEYS: seats, present, queue, missed, queue index, players, queue heads, queue sizes, and on a
 # single server the gateway connections (on a cluster they live in another slot: counted apart).
-# ARGV: presence_ttl_ms, seat, gateway, player.
+# ARGV: presence_ttl_ms, seat, gateway, player, counted (1: a new connection, 0: a seat written
+# back by `restore`, whose connection is counted already).
 # Returns {frames..., expired now, dropped since last connection, expired since last connection}.
 TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + """
 local expiry = now + tonumber(ARGV[1])
@@ -129,7 +130,7 @@ redis.call('ZADD', KEYS[1], expiry, ARGV[2])
 redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 expire_at_least(KEYS[1], expiry)
 expire_at_least(KEYS[2], expiry)
-if KEYS[9] then redis.call('HINCRBY', KEYS[9], ARGV[3], 1) end
+if KEYS[9] and ARGV[5] == '1' then redis.call('HINCRBY', KEYS[9], ARGV[3], 1) end
 redis.call('ZADD', KEYS[6], 'GT', expiry, ARGV[4])
 local items = redis.call('LRANGE', KEYS[3], 0, -1)
 local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
@@ -518,7 +519,7 @@ class RedisRoster:
                     # a backlog taken by a step whose answer is then lost would not be.
                     self._client.hincrby(self._keys.gateway_connections, self.gateway_id, 1)
                 reply = self._take_seat(keys=self._seat_keys(player),
-                                        args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player])
+                                        args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player, 1])
             self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
 
@@ -614,13 +615,18 @@ class RedisRoster:
                        for shard in self._keys.shards)
 
     def refresh(self, force: bool = False) -> list[Seat]:
-        """Every third of -presence-ttl (or now, when `force`d): extend every present seat
+        """Every third of -presence-ttl (or now, when `force`d, or when this gateway's
+        registration is gone, which is checked at every call): extend every present seat
         of this gateway, and return those Redis no longer had, whatever lost them (a
         restart, FLUSHALL, eviction of one player's keys, a long outage): `restore` writes
         them back. Only existing entries are extended here, so that a seat that just left
-        is never brought back."""
+        is never brought back. Called every second, a lost registration (a restart or a
+        flush) is noticed within a second: until then, the gateway's connections are
+        missing from every broadcast's reach."""
         if not force and time.monotonic() < self._next_refresh_at:
-            return []
+            with broker_errors("refresh"):
+                if self._client.zscore(self._keys.gateways, self.gateway_id) is not None:
+                    return []
         self._next_refresh_at = time.monotonic() + self._presence_ttl_ms / 3000
         with self._count.setting():
             seats = [Seat(player, seat_id) for player, seat_ids in list(self._present.items()) for seat_id in seat_ids]
@@ -676,15 +682,13 @@ class RedisRoster:
             return {}
         log.warning("presence lost in redis, writing it back",
                     extra={"event": "presence_restored", "seats": len(seats)})
-        keys = self._keys
-        with self._count.setting(), broker_errors("restore"):
+        with broker_errors("restore"):
             pipeline = self._client.pipeline(transaction=False)
             for seat in seats:
+                # not counted again: the heartbeat before (`refresh`) wrote this gateway's count,
+                # and a broadcast's reach must never see a connection twice meanwhile
                 pipelined(pipeline, self._take_seat, self._seat_keys(seat.player_id),
-                          [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id])
-            # take_seat counts each seat as a new connection (on a single server): set the true count again
-            pipeline.hset(keys.gateway_connections, self.gateway_id,
-                          sum(len(seat_ids) for seat_ids in self._present.values()))
+                          [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id, 0])
             replies = pipeline.execute()
         backlogs: dict[str, Backlog] = {}
         for seat, reply in zip(seats, replies):
