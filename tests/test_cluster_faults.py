@@ -62,6 +62,67 @@ def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dr
     assert receive_event(again) == {"event": "racing", "payload": 1}
 
 
+def test_a_copy_that_one_of_two_connections_missed_while_closing_reaches_the_next_one(
+        start_cluster_gateway, monkeypatch):
+    """Answered delivered:2 while one of the player's two connections was closing: the other
+    gets it live, and the closing one's copy waits in the queue for the player's next
+    connection, although a connection of the player stayed present all along."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    roster = player_side.gateway.roster
+    leaving = gevent.event.Event()
+    original_leave = roster.leave
+
+    def slow_leave(seat):  # the closed connection's seat is still present while the envelope travels
+        leaving.wait(TIMEOUT_S)
+        original_leave(seat)
+
+    monkeypatch.setattr(roster, "leave", slow_leave)
+    closing, staying = player_side.connect(token), player_side.connect(token)
+    closing.close()
+    wait_for(lambda: player_side.gateway.hub.count_of("21") == 1, what="the closing connection gone from the hub")
+    assert publisher_side.publish(server, 21, "racing", 1).json == {"delivered": 2, "queued": False}
+    assert receive_event(staying) == {"event": "racing", "payload": 1}
+    wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the missed copy rerouted")
+    leaving.set()
+    wait_for(lambda: player_side.metric("ws_active_connections") == 1, what="the close finished")
+    assert receive_event(publisher_side.connect(token)) == {"event": "racing", "payload": 1}
+
+
+@pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
+def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_gateway, flags):
+    """A message routed to the player's connection while a newer one of the same player took
+    its seat on that gateway (the envelope still on its way) reaches the connection it was
+    routed to and not the newer one, which had the queue's backlog instead: none of it is
+    received on more connections than the answer said, nor ahead of older messages. With
+    a history the route step itself appends the envelope, naming the seats likewise."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, *flags)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    older = player_side.connect(token)
+    broker = player_side.gateway.broker
+    gate = gevent.event.Event()
+    deliver = broker._deliver
+
+    def held_back(envelope):  # the envelope travels slowly, past the newer connection's seat
+        gate.wait(TIMEOUT_S)
+        return deliver(envelope)
+
+    broker._deliver = held_back
+    assert publisher_side.publish(server, 21, "routed", 1).json == {"delivered": 1, "queued": False}
+    newer = player_side.connect(token)
+    gate.set()
+    assert receive_event(older) == {"event": "routed", "payload": 1}
+    assert publisher_side.publish(server, 21, "after", 2).json == {"delivered": 2, "queued": False}
+    assert receive_event(newer) == {"event": "after", "payload": 2}
+    assert receive_event(older) == {"event": "after", "payload": 2}
+
+
 def read_until_closed(client: RawClient) -> list[int]:
     """Close from the client side and read every text frame the gateway sent before its close."""
     client.send_frame(OP_CLOSE, b"\x03\xe8")

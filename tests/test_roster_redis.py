@@ -163,11 +163,11 @@ def test_left_seat_is_not_brought_back_by_a_restore(redis_url, redis_prefix):
     assert roster.route("p", b"x", False).connections == 0
 
 
-def test_requeue_withdraws_this_gateways_seats_and_queues(redis_url, redis_prefix):
-    """A frame that found its connection gone: this gateway's seats stop counting, the frame is queued."""
+def test_requeue_withdraws_the_seat_that_missed_the_frame_and_queues(redis_url, redis_prefix):
+    """A frame that found its connection gone: that seat stops counting, the frame is queued."""
     roster = make_roster(redis_url, redis_prefix)
-    seat(roster, "p")
-    route = roster.requeue("p", b"late", frozenset((roster.gateway_id,)))
+    taken, _ = seat(roster, "p")
+    route = roster.requeue("p", b"late", frozenset((taken.seat_id,)), frozenset((taken.seat_id,)))
     assert route.queued and not route.gateways
     assert roster.refresh(force=True) == [], "the withdrawn seat is not reported lost"
     other = make_roster(redis_url, redis_prefix)
@@ -176,14 +176,38 @@ def test_requeue_withdraws_this_gateways_seats_and_queues(redis_url, redis_prefi
 
 
 def test_requeue_goes_to_a_newer_connection_not_to_those_that_had_it(redis_url, redis_prefix):
-    """Requeue routes to gateways that seated the player since, never back to those it was sent to."""
+    """Requeue routes to seats taken since, never back to those it was sent to."""
     first, second, third = (make_roster(redis_url, redis_prefix) for _ in range(3))
-    seat(first, "p")
-    seat(second, "p")
-    sent_to = frozenset((first.gateway_id, second.gateway_id))
-    assert first.requeue("p", b"x", sent_to).gateways == frozenset(), "second got it already"
-    seat(third, "p")
-    assert first.requeue("p", b"y", sent_to).gateways == frozenset((third.gateway_id,))
+    gone, _ = seat(first, "p")
+    kept, _ = seat(second, "p")
+    sent_to = frozenset((gone.seat_id, kept.seat_id))
+    assert first.requeue("p", b"x", sent_to, frozenset((gone.seat_id,))).queued, "second got it already"
+    newer, _ = seat(third, "p")
+    route = first.requeue("p", b"y", sent_to, frozenset((gone.seat_id,)))
+    assert route.gateways == frozenset((third.gateway_id,)) and route.seats == frozenset((newer.seat_id,))
+
+
+def test_a_copy_that_a_closing_connection_missed_waits_for_the_players_next_connection(redis_url, redis_prefix):
+    """Of a message routed to two connections of a player, the copy of the one that closed
+    on the way goes to the queue although the other one is present (it had its own copy):
+    the player's next connection gets it, and the other seat still counts as present."""
+    roster = make_roster(redis_url, redis_prefix)
+    gone, _ = seat(roster, "p")
+    kept, _ = seat(roster, "p")
+    assert roster.requeue("p", b"missed", frozenset((gone.seat_id, kept.seat_id)), frozenset((gone.seat_id,))).queued
+    assert roster.route("p", b"live", True).seats == frozenset((kept.seat_id,)), "the other seat is untouched"
+    assert roster.refresh(force=True) == []
+    _, backlog = seat(roster, "p")
+    assert backlog.frames == [b"missed"]
+
+
+def test_a_route_names_the_seats_it_goes_to(redis_url, redis_prefix):
+    """A live route names each connection's seat, so each gateway gives it to those only."""
+    first, second = make_roster(redis_url, redis_prefix), make_roster(redis_url, redis_prefix)
+    one, _ = seat(first, "p")
+    two, _ = seat(second, "p")
+    route = first.route("p", b"x", True)
+    assert route.seats == frozenset((one.seat_id, two.seat_id)) and route.connections == 2
 
 
 def test_reach_counts_connections_of_live_gateways_that_read_broadcasts(redis_url, redis_prefix):
@@ -221,14 +245,14 @@ def test_seat_ids_name_their_gateway():
 def test_requeued_frames_keep_publish_order_in_the_queue(redis_url, redis_prefix):
     """Frames requeued after their connection closed go before what was queued after they were sent."""
     roster = make_roster(redis_url, redis_prefix)
-    seat(roster, "p")
+    taken, _ = seat(roster, "p")
     seconds, microseconds = create_client(redis_url, TIMEOUT_S).time()
     sent_at_ms = seconds * 1000 + microseconds // 1000
-    mine = frozenset((roster.gateway_id,))
-    assert roster.requeue("p", b"late-1", mine, sent_at_ms).queued
+    mine = frozenset((taken.seat_id,))
+    assert roster.requeue("p", b"late-1", mine, mine, sent_at_ms).queued
     gevent.sleep(0.01)
     assert roster.route("p", b"published-after", True).queued
-    assert roster.requeue("p", b"late-2", mine, sent_at_ms).queued
+    assert roster.requeue("p", b"late-2", mine, mine, sent_at_ms).queued
     _, backlog = seat(make_roster(redis_url, redis_prefix), "p")
     assert backlog.frames == [b"late-1", b"late-2", b"published-after"]
 

@@ -22,6 +22,9 @@ class Envelope(NamedTuple):
     `stamped`: the same message with its id (`history.Stamped`), for connections that
     asked for ids; None when the gateway keeps no history. `event_id`: that id, as it
     crosses processes (the receiving gateway builds the stamped frame once from it).
+    `seats`: the connections (seat ids, `roster.Route.seats`) a player envelope was routed
+    to; each receiving gateway gives it to those of its own only. None: to every
+    connection of the player there (in process, or a close request).
 
     A `frame` that is a WebSocket close frame asks the receiving gateways to close the
     player's connections with its code (`Delivery.close_player`, `POST /disconnect`):
@@ -35,6 +38,7 @@ class Envelope(NamedTuple):
     sent_at_ms: int = 0
     stamped: bytes | None = None
     event_id: str = ""
+    seats: frozenset[str] | None = None
 
 
 Deliver = Callable[[Envelope], object]

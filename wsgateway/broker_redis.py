@@ -75,15 +75,18 @@ _TO_ALL = b"A"
 _FIELD = b"e"
 _GATEWAYS_FIELD = b"g"  # the other gateways a player envelope went to (when it went to several)
 _ID_FIELD = b"i"  # the message's id, when the gateways keep a history (history_redis writes it too)
+_SEATS_FIELD = b"s"  # the seats a player envelope was routed to, "\n"-joined (history_redis writes it too)
 
 # KEYS: the streams. ARGV: max length, stream ttl ms, wire form, the gateways it goes to
-# ('' when only one), the message's id ('' without history). For a stream that does not
+# ('' when only one), the message's id ('' without history), the seats it goes to ('' for
+# none named). For a stream that does not
 # exist (its reader not yet back after Redis lost it, or gone): created with an expiry,
 # so nobody's stream lives for ever.
 CREATE_AND_PUBLISH = """
 local fields = {'e', ARGV[3]}
 if ARGV[4] ~= '' then table.insert(fields, 'g') table.insert(fields, ARGV[4]) end
 if ARGV[5] ~= '' then table.insert(fields, 'i') table.insert(fields, ARGV[5]) end
+if ARGV[6] ~= '' then table.insert(fields, 's') table.insert(fields, ARGV[6]) end
 for _, stream in ipairs(KEYS) do
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
   redis.call('PEXPIRE', stream, ARGV[2], 'NX')
@@ -238,6 +241,8 @@ class RedisBroker:
                     fields[_ID_FIELD] = envelope.event_id.encode()
                 if len(gateways) > 1:
                     fields[_GATEWAYS_FIELD] = "\n".join(gateways).encode()
+                if envelope.seats:
+                    fields[_SEATS_FIELD] = "\n".join(sorted(envelope.seats)).encode()
                 self._append([self._keys.stream(gateway) for gateway in gateways], fields)
             elif self._cluster:
                 readers = [reader.decode() for reader in self._readers(keys=[self._keys.streams],
@@ -264,7 +269,7 @@ class RedisBroker:
         missing = [stream for stream, entry_id in zip(streams, added) if entry_id is None]
         if missing:
             args = [self._stream_length, self._stream_ttl_ms, fields[_FIELD], fields.get(_GATEWAYS_FIELD, b""),
-                    fields.get(_ID_FIELD, b"")]
+                    fields.get(_ID_FIELD, b""), fields.get(_SEATS_FIELD, b"")]
             for keys in ([stream] for stream in missing) if self._cluster else [missing]:
                 self._create_and_publish(keys=keys, args=args)
 
@@ -337,8 +342,9 @@ class RedisBroker:
         return count
 
     def _hand_over(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        """Deliver one entry; a player envelope names the gateways it was sent to, so that
-        delivery knows who else holds the player (see `Delivery`)."""
+        """Deliver one entry; a player envelope names the gateways and the seats it was
+        sent to, so that delivery knows which connections it is for, and who else holds
+        the player (see `Delivery`)."""
         data = fields.get(_FIELD)
         if data is None or self._deliver is None:
             return
@@ -347,9 +353,10 @@ class RedisBroker:
         if event_id is not None:
             envelope = envelope._replace(event_id=event_id.decode("ascii", "replace"))
         if envelope.player_id is not None:
-            gateways = fields.get(_GATEWAYS_FIELD)
+            gateways, seats = fields.get(_GATEWAYS_FIELD), fields.get(_SEATS_FIELD)
             envelope = envelope._replace(gateways=frozenset(gateways.decode().split("\n")) if gateways
-                                         else frozenset((self.gateway_id,)), sent_at_ms=_stream_id(entry_id)[0])
+                                         else frozenset((self.gateway_id,)), sent_at_ms=_stream_id(entry_id)[0],
+                                         seats=frozenset(seats.decode().split("\n")) if seats else None)
         try:
             self._deliver(envelope)
         except Exception:

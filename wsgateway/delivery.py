@@ -11,10 +11,12 @@ messages (`scope: local` in the answer); what would need the broker is refused w
 `BrokerUnavailable` rather than answered 200.
 
 What `delivered` promises across processes: the message was routed to that many
-connections, and each one's gateway sends it to that connection or, when the connection
-closed while the message travelled, routes it again (`Roster.requeue`): to a connection
-the player opened since, or to the player's offline queue, like any message for an
-offline player. Nothing routed live is dropped without being counted. Presence the
+connections, named by their seats, and each one's gateway sends it to that connection
+(and to no other of the player's: one opened since took the queue's backlog instead) or,
+when the connection closed while the message travelled, routes that copy again
+(`Roster.requeue`): to a connection the player opened since, or to the player's offline
+queue for its next connection, like any message for an offline player. Nothing routed
+live is dropped without being counted. Presence the
 shared roster lost (Redis restarted, flushed, or evicted a key) is written back within
 one heartbeat (`reassert_presence`), and what was queued meanwhile for a player who was
 connected all along goes to that connection, before any later live message.
@@ -139,6 +141,7 @@ class Delivery:
         notice (for a non-empty id) and the backlog."""
         connection.hold()
         self.hub.add(connection)
+        self._seated[seat.seat_id] = connection  # what is routed to the seat from now on is held for it
         try:
             backlog = self.roster.take_seat(seat)
             replay = self.history.replay(seat.player_id, last_event_id) \
@@ -146,10 +149,10 @@ class Delivery:
             if self.history is not None and last_event_id is None and backlog.frames:
                 self.history.note_taken(seat.player_id)
         except BaseException:
+            self._seated.pop(seat.seat_id, None)
             self.hub.remove(connection)
             raise
         self.metrics.connection_opened()
-        self._seated[seat.seat_id] = connection
         if replay is None:
             frames = self._backlog_frames(backlog)
             if last_event_id:  # asked to resume, and there is no history to resume from
@@ -185,7 +188,8 @@ class Delivery:
         try:
             route = self.roster.route(player_id, frame, queue_if_offline)
             if route.gateways and not route.sent:
-                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, 0, route.stamped))
+                self._broker.publish(Envelope(frame, player_id, route.gateways, batched, 0, route.stamped,
+                                              seats=route.seats))
         except BrokerUnavailable:
             delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched))
             if not delivered:
@@ -233,9 +237,10 @@ class Delivery:
                 for seat, connection in held:
                     backlog = backlogs.pop(seat.player_id, None) if connection.is_open else None
                     self._release(connection, self._backlog_frames(backlog) if backlog is not None else [])
-            for player_id, backlog in backlogs.items():  # every connection of the player closed meanwhile
-                for frame in backlog.frames:
-                    self._count_route(self.roster.route(player_id, frame, queue_if_offline=True, keep=False))
+            closed = {seat.player_id: seat.seat_id for seat, connection in held if not connection.is_open}
+            for player_id, backlog in backlogs.items():  # the connection it was for closed meanwhile
+                for frame in backlog.frames:  # to a connection of the player's, or back to its queue
+                    self._reroute(player_id, Envelope(frame, player_id), frozenset((closed[player_id],)))
 
     def _backlog_frames(self, backlog: Backlog) -> list[bytes]:
         """What a connection taking `backlog` is sent first (expired ones counted)."""
@@ -263,18 +268,41 @@ class Delivery:
             return self._close_locally(envelope)
         if envelope.event_id and envelope.stamped is None:
             envelope = envelope._replace(stamped=restamp(envelope.frame, envelope.event_id))
+        if envelope.seats is not None and envelope.player_id is not None:
+            return self._deliver_to_seats(envelope.player_id, envelope, envelope.seats)
         delivered = self._deliver_locally(envelope)
         if not delivered and envelope.player_id is not None and envelope.gateways is not None:
-            self._reroute(envelope.player_id, envelope)
+            self._reroute(envelope.player_id, envelope, frozenset())
         return delivered
 
-    def _reroute(self, player_id: str, envelope: Envelope) -> None:
-        assert envelope.gateways is not None
+    def _deliver_to_seats(self, player_id: str, envelope: Envelope, seats: frozenset[str]) -> int:
+        """Deliver to this gateway's connections among `seats`; the copies of those gone
+        or closing are routed again."""
+        mine = f"{self.roster.gateway_id}/"
+        connections: list[HeldConnection] = []
+        missed: list[str] = []
+        for seat_id in seats:
+            if seat_id.startswith(mine):
+                connection = self._seated.get(seat_id)
+                if connection is not None and connection.is_open:
+                    connections.append(connection)
+                else:
+                    missed.append(seat_id)
+        delivered = self.hub.deliver_to(connections, envelope.frame, envelope.batched, envelope.stamped) \
+            if connections else 0
+        self.metrics.messages_delivered.inc(delivered)
+        if missed:
+            self._reroute(player_id, envelope, frozenset(missed))
+        return delivered
+
+    def _reroute(self, player_id: str, envelope: Envelope, missed: frozenset[str]) -> None:
         try:
-            route = self.roster.requeue(player_id, envelope.frame, envelope.gateways, envelope.sent_at_ms)
+            route = self.roster.requeue(player_id, envelope.frame, envelope.seats or frozenset(), missed,
+                                        envelope.sent_at_ms)
             if route.gateways:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
-                                              stamped=envelope.stamped, event_id=envelope.event_id))
+                                              stamped=envelope.stamped, event_id=envelope.event_id,
+                                              seats=route.seats))
             elif route.queued and self.history is not None and isinstance(envelope.stamped, Stamped):
                 self.history.note_queued(player_id, envelope.stamped)
         except BrokerUnavailable as exc:

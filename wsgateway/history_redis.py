@@ -159,14 +159,20 @@ local HA = {{size = tonumber(ARGV[{args_at}]), ttl = tonumber(ARGV[{args_at + 1}
 """
 
 
-# Appends `id` to every gateway's stream named in `gateways` (a Lua list), as the broker does.
+# Appends `id` to every gateway's stream named in `gateways` (a Lua list), as the broker does,
+# naming the `seats` it goes to (a Lua list; nil for a broadcast).
 _LUA_SEND = """
-local function history_send(gateways, stream_prefix, max_length, stream_ttl, wire, id)
+local function history_send(gateways, stream_prefix, max_length, stream_ttl, wire, id, seats)
   table.sort(gateways)
   local fields = {'e', wire, 'i', id}
   if #gateways > 1 then
     table.insert(fields, 'g')
     table.insert(fields, table.concat(gateways, '\\n'))
+  end
+  if seats then
+    table.sort(seats)
+    table.insert(fields, 's')
+    table.insert(fields, table.concat(seats, '\\n'))
   end
   for _, gateway in ipairs(gateways) do
     local stream = stream_prefix .. gateway
@@ -187,15 +193,16 @@ local reply = route()
 local queued = (tonumber(reply[1]) == 1 and tonumber(reply[2]) == 1) and 1 or 0
 local id = history_record_player(KEYS[14], KEYS[13], ARGV[17], queued)
 if tonumber(reply[1]) == 0 and #reply > 3 then
-  local gateways, seen = {}, {}
+  local gateways, seen, seats = {}, {}, {}
   for index = 4, #reply do
+    seats[#seats + 1] = reply[index]
     local gateway = string.match(reply[index], '^(.*)/[^/]*$')
     if not seen[gateway] then
       seen[gateway] = true
       gateways[#gateways + 1] = gateway
     end
   end
-  history_send(gateways, ARGV[18], ARGV[19], ARGV[20], ARGV[21], id)
+  history_send(gateways, ARGV[18], ARGV[19], ARGV[20], ARGV[21], id, seats)
 end
 reply[#reply + 1] = id
 return reply

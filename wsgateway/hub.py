@@ -90,6 +90,12 @@ class Hub:
         connections = self._by_player.get(player_id)
         if not connections:
             return 0
+        return self.deliver_to(connections, frame, later, stamped)
+
+    def deliver_to(self, connections: list[Deliverable], frame: bytes, later: bool = False,
+                   stamped: bytes | None = None) -> int:
+        """`deliver` to some of a player's connections (those a message was routed to),
+        held by this hub; return how many took it."""
         if self._unfinished:
             for connection in connections:
                 self._catch_up(connection, None)

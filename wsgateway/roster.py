@@ -36,6 +36,11 @@ class Route(NamedTuple):
     the message live. Otherwise it was `queued` (with `dropped` older messages pushed out of
     a full queue, and the oldest of any player's given up to keep all queues within their
     bounds) or, when queueing was not asked for or is off, it goes nowhere.
+
+    `seats` (a shared roster only; None in process, where the publisher's turn sees the
+    connections themselves): the seat ids of the connections it was routed to. Each gateway
+    gives the message to those of its connections only, so a connection opened after the
+    route (which took the queue's backlog instead) does not get it too, nor out of order.
     """
 
     gateways: frozenset[str]
@@ -48,6 +53,7 @@ class Route(NamedTuple):
     queueing_off: bool = False  # the player was offline, queueing was asked, and it is disabled
     stamped: Stamped | None = None  # the message with its id, when the roster keeps a history in process
     sent: bool = False  # the route step also put it on its way to `gateways` (history in Redis: one atomic step)
+    seats: frozenset[str] | None = None  # the connections it was routed to (a shared roster)
 
 
 class Census(NamedTuple):
@@ -60,6 +66,8 @@ class Census(NamedTuple):
 class Roster(Protocol):
     """Player presence and offline queues. Methods may block the calling greenlet on I/O
     (never the process) and raise `BrokerUnavailable` when shared state is out of reach."""
+
+    gateway_id: str  # this gateway's, which its seat ids start with (`gateway/serial`)
 
     def reserve(self, player_id: str) -> Seat | None:
         """A seat for a new connection, or None when the player is at `-max-conns`."""
@@ -85,13 +93,15 @@ class Roster(Protocol):
         before it arrives: that gateway then calls `requeue`, so a frame routed live is
         sent to a connection, or queued like any message for an offline player."""
 
-    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
-        """A frame routed live to this gateway (and to `routed_to`) found no open
-        connection of the player here: stop counting this gateway's seats of the player
-        as present and route it again, to gateways not in `routed_to` that hold the
-        player now, or to the queue (a gateway in `routed_to` still holding the player
-        got the frame itself). Queued, it takes its place by `sent_at_ms` (when it was
-        sent live), before what was queued for the player after it: in publish order."""
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
+                sent_at_ms: int = 0) -> Route:
+        """A frame routed live to the seats `routed_to` found the connections of the seats
+        `missed` (this gateway's) gone or closing: those seats stop counting as present,
+        and the copy they missed is routed again, to a connection the player opened since
+        (a seat not in `routed_to`), or else to the player's queue, for its next
+        connection, even while other seats it was routed to are present (they got their
+        own copies). Queued, it takes its place by `sent_at_ms` (when it was sent live),
+        before what was queued for the player after it: in publish order."""
 
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
@@ -125,6 +135,7 @@ class LocalRoster:
 
     def __init__(self, hub: Hub, offline: MemoryOfflineQueue, max_conns_per_player: int) -> None:
         self.max_conns_per_player = max_conns_per_player  # 0 = unlimited
+        self.gateway_id = LOCAL_GATEWAY
         self._hub = hub
         self._offline = offline
         self._reserved: dict[str, int] = {}
@@ -163,7 +174,8 @@ class LocalRoster:
         return Route(frozenset(), 0, queued=pushed.queued, dropped=pushed.over_player_bound,
                      over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
-    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
+                sent_at_ms: int = 0) -> Route:
         return self.route(player_id, frame, queue_if_offline=True, keep=False)  # in the publisher's turn: in order
 
     def reach(self) -> int:

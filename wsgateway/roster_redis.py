@@ -31,8 +31,8 @@ seats of a gateway that died expire by themselves, and its players count as offl
 within `-presence-ttl`. The refresh checks every seat (`EXTEND`): one Redis lost,
 whatever lost it (a restart, FLUSHALL, one evicted key), is reported and written back
 with `take_seat`'s script, which hands over what was queued meanwhile. A frame routed
-live to a gateway whose connection closed on the way comes back through `requeue`
-(`WITHDRAW`, `route`, then `SETTLE` to put it back in publish order).
+live names the seats it goes to; a copy whose connection closed on the way comes back
+through `requeue` (`REQUEUE`, then `SETTLE` to put it back in publish order).
 
 Counting who is online never walks the players (`census`): each gateway keeps its own
 connection count in one hash (`take_seat` adds one, `leave` takes one off, the heartbeat
@@ -172,7 +172,7 @@ if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[3]) e
 # Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players}.
 # (ROUTE_BODY apart, so that history_redis can run it inside its own step.)
 ROUTE_PREAMBLE = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS
-ROUTE_BODY = """
+_ROUTE_LIVE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local seats = redis.call('ZRANGE', KEYS[1], 0, -1)
 if #seats > 0 or ARGV[2] == '0' then
@@ -181,6 +181,8 @@ if #seats > 0 or ARGV[2] == '0' then
   table.insert(seats, 1, 0)
   return seats
 end
+"""
+_ROUTE_QUEUE = """
 local heads, sizes = KEYS[5], KEYS[6]
 local retention = ARGV[5]
 local function lost(queue, what, count)
@@ -253,7 +255,25 @@ redis.call('ZADD', KEYS[4], now + ttl, KEYS[2])
 redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
 return {1, 1, dropped, expired, over_bytes, over_players}
 """
+ROUTE_BODY = _ROUTE_LIVE + _ROUTE_QUEUE
 ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
+
+# KEYS and ARGV: ROUTE's, then the seats the frame was routed to and those of them that
+# missed it (their connection gone), each "\n"-joined (ARGV 10, 11). The missed seats stop
+# counting as present; the frame goes live to seats taken since (not among those it was
+# routed to), or else to the queue, whoever else is present (they had their copies).
+# Replies as ROUTE.
+REQUEUE = ROUTE_PREAMBLE + """
+local routed = {}
+for seat in string.gmatch(ARGV[10], '[^\\n]+') do routed[seat] = true end
+for seat in string.gmatch(ARGV[11], '[^\\n]+') do redis.call('ZREM', KEYS[1], seat) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local newer = {0, 0, 0}
+for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if not routed[seat] then newer[#newer + 1] = seat end
+end
+if #newer > 3 or ARGV[2] == '0' then return newer end
+""" + _ROUTE_QUEUE
 
 # KEYS: one shard's queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix,
 # queue-key prefix, missed retention ms. Removes queues whose every frame expired (the shard's,
@@ -379,22 +399,11 @@ if found == 1 then redis.call('ZADD', KEYS[3], 'GT', expiry, ARGV[3]) end
 return found
 """
 
-# KEYS: present. ARGV: seat-id prefix of this gateway ("gateway/").
-# Removes this gateway's seats of the player: none of them takes live messages any more.
-WITHDRAW = """
-local mine = {}
-for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if string.sub(seat, 1, string.len(ARGV[1])) == ARGV[1] then mine[#mine + 1] = seat end
-end
-if #mine > 0 then redis.call('ZREM', KEYS[1], unpack(mine)) end
-return #mine
-"""
-
 
 class _CountKeeper:
     """Keeps this gateway's connection count in Redis exact while it is both changed and
-    set. A seat step (`take_seat`, `leave`) adds or takes one; the heartbeat (and
-    `restore`) sets the count to the seats this process holds. A set sent while a step is
+    set. A seat step (`take_seat`, `leave`) adds or takes one; the heartbeat sets the
+    count to the seats this process holds. A set sent while a step is
     on its way undoes it whichever reaches Redis first (a connection counted nowhere, or
     one gone counted twice), until the next heartbeat: a census right after a connect was
     one short. So a set waits until the steps on their way were answered, and new steps
@@ -423,7 +432,7 @@ class _CountKeeper:
 
     @contextmanager
     def setting(self) -> Iterator[None]:
-        """Around a step that sets the count from the seats held here."""
+        """Around the step that sets the count from the seats held here (the heartbeat)."""
         self._not_setting.clear()
         try:
             self._no_step_on_its_way.wait(COUNT_SETTLE_WAIT_S)
@@ -480,7 +489,7 @@ class RedisRoster:
         self._connections = client.register_script(CONNECTIONS)
         self._presence = client.register_script(PRESENCE)
         self._heartbeat = client.register_script(HEARTBEAT)
-        self._withdraw = client.register_script(WITHDRAW)
+        self._requeue = client.register_script(REQUEUE)
         self._extend = client.register_script(EXTEND)
         self._settle = client.register_script(SETTLE)
 
@@ -561,32 +570,31 @@ class RedisRoster:
                          over_total_bytes=over_bytes, over_total_players=over_players)
         seats = reply[3:]
         if seats:
-            return Route(frozenset(gateway_of(seat.decode()) for seat in seats), len(seats))
+            seat_ids = frozenset(seat.decode() for seat in seats)
+            return Route(frozenset(gateway_of(seat) for seat in seat_ids), len(seats), seats=seat_ids)
         return Route(frozenset(), 0, queueing_off=queue_if_offline and not self.queueing)
 
     def reach(self) -> int:
         with broker_errors("reach"):
             return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections, self._keys.streams]))
 
-    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], sent_at_ms: int = 0) -> Route:
-        """The frame was routed here live, but this gateway holds no open connection of
-        the player any more (it closed while the frame travelled). This gateway's seats of
-        the player stop counting as present, then the frame is routed again: to gateways
-        that took a seat since (not to those it was sent to already), or to the queue,
-        where it moves back before what was queued after `sent_at_ms` (see SETTLE)."""
-        self._present.pop(player_id, None)
-        with broker_errors("requeue"):
-            self._withdraw(keys=[self._keys.present(player_id)], args=[f"{self.gateway_id}/"])
-        route = self._route_reply(self._route_with(self._route, player_id, frame, True), True)  # kept already
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
+                sent_at_ms: int = 0) -> Route:
+        """The copy routed live to the seats `missed` (this gateway's) found their
+        connections gone (they closed while it travelled): those seats stop counting as
+        present (this gateway's other seats of the player are untouched), and the copy is
+        routed again (REQUEUE): to seats taken since, or to the queue, where it moves back
+        before what was queued after `sent_at_ms` (see SETTLE)."""
+        for seat_id in missed:
+            self._forget_seat(Seat(player_id, seat_id))
+        reply = self._route_with(self._requeue, player_id, frame, True,
+                                 more_args=["\n".join(sorted(routed_to)), "\n".join(sorted(missed))])
+        route = self._route_reply(reply, True)
         if route.queued and sent_at_ms:
             with broker_errors("requeue"):
                 self._settle(keys=[self._keys.queue(player_id)],
                              args=[frame, sent_at_ms + self._offline_ttl_ms - 1, self._max_queued])
-        if not route.gateways:
-            return route
-        owed = frozenset(gateway for gateway in route.gateways
-                         if gateway == self.gateway_id or gateway not in routed_to)
-        return route._replace(gateways=owed, connections=len(owed) and route.connections)
+        return route
 
     def presence(self, player_id: str) -> int:
         with broker_errors("presence"):
