@@ -92,6 +92,36 @@ def test_a_copy_that_one_of_two_connections_missed_while_closing_reaches_the_nex
     assert receive_event(publisher_side.connect(token)) == {"event": "racing", "payload": 1}
 
 
+def test_a_broadcast_counted_for_a_closing_connection_reaches_the_players_next_one(
+        start_cluster_gateway, monkeypatch):
+    """A broadcast's answer counts the connections of every gateway (the roster's reach):
+    one of them that began closing before the broadcast reached it has its copy queued
+    for the player's next connection, as a closing connection's copy of a message is."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    roster = player_side.gateway.roster
+    leaving = gevent.event.Event()
+    original_leave = roster.leave
+
+    def slow_leave(seat):  # the closed connection still counts while the broadcast travels
+        leaving.wait(TIMEOUT_S)
+        original_leave(seat)
+
+    monkeypatch.setattr(roster, "leave", slow_leave)
+    closing = player_side.connect(token)
+    wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the connection counted in a broadcast's reach")
+    closing.close()
+    wait_for(lambda: player_side.gateway.hub.count_of("21") == 0, what="the connection closing")
+    assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 1}
+    wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the missed copy queued")
+    leaving.set()
+    wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
+    assert receive_event(publisher_side.connect(token)) == {"event": "all", "payload": 1}
+
+
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
 def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_gateway, flags):
     """A message routed to the player's connection while a newer one of the same player took

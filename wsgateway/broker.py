@@ -18,7 +18,8 @@ class Envelope(NamedTuple):
     of a `/publish/batch`, whose frames may wait for the shared flusher so that those for
     one socket leave together (see `Hub.deliver`); it does not cross process boundaries.
     `sent_at_ms`: when the transport took it (Redis's clock, ms), set by a broker that
-    knows; a message routed again after its connection closed keeps its place by it.
+    knows (one that crosses processes); a message routed again after its connection
+    closed keeps its place by it.
     `stamped`: the same message with its id (`history.Stamped`), for connections that
     asked for ids; None when the gateway keeps no history. `event_id`: that id, as it
     crosses processes (the receiving gateway builds the stamped frame once from it).

@@ -357,6 +357,8 @@ class RedisBroker:
             envelope = envelope._replace(gateways=frozenset(gateways.decode().split("\n")) if gateways
                                          else frozenset((self.gateway_id,)), sent_at_ms=_stream_id(entry_id)[0],
                                          seats=frozenset(seats.decode().split("\n")) if seats else None)
+        else:
+            envelope = envelope._replace(sent_at_ms=_stream_id(entry_id)[0])
         try:
             self._deliver(envelope)
         except Exception:

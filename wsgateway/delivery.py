@@ -90,6 +90,7 @@ class Delivery:
         self.metrics = metrics
         self._broker = broker
         self._seated: dict[str, HeldConnection] = {}  # seat id -> its connection, once seated
+        self._leaving: dict[str, str] = {}  # seat id -> player, of connections gone whose seat is leaving
         self._restoring = BoundedSemaphore()  # one presence restoration at a time (each holds sockets)
         broker.start(self._receive)
 
@@ -168,11 +169,14 @@ class Delivery:
 
     def disconnect(self, connection: Deliverable, seat: Seat) -> None:
         self._seated.pop(seat.seat_id, None)
+        self._leaving[seat.seat_id] = seat.player_id  # still counted in the roster until it left
         self._forget(connection)
         try:
             self.roster.leave(seat)
         except BrokerUnavailable:
             pass  # the seat expires by itself in the shared roster
+        finally:
+            self._leaving.pop(seat.seat_id, None)
 
     def maintain(self) -> None:
         """Periodic upkeep of the roster: presence kept alive (and written back where it
@@ -270,6 +274,8 @@ class Delivery:
             envelope = envelope._replace(stamped=restamp(envelope.frame, envelope.event_id))
         if envelope.seats is not None and envelope.player_id is not None:
             return self._deliver_to_seats(envelope.player_id, envelope, envelope.seats)
+        if envelope.player_id is None and envelope.sent_at_ms:
+            return self._broadcast_counted(envelope)
         delivered = self._deliver_locally(envelope)
         if not delivered and envelope.player_id is not None and envelope.gateways is not None:
             self._reroute(envelope.player_id, envelope, frozenset())
@@ -295,10 +301,29 @@ class Delivery:
             self._reroute(player_id, envelope, frozenset(missed))
         return delivered
 
-    def _reroute(self, player_id: str, envelope: Envelope, missed: frozenset[str]) -> None:
+    def _broadcast_counted(self, envelope: Envelope) -> int:
+        """A broadcast from another process, whose answer was the roster's reach: every
+        seated connection here counted in it, also one that has begun closing or is gone
+        while its seat is leaving. Such a connection's copy goes to its player's queue,
+        for the next connection, as a closing connection's copy of a message does."""
+        expected = self.hub.connection_count()
+        delivered = self._deliver_locally(envelope)
+        missed = list(self._leaving.items())
+        if delivered < expected:  # someone refused it: closing (or closed as too slow)
+            missed.extend((seat_id, connection.player_id) for seat_id, connection in self._seated.items()
+                          if not connection.is_open)
+        for seat_id, player_id in missed:
+            copy = Envelope(envelope.frame, player_id, sent_at_ms=envelope.sent_at_ms)
+            self._reroute(player_id, copy, frozenset((seat_id,)), every_seat_had_it=True)
+        return delivered
+
+    def _reroute(self, player_id: str, envelope: Envelope, missed: frozenset[str],
+                 every_seat_had_it: bool = False) -> None:
+        """Route again the copy the seats `missed` did not take: to a seat taken since it
+        was routed, or to the player's queue (`every_seat_had_it`, a broadcast: to the queue)."""
         try:
             route = self.roster.requeue(player_id, envelope.frame, envelope.seats or frozenset(), missed,
-                                        envelope.sent_at_ms)
+                                        envelope.sent_at_ms, to_queue=every_seat_had_it)
             if route.gateways:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
                                               stamped=envelope.stamped, event_id=envelope.event_id,

@@ -94,14 +94,15 @@ class Roster(Protocol):
         sent to a connection, or queued like any message for an offline player."""
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False) -> Route:
         """A frame routed live to the seats `routed_to` found the connections of the seats
         `missed` (this gateway's) gone or closing: those seats stop counting as present,
         and the copy they missed is routed again, to a connection the player opened since
-        (a seat not in `routed_to`), or else to the player's queue, for its next
-        connection, even while other seats it was routed to are present (they got their
-        own copies). Queued, it takes its place by `sent_at_ms` (when it was sent live),
-        before what was queued for the player after it: in publish order."""
+        (a seat not in `routed_to`; never when `to_queue`, a broadcast's copy), or else to
+        the player's queue, for its next connection, even while other seats it was routed
+        to are present (they got their own copies). Queued, it takes its place by
+        `sent_at_ms` (when it was sent live), before what was queued for the player after
+        it: in publish order."""
 
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
@@ -175,7 +176,7 @@ class LocalRoster:
                      over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False) -> Route:
         return self.route(player_id, frame, queue_if_offline=True, keep=False)  # in the publisher's turn: in order
 
     def reach(self) -> int:

@@ -259,18 +259,20 @@ ROUTE_BODY = _ROUTE_LIVE + _ROUTE_QUEUE
 ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
 
 # KEYS and ARGV: ROUTE's, then the seats the frame was routed to and those of them that
-# missed it (their connection gone), each "\n"-joined (ARGV 10, 11). The missed seats stop
-# counting as present; the frame goes live to seats taken since (not among those it was
-# routed to), or else to the queue, whoever else is present (they had their copies).
-# Replies as ROUTE.
+# missed it (their connection gone), each "\n"-joined, and whether it goes to the queue
+# whoever is present (1/0) (ARGV 10, 11, 12). The missed seats stop counting as present;
+# the frame goes live to seats taken since (not among those it was routed to), or else to
+# the queue, whoever else is present (they had their copies). Replies as ROUTE.
 REQUEUE = ROUTE_PREAMBLE + """
 local routed = {}
 for seat in string.gmatch(ARGV[10], '[^\\n]+') do routed[seat] = true end
 for seat in string.gmatch(ARGV[11], '[^\\n]+') do redis.call('ZREM', KEYS[1], seat) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local newer = {0, 0, 0}
-for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if not routed[seat] then newer[#newer + 1] = seat end
+if ARGV[12] ~= '1' then
+  for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if not routed[seat] then newer[#newer + 1] = seat end
+  end
 end
 if #newer > 3 or ARGV[2] == '0' then return newer end
 """ + _ROUTE_QUEUE
@@ -579,16 +581,17 @@ class RedisRoster:
             return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections, self._keys.streams]))
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False) -> Route:
         """The copy routed live to the seats `missed` (this gateway's) found their
         connections gone (they closed while it travelled): those seats stop counting as
         present (this gateway's other seats of the player are untouched), and the copy is
-        routed again (REQUEUE): to seats taken since, or to the queue, where it moves back
-        before what was queued after `sent_at_ms` (see SETTLE)."""
+        routed again (REQUEUE): to seats taken since (unless `to_queue`), or to the queue,
+        where it moves back before what was queued after `sent_at_ms` (see SETTLE)."""
         for seat_id in missed:
             self._forget_seat(Seat(player_id, seat_id))
         reply = self._route_with(self._requeue, player_id, frame, True,
-                                 more_args=["\n".join(sorted(routed_to)), "\n".join(sorted(missed))])
+                                 more_args=["\n".join(sorted(routed_to)), "\n".join(sorted(missed)),
+                                            1 if to_queue else 0])
         route = self._route_reply(reply, True)
         if route.queued and sent_at_ms:
             with broker_errors("requeue"):
