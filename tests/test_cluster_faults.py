@@ -122,6 +122,35 @@ def test_a_broadcast_counted_for_a_closing_connection_reaches_the_players_next_o
     assert receive_event(publisher_side.connect(token)) == {"event": "all", "payload": 1}
 
 
+def test_a_broadcast_counted_for_a_connection_that_left_before_it_arrived_reaches_the_next_one(
+        start_cluster_gateway):
+    """A broadcast sent while the player's connection was seated (so counted in its answer)
+    that reaches the gateway only after that connection left: its copy is queued for the
+    player's next connection (by the roster's clock, the seat left after it was sent)."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    leaving = player_side.connect(token)
+    wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the connection counted in a broadcast's reach")
+    broker = player_side.gateway.broker
+    gate = gevent.event.Event()
+    deliver = broker._deliver
+
+    def held_back(envelope):  # the broadcast travels slowly, past the connection's leaving
+        gate.wait(TIMEOUT_S)
+        return deliver(envelope)
+
+    broker._deliver = held_back
+    assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 1}
+    leaving.close()
+    wait_for(lambda: len(player_side.gateway.delivery._left) == 1, what="the seat left")
+    gate.set()
+    wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the missed copy queued")
+    assert receive_event(publisher_side.connect(token)) == {"event": "all", "payload": 1}
+
+
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
 def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_gateway, flags):
     """A message routed to the player's connection while a newer one of the same player took

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 from typing import NamedTuple, Protocol
 
 from gevent.lock import BoundedSemaphore
@@ -53,6 +54,9 @@ from wsgateway.protocol import event_frame
 from wsgateway.roster import Roster, Route, Seat
 
 log = logging.getLogger(__name__)
+
+RECENTLY_LEFT_KEEP_MS = 60_000  # how long a seat that left is remembered for broadcasts still on their way
+RECENTLY_LEFT_MAX = 100_000  # and how many such seats at most
 
 _CLOSE_FRAME_FIRST_BYTE = 0x80 | OP_CLOSE  # FIN + close: what `close_frame` starts with
 
@@ -91,6 +95,7 @@ class Delivery:
         self._broker = broker
         self._seated: dict[str, HeldConnection] = {}  # seat id -> its connection, once seated
         self._leaving: dict[str, str] = {}  # seat id -> player, of connections gone whose seat is leaving
+        self._left: deque[tuple[int, str, str]] = deque()  # (left at ms, seat id, player) recently left
         self._restoring = BoundedSemaphore()  # one presence restoration at a time (each holds sockets)
         broker.start(self._receive)
 
@@ -172,11 +177,13 @@ class Delivery:
         self._leaving[seat.seat_id] = seat.player_id  # still counted in the roster until it left
         self._forget(connection)
         try:
-            self.roster.leave(seat)
+            left_at_ms = self.roster.leave(seat)
         except BrokerUnavailable:
-            pass  # the seat expires by itself in the shared roster
+            return  # the seat expires by itself in the shared roster
         finally:
             self._leaving.pop(seat.seat_id, None)
+        if left_at_ms:
+            self._note_left(left_at_ms, seat)
 
     def maintain(self) -> None:
         """Periodic upkeep of the roster: presence kept alive (and written back where it
@@ -303,12 +310,19 @@ class Delivery:
 
     def _broadcast_counted(self, envelope: Envelope) -> int:
         """A broadcast from another process, whose answer was the roster's reach: every
-        seated connection here counted in it, also one that has begun closing or is gone
-        while its seat is leaving. Such a connection's copy goes to its player's queue,
-        for the next connection, as a closing connection's copy of a message does."""
+        seated connection here counted in it, also one that has begun closing, is gone
+        while its seat is leaving, or left after the broadcast was sent (by the roster's
+        clock: `leave`'s time against the broker's `sent_at_ms`). Such a connection's copy
+        goes to its player's queue, for the next connection, as a closing connection's
+        copy of a message does."""
         expected = self.hub.connection_count()
         delivered = self._deliver_locally(envelope)
         missed = list(self._leaving.items())
+        left = self._left
+        while left and left[0][0] <= envelope.sent_at_ms:  # left before it was sent: never counted in it
+            left.popleft()
+        missed.extend((seat_id, player_id) for left_at_ms, seat_id, player_id in left
+                      if left_at_ms > envelope.sent_at_ms)
         if delivered < expected:  # someone refused it: closing (or closed as too slow)
             missed.extend((seat_id, connection.player_id) for seat_id, connection in self._seated.items()
                           if not connection.is_open)
@@ -316,6 +330,16 @@ class Delivery:
             copy = Envelope(envelope.frame, player_id, sent_at_ms=envelope.sent_at_ms)
             self._reroute(player_id, copy, frozenset((seat_id,)), every_seat_had_it=True)
         return delivered
+
+    def _note_left(self, left_at_ms: int, seat: Seat) -> None:
+        """Remember a seat that left, for the broadcasts sent before it left that are
+        still on their way here (counted with it: `_broadcast_counted`). Broadcasts arrive
+        in the order they were sent, so each forgets those that left before it; what is
+        kept is bounded by age and number whatever arrives."""
+        left = self._left
+        left.append((left_at_ms, seat.seat_id, seat.player_id))
+        while left and (len(left) > RECENTLY_LEFT_MAX or left[0][0] < left_at_ms - RECENTLY_LEFT_KEEP_MS):
+            left.popleft()
 
     def _reroute(self, player_id: str, envelope: Envelope, missed: frozenset[str],
                  every_seat_had_it: bool = False) -> None:

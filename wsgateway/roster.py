@@ -79,8 +79,9 @@ class Roster(Protocol):
         """Make the seat present and return the player's backlog (empty for all but one
         of simultaneous takers). Live messages routed after this reach the seat's gateway."""
 
-    def leave(self, seat: Seat) -> None:
-        """The connection ended."""
+    def leave(self, seat: Seat) -> int:
+        """The connection ended. Returns when its seat left, on the shared roster's clock
+        (ms, the clock of the broker's `sent_at_ms`); 0 in process."""
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         """Decide, atomically with presence, whether the frame goes live or to the queue.
@@ -160,8 +161,8 @@ class LocalRoster:
         self.cancel(seat)  # the hub now counts the connection itself
         return self._offline.take(seat.player_id)
 
-    def leave(self, seat: Seat) -> None:
-        pass  # the hub forgets the connection; nothing else is kept per seat
+    def leave(self, seat: Seat) -> int:
+        return 0  # the hub forgets the connection; nothing else is kept per seat
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         connections = self._hub.count_of(player_id)

@@ -155,12 +155,14 @@ return frames
 
 # KEYS: seats, present, players, and on a single server the gateway connections (as TAKE_SEAT).
 # ARGV: seat, gateway, player. The player leaves the players index with its last present seat.
+# Returns when (Redis's clock, ms).
 LEAVE = _LUA_NOW_MS + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if KEYS[4] then redis.call('HINCRBY', KEYS[4], ARGV[2], -1) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[3]) end
+return now
 """
 
 # KEYS: present, queue, missed, and the player's shard's queue index, queue heads, queue sizes,
@@ -534,7 +536,7 @@ class RedisRoster:
             self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
 
-    def leave(self, seat: Seat) -> None:
+    def leave(self, seat: Seat) -> int:
         keys = self._keys
         player = seat.player_id
         leave_keys = [keys.seats(player), keys.present(player), keys.shard_of(player).players]
@@ -543,9 +545,10 @@ class RedisRoster:
         with self._count.step():
             self._forget_seat(seat)
             with broker_errors("leave"):
-                self._leave(keys=leave_keys, args=[seat.seat_id, self.gateway_id, player])
+                left_at_ms = int(self._leave(keys=leave_keys, args=[seat.seat_id, self.gateway_id, player]))
                 if self._cluster:
                     self._client.hincrby(keys.gateway_connections, self.gateway_id, -1)
+        return left_at_ms
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         return self._route_reply(self._route_with(self._route, player_id, frame, queue_if_offline), queue_if_offline)
