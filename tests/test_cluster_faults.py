@@ -152,6 +152,38 @@ def test_a_broadcast_counted_for_a_connection_that_left_before_it_arrived_reache
 
 
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
+def test_a_broadcast_to_one_player_that_finds_its_connection_closing_is_never_queued(
+        start_cluster_gateway, monkeypatch, flags):
+    """`/broadcast` with a player id is for live connections only, as on one gateway: the
+    copy of a connection that closed on the way is given up (counted), not queued."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, *flags)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    roster = player_side.gateway.roster
+    leaving = gevent.event.Event()
+    original_leave = roster.leave
+
+    def slow_leave(seat):  # the closed connection's seat is still present while the envelope travels
+        leaving.wait(TIMEOUT_S)
+        return original_leave(seat)
+
+    monkeypatch.setattr(roster, "leave", slow_leave)
+    closing = player_side.connect(token)
+    closing.close()
+    wait_for(lambda: player_side.gateway.hub.count_of("21") == 0, what="the connection closing")
+    assert publisher_side.broadcast(server, "hint", 1, player_id=21).json == {"delivered": 1}
+    wait_for(lambda: player_side.metric("ws_messages_dropped_total", reason="connection_gone") == 1,
+             what="the copy given up")
+    leaving.set()
+    wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
+    again = publisher_side.connect(token)
+    assert publisher_side.publish(server, 21, "marker", 2).json == {"delivered": 1, "queued": False}
+    assert receive_event(again) == {"event": "marker", "payload": 2}
+
+
+@pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
 def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_gateway, flags):
     """A message routed to the player's connection while a newer one of the same player took
     its seat on that gateway (the envelope still on its way) reaches the connection it was

@@ -25,7 +25,9 @@ class Envelope(NamedTuple):
     crosses processes (the receiving gateway builds the stamped frame once from it).
     `seats`: the connections (seat ids, `roster.Route.seats`) a player envelope was routed
     to; each receiving gateway gives it to those of its own only. None: to every
-    connection of the player there (in process, or a close request).
+    connection of the player there (in process, or a close request). `live_only`: for
+    live connections only (`/broadcast` with a player id): a copy whose connection is
+    gone is never queued.
 
     A `frame` that is a WebSocket close frame asks the receiving gateways to close the
     player's connections with its code (`Delivery.close_player`, `POST /disconnect`):
@@ -40,6 +42,7 @@ class Envelope(NamedTuple):
     stamped: bytes | None = None
     event_id: str = ""
     seats: frozenset[str] | None = None
+    live_only: bool = False
 
 
 Deliver = Callable[[Envelope], object]

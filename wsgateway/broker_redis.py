@@ -76,10 +76,11 @@ _FIELD = b"e"
 _GATEWAYS_FIELD = b"g"  # the other gateways a player envelope went to (when it went to several)
 _ID_FIELD = b"i"  # the message's id, when the gateways keep a history (history_redis writes it too)
 _SEATS_FIELD = b"s"  # the seats a player envelope was routed to, "\n"-joined (history_redis writes it too)
+_LIVE_ONLY_FIELD = b"l"  # present (b"1") on an envelope for live connections only
 
 # KEYS: the streams. ARGV: max length, stream ttl ms, wire form, the gateways it goes to
 # ('' when only one), the message's id ('' without history), the seats it goes to ('' for
-# none named). For a stream that does not
+# none named), '1' for live connections only (else ''). For a stream that does not
 # exist (its reader not yet back after Redis lost it, or gone): created with an expiry,
 # so nobody's stream lives for ever.
 CREATE_AND_PUBLISH = """
@@ -87,6 +88,7 @@ local fields = {'e', ARGV[3]}
 if ARGV[4] ~= '' then table.insert(fields, 'g') table.insert(fields, ARGV[4]) end
 if ARGV[5] ~= '' then table.insert(fields, 'i') table.insert(fields, ARGV[5]) end
 if ARGV[6] ~= '' then table.insert(fields, 's') table.insert(fields, ARGV[6]) end
+if ARGV[7] ~= '' then table.insert(fields, 'l') table.insert(fields, ARGV[7]) end
 for _, stream in ipairs(KEYS) do
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
   redis.call('PEXPIRE', stream, ARGV[2], 'NX')
@@ -243,6 +245,8 @@ class RedisBroker:
                     fields[_GATEWAYS_FIELD] = "\n".join(gateways).encode()
                 if envelope.seats:
                     fields[_SEATS_FIELD] = "\n".join(sorted(envelope.seats)).encode()
+                if envelope.live_only:
+                    fields[_LIVE_ONLY_FIELD] = b"1"
                 self._append([self._keys.stream(gateway) for gateway in gateways], fields)
             elif self._cluster:
                 readers = [reader.decode() for reader in self._readers(keys=[self._keys.streams],
@@ -269,7 +273,8 @@ class RedisBroker:
         missing = [stream for stream, entry_id in zip(streams, added) if entry_id is None]
         if missing:
             args = [self._stream_length, self._stream_ttl_ms, fields[_FIELD], fields.get(_GATEWAYS_FIELD, b""),
-                    fields.get(_ID_FIELD, b""), fields.get(_SEATS_FIELD, b"")]
+                    fields.get(_ID_FIELD, b""), fields.get(_SEATS_FIELD, b""),
+                    fields.get(_LIVE_ONLY_FIELD, b"")]
             for keys in ([stream] for stream in missing) if self._cluster else [missing]:
                 self._create_and_publish(keys=keys, args=args)
 
@@ -356,7 +361,8 @@ class RedisBroker:
             gateways, seats = fields.get(_GATEWAYS_FIELD), fields.get(_SEATS_FIELD)
             envelope = envelope._replace(gateways=frozenset(gateways.decode().split("\n")) if gateways
                                          else frozenset((self.gateway_id,)), sent_at_ms=_stream_id(entry_id)[0],
-                                         seats=frozenset(seats.decode().split("\n")) if seats else None)
+                                         seats=frozenset(seats.decode().split("\n")) if seats else None,
+                                         live_only=_LIVE_ONLY_FIELD in fields)
         else:
             envelope = envelope._replace(sent_at_ms=_stream_id(entry_id)[0])
         try:

@@ -200,7 +200,7 @@ class Delivery:
             route = self.roster.route(player_id, frame, queue_if_offline)
             if route.gateways and not route.sent:
                 self._broker.publish(Envelope(frame, player_id, route.gateways, batched, 0, route.stamped,
-                                              seats=route.seats))
+                                              seats=route.seats, live_only=not queue_if_offline))
         except BrokerUnavailable:
             delivered = self._deliver_locally(Envelope(frame, player_id, batched=batched))
             if not delivered:
@@ -347,11 +347,12 @@ class Delivery:
         was routed, or to the player's queue (`every_seat_had_it`, a broadcast: to the queue)."""
         try:
             route = self.roster.requeue(player_id, envelope.frame, envelope.seats or frozenset(), missed,
-                                        envelope.sent_at_ms, to_queue=every_seat_had_it)
+                                        envelope.sent_at_ms, to_queue=every_seat_had_it,
+                                        queue=not envelope.live_only)
             if route.gateways:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
                                               stamped=envelope.stamped, event_id=envelope.event_id,
-                                              seats=route.seats))
+                                              seats=route.seats, live_only=envelope.live_only))
             elif route.queued and self.history is not None and isinstance(envelope.stamped, Stamped):
                 self.history.note_queued(player_id, envelope.stamped)
         except BrokerUnavailable as exc:
@@ -360,6 +361,8 @@ class Delivery:
                         extra={"event": "reroute_failed", "player_id": player_id, "detail": str(exc)})
             return
         self.metrics.messages_rerouted.inc()
+        if envelope.live_only and not route.gateways:  # for live connections only, and none left for it
+            self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc()
         self._count_route(route)
 
     def _deliver_locally(self, envelope: Envelope) -> int:

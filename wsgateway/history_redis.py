@@ -160,9 +160,10 @@ local HA = {{size = tonumber(ARGV[{args_at}]), ttl = tonumber(ARGV[{args_at + 1}
 
 
 # Appends `id` to every gateway's stream named in `gateways` (a Lua list), as the broker does,
-# naming the `seats` it goes to (a Lua list; nil for a broadcast).
+# naming the `seats` it goes to (a Lua list; nil for a broadcast), and whether it is for
+# live connections only (never queued when its connection is gone).
 _LUA_SEND = """
-local function history_send(gateways, stream_prefix, max_length, stream_ttl, wire, id, seats)
+local function history_send(gateways, stream_prefix, max_length, stream_ttl, wire, id, seats, live_only)
   table.sort(gateways)
   local fields = {'e', wire, 'i', id}
   if #gateways > 1 then
@@ -173,6 +174,10 @@ local function history_send(gateways, stream_prefix, max_length, stream_ttl, wir
     table.sort(seats)
     table.insert(fields, 's')
     table.insert(fields, table.concat(seats, '\\n'))
+  end
+  if live_only then
+    table.insert(fields, 'l')
+    table.insert(fields, '1')
   end
   for _, gateway in ipairs(gateways) do
     local stream = stream_prefix .. gateway
@@ -202,7 +207,7 @@ if tonumber(reply[1]) == 0 and #reply > 3 then
       gateways[#gateways + 1] = gateway
     end
   end
-  history_send(gateways, ARGV[18], ARGV[19], ARGV[20], ARGV[21], id, seats)
+  history_send(gateways, ARGV[18], ARGV[19], ARGV[20], ARGV[21], id, seats, ARGV[2] == '0')
 end
 reply[#reply + 1] = id
 return reply

@@ -95,7 +95,7 @@ class Roster(Protocol):
         sent to a connection, or queued like any message for an offline player."""
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0, to_queue: bool = False) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True) -> Route:
         """A frame routed live to the seats `routed_to` found the connections of the seats
         `missed` (this gateway's) gone or closing: those seats stop counting as present,
         and the copy they missed is routed again, to a connection the player opened since
@@ -103,7 +103,7 @@ class Roster(Protocol):
         the player's queue, for its next connection, even while other seats it was routed
         to are present (they got their own copies). Queued, it takes its place by
         `sent_at_ms` (when it was sent live), before what was queued for the player after
-        it: in publish order."""
+        it: in publish order. `queue` False (live connections only): never to the queue."""
 
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
@@ -177,8 +177,8 @@ class LocalRoster:
                      over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0, to_queue: bool = False) -> Route:
-        return self.route(player_id, frame, queue_if_offline=True, keep=False)  # in the publisher's turn: in order
+                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True) -> Route:
+        return self.route(player_id, frame, queue_if_offline=queue, keep=False)  # in the publisher's turn: in order
 
     def reach(self) -> int:
         return self._hub.connection_count()

@@ -584,18 +584,19 @@ class RedisRoster:
             return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections, self._keys.streams]))
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0, to_queue: bool = False) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True) -> Route:
         """The copy routed live to the seats `missed` (this gateway's) found their
         connections gone (they closed while it travelled): those seats stop counting as
         present (this gateway's other seats of the player are untouched), and the copy is
         routed again (REQUEUE): to seats taken since (unless `to_queue`), or to the queue,
-        where it moves back before what was queued after `sent_at_ms` (see SETTLE)."""
+        where it moves back before what was queued after `sent_at_ms` (see SETTLE); never
+        to the queue unless `queue`."""
         for seat_id in missed:
             self._forget_seat(Seat(player_id, seat_id))
-        reply = self._route_with(self._requeue, player_id, frame, True,
+        reply = self._route_with(self._requeue, player_id, frame, queue,
                                  more_args=["\n".join(sorted(routed_to)), "\n".join(sorted(missed)),
                                             1 if to_queue else 0])
-        route = self._route_reply(reply, True)
+        route = self._route_reply(reply, queue)
         if route.queued and sent_at_ms:
             with broker_errors("requeue"):
                 self._settle(keys=[self._keys.queue(player_id)],
