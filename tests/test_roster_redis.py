@@ -460,3 +460,23 @@ def test_a_lost_registration_is_noticed_at_the_next_call_not_the_next_heartbeat(
     assert roster.refresh() == [taken]
     assert _count_of(roster, redis_url, redis_prefix) == 1
 
+
+def test_a_requeued_frame_settled_at_the_front_is_the_queues_head_in_the_accounting(redis_url, redis_prefix):
+    """The queue heads (which say whose frame is the oldest of all, given up first for
+    -max-offline-bytes) name a requeued frame's expiry once it moved to the queue's front."""
+    roster = make_roster(redis_url, redis_prefix, offline_ttl_s=60.0)
+    client = create_client(redis_url, TIMEOUT_S)
+
+    def redis_ms() -> int:
+        seconds, microseconds = client.time()
+        return seconds * 1000 + microseconds // 1000
+
+    sent_at_ms = redis_ms()
+    wait_for(lambda: redis_ms() > sent_at_ms + 5, what="Redis's clock to move on")
+    assert roster.route("p", b"published-after", True).queued
+    assert roster.requeue("p", b"late", frozenset(), frozenset(), sent_at_ms).queued
+    keys = RedisKeys(redis_prefix, cluster=is_cluster_url(redis_url))
+    shard = keys.shard_of("p")
+    assert client.zscore(shard.queue_heads, shard.queue("p")) == sent_at_ms + 60_000 - 1
+    _, backlog = seat(roster, "p")
+    assert backlog.frames == [b"late", b"published-after"]

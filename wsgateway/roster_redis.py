@@ -357,15 +357,15 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 """
 
-# KEYS: queue. ARGV: frame, expiry_ms, most items to look at.
+# KEYS: queue, the player's shard's queue heads. ARGV: frame, expiry_ms, most items to look at.
 # A frame requeued after its connection closed was appended (ROUTE) behind frames queued
 # after it was sent live. Find it from the tail (a later identical frame is as good) and
 # move it back to where its expiry, counted from when it was sent, puts it: the queue
 # stays in expiry order, and so in publish order. The expiry is one ms short of that, so
 # that it goes before a frame queued in the very ms it was sent, but after frames
 # requeued before it with the same expiry. It only moves an item: counts and sizes are
-# untouched.
-SETTLE = """
+# untouched, and the queue heads say the queue's new oldest frame when it moved to the front.
+SETTLE = _LUA_QUEUE_ACCOUNTS + """
 local expiry = tonumber(ARGV[2])
 local later = {}
 local found = false
@@ -383,6 +383,7 @@ for _ = 1, tonumber(ARGV[3]) do
 end
 if found then redis.call('RPUSH', KEYS[1], expiry .. ':' .. ARGV[1]) end
 for index = #later, 1, -1 do redis.call('RPUSH', KEYS[1], later[index]) end
+if found then note_head(KEYS[2], KEYS[1]) end
 return found and 1 or 0
 """
 
@@ -599,7 +600,7 @@ class RedisRoster:
         route = self._route_reply(reply, queue)
         if route.queued and sent_at_ms:
             with broker_errors("requeue"):
-                self._settle(keys=[self._keys.queue(player_id)],
+                self._settle(keys=[self._keys.queue(player_id), self._keys.shard_of(player_id).queue_heads],
                              args=[frame, sent_at_ms + self._offline_ttl_ms - 1, self._max_queued])
         return route
 
