@@ -2,8 +2,9 @@
 
 Each gateway reads its own stream (`RedisKeys.stream`), which holds what was published
 for the players it holds and every broadcast. A publish appends the envelope to the
-streams of the gateways the roster named (one script, one round trip); a broadcast
-appends it to the stream of every gateway that reads one (`RedisKeys.streams`).
+streams of the gateways the roster named (one script, one round trip), naming the seats
+(connections) it was routed to; a broadcast appends it to the stream of every gateway
+that reads one (`RedisKeys.streams`).
 
 Why streams and not pub/sub: pub/sub drops whatever is published while a gateway is not
 subscribed (Redis restarting, the listener reconnecting), although the publisher was
