@@ -9,6 +9,7 @@ import gevent
 
 from tests.support import wait_for
 from wsgateway.connection import Connection
+from wsgateway.errors import CloseCode
 from wsgateway.outbox import Flusher, OutboxLimits
 from wsgateway.frames import text_frame
 
@@ -104,3 +105,14 @@ def test_close_answered_while_frames_wait_for_the_flusher_sends_them_first():
     client_end.settimeout(5)
     assert received(client_end, len(frame) + 4) == frame + bytes((0x88, 2)) + struct.pack("!H", 1000)
     assert reader.get(timeout=5) == 1000
+
+
+def test_frames_held_for_a_connection_that_starts_closing_meanwhile_are_counted_as_dropped():
+    """Held behind a backlog, then the connection closes before the release: the held
+    frames (taken, so counted as delivered) are not sent, and are counted as dropped."""
+    connection, _client_end, _flusher = pair()
+    connection.hold()
+    assert connection.send(text_frame(b"one")) and connection.send_later(text_frame(b"two"))
+    connection.close(CloseCode.GOING_AWAY, handshake_timeout_s=None)
+    assert connection.release([]) == 0
+    assert connection.dropped_frames == 2

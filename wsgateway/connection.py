@@ -120,14 +120,17 @@ class PlayerConnection:
         """Send `first` (the backlog, or a replay), then the frames held since `hold`,
         except those whose id is in `replayed` (`first` carried them already); return
         how many of `first` were taken. `through` (a replay's, see `history.Replay`):
-        from now on, a live frame at or before it is not sent, however late it comes."""
+        from now on, a live frame at or before it is not sent, however late it comes.
+        Held frames the connection no longer takes (it started closing while they were
+        held) count in `dropped_frames`: they were counted as delivered when held."""
         held, self._held = self._held or [], None
         taken = sum(self.send(frame) for frame in first)
         if through is not None:
             self._replayed_through = through
         for frame in held:
             if not (replayed and isinstance(frame, Stamped) and frame.event_id in replayed):
-                self.send(frame)
+                if not self.send(frame):
+                    self.dropped_frames += 1
         return taken
 
     def send_later(self, frame: bytes) -> bool:
