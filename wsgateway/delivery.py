@@ -107,7 +107,10 @@ class Delivery:
         return self._to_player(player_id, frame, queue_if_offline=True, batched=batched)
 
     def broadcast(self, frame: bytes, player_id: str | None = None) -> Outcome:
-        """To every connected player, or to one player's live connections; never queued."""
+        """To every connected player, or to one player's live connections (never queued).
+        A broadcast to all is not queued either, except across gateways for a connection
+        its answer counted that closed or left before the copy reached it: that copy waits
+        in the player's queue, so what `delivered` counted is not lost."""
         self.metrics.messages_published.inc()
         if player_id is not None:
             return self._to_player(player_id, frame, queue_if_offline=False, batched=False)
