@@ -31,6 +31,20 @@ def cluster_pair(start_cluster_gateway, url: str, *flags: str):
     return publisher_side, player_side
 
 
+def hold_leaves(roster, monkeypatch) -> gevent.event.Event:
+    """Make the roster's `leave` wait until the returned event is set: a closed
+    connection's seat stays present (and counted) while envelopes travel to it."""
+    leaving = gevent.event.Event()
+    original_leave = roster.leave
+
+    def slow_leave(seat):
+        leaving.wait(TIMEOUT_S)
+        return original_leave(seat)
+
+    monkeypatch.setattr(roster, "leave", slow_leave)
+    return leaving
+
+
 # --- 1. a publish racing a clean close ------------------------------------------------------------
 def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dropped(
         start_cluster_gateway, monkeypatch):
@@ -40,15 +54,7 @@ def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dr
     publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
     server = publisher_side.tokens.server()
     token = publisher_side.tokens.player(21)
-    roster = player_side.gateway.roster
-    leaving = gevent.event.Event()
-    original_leave = roster.leave
-
-    def slow_leave(seat):  # the closed connection's seat is still present while the envelope travels
-        leaving.wait(TIMEOUT_S)
-        original_leave(seat)
-
-    monkeypatch.setattr(roster, "leave", slow_leave)
+    leaving = hold_leaves(player_side.gateway.roster, monkeypatch)
     client = player_side.connect(token)
     client.close()
     wait_for(lambda: not player_side.gateway.hub.is_connected("21"), what="the connection gone from the hub")
@@ -72,15 +78,7 @@ def test_a_copy_that_one_of_two_connections_missed_while_closing_reaches_the_nex
     publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
     server = publisher_side.tokens.server()
     token = publisher_side.tokens.player(21)
-    roster = player_side.gateway.roster
-    leaving = gevent.event.Event()
-    original_leave = roster.leave
-
-    def slow_leave(seat):  # the closed connection's seat is still present while the envelope travels
-        leaving.wait(TIMEOUT_S)
-        original_leave(seat)
-
-    monkeypatch.setattr(roster, "leave", slow_leave)
+    leaving = hold_leaves(player_side.gateway.roster, monkeypatch)
     closing, staying = player_side.connect(token), player_side.connect(token)
     closing.close()
     wait_for(lambda: player_side.gateway.hub.count_of("21") == 1, what="the closing connection gone from the hub")
@@ -102,15 +100,7 @@ def test_a_broadcast_counted_for_a_closing_connection_reaches_the_players_next_o
     publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
     server = publisher_side.tokens.server()
     token = publisher_side.tokens.player(21)
-    roster = player_side.gateway.roster
-    leaving = gevent.event.Event()
-    original_leave = roster.leave
-
-    def slow_leave(seat):  # the closed connection still counts while the broadcast travels
-        leaving.wait(TIMEOUT_S)
-        original_leave(seat)
-
-    monkeypatch.setattr(roster, "leave", slow_leave)
+    leaving = hold_leaves(player_side.gateway.roster, monkeypatch)
     closing = player_side.connect(token)
     wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the connection counted in a broadcast's reach")
     closing.close()
@@ -161,15 +151,7 @@ def test_a_broadcast_to_one_player_that_finds_its_connection_closing_is_never_qu
     publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, *flags)
     server = publisher_side.tokens.server()
     token = publisher_side.tokens.player(21)
-    roster = player_side.gateway.roster
-    leaving = gevent.event.Event()
-    original_leave = roster.leave
-
-    def slow_leave(seat):  # the closed connection's seat is still present while the envelope travels
-        leaving.wait(TIMEOUT_S)
-        return original_leave(seat)
-
-    monkeypatch.setattr(roster, "leave", slow_leave)
+    leaving = hold_leaves(player_side.gateway.roster, monkeypatch)
     closing = player_side.connect(token)
     closing.close()
     wait_for(lambda: player_side.gateway.hub.count_of("21") == 0, what="the connection closing")
@@ -276,9 +258,22 @@ def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gat
 
 
 # --- 2. Redis restarting under traffic ----------------------------------------------------------
-def test_redis_restart_under_traffic_loses_no_accepted_message(start_cluster_gateway, private_redis):
-    """Redis restarts empty mid-traffic: every 200 not scope local reaches the player that stayed connected, in order."""
+def test_redis_restart_under_traffic_loses_no_accepted_message(start_cluster_gateway, private_redis, monkeypatch):
+    """Redis restarts empty mid-traffic: every 200 not scope local reaches the player that stayed connected, in order.
+
+    The player side writes its presence back within about a second, often before any
+    publish finds the player offline; its restore is held until one has (queued: true),
+    so that the messages parked meanwhile are always part of what is checked."""
     publisher_side, player_side = cluster_pair(start_cluster_gateway, private_redis.url)
+    parked = gevent.event.Event()
+    roster = player_side.gateway.roster
+    original_restore = roster.restore
+
+    def restore_once_a_publish_was_parked(seats):
+        parked.wait(TIMEOUT_S)
+        return original_restore(seats)
+
+    monkeypatch.setattr(roster, "restore", restore_once_a_publish_was_parked)
     server = publisher_side.tokens.server()
     client = player_side.connect(publisher_side.tokens.player(21))
     received: list[int] = []
@@ -296,6 +291,8 @@ def test_redis_restart_under_traffic_loses_no_accepted_message(start_cluster_gat
         while not stop.is_set():
             reply = publisher_side.publish(server, 21, "n", number)
             answers[number] = (reply.status, reply.json)
+            if reply.status == 200 and reply.json.get("queued"):
+                parked.set()
             number += 1
             gevent.sleep(0.005)
 
