@@ -230,7 +230,9 @@ def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gat
         wait_for(lambda: player_side.gateway.hub.is_connected("21"), what="connected")
         wait_for(lambda: publisher_side.publish(server, 21, "n", None).json.get("delivered") == 1,
                  what="the seat taken")
+        answered_before = len(answers)
         publisher = gevent.spawn(publish_until_stopped)
+        wait_for(lambda: len(answers) >= answered_before + 4, what="publishes flowing")  # however slow the machine
         gevent.sleep(random.uniform(0.0, 0.05))
         sequences.append([number for number in read_until_closed(client) if number is not None])
         client.close()
@@ -251,7 +253,7 @@ def test_publishes_racing_clean_closes_are_each_sent_or_queued(start_cluster_gat
         wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the reader's close finished")
     received = {number for sequence in sequences for number in sequence}
     accepted = [number for number, answer in answers.items() if answer.get("delivered") or answer.get("queued")]
-    assert len(accepted) >= 100
+    assert len(accepted) >= 12 * 4
     assert [number for number in accepted if number not in received] == [], "accepted but never received"
     assert [sequence for sequence in sequences if sequence != sorted(sequence)] == [], "in order on each connection"
     assert sum(len(sequence) for sequence in sequences) == len(received), "none twice"
