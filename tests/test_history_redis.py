@@ -63,19 +63,22 @@ def test_expired_items_are_swept_and_their_accounts_return_to_zero(rig):
     assert history.replay("21", old).reason == "too_old"
 
 
-def test_a_message_routed_again_into_the_queue_is_marked_queued(rig):
-    """A message sent live whose connection closed on the way is requeued: an empty
-    last_event_id then gets it (note_queued), once."""
+def test_a_message_routed_again_into_the_queue_is_marked_queued_in_the_same_step(rig):
+    """A message sent live whose connection closed on the way is requeued, and marked
+    queued in the history by that same step: a connection resuming with an empty
+    last_event_id right after it (it takes the queue and replays what was queued) gets
+    it, once. Marked in a later step, the resume in between would replay past it."""
     make, client, keys = rig
     history, roster = make()
-    client.zadd(keys.present("21"), {"gateway-a/1": 10**13})  # a seat that looks present
+    seat = "gateway-a/1"
+    client.zadd(keys.present("21"), {seat: 10**13})  # a seat that looks present
     route = roster.route("21", event_frame("n", 0), True)
     assert route.sent and route.gateways == frozenset({"gateway-a"})
     entry = client.xrange(keys.stream("gateway-a"))[-1][1]
     stamped = restamp(event_frame("n", 0), entry[b"i"].decode())
     assert client.lindex(keys.history("21"), 0).split(b":")[4] == b"0"  # kept as sent live, not queued
-    history.note_queued("21", stamped)
-    assert client.lindex(keys.history("21"), 0).split(b":")[4] == b"1"
+    requeued = roster.requeue("21", event_frame("n", 0), frozenset((seat,)), frozenset((seat,)), stamped=stamped)
+    assert requeued.queued
     assert payloads(history.replay("21", "").frames) == [0]
     assert history.replay("21", "").frames == []
 

@@ -349,15 +349,14 @@ class Delivery:
         """Route again the copy the seats `missed` did not take: to a seat taken since it
         was routed, or to the player's queue (`every_seat_had_it`, a broadcast: to the queue)."""
         try:
+            stamped = envelope.stamped if isinstance(envelope.stamped, Stamped) else None
             route = self.roster.requeue(player_id, envelope.frame, envelope.seats or frozenset(), missed,
                                         envelope.sent_at_ms, to_queue=every_seat_had_it,
-                                        queue=not envelope.live_only)
+                                        queue=not envelope.live_only, stamped=stamped)
             if route.gateways:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
                                               stamped=envelope.stamped, event_id=envelope.event_id,
                                               seats=route.seats, live_only=envelope.live_only))
-            elif route.queued and self.history is not None and isinstance(envelope.stamped, Stamped):
-                self.history.note_queued(player_id, envelope.stamped)
         except BrokerUnavailable as exc:
             self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc()
             log.warning("message for a closed connection given up: broker unavailable",

@@ -334,16 +334,14 @@ class History(Protocol):
     one (`history_redis`) may block the calling greenlet and raises `BrokerUnavailable`.
 
     A player message gets its id in the roster's route step (`Roster.route`), from the
-    history the roster was given; a broadcast to all gets its id here."""
+    history the roster was given, and is marked queued there, or in `Roster.requeue` when
+    a copy routed live goes to the queue; a broadcast to all gets its id here."""
 
     sends: bool  # record_broadcast also hands the broadcast to every gateway (the broker must not)
 
     def record_broadcast(self, frame: bytes) -> Stamped | None:
         """Give a broadcast to every player its id and keep it once, in the broadcast
         stream; the id-carrying frame (None when `sends`: the gateways build it)."""
-
-    def note_queued(self, player_id: str, stamped: Stamped) -> None:
-        """The message went to the player's offline queue (see `plan_replay`, empty id)."""
 
     def replay(self, player_id: str, last_event_id: str) -> Replay:
         """What a connection resuming from `last_event_id` is sent before live frames.
@@ -437,6 +435,8 @@ class MemoryHistory:
         return entry
 
     def note_queued(self, player_id: str, stamped: Stamped) -> None:
+        """The message went to the player's offline queue (see `plan_replay`, empty id);
+        the roster's route and requeue steps say so, in the same turn."""
         stamped.queued = True
 
     def note_taken(self, player_id: str) -> None:

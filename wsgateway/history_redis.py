@@ -39,7 +39,7 @@ from wsgateway.history import (ENTRY_OVERHEAD_BYTES, STREAM_RETENTION_S, Broadca
                                broadcast_event_id, frame_text, plan_replay, player_event_id, stamp)
 from wsgateway.redis_link import RedisKeys, broker_errors
 from wsgateway.roster import Route
-from wsgateway.roster_redis import ROUTE_BODY, ROUTE_PREAMBLE, RedisRoster
+from wsgateway.roster_redis import REQUEUE_BODY, ROUTE_BODY, ROUTE_PREAMBLE, RedisRoster
 
 SWEEP_STREAMS = 200  # streams whose expired items one maintenance step gives up, at most
 
@@ -257,26 +257,41 @@ local seq = redis.call('HGET', KEYS[1], 'seq')
 if seq then redis.call('HSET', KEYS[1], 'taken', seq) end
 """
 
-# KEYS: the player's list. ARGV: seq, most items to look at. Marks a kept message as
-# queued (it was routed live, its connection closed, and it went to the queue).
-NOTE_QUEUED = """
-for index = -1, -tonumber(ARGV[2]), -1 do
-  local item = redis.call('LINDEX', KEYS[1], index)
-  if not item then return 0 end
-  local start = 1
-  local colons = {}
-  for field = 1, 5 do
-    colons[field] = string.find(item, ':', start, true)
-    start = colons[field] + 1
+# A Lua function: marks the kept message `seq_text` of the player's list `list` as queued
+# (routed live, its connection closed, and it went to the queue), looking at `most` items.
+_LUA_NOTE_QUEUED = """
+local function note_queued(list, seq_text, most)
+  for index = -1, -tonumber(most), -1 do
+    local item = redis.call('LINDEX', list, index)
+    if not item then return 0 end
+    local start = 1
+    local colons = {}
+    for field = 1, 5 do
+      colons[field] = string.find(item, ':', start, true)
+      start = colons[field] + 1
+    end
+    local seq = string.sub(item, colons[2] + 1, colons[3] - 1)
+    if seq == seq_text then
+      redis.call('LSET', list, index, string.sub(item, 1, colons[4]) .. '1' .. string.sub(item, colons[5]))
+      return 1
+    end
+    if tonumber(seq) < tonumber(seq_text) then return 0 end
   end
-  local seq = string.sub(item, colons[2] + 1, colons[3] - 1)
-  if seq == ARGV[1] then
-    redis.call('LSET', KEYS[1], index, string.sub(item, 1, colons[4]) .. '1' .. string.sub(item, colons[5]))
-    return 1
-  end
-  if tonumber(seq) < tonumber(ARGV[1]) then return 0 end
+  return 0
 end
-return 0
+"""
+
+# KEYS and ARGV: roster_redis.REQUEUE's, then the player's list (KEYS 8) and the message's
+# seq and the most items to look at (ARGV 13, 14). Routes the copy again as REQUEUE does
+# and, when it goes to the queue, marks it queued in the same step: a resume with an empty
+# id between the two would otherwise take the queue without it and replay past it.
+HISTORY_REQUEUE = ROUTE_PREAMBLE + _LUA_NOTE_QUEUED + """
+local function requeue()
+""" + REQUEUE_BODY + """
+end
+local reply = requeue()
+if tonumber(reply[1]) == 1 and tonumber(reply[2]) == 1 then note_queued(KEYS[8], ARGV[13], ARGV[14]) end
+return reply
 """
 
 # KEYS: the history's 5. ARGV: the history's 7, streams at most (8). Gives up expired
@@ -306,7 +321,7 @@ class RedisHistory:
         self._client = client
         self._keys = keys
         self._ttl_ms = max(1, int(ttl_s * 1000))
-        self._max_per_stream = max_per_stream
+        self.max_per_stream = max_per_stream
         self._stream_length = stream_length
         self._stream_ttl_ms = max(1, int(stream_ttl_s * 1000))
         retention_ms = max(int(STREAM_RETENTION_S * 1000), 2 * self._ttl_ms + 120_000)
@@ -317,7 +332,6 @@ class RedisHistory:
         self._broadcast = client.register_script(BROADCAST)
         self._replay = client.register_script(REPLAY)
         self._taken = client.register_script(TAKEN)
-        self._note_queued = client.register_script(NOTE_QUEUED)
         self._sweep = client.register_script(SWEEP)
 
     def stream_args(self, envelope: Envelope) -> list[object]:
@@ -332,10 +346,6 @@ class RedisHistory:
                             args=[*self.settings_args, frame_text(frame), *self.stream_args(envelope),
                                   READER_GRACE_MS])
         return None  # each gateway builds the stamped frame from the id it reads
-
-    def note_queued(self, player_id: str, stamped: Stamped) -> None:
-        with broker_errors("history"):
-            self._note_queued(keys=[self._keys.history(player_id)], args=[stamped.player_seq, self._max_per_stream])
 
     def note_taken(self, player_id: str) -> None:
         with broker_errors("history"):
@@ -381,6 +391,7 @@ class HistoryRoster(RedisRoster):
         super().__init__(*args, **options)  # type: ignore[arg-type]
         self._history = history
         self._history_route = self._client.register_script(HISTORY_ROUTE)
+        self._history_requeue = self._client.register_script(HISTORY_REQUEUE)
 
     def route(self, player_id: str, frame: bytes, queue_if_offline: bool, keep: bool = True) -> Route:
         if not keep:
@@ -394,3 +405,11 @@ class HistoryRoster(RedisRoster):
         reply.pop()  # the id: the gateways read it with the message
         route = self._route_reply(reply, queue_if_offline)
         return route._replace(sent=bool(route.gateways))
+
+    def _requeue_step(self, player_id: str, frame: bytes, queue: bool, requeue_args: list[object],
+                      stamped: Stamped | None) -> list:
+        if stamped is None or not stamped.player_seq:  # nothing kept for the player (a broadcast's copy)
+            return super()._requeue_step(player_id, frame, queue, requeue_args, stamped)
+        return self._route_with(self._history_requeue, player_id, frame, queue,
+                                more_keys=[self._keys.history(player_id)],
+                                more_args=[*requeue_args, stamped.player_seq, self._history.max_per_stream])

@@ -95,7 +95,8 @@ class Roster(Protocol):
         sent to a connection, or queued like any message for an offline player."""
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True,
+                stamped: Stamped | None = None) -> Route:
         """A frame routed live to the seats `routed_to` found the connections of the seats
         `missed` (this gateway's) gone or closing: those seats stop counting as present,
         and the copy they missed is routed again, to a connection the player opened since
@@ -103,7 +104,10 @@ class Roster(Protocol):
         the player's queue, for its next connection, even while other seats it was routed
         to are present (they got their own copies). Queued, it takes its place by
         `sent_at_ms` (when it was sent live), before what was queued for the player after
-        it: in publish order. `queue` False (live connections only): never to the queue."""
+        it: in publish order. `queue` False (live connections only): never to the queue.
+        `stamped`: the message as the history keeps it, if it does: queued, it is marked
+        queued in the history in the same step, so that a connection resuming with an
+        empty id gets it from its replay whenever it takes the queue."""
 
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
@@ -177,7 +181,8 @@ class LocalRoster:
                      over_total_bytes=pushed.over_total_bytes, over_total_players=pushed.over_total_players)
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True,
+                stamped: Stamped | None = None) -> Route:
         return self.route(player_id, frame, queue_if_offline=queue, keep=False)  # in the publisher's turn: in order
 
     def reach(self) -> int:
@@ -220,3 +225,11 @@ class HistoryLocalRoster(LocalRoster):
         if route.queued:
             self._history.note_queued(player_id, stamped)
         return route._replace(stamped=stamped)
+
+    def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
+                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True,
+                stamped: Stamped | None = None) -> Route:
+        route = super().requeue(player_id, frame, routed_to, missed, sent_at_ms, to_queue, queue)
+        if route.queued and stamped is not None and stamped.player_seq:
+            self._history.note_queued(player_id, stamped)
+        return route

@@ -59,6 +59,7 @@ import gevent.event
 from redis.commands.core import Script
 
 from wsgateway.errors import BrokerUnavailable
+from wsgateway.history import Stamped
 from wsgateway.offline import MESSAGE_OVERHEAD_BYTES, MISSED_RETENTION_S, Backlog
 from wsgateway.redis_link import REDIS_ERRORS, Client, RedisKeys, broker_errors, is_cluster, pipelined
 from wsgateway.roster import Census, Route, Seat
@@ -265,7 +266,7 @@ ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
 # whoever is present (1/0) (ARGV 10, 11, 12). The missed seats stop counting as present;
 # the frame goes live to seats taken since (not among those it was routed to), or else to
 # the queue, whoever else is present (they had their copies). Replies as ROUTE.
-REQUEUE = ROUTE_PREAMBLE + """
+REQUEUE_BODY = """
 local routed = {}
 for seat in string.gmatch(ARGV[10], '[^\\n]+') do routed[seat] = true end
 for seat in string.gmatch(ARGV[11], '[^\\n]+') do redis.call('ZREM', KEYS[1], seat) end
@@ -278,6 +279,7 @@ if ARGV[12] ~= '1' then
 end
 if #newer > 3 or ARGV[2] == '0' then return newer end
 """ + _ROUTE_QUEUE
+REQUEUE = ROUTE_PREAMBLE + REQUEUE_BODY
 
 # KEYS: one shard's queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix,
 # queue-key prefix, missed retention ms. Removes queues whose every frame expired (the shard's,
@@ -585,7 +587,8 @@ class RedisRoster:
             return int(self._reach(keys=[self._keys.gateways, self._keys.gateway_connections, self._keys.streams]))
 
     def requeue(self, player_id: str, frame: bytes, routed_to: frozenset[str], missed: frozenset[str],
-                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True) -> Route:
+                sent_at_ms: int = 0, to_queue: bool = False, queue: bool = True,
+                stamped: Stamped | None = None) -> Route:
         """The copy routed live to the seats `missed` (this gateway's) found their
         connections gone (they closed while it travelled): those seats stop counting as
         present (this gateway's other seats of the player are untouched), and the copy is
@@ -594,15 +597,21 @@ class RedisRoster:
         to the queue unless `queue`."""
         for seat_id in missed:
             self._forget_seat(Seat(player_id, seat_id))
-        reply = self._route_with(self._requeue, player_id, frame, queue,
-                                 more_args=["\n".join(sorted(routed_to)), "\n".join(sorted(missed)),
-                                            1 if to_queue else 0])
+        reply = self._requeue_step(player_id, frame, queue,
+                                   ["\n".join(sorted(routed_to)), "\n".join(sorted(missed)), 1 if to_queue else 0],
+                                   stamped)
         route = self._route_reply(reply, queue)
         if route.queued and sent_at_ms:
             with broker_errors("requeue"):
                 self._settle(keys=[self._keys.queue(player_id), self._keys.shard_of(player_id).queue_heads],
                              args=[frame, sent_at_ms + self._offline_ttl_ms - 1, self._max_queued])
         return route
+
+    def _requeue_step(self, player_id: str, frame: bytes, queue: bool, requeue_args: list[object],
+                      stamped: Stamped | None) -> list:
+        """REQUEUE's reply (`requeue_args`: its ARGV 10-12); HistoryRoster's step also
+        marks the message queued in the history."""
+        return self._route_with(self._requeue, player_id, frame, queue, more_args=requeue_args)
 
     def presence(self, player_id: str) -> int:
         with broker_errors("presence"):
