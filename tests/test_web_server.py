@@ -287,6 +287,19 @@ def test_connection_close_is_answered_with_connection_close_and_closed(gateway, 
     assert b"\r\nConnection: close\r\n" in answer[0][1] + b"\r\n"
 
 
+def test_the_answer_before_a_close_is_sent_however_much_the_client_sent_after_it(gateway, tokens):
+    """A publisher that sends 64 KiB more after a `Connection: close` publish still gets its 200: the
+    gateway closes with those bytes unread, which resets the connection, and a reset discards what
+    the kernel still holds unsent. The answer must be sent before the close (not held back for it),
+    or a delivered message's publisher never hears so, retries, and the player gets it twice."""
+    request = publish_request(tokens.server(), BODY, "Connection: close") + b"x" * 65536
+    with socket.create_connection((gateway.host, gateway.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(request)
+        answer = answers_in(read_until_closed(sock))
+    assert len(answer) == 1 and answer[0][0] == 200, answer
+    assert json.loads(answer[0][2]) == {"delivered": 0, "queued": True}
+
+
 # --- one entry for publishing ----------------------------------------------------------------------
 
 def test_every_way_a_publishing_request_arrives_is_answered_by_answer(gateway, tokens, monkeypatch):
