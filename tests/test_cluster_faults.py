@@ -142,6 +142,35 @@ def test_a_broadcast_counted_for_a_connection_that_left_before_it_arrived_reache
 
 
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
+def test_a_broadcast_never_reaches_a_connection_seated_after_it_was_counted(start_cluster_gateway, flags):
+    """A broadcast answered `delivered: 0` reaches the player's gateway only after the
+    player's connection took its seat there: that connection was not counted, so it does
+    not get it (the gateway's stream says where the seat was counted, after the broadcast)."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, *flags)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    broker = player_side.gateway.broker
+    gate = gevent.event.Event()
+    deliver = broker._deliver
+
+    def held_back(envelope):  # the broadcast travels slowly, past the connection's seat
+        gate.wait(TIMEOUT_S)
+        return deliver(envelope)
+
+    broker._deliver = held_back
+    assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 0}
+    late = player_side.connect(token)
+    wait_for(lambda: publisher_side.gateway.roster.presence("21") == 1, what="the connection seated")
+    gate.set()
+    assert publisher_side.publish(server, 21, "marker", 2).json == {"delivered": 1, "queued": False}
+    assert receive_event(late) == {"event": "marker", "payload": 2}
+    assert publisher_side.broadcast(server, "all", 3).json == {"delivered": 1}
+    assert receive_event(late) == {"event": "all", "payload": 3}
+
+
+@pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
 def test_a_broadcast_to_one_player_that_finds_its_connection_closing_is_never_queued(
         start_cluster_gateway, monkeypatch, flags):
     """`/broadcast` with a player id is for live connections only, as on one gateway: the

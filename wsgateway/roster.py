@@ -112,6 +112,11 @@ class Roster(Protocol):
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
 
+    def counted_at(self, number: int) -> dict[str, str]:
+        """The seats (seat id -> player) this gateway's heartbeat numbered `number` set
+        its broadcast count to (a roster that tells the broker's stream, see
+        `Delivery._count_changed`)."""
+
     def refresh(self, force: bool = False) -> list[Seat]:
         """Keep this gateway's presence alive when due (or now, when `force`d); return the
         seats the shared state lost, for `restore`."""
@@ -187,6 +192,9 @@ class LocalRoster:
 
     def reach(self) -> int:
         return self._hub.connection_count()
+
+    def counted_at(self, number: int) -> dict[str, str]:
+        return {}  # never asked: the in-process broker counts broadcasts as it delivers them
 
     def refresh(self, force: bool = False) -> list[Seat]:
         return []  # presence is the hub itself: nothing to lose

@@ -58,6 +58,7 @@ from typing import Iterator, Sequence
 import gevent.event
 from redis.commands.core import Script
 
+from wsgateway.broker_redis import LUA_LIVE_CONNECTIONS, LUA_STREAM_APPEND, STREAM_LENGTH, stream_ttl_ms
 from wsgateway.errors import BrokerUnavailable
 from wsgateway.history import Stamped
 from wsgateway.offline import MESSAGE_OVERHEAD_BYTES, MISSED_RETENTION_S, Backlog
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 SWEEP_BATCH = 200  # expired queues removed per sweep step
 _MISSED_RETENTION_MS = int(MISSED_RETENTION_S * 1000)
 SWEEP_INTERVAL_S = 1.0  # the cluster sweeps expired queues this often (one gateway per turn)
+COUNTED_KEPT = 8  # heartbeats whose counted seats are kept until the gateway's stream reader reaches them
 COUNT_SETTLE_WAIT_S = 2.0  # a count being set and the seat steps on their way wait for each other at most this
 
 _LUA_NOW_MS = """
@@ -121,17 +123,22 @@ return 1
 """
 
 # KEYS: seats, present, queue, missed, queue index, players, queue heads, queue sizes, and on a
-# single server the gateway connections (on a cluster they live in another slot: counted apart).
+# single server the gateway connections and the gateway's stream (on a cluster they live in
+# other slots: counted apart, and the stream is not told).
 # ARGV: presence_ttl_ms, seat, gateway, player, counted (1: a new connection, 0: a seat written
-# back by `restore`, whose connection is counted already).
+# back by `restore`, whose connection is counted already), stream length, stream ttl ms.
+# A counted seat is told to the gateway's stream ("+seat\nplayer", broker_redis._COUNT_FIELD).
 # Returns {frames..., expired now, dropped since last connection, expired since last connection}.
-TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + """
+TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + LUA_STREAM_APPEND + """
 local expiry = now + tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
 redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 expire_at_least(KEYS[1], expiry)
 expire_at_least(KEYS[2], expiry)
-if KEYS[9] and ARGV[5] == '1' then redis.call('HINCRBY', KEYS[9], ARGV[3], 1) end
+if KEYS[9] and ARGV[5] == '1' then
+  redis.call('HINCRBY', KEYS[9], ARGV[3], 1)
+  stream_append(KEYS[10], ARGV[6], ARGV[7], {'c', '+' .. ARGV[2] .. '\\n' .. ARGV[4]})
+end
 redis.call('ZADD', KEYS[6], 'GT', expiry, ARGV[4])
 local items = redis.call('LRANGE', KEYS[3], 0, -1)
 local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
@@ -154,13 +161,16 @@ frames[#frames + 1] = tostring((tonumber(missed[2]) or 0) + expired)
 return frames
 """
 
-# KEYS: seats, present, players, and on a single server the gateway connections (as TAKE_SEAT).
-# ARGV: seat, gateway, player. The player leaves the players index with its last present seat.
-# Returns when (Redis's clock, ms).
-LEAVE = _LUA_NOW_MS + """
+# KEYS: seats, present, players, and on a single server the gateway connections and stream (as
+# TAKE_SEAT). ARGV: seat, gateway, player, stream length, stream ttl ms. The player leaves the
+# players index with its last present seat. Returns when (Redis's clock, ms).
+LEAVE = _LUA_NOW_MS + LUA_STREAM_APPEND + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if KEYS[4] then redis.call('HINCRBY', KEYS[4], ARGV[2], -1) end
+if KEYS[4] then
+  redis.call('HINCRBY', KEYS[4], ARGV[2], -1)
+  stream_append(KEYS[5], ARGV[4], ARGV[5], {'c', '-' .. ARGV[1] .. '\\n' .. ARGV[3]})
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[3]) end
 return now
@@ -302,24 +312,10 @@ end
 return expired
 """
 
-# The connections of live gateways (forgetting the counters of dead ones).
-_LUA_LIVE_CONNECTIONS = """
-local function live_connections(gateways, counters)
-  local dead = redis.call('ZRANGEBYSCORE', gateways, '-inf', now)
-  for _, gateway in ipairs(dead) do redis.call('HDEL', counters, gateway) end
-  redis.call('ZREMRANGEBYSCORE', gateways, '-inf', now)
-  local total = 0
-  for _, gateway in ipairs(redis.call('ZRANGE', gateways, 0, -1)) do
-    total = total + (tonumber(redis.call('HGET', counters, gateway)) or 0)
-  end
-  return total
-end
-"""
-
 # KEYS: gateways, gateway connections, broadcast readers. Returns the connections of live
 # gateways that a broadcast reaches now: those registered as readers of their stream. A
 # gateway back from a partition heartbeats (and counts) before its reader is registered again.
-REACH = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+REACH = _LUA_NOW_MS + LUA_LIVE_CONNECTIONS + """
 live_connections(KEYS[1], KEYS[2])
 local total = 0
 for _, gateway in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -332,13 +328,13 @@ return total
 """
 
 # KEYS: gateways, gateway connections, players. Returns {players, connections}.
-CENSUS = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+CENSUS = _LUA_NOW_MS + LUA_LIVE_CONNECTIONS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 return {redis.call('ZCARD', KEYS[3]), live_connections(KEYS[1], KEYS[2])}
 """
 
 # KEYS: gateways, gateway connections. Returns the connections of live gateways (a cluster's census).
-CONNECTIONS = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+CONNECTIONS = _LUA_NOW_MS + LUA_LIVE_CONNECTIONS + """
 return live_connections(KEYS[1], KEYS[2])
 """
 
@@ -353,10 +349,13 @@ PRESENCE = _LUA_NOW_MS + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
-# KEYS: gateways, gateway connections. ARGV: ttl_ms, gateway, connections.
-HEARTBEAT = _LUA_NOW_MS + """
+# KEYS: gateways, gateway connections, and on a single server the gateway's stream. ARGV:
+# ttl_ms, gateway, connections, the heartbeat's number, stream length, stream ttl ms. The
+# stream is told the count was set ("=number", see `RedisRoster.counted_at`).
+HEARTBEAT = _LUA_NOW_MS + LUA_STREAM_APPEND + """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if KEYS[3] then stream_append(KEYS[3], ARGV[5], ARGV[6], {'c', '=' .. ARGV[4]}) end
 """
 
 # KEYS: queue, the player's shard's queue heads. ARGV: frame, expiry_ms, most items to look at.
@@ -465,10 +464,12 @@ class RedisRoster:
     def __init__(self, client: Client, keys: RedisKeys, gateway_id: str, *, max_conns_per_player: int,
                  max_queued: int, offline_ttl_s: float, presence_ttl_s: float,
                  max_offline_bytes: int = 0, max_offline_players: int = 0,
-                 sweep_interval_s: float = SWEEP_INTERVAL_S) -> None:
+                 sweep_interval_s: float = SWEEP_INTERVAL_S, stream_length: int = STREAM_LENGTH) -> None:
         """`max_offline_bytes`, `max_offline_players`: bounds on the cluster's queues together
         (0 = none); every gateway of a cluster should be given the same. With several
-        accounting shards (a Redis Cluster) each shard holds its share, rounded up."""
+        accounting shards (a Redis Cluster) each shard holds its share, rounded up.
+        `stream_length`: the broker's (-broker-stream-length), for the count entries
+        this roster appends to the gateway's stream on a single server."""
         self.max_conns_per_player = max_conns_per_player
         self.gateway_id = gateway_id
         self._client = client
@@ -482,6 +483,9 @@ class RedisRoster:
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._sweep_interval_ms = max(1, int(sweep_interval_s * 1000))
         self._seat_numbers = itertools.count(1)
+        self._stream_args = [stream_length, stream_ttl_ms(presence_ttl_s)]
+        self._heartbeat_numbers = itertools.count(1)
+        self._counted: dict[int, dict[str, str]] = {}  # heartbeat number -> the seats it counted (seat -> player)
         self._present: dict[str, set[str]] = {}  # player -> its seat ids here, for the heartbeat
         self._next_refresh_at = 0.0  # time.monotonic()
         self._count = _CountKeeper()
@@ -523,7 +527,7 @@ class RedisRoster:
         seat_keys = [keys.seats(player_id), keys.present(player_id), shard.queue(player_id), shard.missed(player_id),
                      shard.queue_index, shard.players, shard.queue_heads, shard.queue_sizes]
         if not self._cluster:
-            seat_keys.append(keys.gateway_connections)
+            seat_keys += [keys.gateway_connections, keys.stream(self.gateway_id)]
         return seat_keys
 
     def take_seat(self, seat: Seat) -> Backlog:
@@ -535,7 +539,8 @@ class RedisRoster:
                     # a backlog taken by a step whose answer is then lost would not be.
                     self._client.hincrby(self._keys.gateway_connections, self.gateway_id, 1)
                 reply = self._take_seat(keys=self._seat_keys(player),
-                                        args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player, 1])
+                                        args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player, 1,
+                                              *self._stream_args])
             self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
 
@@ -544,11 +549,12 @@ class RedisRoster:
         player = seat.player_id
         leave_keys = [keys.seats(player), keys.present(player), keys.shard_of(player).players]
         if not self._cluster:
-            leave_keys.append(keys.gateway_connections)
+            leave_keys += [keys.gateway_connections, keys.stream(self.gateway_id)]
         with self._count.step():
             self._forget_seat(seat)
             with broker_errors("leave"):
-                left_at_ms = int(self._leave(keys=leave_keys, args=[seat.seat_id, self.gateway_id, player]))
+                left_at_ms = int(self._leave(keys=leave_keys,
+                                             args=[seat.seat_id, self.gateway_id, player, *self._stream_args]))
                 if self._cluster:
                     self._client.hincrby(keys.gateway_connections, self.gateway_id, -1)
         return left_at_ms
@@ -655,9 +661,16 @@ class RedisRoster:
         self._next_refresh_at = time.monotonic() + self._presence_ttl_ms / 3000
         with self._count.setting():
             seats = [Seat(player, seat_id) for player, seat_ids in list(self._present.items()) for seat_id in seat_ids]
+            number = next(self._heartbeat_numbers)
+            heartbeat_keys = [self._keys.gateways, self._keys.gateway_connections]
+            if not self._cluster:
+                heartbeat_keys.append(self._keys.stream(self.gateway_id))
+                self._counted[number] = {seat.seat_id: seat.player_id for seat in seats}
+                while len(self._counted) > COUNTED_KEPT:
+                    del self._counted[min(self._counted)]
             with broker_errors("refresh"):
-                self._heartbeat(keys=[self._keys.gateways, self._keys.gateway_connections],
-                                args=[self._presence_ttl_ms, self.gateway_id, len(seats)])
+                self._heartbeat(keys=heartbeat_keys,
+                                args=[self._presence_ttl_ms, self.gateway_id, len(seats), number, *self._stream_args])
         with broker_errors("refresh"):
             if not seats:
                 return []
@@ -713,7 +726,8 @@ class RedisRoster:
                 # not counted again: the heartbeat before (`refresh`) wrote this gateway's count,
                 # and a broadcast's reach must never see a connection twice meanwhile
                 pipelined(pipeline, self._take_seat, self._seat_keys(seat.player_id),
-                          [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id, 0])
+                          [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id, 0,
+                           *self._stream_args])
             replies = pipeline.execute()
         backlogs: dict[str, Backlog] = {}
         for seat, reply in zip(seats, replies):
@@ -722,6 +736,18 @@ class RedisRoster:
                     or seat.player_id not in backlogs:
                 backlogs[seat.player_id] = backlog
         return backlogs
+
+    def counted_at(self, number: int) -> dict[str, str]:
+        """The seats (seat id -> player) the heartbeat numbered `number` set this gateway's
+        count to, as its stream's "=number" entry says (then forgotten, with older ones).
+        Kept for the last `COUNTED_KEPT` heartbeats; for an older one (a reader far
+        behind), the seats held now, which the next heartbeat's entry makes right."""
+        counted = self._counted.pop(number, None)
+        for older in [kept for kept in self._counted if kept < number]:
+            del self._counted[older]
+        if counted is None:
+            counted = {seat_id: player for player, seat_ids in self._present.items() for seat_id in seat_ids}
+        return counted
 
     def _forget_seat(self, seat: Seat) -> None:
         seat_ids = self._present.get(seat.player_id)
