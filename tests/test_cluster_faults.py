@@ -171,6 +171,36 @@ def test_a_broadcast_never_reaches_a_connection_seated_after_it_was_counted(star
 
 
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
+def test_after_a_flush_a_broadcast_reaches_no_connection_its_answer_did_not_count(
+        start_cluster_gateway, private_redis, monkeypatch, flags):
+    """After FLUSHALL a gateway's reader registers again before its heartbeat has written
+    its connection count back: a broadcast sent in between counts none of its connections
+    and reaches none of them; once the count is back, broadcasts count and reach them."""
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, private_redis.url, *flags)
+    server = publisher_side.tokens.server()
+    client = player_side.connect(publisher_side.tokens.player(21))
+    wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the connection counted")
+    roster = player_side.gateway.roster
+    heartbeats = gevent.event.Event()
+    original_refresh = roster.refresh
+
+    def refresh_when_allowed(force=False):
+        heartbeats.wait(TIMEOUT_S)
+        return original_refresh(force)
+
+    monkeypatch.setattr(roster, "refresh", refresh_when_allowed)
+    direct = redis.Redis.from_url(private_redis.url)
+    direct.flushall()
+    wait_for(lambda: direct.zscore(roster._keys.streams, roster.gateway_id) is not None,
+             what="the player side's reader registered again")
+    assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 0}
+    heartbeats.set()
+    wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the count written back")
+    assert publisher_side.broadcast(server, "all", 2).json == {"delivered": 1}
+    assert receive_event(client) == {"event": "all", "payload": 2}
+
+
+@pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
 def test_a_broadcast_to_one_player_that_finds_its_connection_closing_is_never_queued(
         start_cluster_gateway, monkeypatch, flags):
     """`/broadcast` with a player id is for live connections only, as on one gateway: the

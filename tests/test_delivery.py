@@ -111,6 +111,14 @@ def test_broadcast_reaches_everyone_and_never_queues(gateway):
     assert len(gateway.offline) == 0
 
 
+def test_a_broadcast_counts_only_the_connections_it_was_handed_to(gateway):
+    """A connection still held but closing takes no broadcast, and is not counted in its answer."""
+    staying, closing = gateway.connect("p"), gateway.connect("q")
+    closing.accepting = False
+    assert gateway.delivery.broadcast(b"all") == Outcome(delivered=1, queued=False)
+    assert staying.frames == [b"all"] and closing.frames == []
+
+
 def test_broadcast_with_nobody_connected_is_not_queued(gateway):
     """A broadcast with no connection anywhere reaches nobody and queues nothing."""
     assert gateway.delivery.broadcast(b"all") == Outcome(delivered=0, queued=False)
