@@ -68,6 +68,30 @@ def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dr
     assert receive_event(again) == {"event": "racing", "payload": 1}
 
 
+def test_a_rerouted_copy_given_up_in_the_queue_is_counted_apart(start_cluster_gateway, monkeypatch):
+    """A copy answered delivered:1 that found its connection gone waits in the queue; when a
+    full queue gives it up, it is counted as dropped and, apart, as a rerouted copy given up
+    (so that a soak can tell it from a loss); a message queued as such is not."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, "-max-queued", "1")
+    server = publisher_side.tokens.server()
+    leaving = hold_leaves(player_side.gateway.roster, monkeypatch)
+    client = player_side.connect(publisher_side.tokens.player(21))
+    client.close()
+    wait_for(lambda: not player_side.gateway.hub.is_connected("21"), what="the connection gone from the hub")
+    assert publisher_side.publish(server, 21, "racing", 1).json == {"delivered": 1, "queued": False}
+    wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the envelope rerouted")
+    leaving.set()
+    wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
+    assert publisher_side.publish(server, 21, "queued", 2).json == {"delivered": 0, "queued": True}
+    assert publisher_side.metric("ws_messages_dropped_total", reason="offline_queue_full") == 1
+    assert publisher_side.metric("ws_messages_rerouted_given_up_total") == 1
+    assert publisher_side.publish(server, 21, "queued", 3).json == {"delivered": 0, "queued": True}
+    assert publisher_side.metric("ws_messages_dropped_total", reason="offline_queue_full") == 2
+    assert publisher_side.metric("ws_messages_rerouted_given_up_total") == 1
+
+
 def test_a_copy_that_one_of_two_connections_missed_while_closing_reaches_the_next_one(
         start_cluster_gateway, monkeypatch):
     """Answered delivered:2 while one of the player's two connections was closing: the other

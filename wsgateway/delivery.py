@@ -176,8 +176,7 @@ class Delivery:
                 frames = [missed_notice(REASON_OFF, None, len(frames)), *frames]
             self._release(connection, frames)
             return
-        if backlog.expired:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        self._count_expired(backlog)
         if last_event_id:
             self.metrics.resumes.labels(RESUME_RECOVERED if replay.recovered else RESUME_MISSED).inc()
         self._release(connection, replay.frames, replay.replayed, replay.through)
@@ -201,9 +200,11 @@ class Delivery:
         self.reassert_presence()
         if self.history is not None:
             self.history.maintain()
-        expired = self.roster.maintain()
+        expired, rerouted = self.roster.maintain()
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
+        if rerouted:
+            self.metrics.messages_rerouted_given_up.inc(rerouted)
 
     def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool, batched: bool) -> Outcome:
         try:
@@ -232,6 +233,8 @@ class Delivery:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_PLAYERS_LIMIT).inc(route.over_total_players)
         if route.queueing_off:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
+        if route.given_up_rerouted:
+            self.metrics.messages_rerouted_given_up.inc(route.given_up_rerouted)
 
     def reassert_presence(self, force: bool = False) -> None:
         """Refresh this gateway's presence when due (now, when `force`d: after the broker
@@ -265,14 +268,19 @@ class Delivery:
 
     def _backlog_frames(self, backlog: Backlog) -> list[bytes]:
         """What a connection taking `backlog` is sent first (expired ones counted)."""
-        if backlog.expired:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        self._count_expired(backlog)
         frames = backlog.frames
         if self.notify_missed and (backlog.missed_dropped or backlog.missed_expired):
             self.metrics.missed_notices.inc()
             frames = [event_frame(MISSED_EVENT, {"dropped": backlog.missed_dropped,
                                                  "expired": backlog.missed_expired}), *frames]
         return frames
+
+    def _count_expired(self, backlog: Backlog) -> None:
+        if backlog.expired:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        if backlog.expired_rerouted:
+            self.metrics.messages_rerouted_given_up.inc(backlog.expired_rerouted)
 
     def _release(self, connection: HeldConnection, frames: list[bytes],
                  replayed: frozenset[str] = frozenset(), through: StreamPoint | None = None) -> None:

@@ -54,6 +54,7 @@ class Route(NamedTuple):
     stamped: Stamped | None = None  # the message with its id, when the roster keeps a history in process
     sent: bool = False  # the route step also put it on its way to `gateways` (history in Redis: one atomic step)
     seats: frozenset[str] | None = None  # the connections it was routed to (a shared roster)
+    given_up_rerouted: int = 0  # of the frames given up above, copies routed again after their connection closed
 
 
 class Census(NamedTuple):
@@ -133,8 +134,9 @@ class Roster(Protocol):
         """Players and connections on every gateway. Costs the same however many
         players are online (it never walks them)."""
 
-    def maintain(self) -> int:
-        """Periodic upkeep (expire queued frames); returns frames expired."""
+    def maintain(self) -> tuple[int, int]:
+        """Periodic upkeep (expire queued frames); returns frames expired, and of them
+        the copies routed again after their connection closed (`requeue`)."""
 
     def close(self) -> None:
         """This gateway is leaving: forget what it registered."""
@@ -208,8 +210,8 @@ class LocalRoster:
     def census(self) -> Census:
         return Census(self._hub.player_count(), self._hub.connection_count())
 
-    def maintain(self) -> int:
-        return self._offline.purge_expired()
+    def maintain(self) -> tuple[int, int]:
+        return self._offline.purge_expired(), 0  # nothing is routed again in process
 
     def close(self) -> None:
         pass

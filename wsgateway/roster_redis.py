@@ -93,6 +93,12 @@ _LUA_QUEUE_ACCOUNTS = """
 local function item_size(item)
   return string.len(item) - string.find(item, ':', 1, true) + %d
 end
+-- A copy routed again after its connection closed (answered `delivered`), put back in its
+-- publish-order place by SETTLE: its expiry is whole ms (ROUTE's have thousandths).
+local function rerouted(item)
+  local dot = string.find(item, '.', 1, true)
+  return not dot or dot > string.find(item, ':', 1, true)
+end
 local function note_head(heads, queue)
   local head = redis.call('LINDEX', queue, 0)
   if head then
@@ -128,7 +134,8 @@ return 1
 # ARGV: presence_ttl_ms, seat, gateway, player, counted (1: a new connection, 0: a seat written
 # back by `restore`, whose connection is counted already), stream length, stream ttl ms.
 # A counted seat is told to the gateway's stream ("+seat\nplayer", broker_redis._COUNT_FIELD).
-# Returns {frames..., expired now, dropped since last connection, expired since last connection}.
+# Returns {frames..., expired now, dropped since last connection, expired since last connection,
+# of those expired now the copies routed again}.
 TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + LUA_STREAM_APPEND + """
 local expiry = now + tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
@@ -146,18 +153,20 @@ redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], KEYS[3])
 forget_queue(KEYS[7], KEYS[8], KEYS[3])
 local frames = {}
-local expired = 0
+local expired, expired_rerouted = 0, 0
 for _, item in ipairs(items) do
   local colon = string.find(item, ':', 1, true)
   if tonumber(string.sub(item, 1, colon - 1)) > now then
     frames[#frames + 1] = string.sub(item, colon + 1)
   else
     expired = expired + 1
+    if rerouted(item) then expired_rerouted = expired_rerouted + 1 end
   end
 end
 frames[#frames + 1] = tostring(expired)
 frames[#frames + 1] = tostring(tonumber(missed[1]) or 0)
 frames[#frames + 1] = tostring((tonumber(missed[2]) or 0) + expired)
+frames[#frames + 1] = tostring(expired_rerouted)
 return frames
 """
 
@@ -182,7 +191,8 @@ return now
 # The queues given up for the shard's bounds are found in its queue heads: keys of the same
 # shard, so of the same slot, named from the prefixes.
 # Live (or offline without queueing): {0, 0, 0, seats...}.
-# Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players}.
+# Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players, of all
+# those given up the copies routed again}.
 # (ROUTE_BODY apart, so that history_redis can run it inside its own step.)
 ROUTE_PREAMBLE = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS
 _ROUTE_LIVE = """
@@ -204,6 +214,10 @@ local function lost(queue, what, count)
   redis.call('PEXPIRE', missed, retention)
 end
 local expired = 0
+local given_up_rerouted = 0  -- of all given up here, the copies routed again (see `rerouted`)
+local function given_up(item)
+  if rerouted(item) then given_up_rerouted = given_up_rerouted + 1 end
+end
 while true do
   local head = redis.call('LINDEX', KEYS[2], 0)
   if not head then break end
@@ -211,6 +225,7 @@ while true do
   if tonumber(string.sub(head, 1, colon - 1)) > now then break end
   redis.call('LPOP', KEYS[2])
   resize(sizes, KEYS[2], -item_size(head))
+  given_up(head)
   expired = expired + 1
 end
 if expired > 0 then lost(KEYS[2], 'expired', expired) end
@@ -225,11 +240,13 @@ local max_bytes, max_players = tonumber(ARGV[6]), tonumber(ARGV[7])
 if max_bytes > 0 and size > max_bytes then
   note_head(heads, KEYS[2])
   lost(KEYS[2], 'dropped', 1)
-  return {1, 0, 0, expired, 1, 0}
+  return {1, 0, 0, expired, 1, 0, given_up_rerouted}
 end
 local dropped = 0
 while redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[3]) do
-  resize(sizes, KEYS[2], -item_size(redis.call('LPOP', KEYS[2])))
+  local gone = redis.call('LPOP', KEYS[2])
+  resize(sizes, KEYS[2], -item_size(gone))
+  given_up(gone)
   dropped = dropped + 1
 end
 if dropped > 0 then lost(KEYS[2], 'dropped', dropped) end
@@ -241,6 +258,7 @@ while max_bytes > 0 and (tonumber(redis.call('HGET', sizes, '')) or 0) + size > 
   local gone = redis.call('LPOP', oldest)
   if gone then
     resize(sizes, oldest, -item_size(gone))
+    given_up(gone)
     note_head(heads, oldest)
     lost(oldest, 'dropped', 1)
     over_bytes = over_bytes + 1
@@ -253,6 +271,7 @@ if max_players > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
   while redis.call('ZCARD', heads) >= max_players do
     local oldest = redis.call('ZRANGE', heads, 0, 0)[1]
     local held = redis.call('LLEN', oldest)
+    for _, item in ipairs(redis.call('LRANGE', oldest, 0, -1)) do given_up(item) end
     redis.call('DEL', oldest)
     redis.call('ZREM', KEYS[4], oldest)
     forget_queue(heads, sizes, oldest)
@@ -266,7 +285,7 @@ note_head(heads, KEYS[2])
 redis.call('ZADD', KEYS[4], now + ttl, KEYS[2])
 -- a backstop only: the sweep removes (and counts) expired queues long before this
 redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
-return {1, 1, dropped, expired, over_bytes, over_players}
+return {1, 1, dropped, expired, over_bytes, over_players, given_up_rerouted}
 """
 ROUTE_BODY = _ROUTE_LIVE + _ROUTE_QUEUE
 ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
@@ -293,13 +312,16 @@ REQUEUE = ROUTE_PREAMBLE + REQUEUE_BODY
 
 # KEYS: one shard's queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix,
 # queue-key prefix, missed retention ms. Removes queues whose every frame expired (the shard's,
-# named in its index); returns how many frames they held.
+# named in its index); returns {how many frames they held, of them copies routed again}.
 SWEEP = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
 local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local expired = 0
+local expired, expired_rerouted = 0, 0
 for _, queue in ipairs(queues) do
   local held = redis.call('LLEN', queue)
   if held > 0 then
+    for _, item in ipairs(redis.call('LRANGE', queue, 0, -1)) do
+      if rerouted(item) then expired_rerouted = expired_rerouted + 1 end
+    end
     local player = string.sub(queue, string.len(ARGV[3]) + 1)
     redis.call('HINCRBY', ARGV[2] .. player, 'expired', held)
     redis.call('PEXPIRE', ARGV[2] .. player, ARGV[4])
@@ -309,7 +331,7 @@ for _, queue in ipairs(queues) do
   redis.call('ZREM', KEYS[1], queue)
   expired = expired + held
 end
-return expired
+return {expired, expired_rerouted}
 """
 
 # KEYS: gateways, gateway connections, broadcast readers. Returns the connections of live
@@ -449,8 +471,8 @@ class _CountKeeper:
 
 def _backlog(reply: list[bytes]) -> Backlog:
     """A TAKE_SEAT reply: the frames, then three counts."""
-    return Backlog(frames=list(reply[:-3]), expired=int(reply[-3]), missed_dropped=int(reply[-2]),
-                   missed_expired=int(reply[-1]))
+    return Backlog(frames=list(reply[:-4]), expired=int(reply[-4]), missed_dropped=int(reply[-3]),
+                   missed_expired=int(reply[-2]), expired_rerouted=int(reply[-1]))
 
 
 def gateway_of(seat_id: str) -> str:
@@ -579,9 +601,9 @@ class RedisRoster:
 
     def _route_reply(self, reply: list, queue_if_offline: bool) -> Route:
         if int(reply[0]):
-            queued, dropped, expired, over_bytes, over_players = (int(value) for value in reply[1:])
+            queued, dropped, expired, over_bytes, over_players, rerouted = (int(value) for value in reply[1:])
             return Route(frozenset(), 0, queued=bool(queued), dropped=dropped, expired=expired,
-                         over_total_bytes=over_bytes, over_total_players=over_players)
+                         over_total_bytes=over_bytes, over_total_players=over_players, given_up_rerouted=rerouted)
         seats = reply[3:]
         if seats:
             seat_ids = frozenset(seat.decode() for seat in seats)
@@ -636,14 +658,18 @@ class RedisRoster:
             players = sum(int(self._players(keys=[shard.players])) for shard in keys.shards)
         return Census(players, int(connections))
 
-    def maintain(self) -> int:
+    def maintain(self) -> tuple[int, int]:
         """Sweep expired queues (one gateway at a time), shard by shard."""
+        expired = rerouted = 0
         with broker_errors("maintain"):
             if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True, px=self._sweep_interval_ms):
-                return 0
-            return sum(int(self._sweep(keys=[shard.queue_index, shard.queue_heads, shard.queue_sizes],
-                                       args=[SWEEP_BATCH, shard.missed(""), shard.queue(""), _MISSED_RETENTION_MS]))
-                       for shard in self._keys.shards)
+                return 0, 0
+            for shard in self._keys.shards:
+                swept, swept_rerouted = self._sweep(keys=[shard.queue_index, shard.queue_heads, shard.queue_sizes],
+                                                    args=[SWEEP_BATCH, shard.missed(""), shard.queue(""),
+                                                          _MISSED_RETENTION_MS])
+                expired, rerouted = expired + int(swept), rerouted + int(swept_rerouted)
+        return expired, rerouted
 
     def refresh(self, force: bool = False) -> list[Seat]:
         """Every third of -presence-ttl (or now, when `force`d, or when this gateway's
