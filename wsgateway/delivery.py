@@ -293,17 +293,17 @@ class Delivery:
         """What the broker hands over: delivered to this gateway's connections, or, when
         it was routed to a player whose connections here are gone, routed again. A close
         request is carried out here and never routed again."""
-        if envelope.count_change:
-            if envelope.count_change == COUNTED_BROADCAST:
-                return self._broadcast_to_counted(envelope)
-            if envelope.count_change == UNCOUNTED_BROADCAST:
-                return 0  # its answer counted none of this gateway's connections
+        if envelope.count_change and not envelope.frame:
             self._count_changed(envelope.count_change)
             return 0
         if envelope.frame[0] == _CLOSE_FRAME_FIRST_BYTE:
             return self._close_locally(envelope)
         if envelope.event_id and envelope.stamped is None:
             envelope = envelope._replace(stamped=restamp(envelope.frame, envelope.event_id))
+        if envelope.count_change == COUNTED_BROADCAST:
+            return self._broadcast_to_counted(envelope)
+        if envelope.count_change == UNCOUNTED_BROADCAST:
+            return 0  # its answer counted none of this gateway's connections
         if envelope.seats is not None and envelope.player_id is not None:
             return self._deliver_to_seats(envelope.player_id, envelope, envelope.seats)
         if envelope.player_id is None and envelope.sent_at_ms:
