@@ -355,19 +355,18 @@ class Delivery:
         connections, none else (one seated since was not counted); the copy of a counted
         seat whose connection is gone or closing goes to its player's queue, for the next
         connection, as a closing connection's copy of a message does."""
-        connections: list[HeldConnection] = []
+        seated: list[tuple[str, HeldConnection]] = []
         missed: list[tuple[str, str]] = []
         for seat_id, player_id in self._counted.items():
             connection = self._seated.get(seat_id)
             if connection is not None and connection.is_open:
-                connections.append(connection)
+                seated.append((seat_id, connection))
             else:
                 missed.append((seat_id, player_id))
-        delivered = self.hub.broadcast(envelope.frame, envelope.stamped, to=connections)
+        delivered = self.hub.broadcast(envelope.frame, envelope.stamped, to=[connection for _, connection in seated])
         self.metrics.messages_delivered.inc(delivered)
-        if delivered < len(connections):  # someone refused it: closing (or closed as too slow)
-            missed.extend((seat_id, connection.player_id) for seat_id, connection in self._seated.items()
-                          if not connection.is_open and seat_id in self._counted)
+        if delivered < len(seated):  # someone refused it: closing (or closed as too slow)
+            missed.extend((seat_id, connection.player_id) for seat_id, connection in seated if not connection.is_open)
         for seat_id, player_id in missed:
             copy = Envelope(envelope.frame, player_id, sent_at_ms=envelope.sent_at_ms)
             self._reroute(player_id, copy, frozenset((seat_id,)), every_seat_had_it=True)
