@@ -81,7 +81,8 @@ HOT_SHARE = 0.2
 STEP_TIMEOUT_S = 60.0  # for each phase that waits on the gateway
 HANDSHAKE_TIMEOUT_S = 10.0  # a connection not upgraded by then is a connect failure, tried again
 REVALIDATE_PERIOD_S = 5.0
-FAULT_WINDOW_S = 10.0  # a loss this soon after a fault is put down to it
+FAULT_WINDOW_S = 10.0
+WIPE_SLACK_S = 1.5  # past -offline-ttl, how late a queued frame may still be held (the sweep runs every second)  # a loss this soon after a fault is put down to it
 REDIS_DOWN_S = 1.0  # how long a restarted Redis stays down
 ROTATED_SHARE = 0.1  # players whose token changes when the token file is replaced
 
@@ -224,6 +225,7 @@ class Soak:
         self.live: dict[tuple[int, int], Connection] = {}
         self.publishes: list[Publish] = []
         self.broadcasts: dict[int, int] = {}  # seq -> delivered
+        self.broadcast_times: dict[int, float] = {}  # seq -> when answered (time.monotonic())
         self.next_seq: dict[int, int] = {}
         self.go = Event()
         self.stopping = Event()
@@ -476,6 +478,7 @@ class Soak:
         status, body = self.request("POST", "/broadcast", {"event": "b", "payload": seq}, connection)
         if status == 200:
             self.broadcasts[seq] = json.loads(body)["delivered"]
+            self.broadcast_times[seq] = time.monotonic()
         else:
             self.publish_failures[status] += 1
 
@@ -568,6 +571,7 @@ class Soak:
         def mib(kib: float) -> float:
             return round(kib / 1024, 1)
 
+        reorder_examples: list[str] = []
         receipts: Counter = Counter()  # (player, seq) -> connections that received it
         broadcast_receipts: Counter = Counter()
         reordered = duplicates = 0
@@ -579,12 +583,15 @@ class Soak:
                 for previous, current in zip(sequence, sequence[1:]):
                     if current <= previous:
                         reordered += current < previous
+                        if current < previous and len(reorder_examples) < 10:
+                            reorder_examples.append(self.describe_reorder(connection, key, previous, current))
                 for seq in sequence:
                     if seq in seen:
                         duplicates += 1
                     seen.add(seq)
                     counter[(*key, seq) if key is not None else seq] += 1
         lost_live = lost_queued = extra = 0
+        live_lost_with_redis = 0  # live copies unreceived, in Redis (a stream or, routed again, a queue) at a wipe
         queued = 0
         causes: Counter = Counter()  # lost live messages by what they are put down to
         beyond_causes: Counter = Counter()  # received on more connections than answered, likewise
@@ -600,6 +607,8 @@ class Soak:
                 extra += max(0, got - 1)
                 if got > 1:
                     beyond_causes[self.cause(publish)] += got - 1
+            elif publish.delivered > got and self.wiped_by_redis(publish):
+                live_lost_with_redis += publish.delivered - got
             else:
                 lost_live += max(0, publish.delivered - got)
                 if publish.delivered > got:
@@ -610,9 +619,12 @@ class Soak:
         broadcast_beyond = 0
         for seq, delivered in self.broadcasts.items():
             got = broadcast_receipts[seq]
-            lost_live += max(0, delivered - got)
-            if delivered > got:
-                causes["broadcast"] += delivered - got  # not told apart further: no time is kept
+            if delivered > got and self.wiped_by_redis(Publish(0, seq, delivered, False, "b", 0.0,
+                                                               self.broadcast_times.get(seq, 0.0)), any_player=True):
+                live_lost_with_redis += delivered - got
+            elif delivered > got:
+                lost_live += delivered - got
+                causes["broadcast"] += delivered - got  # not told apart further by player
             extra += max(0, got - delivered)
             broadcast_beyond += max(0, got - delivered)
 
@@ -620,8 +632,14 @@ class Soak:
             return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
         dropped_offline = sum(metric("ws_messages_dropped_total", reason=reason) for reason in OFFLINE_REASONS)
-        unaccounted = lost_queued - int(dropped_offline)
-        losses = lost_live + max(0, unaccounted)
+        # Of the offline drops, the copies answered `delivered` that found their connection
+        # gone, were routed again to the queue and given up there (counted apart by the
+        # gateway): those are what the live copies not received are reconciled with, and the
+        # rest with the messages answered `queued` not received. Each side must match exactly.
+        rerouted_given_up = int(metric("ws_messages_rerouted_given_up_total"))
+        live_unaccounted = lost_live - rerouted_given_up
+        unaccounted = lost_queued - (int(dropped_offline) - rerouted_given_up)
+        losses = max(0, live_unaccounted) + max(0, unaccounted)
         result = {
             "duration_s": round(sum(round_["traffic_s"] for round_ in rounds), 1),
             "rounds": len(rounds),
@@ -639,6 +657,11 @@ class Soak:
             "offline_queue_left": metric("ws_offline_queue_messages"),
             "losses": losses,
             "unaccounted_drops": unaccounted,
+            "live_copies_not_received": lost_live,
+            "rerouted_given_up_metrics": rerouted_given_up,
+            "live_unaccounted": live_unaccounted,
+            "live_lost_with_redis": live_lost_with_redis,
+            "reorder_examples": reorder_examples,
             "duplicates": duplicates + extra,
             "reordered": reordered,
             "refused_publishes": dict(self.publish_failures),
@@ -677,6 +700,21 @@ class Soak:
         return result
 
 
+    def describe_reorder(self, connection: Connection, key: tuple | None, previous: int, current: int) -> str:
+        """One message that arrived after a later one, with what the soak knows of both."""
+        def answer(seq: int) -> str:
+            if key is None:
+                return f"broadcast {seq}: delivered {self.broadcasts.get(seq)}"
+            found = [p for p in self.publishes if (p.player, p.stream, p.seq) == (key[0], key[1], seq)]
+            if not found:
+                return f"{seq}: no answer"
+            publish = found[0]
+            fault = self.fault_before(publish.answered_at)
+            return (f"{seq}: delivered {publish.delivered} queued {publish.queued} local {publish.local} at "
+                    f"{publish.answered_at - connection.opened_at:+.3f}s from the connection's open"
+                    f"{f', {publish.answered_at - fault[0]:.1f}s after {fault[1]}' if fault else ''}")
+        return f"player {connection.player} stream {key[1] if key else 'b'}: {answer(previous)} before {answer(current)}"
+
     def fault_before(self, at: float) -> tuple[float, str] | None:
         """The last fault injected before `at`, if any."""
         earlier = [fault for fault in self.faults if fault[0] <= at]
@@ -691,13 +729,17 @@ class Soak:
             return fault[1]
         return "unexplained"
 
-    def wiped_by_redis(self, publish: Publish) -> bool:
-        """Whether a queued message was in Redis when Redis restarted or was flushed: a
-        fault of that kind came after it was queued, before the player's next connection."""
+    def wiped_by_redis(self, publish: Publish, any_player: bool = False) -> bool:
+        """Whether a message not received may have been in Redis when Redis restarted or
+        was flushed: a fault of that kind came after it was answered, while it could still
+        be held (a queue holds it at most -offline-ttl, plus a sweep), before the player's
+        next connection (`any_player`: a broadcast, whose missing player is not known)."""
         wipes = [at for at, kind in self.faults if kind in ("redis_restart", "redis_flushall")
-                 and at >= publish.answered_at]
+                 and publish.answered_at <= at <= publish.answered_at + OFFLINE_TTL_S + WIPE_SLACK_S]
         if not wipes:
             return False
+        if any_player:
+            return True
         reconnected = [connection.opened_at for connection in self.by_player.get(publish.player, ())
                        if connection.opened_at > publish.answered_at]
         return not reconnected or min(reconnected) > wipes[0]
@@ -767,6 +809,11 @@ def main() -> int:
     print(f"  offline messages given up: {result['queued_dropped_seen']} seen, metrics "
           f"{result['queued_dropped_metrics']}")
     print(f"  losses: {result['losses']}, duplicates: {result['duplicates']}, reordered: {result['reordered']}")
+    print(f"  live copies not received: {result['live_copies_not_received']}, of which given up after being routed "
+          f"again (metrics): {result['rerouted_given_up_metrics']}, unaccounted: {result['live_unaccounted']}; "
+          f"queued not received minus their counted drops: {result['unaccounted_drops']}")
+    for example in result["reorder_examples"]:
+        print(f"  reordered: {example}")
     if options.faults:
         print(f"  faults injected: {result['faults']}; losses by cause: {result['losses_by_cause']}; "
               f"raced publishes: {result['raced_publishes']}")
@@ -774,7 +821,8 @@ def main() -> int:
               f"{result['received_beyond_the_answer']} received on more connections than answered, by cause: "
               f"{result['beyond_the_answer_by_cause']}, of broadcasts: {result['broadcasts_beyond_the_answer']}")
         print(f"  queued while the player was connected (parked), by last fault: {result['queued_while_connected']}; "
-              f"offline messages lost with Redis's data: {result['queued_lost_with_redis']}; "
+              f"offline messages lost with Redis's data: {result['queued_lost_with_redis']}, live copies: "
+              f"{result['live_lost_with_redis']}; "
               f"answers with scope local: {result['answers_scope_local']}; token file: {result['token_file']}")
         print(f"  end checks that timed out: {result['unsettled']}")
     print(f"  gateway memory (MiB, lists are per round): {result['rss_mib']}")
@@ -787,7 +835,8 @@ def main() -> int:
           f"load: {result['load_average']}")
     if options.json:
         print(json.dumps(result))
-    bad = result["losses"] or result["duplicates"] or result["reordered"] or result["unaccounted_drops"]
+    bad = result["losses"] or result["duplicates"] or result["reordered"] or result["unaccounted_drops"] \
+        or result["live_unaccounted"]
     return 1 if bad else 0
 
 

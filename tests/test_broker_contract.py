@@ -25,6 +25,15 @@ class Node:
     received: list[Envelope]
 
 
+def messages_into(received: list[Envelope]) -> Callable[[Envelope], None]:
+    """A delivery function keeping the messages a broker hands over, not the changes of
+    the broadcast count it may hand over too (empty frames, see `Envelope.count_change`)."""
+    def deliver(envelope: Envelope) -> None:
+        if envelope.frame:
+            received.append(envelope)
+    return deliver
+
+
 def in_process_node() -> Node:
     received: list[Envelope] = []
     broker = InProcessBroker()
@@ -40,7 +49,7 @@ def redis_node(prefix: str, url: str = REDIS_URL) -> Node:
     received: list[Envelope] = []
     gateway_id = new_gateway_id()
     broker = RedisBroker(create_client(url, TIMEOUT_S), RedisKeys(prefix, cluster=is_cluster_url(url)), gateway_id)
-    broker.start(received.append)
+    broker.start(messages_into(received))
     assert broker.wait_subscribed(TIMEOUT_S)
     return Node(broker, gateway_id, received)
 

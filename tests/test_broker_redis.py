@@ -3,7 +3,7 @@ and on a Redis Cluster), reconnection."""
 from __future__ import annotations
 
 from tests.support import TIMEOUT_S, wait_for
-from tests.test_broker_contract import redis_node
+from tests.test_broker_contract import messages_into, redis_node
 from wsgateway.broker import Envelope
 from wsgateway.broker_redis import RedisBroker
 from wsgateway.redis_link import RedisKeys, create_client, is_cluster_url
@@ -52,7 +52,7 @@ def test_listener_resubscribes_after_redis_restarts(private_redis, redis_prefix)
     subscriptions: list[int] = []
     client = create_client(private_redis.url, TIMEOUT_S)
     broker = RedisBroker(client, RedisKeys(redis_prefix), "gw", on_subscribed=lambda: subscriptions.append(1))
-    broker.start(received.append)
+    broker.start(messages_into(received))
     try:
         assert broker.wait_subscribed(TIMEOUT_S)
         private_redis.stop()
@@ -74,7 +74,7 @@ def reader_through(forwarder_target: str, prefix: str, gateway_id: str, received
     relay = TcpForwarder((host, int(port)))
     broker = RedisBroker(create_client(f"redis://127.0.0.1:{relay.port}/0", TIMEOUT_S), RedisKeys(prefix),
                          gateway_id, **options)
-    broker.start(received.append)
+    broker.start(messages_into(received))
     assert broker.wait_subscribed(TIMEOUT_S)
     return broker, relay
 

@@ -68,6 +68,30 @@ def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dr
     assert receive_event(again) == {"event": "racing", "payload": 1}
 
 
+def test_a_rerouted_copy_given_up_in_the_queue_is_counted_apart(start_cluster_gateway, monkeypatch):
+    """A copy answered delivered:1 that found its connection gone waits in the queue; when a
+    full queue gives it up, it is counted as dropped and, apart, as a rerouted copy given up
+    (so that a soak can tell it from a loss); a message queued as such is not."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, "-max-queued", "1")
+    server = publisher_side.tokens.server()
+    leaving = hold_leaves(player_side.gateway.roster, monkeypatch)
+    client = player_side.connect(publisher_side.tokens.player(21))
+    client.close()
+    wait_for(lambda: not player_side.gateway.hub.is_connected("21"), what="the connection gone from the hub")
+    assert publisher_side.publish(server, 21, "racing", 1).json == {"delivered": 1, "queued": False}
+    wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the envelope rerouted")
+    leaving.set()
+    wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
+    assert publisher_side.publish(server, 21, "queued", 2).json == {"delivered": 0, "queued": True}
+    assert publisher_side.metric("ws_messages_dropped_total", reason="offline_queue_full") == 1
+    assert publisher_side.metric("ws_messages_rerouted_given_up_total") == 1
+    assert publisher_side.publish(server, 21, "queued", 3).json == {"delivered": 0, "queued": True}
+    assert publisher_side.metric("ws_messages_dropped_total", reason="offline_queue_full") == 2
+    assert publisher_side.metric("ws_messages_rerouted_given_up_total") == 1
+
+
 def test_a_copy_that_one_of_two_connections_missed_while_closing_reaches_the_next_one(
         start_cluster_gateway, monkeypatch):
     """Answered delivered:2 while one of the player's two connections was closing: the other
@@ -139,6 +163,65 @@ def test_a_broadcast_counted_for_a_connection_that_left_before_it_arrived_reache
     gate.set()
     wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the missed copy queued")
     assert receive_event(publisher_side.connect(token)) == {"event": "all", "payload": 1}
+
+
+@pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
+def test_a_broadcast_never_reaches_a_connection_seated_after_it_was_counted(start_cluster_gateway, flags):
+    """A broadcast answered `delivered: 0` reaches the player's gateway only after the
+    player's connection took its seat there: that connection was not counted, so it does
+    not get it (the gateway's stream says where the seat was counted, after the broadcast)."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, *flags)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    broker = player_side.gateway.broker
+    gate = gevent.event.Event()
+    deliver = broker._deliver
+
+    def held_back(envelope):  # the broadcast travels slowly, past the connection's seat
+        gate.wait(TIMEOUT_S)
+        return deliver(envelope)
+
+    broker._deliver = held_back
+    assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 0}
+    late = player_side.connect(token)
+    wait_for(lambda: publisher_side.gateway.roster.presence("21") == 1, what="the connection seated")
+    gate.set()
+    assert publisher_side.publish(server, 21, "marker", 2).json == {"delivered": 1, "queued": False}
+    assert receive_event(late) == {"event": "marker", "payload": 2}
+    assert publisher_side.broadcast(server, "all", 3).json == {"delivered": 1}
+    assert receive_event(late) == {"event": "all", "payload": 3}
+
+
+@pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
+def test_after_a_flush_a_broadcast_reaches_no_connection_its_answer_did_not_count(
+        start_cluster_gateway, private_redis, monkeypatch, flags):
+    """After FLUSHALL a gateway's reader registers again before its heartbeat has written
+    its connection count back: a broadcast sent in between counts none of its connections
+    and reaches none of them; once the count is back, broadcasts count and reach them."""
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, private_redis.url, *flags)
+    server = publisher_side.tokens.server()
+    client = player_side.connect(publisher_side.tokens.player(21))
+    wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the connection counted")
+    roster = player_side.gateway.roster
+    heartbeats = gevent.event.Event()
+    original_refresh = roster.refresh
+
+    def refresh_when_allowed(force=False):
+        heartbeats.wait(TIMEOUT_S)
+        return original_refresh(force)
+
+    monkeypatch.setattr(roster, "refresh", refresh_when_allowed)
+    direct = redis.Redis.from_url(private_redis.url)
+    direct.flushall()
+    wait_for(lambda: direct.zscore(roster._keys.streams, roster.gateway_id) is not None,
+             what="the player side's reader registered again")
+    assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 0}
+    heartbeats.set()
+    wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the count written back")
+    assert publisher_side.broadcast(server, "all", 2).json == {"delivered": 1}
+    assert receive_event(client) == {"event": "all", "payload": 2}
 
 
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])

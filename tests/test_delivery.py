@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.support.fakes import FakeClock, FakeConnection
-from wsgateway.broker import InProcessBroker
+from wsgateway.broker import COUNTED_BROADCAST, Envelope, InProcessBroker
 from wsgateway.delivery import Delivery, Outcome
 from wsgateway.hub import Hub
 from wsgateway.metrics import GatewayMetrics
@@ -29,7 +29,8 @@ class Rig:
         """A connection that reserved its seat and was connected, as the web face does it."""
         seat = self.delivery.roster.reserve(player_id)
         assert seat is not None
-        connection = FakeConnection(player_id, **options)
+        connection_class = options.pop("connection_class", FakeConnection)
+        connection = connection_class(player_id, **options)
         self.delivery.connect(connection, seat)
         self.seats[id(connection)] = seat
         return connection
@@ -109,6 +110,37 @@ def test_broadcast_reaches_everyone_and_never_queues(gateway):
     assert gateway.delivery.broadcast(b"all") == Outcome(delivered=2, queued=False)
     assert all(connection.frames == [b"all"] for connection in connections)
     assert len(gateway.offline) == 0
+
+
+def test_a_broadcast_counts_only_the_connections_it_was_handed_to(gateway):
+    """A connection still held but closing takes no broadcast, and is not counted in its answer."""
+    staying, closing = gateway.connect("p"), gateway.connect("q")
+    closing.accepting = False
+    assert gateway.delivery.broadcast(b"all") == Outcome(delivered=1, queued=False)
+    assert staying.frames == [b"all"] and closing.frames == []
+
+
+class ClosingAsTooSlow(FakeConnection):
+    """Open until it is handed a frame, which it refuses as it closes (its outbox full)."""
+
+    def send_later(self, frame: bytes) -> bool:
+        self.accepting = False
+        return False
+
+
+def test_a_counted_broadcast_queues_one_copy_per_counted_connection_it_missed(gateway):
+    """A broadcast counted (by the stream's count entries) for a connection already closing
+    and one that closes as it is handed the frame: each missed copy is routed again once."""
+    delivery = gateway.delivery
+    closing, refusing, taking = (gateway.connect("a"), gateway.connect("b", connection_class=ClosingAsTooSlow),
+                                 gateway.connect("c"))
+    for connection in (closing, refusing, taking):
+        seat = gateway.seats[id(connection)]
+        delivery._receive(Envelope(b"", count_change=f"+{seat.seat_id}\n{seat.player_id}"))
+    closing.accepting = False
+    assert delivery._receive(Envelope(b"all", count_change=COUNTED_BROADCAST, sent_at_ms=1)) == 1
+    assert taking.frames == [b"all"]
+    assert gateway.metric("ws_messages_rerouted_total") == 2
 
 
 def test_broadcast_with_nobody_connected_is_not_queued(gateway):

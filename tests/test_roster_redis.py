@@ -109,7 +109,7 @@ def test_sweep_removes_and_counts_queues_nobody_came_back_for(redis_url, redis_p
     client = create_client(redis_url, TIMEOUT_S)
     keys = RedisKeys(redis_prefix, cluster=is_cluster_url(redis_url))
     assert client.llen(keys.queue("gone")) == 3
-    expired = wait_for(lambda: roster.maintain(), what="a sweep that finds the expired queue")
+    expired = wait_for(lambda: roster.maintain()[0], what="a sweep that finds the expired queue")
     assert expired == 3
     assert client.llen(keys.queue("gone")) == 0
     assert int(client.hget(keys.missed("gone"), "expired")) == 3
@@ -320,7 +320,7 @@ def test_swept_and_taken_queues_leave_the_accounting(redis_url, redis_prefix):
     roster.route("taken", b"2", True)
     seat(roster, "taken")
     assert held_bytes(redis_url, redis_prefix) == item_bytes(b"1")
-    wait_for(lambda: roster.maintain(), what="a sweep that finds the expired queue")
+    wait_for(lambda: roster.maintain()[0], what="a sweep that finds the expired queue")
     assert held_bytes(redis_url, redis_prefix) == 0
     client = create_client(redis_url, TIMEOUT_S)
     assert all(client.zcard(shard.queue_heads) == 0

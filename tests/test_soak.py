@@ -56,7 +56,9 @@ def test_soak_with_faults_injects_each_fault_and_accounts_for_every_message():
     result = json.loads(finished.stdout.strip().splitlines()[-1])
     assert result["faults"] == {"redis_restart": 1, "token_file_replaced": 1, "redis_flushall": 1}
     assert result["raced_publishes"] > 0 and result["publishes_live"] > 100
-    assert sum(result["losses_by_cause"].values()) == result["losses"] - max(0, result["unaccounted_drops"])
-    assert (finished.returncode == 0) == (
-        not (result["losses"] or result["duplicates"] or result["reordered"] or result["unaccounted_drops"]))
+    assert sum(result["losses_by_cause"].values()) == result["live_copies_not_received"]
+    assert result["live_unaccounted"] == result["live_copies_not_received"] - result["rerouted_given_up_metrics"]
+    assert result["losses"] == max(0, result["live_unaccounted"]) + max(0, result["unaccounted_drops"])
+    assert (finished.returncode == 0) == (not (result["losses"] or result["duplicates"] or result["reordered"]
+                                               or result["unaccounted_drops"] or result["live_unaccounted"]))
     assert result["gateway_exit_status"] == 0

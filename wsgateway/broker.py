@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Protocol
 
 
+COUNTED_BROADCAST = "b"  # an Envelope's count_change on a broadcast counted per gateway: for the seats counted
+UNCOUNTED_BROADCAST = "n"  # and on one this gateway was not counted in: for none of its connections
+
+
 class Envelope(NamedTuple):
     """One encoded frame and where it goes.
 
@@ -28,6 +32,11 @@ class Envelope(NamedTuple):
     connection of the player there (in process, or a close request). `live_only`: for
     live connections only (`/broadcast` with a player id): a copy whose connection is
     gone is never queued.
+    `count_change` (a broker that counts broadcasts per gateway in the step that sends
+    them, `broker_redis`): on an envelope with an empty frame, a change of which of this
+    gateway's connections its broadcast count holds, at this point of what it receives;
+    `COUNTED_BROADCAST` on a broadcast: it was counted for exactly those connections;
+    `UNCOUNTED_BROADCAST`: for none of them (this gateway was not counted in its answer).
 
     A `frame` that is a WebSocket close frame asks the receiving gateways to close the
     player's connections with its code (`Delivery.close_player`, `POST /disconnect`):
@@ -43,6 +52,7 @@ class Envelope(NamedTuple):
     event_id: str = ""
     seats: frozenset[str] | None = None
     live_only: bool = False
+    count_change: str = ""
 
 
 Deliver = Callable[[Envelope], object]
@@ -70,8 +80,15 @@ class Broker(Protocol):
     def start(self, deliver: Deliver) -> None:
         """Begin handing envelopes for this gateway to `deliver`. Called once."""
 
-    def publish(self, envelope: Envelope) -> None:
-        """Send an envelope on its way."""
+    counts_broadcasts: bool  # see `publish`
+
+    def publish(self, envelope: Envelope) -> int | None:
+        """Send an envelope on its way. For a broadcast to all, when `counts_broadcasts`:
+        the connections it was counted for in the very step that sent it, each of which
+        its gateway sends it to (or, when that connection is gone, queues its copy for
+        the player): in process, those the delivery function handed it to; on a single
+        Redis, the counts of the gateways it was appended to. Otherwise None, and the
+        roster's reach, taken just before, is the answer."""
 
     def state(self) -> str:
         """"ok", or what is wrong."""
@@ -92,10 +109,13 @@ class InProcessBroker:
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
-    def publish(self, envelope: Envelope) -> None:
+    counts_broadcasts = True
+
+    def publish(self, envelope: Envelope) -> int | None:
         if self._deliver is None:
             raise RuntimeError("broker not started")
-        self._deliver(envelope)
+        delivered = self._deliver(envelope)
+        return int(delivered) if envelope.player_id is None and delivered is not None else None
 
     def state(self) -> str:
         return "ok"

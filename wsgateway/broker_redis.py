@@ -43,7 +43,7 @@ import gevent
 import gevent.event
 import redis
 
-from wsgateway.broker import Deliver, Envelope
+from wsgateway.broker import COUNTED_BROADCAST, Deliver, Envelope  # noqa: F401 (COUNTED_BROADCAST: "b" below)
 from wsgateway.redis_link import REDIS_ERRORS, Client, RedisKeys, blocking_twin, broker_errors, is_cluster
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,24 @@ STREAM_LENGTH = 10_000  # default bound of a stream whose reader is away (-broke
 # (a clean stop deletes it) lingers this long, holding at most -presence-ttl of traffic
 # (and READER_GRACE_S more of broadcasts).
 IDLE_STREAM_KEEP_S = 300.0
-# A broadcast is answered with the connections of the gateways registered as readers when
-# it was counted (`RedisRoster.reach`), then appended to the streams of those registered
-# when it is sent, one step later. A registration that ran out in between (a gateway cut
-# off from Redis, just as it expires) would have its connections counted and the message
-# never sent to them. So a broadcast still goes to a reader whose registration ran out
-# less than this ago: longer than any count-to-send gap (two Redis round trips, each
-# bounded by -db-timeout); a dead gateway's stream gets this much more, and expires.
+# On a Redis Cluster a broadcast is answered with the connections of the gateways
+# registered as readers when it was counted (`RedisRoster.reach`), then appended to the
+# streams of those registered when it is sent, one step later. A registration that ran out
+# in between (a gateway cut off from Redis, just as it expires) would have its connections
+# counted and the message never sent to them. So a broadcast still goes to a reader whose
+# registration ran out less than this ago: longer than any count-to-send gap (two Redis
+# round trips, each bounded by -db-timeout); a dead gateway's stream gets this much more,
+# and expires. (On a single server count and append are one step: such a reader gets it
+# marked for none of its connections, see LUA_COUNTED_BROADCAST.)
 READER_GRACE_S = 30.0
 READER_GRACE_MS = int(READER_GRACE_S * 1000)
+
+
+def stream_ttl_ms(member_ttl_s: float) -> int:
+    """How long a gateway's stream lives without a word from its reader (see
+    `IDLE_STREAM_KEEP_S`): every step that creates one sets this expiry."""
+    return max(2 * max(1, int(member_ttl_s * 1000)), int(IDLE_STREAM_KEEP_S * 1000))
+
 
 _TO_PLAYER = b"P"
 _TO_ALL = b"A"
@@ -78,21 +87,82 @@ _GATEWAYS_FIELD = b"g"  # the other gateways a player envelope went to (when it 
 _ID_FIELD = b"i"  # the message's id, when the gateways keep a history (history_redis writes it too)
 _SEATS_FIELD = b"s"  # the seats a player envelope was routed to, "\n"-joined (history_redis writes it too)
 _LIVE_ONLY_FIELD = b"l"  # present (b"1") on an envelope for live connections only
+# What a gateway's broadcast count does at this point of its stream (single server only),
+# so that the reader knows, entry by entry, exactly which of its connections a broadcast
+# was counted for: "0" (the stream was created: Redis counts none of this gateway's
+# connections, e.g. after it lost its data), "+seat\nplayer" / "-seat\nplayer" (a seat
+# counted / no longer counted, `RedisRoster.take_seat` / `leave`), "=N" (the heartbeat
+# numbered N set the count to the seats this process held, `RedisRoster.counted_at`),
+# and on a broadcast whose count was taken in the step that appended it, "b": for exactly
+# the seats counted at that point, or "n": for none (see LUA_COUNTED_BROADCAST).
+_COUNT_FIELD = b"c"
+
+# Append `fields` (a Lua list) to a gateway's stream. A stream that does not exist (its
+# reader not yet back after Redis lost it, or never written) is created with an expiry,
+# so nobody's stream lives for ever, and starts with the "0" count entry (see _COUNT_FIELD).
+LUA_STREAM_APPEND = """
+local function stream_append(stream, max_length, ttl_ms, fields)
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XADD', stream, 'MAXLEN', '~', max_length, '*', 'c', '0')
+    redis.call('PEXPIRE', stream, ttl_ms)
+  end
+  redis.call('XADD', stream, 'MAXLEN', '~', max_length, '*', unpack(fields))
+end
+"""
+
+# The connections of live gateways (forgetting the counters of dead ones).
+LUA_LIVE_CONNECTIONS = """
+local function live_connections(gateways, counters)
+  local dead = redis.call('ZRANGEBYSCORE', gateways, '-inf', now)
+  for _, gateway in ipairs(dead) do redis.call('HDEL', counters, gateway) end
+  redis.call('ZREMRANGEBYSCORE', gateways, '-inf', now)
+  local total = 0
+  for _, gateway in ipairs(redis.call('ZRANGE', gateways, 0, -1)) do
+    total = total + (tonumber(redis.call('HGET', counters, gateway)) or 0)
+  end
+  return total
+end
+"""
+
+# Count a broadcast's reach and append it, in one step (a single server): the answer adds up
+# the connection counts of every live gateway (heartbeating) that reads its stream
+# (registered), and the entry appended to each of those says "b" (count field): its gateway
+# sends it to exactly the seats its stream says were counted at that point. A gateway
+# registered but not counted (not heartbeating yet after Redis lost its data, or whose
+# registration ran out less than the grace ago, see READER_GRACE_S) gets it marked "n": for
+# none of its connections. KEYS and ARGV positions are the caller's: registry, gateways,
+# counters; stream prefix, max length, stream ttl ms, wire form, reader grace ms, and more
+# fields for every entry (a Lua list).
+LUA_COUNTED_BROADCAST = LUA_LIVE_CONNECTIONS + LUA_STREAM_APPEND + """
+local function counted_broadcast(registry, gateways, counters, stream_prefix, max_length, ttl_ms, wire, grace_ms,
+                                 more_fields)
+  redis.call('ZREMRANGEBYSCORE', registry, '-inf', now - tonumber(grace_ms))
+  live_connections(gateways, counters)
+  local total = 0
+  for _, gateway in ipairs(redis.call('ZRANGE', registry, 0, -1)) do
+    local reading_until = tonumber(redis.call('ZSCORE', registry, gateway))
+    local counted = reading_until > now and redis.call('ZSCORE', gateways, gateway)
+    if counted then total = total + (tonumber(redis.call('HGET', counters, gateway)) or 0) end
+    local fields = {'e', wire, 'c', counted and 'b' or 'n'}
+    for _, field in ipairs(more_fields) do fields[#fields + 1] = field end
+    stream_append(stream_prefix .. gateway, max_length, ttl_ms, fields)
+  end
+  return total
+end
+"""
 
 # KEYS: the streams. ARGV: max length, stream ttl ms, wire form, the gateways it goes to
 # ('' when only one), the message's id ('' without history), the seats it goes to ('' for
-# none named), '1' for live connections only (else ''). For a stream that does not
-# exist (its reader not yet back after Redis lost it, or gone): created with an expiry,
-# so nobody's stream lives for ever.
-CREATE_AND_PUBLISH = """
+# none named), '1' for live connections only (else ''). For a stream that does not exist
+# (its reader not yet back after Redis lost it, or gone): created as LUA_STREAM_APPEND does.
+CREATE_AND_PUBLISH = LUA_STREAM_APPEND + """
 local fields = {'e', ARGV[3]}
 if ARGV[4] ~= '' then table.insert(fields, 'g') table.insert(fields, ARGV[4]) end
 if ARGV[5] ~= '' then table.insert(fields, 'i') table.insert(fields, ARGV[5]) end
 if ARGV[6] ~= '' then table.insert(fields, 's') table.insert(fields, ARGV[6]) end
 if ARGV[7] ~= '' then table.insert(fields, 'l') table.insert(fields, ARGV[7]) end
 for _, stream in ipairs(KEYS) do
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
-  redis.call('PEXPIRE', stream, ARGV[2], 'NX')
+  stream_append(stream, ARGV[1], ARGV[2], fields)
 end
 """
 
@@ -110,17 +180,12 @@ local function live_readers(registry, grace_ms)
 end
 """
 
-# KEYS: the readers' registry. ARGV: stream-key prefix, max length, stream ttl ms, wire form,
-# reader grace ms. Returns the number of streams the envelope was appended to. A single
-# server only: the streams are keys of other slots on a cluster (see READERS).
-BROADCAST = _LUA_NOW_MS + _LUA_LIVE_READERS + """
-local readers = live_readers(KEYS[1], ARGV[5])
-for _, gateway in ipairs(readers) do
-  local stream = ARGV[1] .. gateway
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[4])
-  redis.call('PEXPIRE', stream, ARGV[3], 'NX')
-end
-return #readers
+# KEYS: the readers' registry, gateways, gateway connections. ARGV: stream-key prefix, max
+# length, stream ttl ms, wire form, reader grace ms. Returns the connections it was counted
+# for (LUA_COUNTED_BROADCAST). A single server only: the streams are keys of other slots
+# on a cluster (see READERS).
+BROADCAST = _LUA_NOW_MS + LUA_COUNTED_BROADCAST + """
+return counted_broadcast(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], {})
 """
 
 # KEYS: the readers' registry. ARGV: reader grace ms. Returns the gateways a broadcast goes
@@ -207,7 +272,7 @@ class RedisBroker:
         self._stream_prefix = keys.stream("")
         self._stream_length = stream_length
         self._member_ttl_ms = max(1, int(member_ttl_s * 1000))
-        self._stream_ttl_ms = max(2 * self._member_ttl_ms, int(IDLE_STREAM_KEEP_S * 1000))
+        self._stream_ttl_ms = stream_ttl_ms(member_ttl_s)
         self._on_subscribed = on_subscribed
         self._on_lost = on_lost
         self._create_and_publish = client.register_script(CREATE_AND_PUBLISH)
@@ -234,7 +299,13 @@ class RedisBroker:
         """Block until the listener is registered (start-up), at most `timeout_s`."""
         return self._subscribed.wait(timeout_s)
 
-    def publish(self, envelope: Envelope) -> None:
+    @property
+    def counts_broadcasts(self) -> bool:
+        """On a single server a broadcast is counted in the step that appends it; a
+        cluster's spans slots, so the roster's reach is taken before it (see `Broker`)."""
+        return not self._cluster
+
+    def publish(self, envelope: Envelope) -> int | None:
         data = encode(envelope)
         with broker_errors("publish"):
             if envelope.gateways is not None:
@@ -254,9 +325,11 @@ class RedisBroker:
                                                                        args=[READER_GRACE_MS])]
                 self._append([self._keys.stream(reader) for reader in readers], {_FIELD: data})
             else:
-                self._broadcast(keys=[self._keys.streams],
-                                args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data,
-                                      READER_GRACE_MS])
+                return int(self._broadcast(keys=[self._keys.streams, self._keys.gateways,
+                                                 self._keys.gateway_connections],
+                                           args=[self._stream_prefix, self._stream_length, self._stream_ttl_ms, data,
+                                                 READER_GRACE_MS]))
+        return None
 
     def _append(self, streams: list[str], fields: dict[bytes, bytes]) -> None:
         """One plain XADD per stream (NOMKSTREAM: no stream is made without an expiry);
@@ -351,8 +424,13 @@ class RedisBroker:
         """Deliver one entry; a player envelope names the gateways and the seats it was
         sent to, so that delivery knows which connections it is for, and who else holds
         the player (see `Delivery`)."""
+        if self._deliver is None:
+            return
         data = fields.get(_FIELD)
-        if data is None or self._deliver is None:
+        count = fields.get(_COUNT_FIELD)
+        if data is None:
+            if count is not None:  # a change of what this gateway's broadcast count holds
+                self._deliver(Envelope(b"", count_change=count.decode("utf-8", "surrogatepass")))
             return
         envelope = decode(data)
         event_id = fields.get(_ID_FIELD)
@@ -365,7 +443,8 @@ class RedisBroker:
                                          seats=frozenset(seats.decode().split("\n")) if seats else None,
                                          live_only=_LIVE_ONLY_FIELD in fields)
         else:
-            envelope = envelope._replace(sent_at_ms=_stream_id(entry_id)[0])
+            envelope = envelope._replace(sent_at_ms=_stream_id(entry_id)[0],
+                                         count_change=count.decode() if count is not None else "")
         try:
             self._deliver(envelope)
         except Exception:

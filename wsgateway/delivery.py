@@ -41,7 +41,7 @@ from typing import NamedTuple, Protocol
 
 from gevent.lock import BoundedSemaphore
 
-from wsgateway.broker import Broker, Envelope
+from wsgateway.broker import COUNTED_BROADCAST, UNCOUNTED_BROADCAST, Broker, Envelope
 from wsgateway.errors import BrokerUnavailable, CloseCode
 from wsgateway.frames import OP_CLOSE, close_frame
 from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, StreamPoint, missed_notice, restamp
@@ -96,6 +96,9 @@ class Delivery:
         self._seated: dict[str, HeldConnection] = {}  # seat id -> its connection, once seated
         self._leaving: dict[str, str] = {}  # seat id -> player, of connections gone whose seat is leaving
         self._left: deque[tuple[int, str, str]] = deque()  # (left at ms, seat id, player) recently left
+        # seat id -> player: the seats this gateway's broadcast count holds, as far as its
+        # stream has been read (a broker that counts broadcasts per gateway, see `_count_changed`)
+        self._counted: dict[str, str] = {}
         self._restoring = BoundedSemaphore()  # one presence restoration at a time (each holds sockets)
         broker.start(self._receive)
 
@@ -108,23 +111,27 @@ class Delivery:
 
     def broadcast(self, frame: bytes, player_id: str | None = None) -> Outcome:
         """To every connected player, or to one player's live connections (never queued).
-        A broadcast to all is not queued either, except across gateways for a connection
-        its answer counted that closed or left before the copy reached it: that copy waits
-        in the player's queue, so what `delivered` counted is not lost."""
+
+        A broadcast to all answers the connections it was counted for, and goes to exactly
+        those: in process, the open connections it was handed to; across gateways on one
+        Redis, those its gateways' counts held in the step that appended it (a connection
+        seated a moment later gets nothing, and is not counted); on a Redis Cluster, the
+        roster's reach taken just before it is sent (a connection opening meanwhile may
+        get it uncounted). It is not queued, except across gateways for a connection its
+        answer counted that closed or left before the copy reached it: that copy waits in
+        the player's queue, so what `delivered` counted is not lost."""
         self.metrics.messages_published.inc()
         if player_id is not None:
             return self._to_player(player_id, frame, queue_if_offline=False, batched=False)
         try:
-            reach = self.roster.reach()
-            if self.history is None:
-                self._broker.publish(Envelope(frame))
-            elif self.history.sends:
-                self.history.record_broadcast(frame)
-            else:
-                self._broker.publish(Envelope(frame, stamped=self.history.record_broadcast(frame)))
+            if self.history is not None and self.history.sends:
+                return Outcome(self.history.send_broadcast(frame))
+            reach = None if self._broker.counts_broadcasts else self.roster.reach()
+            stamped = self.history.record_broadcast(frame) if self.history is not None else None
+            counted = self._broker.publish(Envelope(frame, stamped=stamped))
         except BrokerUnavailable:
             return Outcome(self._deliver_locally(Envelope(frame)), local_only=True)
-        return Outcome(reach)
+        return Outcome(counted if counted is not None else reach or 0)
 
     def close_player(self, player_id: str, code: CloseCode) -> int:
         """Close every connection of one player, on any gateway, with `code`; return how
@@ -169,8 +176,7 @@ class Delivery:
                 frames = [missed_notice(REASON_OFF, None, len(frames)), *frames]
             self._release(connection, frames)
             return
-        if backlog.expired:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        self._count_expired(backlog)
         if last_event_id:
             self.metrics.resumes.labels(RESUME_RECOVERED if replay.recovered else RESUME_MISSED).inc()
         self._release(connection, replay.frames, replay.replayed, replay.through)
@@ -194,9 +200,11 @@ class Delivery:
         self.reassert_presence()
         if self.history is not None:
             self.history.maintain()
-        expired = self.roster.maintain()
+        expired, rerouted = self.roster.maintain()
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
+        if rerouted:
+            self.metrics.messages_rerouted_given_up.inc(rerouted)
 
     def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool, batched: bool) -> Outcome:
         try:
@@ -225,6 +233,8 @@ class Delivery:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_PLAYERS_LIMIT).inc(route.over_total_players)
         if route.queueing_off:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
+        if route.given_up_rerouted:
+            self.metrics.messages_rerouted_given_up.inc(route.given_up_rerouted)
 
     def reassert_presence(self, force: bool = False) -> None:
         """Refresh this gateway's presence when due (now, when `force`d: after the broker
@@ -258,14 +268,19 @@ class Delivery:
 
     def _backlog_frames(self, backlog: Backlog) -> list[bytes]:
         """What a connection taking `backlog` is sent first (expired ones counted)."""
-        if backlog.expired:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        self._count_expired(backlog)
         frames = backlog.frames
         if self.notify_missed and (backlog.missed_dropped or backlog.missed_expired):
             self.metrics.missed_notices.inc()
             frames = [event_frame(MISSED_EVENT, {"dropped": backlog.missed_dropped,
                                                  "expired": backlog.missed_expired}), *frames]
         return frames
+
+    def _count_expired(self, backlog: Backlog) -> None:
+        if backlog.expired:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
+        if backlog.expired_rerouted:
+            self.metrics.messages_rerouted_given_up.inc(backlog.expired_rerouted)
 
     def _release(self, connection: HeldConnection, frames: list[bytes],
                  replayed: frozenset[str] = frozenset(), through: StreamPoint | None = None) -> None:
@@ -278,10 +293,17 @@ class Delivery:
         """What the broker hands over: delivered to this gateway's connections, or, when
         it was routed to a player whose connections here are gone, routed again. A close
         request is carried out here and never routed again."""
+        if envelope.count_change and not envelope.frame:
+            self._count_changed(envelope.count_change)
+            return 0
         if envelope.frame[0] == _CLOSE_FRAME_FIRST_BYTE:
             return self._close_locally(envelope)
         if envelope.event_id and envelope.stamped is None:
             envelope = envelope._replace(stamped=restamp(envelope.frame, envelope.event_id))
+        if envelope.count_change == COUNTED_BROADCAST:
+            return self._broadcast_to_counted(envelope)
+        if envelope.count_change == UNCOUNTED_BROADCAST:
+            return 0  # its answer counted none of this gateway's connections
         if envelope.seats is not None and envelope.player_id is not None:
             return self._deliver_to_seats(envelope.player_id, envelope, envelope.seats)
         if envelope.player_id is None and envelope.sent_at_ms:
@@ -309,6 +331,45 @@ class Delivery:
         self.metrics.messages_delivered.inc(delivered)
         if missed:
             self._reroute(player_id, envelope, frozenset(missed))
+        return delivered
+
+    def _count_changed(self, change: str) -> None:
+        """Follow this gateway's broadcast count in Redis, at the point of the stream the
+        broker has read (see `broker_redis._COUNT_FIELD`): "0" none, "+seat\\nplayer" one
+        more, "-seat\\nplayer" one less, "=N" the seats the heartbeat numbered N counted."""
+        kind, rest = change[:1], change[1:]
+        if kind == "0":
+            self._counted = {}
+        elif kind == "=":
+            self._counted = dict(self.roster.counted_at(int(rest)))
+        elif kind in "+-":
+            seat_id, _, player_id = rest.partition("\n")
+            if kind == "+":
+                self._counted[seat_id] = player_id
+            else:
+                self._counted.pop(seat_id, None)
+
+    def _broadcast_to_counted(self, envelope: Envelope) -> int:
+        """A broadcast counted, in the step that sent it here, for exactly the seats this
+        gateway's stream says were counted at that point (`_counted`): to their
+        connections, none else (one seated since was not counted); the copy of a counted
+        seat whose connection is gone or closing goes to its player's queue, for the next
+        connection, as a closing connection's copy of a message does."""
+        seated: list[tuple[str, HeldConnection]] = []
+        missed: list[tuple[str, str]] = []
+        for seat_id, player_id in self._counted.items():
+            connection = self._seated.get(seat_id)
+            if connection is not None and connection.is_open:
+                seated.append((seat_id, connection))
+            else:
+                missed.append((seat_id, player_id))
+        delivered = self.hub.broadcast(envelope.frame, envelope.stamped, to=[connection for _, connection in seated])
+        self.metrics.messages_delivered.inc(delivered)
+        if delivered < len(seated):  # someone refused it: closing (or closed as too slow)
+            missed.extend((seat_id, connection.player_id) for seat_id, connection in seated if not connection.is_open)
+        for seat_id, player_id in missed:
+            copy = Envelope(envelope.frame, player_id, sent_at_ms=envelope.sent_at_ms)
+            self._reroute(player_id, copy, frozenset((seat_id,)), every_seat_had_it=True)
         return delivered
 
     def _broadcast_counted(self, envelope: Envelope) -> int:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import redis
 
 from wsgateway.broker import Envelope
-from wsgateway.broker_redis import READER_GRACE_MS, encode
+from wsgateway.broker_redis import LUA_COUNTED_BROADCAST, LUA_STREAM_APPEND, READER_GRACE_MS, encode
 from wsgateway.history import (ENTRY_OVERHEAD_BYTES, STREAM_RETENTION_S, BroadcastView, PlayerView, Replay, Stamped,
                                broadcast_event_id, frame_text, plan_replay, player_event_id, stamp)
 from wsgateway.redis_link import RedisKeys, broker_errors
@@ -162,7 +162,7 @@ local HA = {{size = tonumber(ARGV[{args_at}]), ttl = tonumber(ARGV[{args_at + 1}
 # Appends `id` to every gateway's stream named in `gateways` (a Lua list), as the broker does,
 # naming the `seats` it goes to (a Lua list; nil for a broadcast), and whether it is for
 # live connections only (never queued when its connection is gone).
-_LUA_SEND = """
+_LUA_SEND = LUA_STREAM_APPEND + """
 local function history_send(gateways, stream_prefix, max_length, stream_ttl, wire, id, seats, live_only)
   table.sort(gateways)
   local fields = {'e', wire, 'i', id}
@@ -180,9 +180,7 @@ local function history_send(gateways, stream_prefix, max_length, stream_ttl, wir
     table.insert(fields, '1')
   end
   for _, gateway in ipairs(gateways) do
-    local stream = stream_prefix .. gateway
-    redis.call('XADD', stream, 'MAXLEN', '~', max_length, '*', unpack(fields))
-    redis.call('PEXPIRE', stream, stream_ttl, 'NX')
+    stream_append(stream_prefix .. gateway, max_length, stream_ttl, fields)
   end
 end
 """
@@ -218,19 +216,19 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: the history's 5, the readers' registry (6). ARGV: the history's 7, json, stream
-# prefix, stream length, stream ttl ms, wire form (8..12), reader grace ms (13, see
-# broker_redis.READER_GRACE_S). Returns {streams, id}.
-BROADCAST = _LUA_NOW_MS + _settings(1, 1) + _LUA_HISTORY + _LUA_SEND + """
+# KEYS: the history's 5, the readers' registry, gateways, gateway connections (6..8). ARGV:
+# the history's 7, json, stream prefix, stream length, stream ttl ms, wire form (8..12),
+# reader grace ms (13, see broker_redis.READER_GRACE_S). Counted and appended in this one
+# step (broker_redis.LUA_COUNTED_BROADCAST). Returns {connections counted, id}.
+BROADCAST = _LUA_NOW_MS + _settings(1, 1) + _LUA_HISTORY + LUA_COUNTED_BROADCAST + """
 local epoch = history_epoch()
 local seq = redis.call('HINCRBY', HK.bmeta, 'seq', 1)
 local id = epoch .. '.' .. seq
 local size = history_size_of(ARGV[8], id)
 history_keep(HK.blist, string.format('%d:%d:%d:', now + HA.ttl, size, seq) .. ARGV[8], size)
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - tonumber(ARGV[13]))
-local readers = redis.call('ZRANGE', KEYS[6], 0, -1)
-history_send(readers, ARGV[9], ARGV[10], ARGV[11], ARGV[12], id)
-return {#readers, id}
+local counted = counted_broadcast(KEYS[6], KEYS[7], KEYS[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13],
+                                  {'i', id})
+return {counted, id}
 """
 
 # KEYS: the history's 5, the player's meta and list (6, 7). ARGV: the history's 7.
@@ -340,12 +338,18 @@ class RedisHistory:
         return [self._keys.stream(""), self._stream_length, self._stream_ttl_ms, encode(envelope)]
 
     def record_broadcast(self, frame: bytes) -> Stamped | None:
+        self.send_broadcast(frame)
+        return None  # each gateway builds the stamped frame from the id it reads
+
+    def send_broadcast(self, frame: bytes) -> int:
+        """Keep the broadcast, count its reach and append it to the streams of the gateways
+        counted, in one step; return the connections it was counted for."""
         envelope = Envelope(frame)
         with broker_errors("broadcast"):
-            self._broadcast(keys=[*self.settings_keys, self._keys.streams],
-                            args=[*self.settings_args, frame_text(frame), *self.stream_args(envelope),
-                                  READER_GRACE_MS])
-        return None  # each gateway builds the stamped frame from the id it reads
+            counted, _ = self._broadcast(
+                keys=[*self.settings_keys, self._keys.streams, self._keys.gateways, self._keys.gateway_connections],
+                args=[*self.settings_args, frame_text(frame), *self.stream_args(envelope), READER_GRACE_MS])
+        return int(counted)
 
     def note_taken(self, player_id: str) -> None:
         with broker_errors("history"):

@@ -108,11 +108,13 @@ class Hub:
             return sum(connection.send_later(frame) for connection in connections)
         return sum(connection.send(frame) for connection in connections)
 
-    def broadcast(self, frame: bytes, stamped: bytes | None = None) -> int:
+    def broadcast(self, frame: bytes, stamped: bytes | None = None, to: list[Deliverable] | None = None) -> int:
         """Hand `frame` (`stamped` to those that want ids) to every connection present
-        now; return how many took it. May call `pause()` between slices of connections
-        (see the module docstring)."""
-        snapshot = [connection for connections in self._by_player.values() for connection in connections]
+        now, or to those of `to` (held by this hub: those a broadcast was counted for);
+        return how many took it. May call `pause()` between slices of connections (see
+        the module docstring)."""
+        snapshot = list(to) if to is not None else \
+            [connection for connections in self._by_player.values() for connection in connections]
         if self.pause is None or len(snapshot) <= self.broadcast_slice:
             delivered = 0
             if stamped is not None:

@@ -106,6 +106,10 @@ class GatewayMetrics:
         self.messages_rerouted = Counter(
             "ws_messages_rerouted", "Messages routed live to a connection that had closed when they arrived "
             "(-broker): queued for the player, or sent to a connection it opened since.", registry=registry)
+        self.messages_rerouted_given_up = Counter(
+            "ws_messages_rerouted_given_up", "Of the messages given up in offline queues (also counted in "
+            "ws_messages_dropped_total by reason), the copies routed again after their connection closed "
+            "(answered as delivered, -broker).", registry=registry)
         self.redis_may_evict = Gauge(
             "ws_redis_may_evict", "1 while the -broker Redis may evict the gateway's keys (maxmemory-policy).",
             registry=registry, multiprocess_mode="max")

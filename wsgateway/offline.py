@@ -36,6 +36,7 @@ class Backlog:
     expired: int = 0  # frames found expired just now, at hand-off (not counted before)
     missed_dropped: int = 0  # frames lost to a full queue since the player's last connection
     missed_expired: int = 0  # frames lost to -offline-ttl since the player's last connection
+    expired_rerouted: int = 0  # of `expired`, copies routed again after their connection closed (a shared roster)
 
 
 class Pushed(NamedTuple):

@@ -54,6 +54,7 @@ class Route(NamedTuple):
     stamped: Stamped | None = None  # the message with its id, when the roster keeps a history in process
     sent: bool = False  # the route step also put it on its way to `gateways` (history in Redis: one atomic step)
     seats: frozenset[str] | None = None  # the connections it was routed to (a shared roster)
+    given_up_rerouted: int = 0  # of the frames given up above, copies routed again after their connection closed
 
 
 class Census(NamedTuple):
@@ -112,6 +113,11 @@ class Roster(Protocol):
     def reach(self) -> int:
         """Connections on every gateway: what a broadcast is sent to."""
 
+    def counted_at(self, number: int) -> dict[str, str]:
+        """The seats (seat id -> player) this gateway's heartbeat numbered `number` set
+        its broadcast count to (a roster that tells the broker's stream, see
+        `Delivery._count_changed`)."""
+
     def refresh(self, force: bool = False) -> list[Seat]:
         """Keep this gateway's presence alive when due (or now, when `force`d); return the
         seats the shared state lost, for `restore`."""
@@ -128,8 +134,9 @@ class Roster(Protocol):
         """Players and connections on every gateway. Costs the same however many
         players are online (it never walks them)."""
 
-    def maintain(self) -> int:
-        """Periodic upkeep (expire queued frames); returns frames expired."""
+    def maintain(self) -> tuple[int, int]:
+        """Periodic upkeep (expire queued frames); returns frames expired, and of them
+        the copies routed again after their connection closed (`requeue`)."""
 
     def close(self) -> None:
         """This gateway is leaving: forget what it registered."""
@@ -188,6 +195,9 @@ class LocalRoster:
     def reach(self) -> int:
         return self._hub.connection_count()
 
+    def counted_at(self, number: int) -> dict[str, str]:
+        return {}  # never asked: the in-process broker counts broadcasts as it delivers them
+
     def refresh(self, force: bool = False) -> list[Seat]:
         return []  # presence is the hub itself: nothing to lose
 
@@ -200,8 +210,8 @@ class LocalRoster:
     def census(self) -> Census:
         return Census(self._hub.player_count(), self._hub.connection_count())
 
-    def maintain(self) -> int:
-        return self._offline.purge_expired()
+    def maintain(self) -> tuple[int, int]:
+        return self._offline.purge_expired(), 0  # nothing is routed again in process
 
     def close(self) -> None:
         pass

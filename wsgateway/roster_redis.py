@@ -58,6 +58,7 @@ from typing import Iterator, Sequence
 import gevent.event
 from redis.commands.core import Script
 
+from wsgateway.broker_redis import LUA_LIVE_CONNECTIONS, LUA_STREAM_APPEND, STREAM_LENGTH, stream_ttl_ms
 from wsgateway.errors import BrokerUnavailable
 from wsgateway.history import Stamped
 from wsgateway.offline import MESSAGE_OVERHEAD_BYTES, MISSED_RETENTION_S, Backlog
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 SWEEP_BATCH = 200  # expired queues removed per sweep step
 _MISSED_RETENTION_MS = int(MISSED_RETENTION_S * 1000)
 SWEEP_INTERVAL_S = 1.0  # the cluster sweeps expired queues this often (one gateway per turn)
+COUNTED_KEPT = 8  # heartbeats whose counted seats are kept until the gateway's stream reader reaches them
 COUNT_SETTLE_WAIT_S = 2.0  # a count being set and the seat steps on their way wait for each other at most this
 
 _LUA_NOW_MS = """
@@ -90,6 +92,12 @@ end
 _LUA_QUEUE_ACCOUNTS = """
 local function item_size(item)
   return string.len(item) - string.find(item, ':', 1, true) + %d
+end
+-- A copy routed again after its connection closed (answered `delivered`), put back in its
+-- publish-order place by SETTLE: its expiry is whole ms (ROUTE's have thousandths).
+local function rerouted(item)
+  local dot = string.find(item, '.', 1, true)
+  return not dot or dot > string.find(item, ':', 1, true)
 end
 local function note_head(heads, queue)
   local head = redis.call('LINDEX', queue, 0)
@@ -121,17 +129,23 @@ return 1
 """
 
 # KEYS: seats, present, queue, missed, queue index, players, queue heads, queue sizes, and on a
-# single server the gateway connections (on a cluster they live in another slot: counted apart).
+# single server the gateway connections and the gateway's stream (on a cluster they live in
+# other slots: counted apart, and the stream is not told).
 # ARGV: presence_ttl_ms, seat, gateway, player, counted (1: a new connection, 0: a seat written
-# back by `restore`, whose connection is counted already).
-# Returns {frames..., expired now, dropped since last connection, expired since last connection}.
-TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + """
+# back by `restore`, whose connection is counted already), stream length, stream ttl ms.
+# A counted seat is told to the gateway's stream ("+seat\nplayer", broker_redis._COUNT_FIELD).
+# Returns {frames..., expired now, dropped since last connection, expired since last connection,
+# of those expired now the copies routed again}.
+TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + LUA_STREAM_APPEND + """
 local expiry = now + tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
 redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 expire_at_least(KEYS[1], expiry)
 expire_at_least(KEYS[2], expiry)
-if KEYS[9] and ARGV[5] == '1' then redis.call('HINCRBY', KEYS[9], ARGV[3], 1) end
+if KEYS[9] and ARGV[5] == '1' then
+  redis.call('HINCRBY', KEYS[9], ARGV[3], 1)
+  stream_append(KEYS[10], ARGV[6], ARGV[7], {'c', '+' .. ARGV[2] .. '\\n' .. ARGV[4]})
+end
 redis.call('ZADD', KEYS[6], 'GT', expiry, ARGV[4])
 local items = redis.call('LRANGE', KEYS[3], 0, -1)
 local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
@@ -139,28 +153,33 @@ redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], KEYS[3])
 forget_queue(KEYS[7], KEYS[8], KEYS[3])
 local frames = {}
-local expired = 0
+local expired, expired_rerouted = 0, 0
 for _, item in ipairs(items) do
   local colon = string.find(item, ':', 1, true)
   if tonumber(string.sub(item, 1, colon - 1)) > now then
     frames[#frames + 1] = string.sub(item, colon + 1)
   else
     expired = expired + 1
+    if rerouted(item) then expired_rerouted = expired_rerouted + 1 end
   end
 end
 frames[#frames + 1] = tostring(expired)
 frames[#frames + 1] = tostring(tonumber(missed[1]) or 0)
 frames[#frames + 1] = tostring((tonumber(missed[2]) or 0) + expired)
+frames[#frames + 1] = tostring(expired_rerouted)
 return frames
 """
 
-# KEYS: seats, present, players, and on a single server the gateway connections (as TAKE_SEAT).
-# ARGV: seat, gateway, player. The player leaves the players index with its last present seat.
-# Returns when (Redis's clock, ms).
-LEAVE = _LUA_NOW_MS + """
+# KEYS: seats, present, players, and on a single server the gateway connections and stream (as
+# TAKE_SEAT). ARGV: seat, gateway, player, stream length, stream ttl ms. The player leaves the
+# players index with its last present seat. Returns when (Redis's clock, ms).
+LEAVE = _LUA_NOW_MS + LUA_STREAM_APPEND + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if KEYS[4] then redis.call('HINCRBY', KEYS[4], ARGV[2], -1) end
+if KEYS[4] then
+  redis.call('HINCRBY', KEYS[4], ARGV[2], -1)
+  stream_append(KEYS[5], ARGV[4], ARGV[5], {'c', '-' .. ARGV[1] .. '\\n' .. ARGV[3]})
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[3], ARGV[3]) end
 return now
@@ -172,7 +191,8 @@ return now
 # The queues given up for the shard's bounds are found in its queue heads: keys of the same
 # shard, so of the same slot, named from the prefixes.
 # Live (or offline without queueing): {0, 0, 0, seats...}.
-# Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players}.
+# Offline: {1, queued (1/0), dropped, expired, over total bytes, over total players, of all
+# those given up the copies routed again}.
 # (ROUTE_BODY apart, so that history_redis can run it inside its own step.)
 ROUTE_PREAMBLE = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS
 _ROUTE_LIVE = """
@@ -194,6 +214,10 @@ local function lost(queue, what, count)
   redis.call('PEXPIRE', missed, retention)
 end
 local expired = 0
+local given_up_rerouted = 0  -- of all given up here, the copies routed again (see `rerouted`)
+local function given_up(item)
+  if rerouted(item) then given_up_rerouted = given_up_rerouted + 1 end
+end
 while true do
   local head = redis.call('LINDEX', KEYS[2], 0)
   if not head then break end
@@ -201,6 +225,7 @@ while true do
   if tonumber(string.sub(head, 1, colon - 1)) > now then break end
   redis.call('LPOP', KEYS[2])
   resize(sizes, KEYS[2], -item_size(head))
+  given_up(head)
   expired = expired + 1
 end
 if expired > 0 then lost(KEYS[2], 'expired', expired) end
@@ -215,11 +240,13 @@ local max_bytes, max_players = tonumber(ARGV[6]), tonumber(ARGV[7])
 if max_bytes > 0 and size > max_bytes then
   note_head(heads, KEYS[2])
   lost(KEYS[2], 'dropped', 1)
-  return {1, 0, 0, expired, 1, 0}
+  return {1, 0, 0, expired, 1, 0, given_up_rerouted}
 end
 local dropped = 0
 while redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[3]) do
-  resize(sizes, KEYS[2], -item_size(redis.call('LPOP', KEYS[2])))
+  local gone = redis.call('LPOP', KEYS[2])
+  resize(sizes, KEYS[2], -item_size(gone))
+  given_up(gone)
   dropped = dropped + 1
 end
 if dropped > 0 then lost(KEYS[2], 'dropped', dropped) end
@@ -231,6 +258,7 @@ while max_bytes > 0 and (tonumber(redis.call('HGET', sizes, '')) or 0) + size > 
   local gone = redis.call('LPOP', oldest)
   if gone then
     resize(sizes, oldest, -item_size(gone))
+    given_up(gone)
     note_head(heads, oldest)
     lost(oldest, 'dropped', 1)
     over_bytes = over_bytes + 1
@@ -243,6 +271,7 @@ if max_players > 0 and redis.call('EXISTS', KEYS[2]) == 0 then
   while redis.call('ZCARD', heads) >= max_players do
     local oldest = redis.call('ZRANGE', heads, 0, 0)[1]
     local held = redis.call('LLEN', oldest)
+    for _, item in ipairs(redis.call('LRANGE', oldest, 0, -1)) do given_up(item) end
     redis.call('DEL', oldest)
     redis.call('ZREM', KEYS[4], oldest)
     forget_queue(heads, sizes, oldest)
@@ -256,7 +285,7 @@ note_head(heads, KEYS[2])
 redis.call('ZADD', KEYS[4], now + ttl, KEYS[2])
 -- a backstop only: the sweep removes (and counts) expired queues long before this
 redis.call('PEXPIRE', KEYS[2], 2 * ttl + 60000)
-return {1, 1, dropped, expired, over_bytes, over_players}
+return {1, 1, dropped, expired, over_bytes, over_players, given_up_rerouted}
 """
 ROUTE_BODY = _ROUTE_LIVE + _ROUTE_QUEUE
 ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
@@ -283,13 +312,16 @@ REQUEUE = ROUTE_PREAMBLE + REQUEUE_BODY
 
 # KEYS: one shard's queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix,
 # queue-key prefix, missed retention ms. Removes queues whose every frame expired (the shard's,
-# named in its index); returns how many frames they held.
+# named in its index); returns {how many frames they held, of them copies routed again}.
 SWEEP = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
 local queues = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local expired = 0
+local expired, expired_rerouted = 0, 0
 for _, queue in ipairs(queues) do
   local held = redis.call('LLEN', queue)
   if held > 0 then
+    for _, item in ipairs(redis.call('LRANGE', queue, 0, -1)) do
+      if rerouted(item) then expired_rerouted = expired_rerouted + 1 end
+    end
     local player = string.sub(queue, string.len(ARGV[3]) + 1)
     redis.call('HINCRBY', ARGV[2] .. player, 'expired', held)
     redis.call('PEXPIRE', ARGV[2] .. player, ARGV[4])
@@ -299,27 +331,13 @@ for _, queue in ipairs(queues) do
   redis.call('ZREM', KEYS[1], queue)
   expired = expired + held
 end
-return expired
-"""
-
-# The connections of live gateways (forgetting the counters of dead ones).
-_LUA_LIVE_CONNECTIONS = """
-local function live_connections(gateways, counters)
-  local dead = redis.call('ZRANGEBYSCORE', gateways, '-inf', now)
-  for _, gateway in ipairs(dead) do redis.call('HDEL', counters, gateway) end
-  redis.call('ZREMRANGEBYSCORE', gateways, '-inf', now)
-  local total = 0
-  for _, gateway in ipairs(redis.call('ZRANGE', gateways, 0, -1)) do
-    total = total + (tonumber(redis.call('HGET', counters, gateway)) or 0)
-  end
-  return total
-end
+return {expired, expired_rerouted}
 """
 
 # KEYS: gateways, gateway connections, broadcast readers. Returns the connections of live
 # gateways that a broadcast reaches now: those registered as readers of their stream. A
 # gateway back from a partition heartbeats (and counts) before its reader is registered again.
-REACH = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+REACH = _LUA_NOW_MS + LUA_LIVE_CONNECTIONS + """
 live_connections(KEYS[1], KEYS[2])
 local total = 0
 for _, gateway in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -332,13 +350,13 @@ return total
 """
 
 # KEYS: gateways, gateway connections, players. Returns {players, connections}.
-CENSUS = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+CENSUS = _LUA_NOW_MS + LUA_LIVE_CONNECTIONS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 return {redis.call('ZCARD', KEYS[3]), live_connections(KEYS[1], KEYS[2])}
 """
 
 # KEYS: gateways, gateway connections. Returns the connections of live gateways (a cluster's census).
-CONNECTIONS = _LUA_NOW_MS + _LUA_LIVE_CONNECTIONS + """
+CONNECTIONS = _LUA_NOW_MS + LUA_LIVE_CONNECTIONS + """
 return live_connections(KEYS[1], KEYS[2])
 """
 
@@ -353,10 +371,13 @@ PRESENCE = _LUA_NOW_MS + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
-# KEYS: gateways, gateway connections. ARGV: ttl_ms, gateway, connections.
-HEARTBEAT = _LUA_NOW_MS + """
+# KEYS: gateways, gateway connections, and on a single server the gateway's stream. ARGV:
+# ttl_ms, gateway, connections, the heartbeat's number, stream length, stream ttl ms. The
+# stream is told the count was set ("=number", see `RedisRoster.counted_at`).
+HEARTBEAT = _LUA_NOW_MS + LUA_STREAM_APPEND + """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if KEYS[3] then stream_append(KEYS[3], ARGV[5], ARGV[6], {'c', '=' .. ARGV[4]}) end
 """
 
 # KEYS: queue, the player's shard's queue heads. ARGV: frame, expiry_ms, most items to look at.
@@ -450,8 +471,8 @@ class _CountKeeper:
 
 def _backlog(reply: list[bytes]) -> Backlog:
     """A TAKE_SEAT reply: the frames, then three counts."""
-    return Backlog(frames=list(reply[:-3]), expired=int(reply[-3]), missed_dropped=int(reply[-2]),
-                   missed_expired=int(reply[-1]))
+    return Backlog(frames=list(reply[:-4]), expired=int(reply[-4]), missed_dropped=int(reply[-3]),
+                   missed_expired=int(reply[-2]), expired_rerouted=int(reply[-1]))
 
 
 def gateway_of(seat_id: str) -> str:
@@ -465,10 +486,12 @@ class RedisRoster:
     def __init__(self, client: Client, keys: RedisKeys, gateway_id: str, *, max_conns_per_player: int,
                  max_queued: int, offline_ttl_s: float, presence_ttl_s: float,
                  max_offline_bytes: int = 0, max_offline_players: int = 0,
-                 sweep_interval_s: float = SWEEP_INTERVAL_S) -> None:
+                 sweep_interval_s: float = SWEEP_INTERVAL_S, stream_length: int = STREAM_LENGTH) -> None:
         """`max_offline_bytes`, `max_offline_players`: bounds on the cluster's queues together
         (0 = none); every gateway of a cluster should be given the same. With several
-        accounting shards (a Redis Cluster) each shard holds its share, rounded up."""
+        accounting shards (a Redis Cluster) each shard holds its share, rounded up.
+        `stream_length`: the broker's (-broker-stream-length), for the count entries
+        this roster appends to the gateway's stream on a single server."""
         self.max_conns_per_player = max_conns_per_player
         self.gateway_id = gateway_id
         self._client = client
@@ -482,6 +505,9 @@ class RedisRoster:
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._sweep_interval_ms = max(1, int(sweep_interval_s * 1000))
         self._seat_numbers = itertools.count(1)
+        self._stream_args = [stream_length, stream_ttl_ms(presence_ttl_s)]
+        self._heartbeat_numbers = itertools.count(1)
+        self._counted: dict[int, dict[str, str]] = {}  # heartbeat number -> the seats it counted (seat -> player)
         self._present: dict[str, set[str]] = {}  # player -> its seat ids here, for the heartbeat
         self._next_refresh_at = 0.0  # time.monotonic()
         self._count = _CountKeeper()
@@ -523,7 +549,7 @@ class RedisRoster:
         seat_keys = [keys.seats(player_id), keys.present(player_id), shard.queue(player_id), shard.missed(player_id),
                      shard.queue_index, shard.players, shard.queue_heads, shard.queue_sizes]
         if not self._cluster:
-            seat_keys.append(keys.gateway_connections)
+            seat_keys += [keys.gateway_connections, keys.stream(self.gateway_id)]
         return seat_keys
 
     def take_seat(self, seat: Seat) -> Backlog:
@@ -535,7 +561,8 @@ class RedisRoster:
                     # a backlog taken by a step whose answer is then lost would not be.
                     self._client.hincrby(self._keys.gateway_connections, self.gateway_id, 1)
                 reply = self._take_seat(keys=self._seat_keys(player),
-                                        args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player, 1])
+                                        args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player, 1,
+                                              *self._stream_args])
             self._present.setdefault(player, set()).add(seat.seat_id)
         return _backlog(reply)
 
@@ -544,11 +571,12 @@ class RedisRoster:
         player = seat.player_id
         leave_keys = [keys.seats(player), keys.present(player), keys.shard_of(player).players]
         if not self._cluster:
-            leave_keys.append(keys.gateway_connections)
+            leave_keys += [keys.gateway_connections, keys.stream(self.gateway_id)]
         with self._count.step():
             self._forget_seat(seat)
             with broker_errors("leave"):
-                left_at_ms = int(self._leave(keys=leave_keys, args=[seat.seat_id, self.gateway_id, player]))
+                left_at_ms = int(self._leave(keys=leave_keys,
+                                             args=[seat.seat_id, self.gateway_id, player, *self._stream_args]))
                 if self._cluster:
                     self._client.hincrby(keys.gateway_connections, self.gateway_id, -1)
         return left_at_ms
@@ -573,9 +601,9 @@ class RedisRoster:
 
     def _route_reply(self, reply: list, queue_if_offline: bool) -> Route:
         if int(reply[0]):
-            queued, dropped, expired, over_bytes, over_players = (int(value) for value in reply[1:])
+            queued, dropped, expired, over_bytes, over_players, rerouted = (int(value) for value in reply[1:])
             return Route(frozenset(), 0, queued=bool(queued), dropped=dropped, expired=expired,
-                         over_total_bytes=over_bytes, over_total_players=over_players)
+                         over_total_bytes=over_bytes, over_total_players=over_players, given_up_rerouted=rerouted)
         seats = reply[3:]
         if seats:
             seat_ids = frozenset(seat.decode() for seat in seats)
@@ -630,14 +658,18 @@ class RedisRoster:
             players = sum(int(self._players(keys=[shard.players])) for shard in keys.shards)
         return Census(players, int(connections))
 
-    def maintain(self) -> int:
+    def maintain(self) -> tuple[int, int]:
         """Sweep expired queues (one gateway at a time), shard by shard."""
+        expired = rerouted = 0
         with broker_errors("maintain"):
             if not self._client.set(self._keys.sweep_lock, self.gateway_id, nx=True, px=self._sweep_interval_ms):
-                return 0
-            return sum(int(self._sweep(keys=[shard.queue_index, shard.queue_heads, shard.queue_sizes],
-                                       args=[SWEEP_BATCH, shard.missed(""), shard.queue(""), _MISSED_RETENTION_MS]))
-                       for shard in self._keys.shards)
+                return 0, 0
+            for shard in self._keys.shards:
+                swept, swept_rerouted = self._sweep(keys=[shard.queue_index, shard.queue_heads, shard.queue_sizes],
+                                                    args=[SWEEP_BATCH, shard.missed(""), shard.queue(""),
+                                                          _MISSED_RETENTION_MS])
+                expired, rerouted = expired + int(swept), rerouted + int(swept_rerouted)
+        return expired, rerouted
 
     def refresh(self, force: bool = False) -> list[Seat]:
         """Every third of -presence-ttl (or now, when `force`d, or when this gateway's
@@ -655,9 +687,16 @@ class RedisRoster:
         self._next_refresh_at = time.monotonic() + self._presence_ttl_ms / 3000
         with self._count.setting():
             seats = [Seat(player, seat_id) for player, seat_ids in list(self._present.items()) for seat_id in seat_ids]
+            number = next(self._heartbeat_numbers)
+            heartbeat_keys = [self._keys.gateways, self._keys.gateway_connections]
+            if not self._cluster:
+                heartbeat_keys.append(self._keys.stream(self.gateway_id))
+                self._counted[number] = {seat.seat_id: seat.player_id for seat in seats}
+                while len(self._counted) > COUNTED_KEPT:
+                    del self._counted[min(self._counted)]
             with broker_errors("refresh"):
-                self._heartbeat(keys=[self._keys.gateways, self._keys.gateway_connections],
-                                args=[self._presence_ttl_ms, self.gateway_id, len(seats)])
+                self._heartbeat(keys=heartbeat_keys,
+                                args=[self._presence_ttl_ms, self.gateway_id, len(seats), number, *self._stream_args])
         with broker_errors("refresh"):
             if not seats:
                 return []
@@ -713,7 +752,8 @@ class RedisRoster:
                 # not counted again: the heartbeat before (`refresh`) wrote this gateway's count,
                 # and a broadcast's reach must never see a connection twice meanwhile
                 pipelined(pipeline, self._take_seat, self._seat_keys(seat.player_id),
-                          [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id, 0])
+                          [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id, 0,
+                           *self._stream_args])
             replies = pipeline.execute()
         backlogs: dict[str, Backlog] = {}
         for seat, reply in zip(seats, replies):
@@ -722,6 +762,18 @@ class RedisRoster:
                     or seat.player_id not in backlogs:
                 backlogs[seat.player_id] = backlog
         return backlogs
+
+    def counted_at(self, number: int) -> dict[str, str]:
+        """The seats (seat id -> player) the heartbeat numbered `number` set this gateway's
+        count to, as its stream's "=number" entry says (then forgotten, with older ones).
+        Kept for the last `COUNTED_KEPT` heartbeats; for an older one (a reader far
+        behind), the seats held now, which the next heartbeat's entry makes right."""
+        counted = self._counted.pop(number, None)
+        for older in [kept for kept in self._counted if kept < number]:
+            del self._counted[older]
+        if counted is None:
+            counted = {seat_id: player for player, seat_ids in self._present.items() for seat_id in seat_ids}
+        return counted
 
     def _forget_seat(self, seat: Seat) -> None:
         seat_ids = self._present.get(seat.player_id)

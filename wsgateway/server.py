@@ -134,7 +134,7 @@ class Gateway:
 
     def _use_redis(self, config: Config) -> None:
         """Shared roster, broker and rate limit: every gateway on this -broker acts as one."""
-        from wsgateway.broker_redis import RedisBroker
+        from wsgateway.broker_redis import RedisBroker, stream_ttl_ms
         from wsgateway.idempotency_redis import RedisIdempotencyStore
         from wsgateway.ratelimit_redis import RedisRateLimiter
         from wsgateway.redis_link import RedisKeys, broker_errors, create_client, is_cluster_url, new_gateway_id
@@ -147,13 +147,13 @@ class Gateway:
         settings = dict(max_conns_per_player=config.max_conns_per_player,
                         max_queued=config.max_queued, offline_ttl_s=config.offline_ttl_s,
                         presence_ttl_s=config.presence_ttl_s, max_offline_bytes=config.max_offline_bytes,
-                        max_offline_players=config.max_offline_players)
+                        max_offline_players=config.max_offline_players, stream_length=config.broker_stream_length)
         if keeps_history(config):
             from wsgateway.history_redis import HistoryRoster, RedisHistory
             history = self.history = RedisHistory(
                 client, keys, max_per_stream=config.history_size, ttl_s=config.history_ttl_s,
                 max_total_bytes=config.max_history_bytes, stream_length=config.broker_stream_length,
-                stream_ttl_s=2 * config.presence_ttl_s)  # the broker's stream expiry (RedisBroker)
+                stream_ttl_s=stream_ttl_ms(config.presence_ttl_s) / 1000)  # the broker's stream expiry
             roster: RedisRoster = HistoryRoster(client, keys, self.gateway_id, history=history, **settings)
         else:
             roster = RedisRoster(client, keys, self.gateway_id, **settings)
