@@ -45,6 +45,20 @@ def hold_leaves(roster, monkeypatch) -> gevent.event.Event:
     return leaving
 
 
+def hold_deliveries(broker, monkeypatch) -> gevent.event.Event:
+    """Make what the broker reads wait, before it is delivered, until the returned event
+    is set: an envelope or a broadcast travels slowly, past a connection's seat or leaving."""
+    gate = gevent.event.Event()
+    deliver = broker._deliver
+
+    def held_back(envelope):
+        gate.wait(TIMEOUT_S)
+        return deliver(envelope)
+
+    monkeypatch.setattr(broker, "_deliver", held_back)
+    return gate
+
+
 # --- 1. a publish racing a clean close ------------------------------------------------------------
 def test_message_reaching_a_gateway_after_its_connection_closed_is_queued_not_dropped(
         start_cluster_gateway, monkeypatch):
@@ -137,7 +151,7 @@ def test_a_broadcast_counted_for_a_closing_connection_reaches_the_players_next_o
 
 
 def test_a_broadcast_counted_for_a_connection_that_left_before_it_arrived_reaches_the_next_one(
-        start_cluster_gateway):
+        start_cluster_gateway, monkeypatch):
     """A broadcast sent while the player's connection was seated (so counted in its answer)
     that reaches the gateway only after that connection left: its copy is queued for the
     player's next connection (by the roster's clock, the seat left after it was sent)."""
@@ -148,15 +162,7 @@ def test_a_broadcast_counted_for_a_connection_that_left_before_it_arrived_reache
     token = publisher_side.tokens.player(21)
     leaving = player_side.connect(token)
     wait_for(lambda: publisher_side.gateway.roster.reach() == 1, what="the connection counted in a broadcast's reach")
-    broker = player_side.gateway.broker
-    gate = gevent.event.Event()
-    deliver = broker._deliver
-
-    def held_back(envelope):  # the broadcast travels slowly, past the connection's leaving
-        gate.wait(TIMEOUT_S)
-        return deliver(envelope)
-
-    broker._deliver = held_back
+    gate = hold_deliveries(player_side.gateway.broker, monkeypatch)  # the broadcast: past the leaving
     assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 1}
     leaving.close()
     wait_for(lambda: len(player_side.gateway.delivery._left) == 1, what="the seat left")
@@ -166,7 +172,8 @@ def test_a_broadcast_counted_for_a_connection_that_left_before_it_arrived_reache
 
 
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
-def test_a_broadcast_never_reaches_a_connection_seated_after_it_was_counted(start_cluster_gateway, flags):
+def test_a_broadcast_never_reaches_a_connection_seated_after_it_was_counted(start_cluster_gateway, monkeypatch,
+                                                                             flags):
     """A broadcast answered `delivered: 0` reaches the player's gateway only after the
     player's connection took its seat there: that connection was not counted, so it does
     not get it (the gateway's stream says where the seat was counted, after the broadcast)."""
@@ -175,15 +182,7 @@ def test_a_broadcast_never_reaches_a_connection_seated_after_it_was_counted(star
     publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL, *flags)
     server = publisher_side.tokens.server()
     token = publisher_side.tokens.player(21)
-    broker = player_side.gateway.broker
-    gate = gevent.event.Event()
-    deliver = broker._deliver
-
-    def held_back(envelope):  # the broadcast travels slowly, past the connection's seat
-        gate.wait(TIMEOUT_S)
-        return deliver(envelope)
-
-    broker._deliver = held_back
+    gate = hold_deliveries(player_side.gateway.broker, monkeypatch)  # the broadcast: past the seat
     assert publisher_side.broadcast(server, "all", 1).json == {"delivered": 0}
     late = player_side.connect(token)
     wait_for(lambda: publisher_side.gateway.roster.presence("21") == 1, what="the connection seated")
@@ -249,7 +248,7 @@ def test_a_broadcast_to_one_player_that_finds_its_connection_closing_is_never_qu
 
 
 @pytest.mark.parametrize("flags", [(), ("-history-size", "100")], ids=["plain", "history"])
-def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_gateway, flags):
+def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_gateway, monkeypatch, flags):
     """A message routed to the player's connection while a newer one of the same player took
     its seat on that gateway (the envelope still on its way) reaches the connection it was
     routed to and not the newer one, which had the queue's backlog instead: none of it is
@@ -261,15 +260,7 @@ def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_ga
     server = publisher_side.tokens.server()
     token = publisher_side.tokens.player(21)
     older = player_side.connect(token)
-    broker = player_side.gateway.broker
-    gate = gevent.event.Event()
-    deliver = broker._deliver
-
-    def held_back(envelope):  # the envelope travels slowly, past the newer connection's seat
-        gate.wait(TIMEOUT_S)
-        return deliver(envelope)
-
-    broker._deliver = held_back
+    gate = hold_deliveries(player_side.gateway.broker, monkeypatch)  # past the newer one's seat
     assert publisher_side.publish(server, 21, "routed", 1).json == {"delivered": 1, "queued": False}
     newer = player_side.connect(token)
     gate.set()
