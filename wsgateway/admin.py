@@ -156,8 +156,11 @@ class TokenAdmin:
 
     def _run(self, work: Callable[[Connection], T]) -> T:
         try:
-            with self._store.engine.begin() as connection:
-                return work(connection)
+            with self._store.engine.connect() as connection:
+                if not self._is_sqlite:  # the store reads in autocommit; a change is one transaction
+                    connection.execution_options(isolation_level="REPEATABLE READ")
+                with connection.begin():
+                    return work(connection)
         except DBAPIError as exc:
             error = _store_error(exc, self._store.sqlite_path)
             cause = exc.orig

@@ -112,7 +112,8 @@ class TcpForwarder:
     nothing is passed on until `resume()` (a network partition: no error, just silence).
     `reply_delay_s` (may be changed at any time): the server's answer to what the client
     sent waits this long first, once per turn however many reads it takes (a distant or
-    busy server: each round trip takes at least that)."""
+    busy server: each round trip takes at least that). `turns`: how many times the server
+    answered something the client had sent (round trips, counted across connections)."""
 
     def __init__(self, target: tuple[str, int], reply_delay_s: float = 0.0) -> None:
         self.target = target
@@ -122,6 +123,7 @@ class TcpForwarder:
         self.listener.listen(64)
         self.port: int = self.listener.getsockname()[1]
         self.is_cut = False
+        self.turns = 0
         self._flowing = gevent.event.Event()
         self._flowing.set()
         self._sockets: set[socket.socket] = set()
@@ -162,6 +164,7 @@ class TcpForwarder:
                     turn["asked"] = True
                 elif turn["asked"]:
                     turn["asked"] = False
+                    self.turns += 1
                     if self.reply_delay_s:
                         gevent.sleep(self.reply_delay_s)
                 self._flowing.wait()
