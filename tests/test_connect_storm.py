@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 from datetime import timedelta
 
-import pytest
 from gevent.pool import Pool
 from sqlalchemy import event, make_url, text
 
