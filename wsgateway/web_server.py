@@ -46,7 +46,6 @@ from urllib.parse import unquote_to_bytes
 import gevent
 import httptools
 from gevent import GreenletExit, pywsgi
-from gevent.pool import Pool
 from geventwebsocket.handler import WebSocketHandler
 
 from wsgateway.outbox import direct_socket
@@ -54,6 +53,7 @@ from wsgateway.errors import ClientError, Refusal
 from wsgateway.logs import redact
 from wsgateway.proxies import TrustedProxies
 from wsgateway.publishing import STATUS_LINES, PublishingRequest, Publishing
+from wsgateway.resident_pool import ResidentPool
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class WebServer(pywsgi.WSGIServer):
         """`backlog`: the accept queue when `listener` is an address to bind (None:
         gevent's 128); a socket given as `listener` listens already."""
         tls = {"ssl_context": ssl_context} if ssl_context is not None else {}
-        super().__init__(listener, application, handler_class=WebHandler, spawn=Pool(), log=None, backlog=backlog,
+        super().__init__(listener, application, handler_class=WebHandler, spawn=ResidentPool(), log=None, backlog=backlog,
                          error_log=logging.getLogger("wsgateway.http"), **tls)
         self.limits = limits
         self.publishing = publishing  # answers /publish, /publish/batch, /broadcast
