@@ -30,8 +30,10 @@ import greenlet  # noqa: E402
 sys.path.insert(0, PROJECT)
 
 from wsgateway.cli import main  # noqa: E402
+from wsgateway.resident_pool import ResidentPool  # noqa: E402
 
 _samples = 0
+_PARKED_IN = ResidentPool._work.__code__  # noqa: SLF001
 _libc = ctypes.CDLL("libc.so.6")
 
 
@@ -67,6 +69,10 @@ def write_stats() -> None:
     if tracemalloc.is_tracing() and os.environ.get("WS_SOAK_TRACE_DIR"):
         tracemalloc.take_snapshot().dump(os.path.join(os.environ["WS_SOAK_TRACE_DIR"], f"{_samples + 1}.trace"))
     _samples += 1
+    live = [item for item in gc.get_objects() if isinstance(item, greenlet.greenlet) and not item.dead]
+    # parked: waiting in ResidentPool._work for a job (the pool itself is in the frozen
+    # start-up heap, which gc.get_objects() does not list)
+    parked = sum(1 for item in live if item.gr_frame is not None and item.gr_frame.f_code is _PARKED_IN)
     rss_kib = resident_kib()
     _libc.malloc_trim(0)  # hand free heap pages back: what stays resident after it is really in use
     stats = {
@@ -81,8 +87,10 @@ def write_stats() -> None:
         "pymalloc_arenas": pymalloc_arenas(),
         # with PYTHONTRACEMALLOC=1: every byte Python allocated and still holds, large objects included
         "traced_kib": tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else None,
-        # minus the greenlet running this handler
-        "greenlets": sum(1 for item in gc.get_objects() if isinstance(item, greenlet.greenlet) and not item.dead) - 1,
+        # minus the greenlet running this handler, and those parked for the next connection
+        # (the web server's ResidentPool keeps up to MOST_PARKED; they are bounded, not a leak)
+        "greenlets": len(live) - 1 - parked,
+        "parked_greenlets": parked,
     }
     path = os.environ["WS_SOAK_STATS"]
     with open(path + ".tmp", "w", encoding="ascii") as handle:
