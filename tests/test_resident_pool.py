@@ -9,7 +9,7 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from tests.support import TIMEOUT_S
+from tests.support import TIMEOUT_S, wait_for
 from wsgateway.resident_pool import ResidentPool
 
 
@@ -81,8 +81,7 @@ def test_at_most_most_parked_greenlets_wait_for_work():
     gevent.sleep(0)
     release.set()
     pool.join(timeout=TIMEOUT_S)
-    gevent.sleep(0.01)  # the exits' links run in the next loop turns
-    assert sum(1 for worker in workers if not worker.dead) == 2
+    wait_for(lambda: sum(1 for worker in workers if not worker.dead) == 2, what="all but two greenlets to exit")
     pool.kill()
 
 
@@ -117,8 +116,7 @@ def test_a_job_handed_to_a_greenlet_that_died_meanwhile_still_runs(jobs):
     parked.kill(block=False)  # the kill reaches it in the next loop turn, before the job does
     for index in range(jobs):
         pool.spawn(ran.append, index)
-    pool.join(timeout=TIMEOUT_S)
-    gevent.sleep(0.01)
+    wait_for(lambda: len(ran) == jobs, what="every job to run")
     assert sorted(ran) == list(range(jobs))
     pool.kill()
 
