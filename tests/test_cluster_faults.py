@@ -270,6 +270,36 @@ def test_a_message_goes_only_to_the_connection_it_was_routed_to(start_cluster_ga
     assert receive_event(older) == {"event": "after", "payload": 2}
 
 
+def test_a_copy_routed_again_goes_to_one_newer_connection_per_connection_that_missed_it(
+        start_cluster_gateway, monkeypatch):
+    """One connection missed the copy (answered `delivered: 1`) and the player opened two
+    since: the copy routed again goes to one of them, not both (never received on more
+    connections than the answer said)."""
+    from tests.support.redis_server import REDIS_URL
+
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, REDIS_URL)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    older = player_side.connect(token)
+    wait_for(lambda: publisher_side.gateway.roster.presence("21") == 1, what="the older connection seated")
+    gate = hold_deliveries(player_side.gateway.broker, monkeypatch)
+    assert publisher_side.publish(server, 21, "early", 1).json == {"delivered": 1, "queued": False}
+    older.close()
+    wait_for(lambda: publisher_side.gateway.roster.presence("21") == 0, what="the older connection left")
+    newer = [publisher_side.connect(token), publisher_side.connect(token)]
+    gate.set()
+    wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the copy routed again")
+    assert publisher_side.publish(server, 21, "marker", 2).json == {"delivered": 2, "queued": False}
+    received = []
+    for client in newer:
+        events = [receive_event(client)]
+        if events[0]["payload"] == 1:
+            events.append(receive_event(client))
+        received.append(events)
+    assert sorted(len(events) for events in received) == [1, 2], received
+    assert all(events[-1] == {"event": "marker", "payload": 2} for events in received)
+
+
 def read_until_closed(client: RawClient) -> list[int]:
     """Close from the client side and read every text frame the gateway sent before its close."""
     client.send_frame(OP_CLOSE, b"\x03\xe8")

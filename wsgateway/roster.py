@@ -101,7 +101,8 @@ class Roster(Protocol):
         """A frame routed live to the seats `routed_to` found the connections of the seats
         `missed` (this gateway's) gone or closing: those seats stop counting as present,
         and the copy they missed is routed again, to a connection the player opened since
-        (a seat not in `routed_to`; never when `to_queue`, a broadcast's copy), or else to
+        (a seat not in `routed_to`, one per seat missed; never when `to_queue`, a
+        broadcast's copy), or else to
         the player's queue, for its next connection, even while other seats it was routed
         to are present (they got their own copies). Queued, it takes its place by
         `sent_at_ms` (when it was sent live), before what was queued for the player after

@@ -293,17 +293,24 @@ ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
 # KEYS and ARGV: ROUTE's, then the seats the frame was routed to and those of them that
 # missed it (their connection gone), each "\n"-joined, and whether it goes to the queue
 # whoever is present (1/0) (ARGV 10, 11, 12). The missed seats stop counting as present;
-# the frame goes live to seats taken since (not among those it was routed to), or else to
+# the frame goes live to seats taken since (not among those it was routed to), as many as
+# the seats that missed it (one copy each: `delivered` counted one per seat; the newest
+# first), or else to
 # the queue, whoever else is present (they had their copies). Replies as ROUTE.
 REQUEUE_BODY = """
 local routed = {}
 for seat in string.gmatch(ARGV[10], '[^\\n]+') do routed[seat] = true end
-for seat in string.gmatch(ARGV[11], '[^\\n]+') do redis.call('ZREM', KEYS[1], seat) end
+local copies = 0
+for seat in string.gmatch(ARGV[11], '[^\\n]+') do
+  redis.call('ZREM', KEYS[1], seat)
+  copies = copies + 1
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local newer = {0, 0, 0}
 if ARGV[12] ~= '1' then
-  for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    if not routed[seat] then newer[#newer + 1] = seat end
+  -- the newest first: the likeliest to have been sent nothing yet (see Delivery._admit_rerouted)
+  for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1, 'REV')) do
+    if not routed[seat] and #newer - 3 < copies then newer[#newer + 1] = seat end
   end
 end
 if #newer > 3 or ARGV[2] == '0' then return newer end
