@@ -636,9 +636,13 @@ class Soak:
         # gone, were routed again to the queue and given up there (counted apart by the
         # gateway): those are what the live copies not received are reconciled with, and the
         # rest with the messages answered `queued` not received. Each side must match exactly.
-        rerouted_given_up = int(metric("ws_messages_rerouted_given_up_total"))
+        # The others were given up, counted, because the newer connection they were routed
+        # to had been sent a later message first (`out_of_order`): live copies too.
+        given_up_in_queue = int(metric("ws_messages_rerouted_given_up_total", reason="in_queue"))
+        given_up_out_of_order = int(metric("ws_messages_rerouted_given_up_total", reason="out_of_order"))
+        rerouted_given_up = given_up_in_queue + given_up_out_of_order
         live_unaccounted = lost_live - rerouted_given_up
-        unaccounted = lost_queued - (int(dropped_offline) - rerouted_given_up)
+        unaccounted = lost_queued - (int(dropped_offline) - given_up_in_queue)
         losses = max(0, live_unaccounted) + max(0, unaccounted)
         result = {
             "duration_s": round(sum(round_["traffic_s"] for round_ in rounds), 1),
@@ -659,6 +663,7 @@ class Soak:
             "unaccounted_drops": unaccounted,
             "live_copies_not_received": lost_live,
             "rerouted_given_up_metrics": rerouted_given_up,
+            "rerouted_given_up_out_of_order": given_up_out_of_order,
             "live_unaccounted": live_unaccounted,
             "live_lost_with_redis": live_lost_with_redis,
             "reorder_examples": reorder_examples,
@@ -811,7 +816,8 @@ def main() -> int:
           f"{result['queued_dropped_metrics']}")
     print(f"  losses: {result['losses']}, duplicates: {result['duplicates']}, reordered: {result['reordered']}")
     print(f"  live copies not received: {result['live_copies_not_received']}, of which given up after being routed "
-          f"again (metrics): {result['rerouted_given_up_metrics']}, unaccounted: {result['live_unaccounted']}; "
+          f"again (metrics): {result['rerouted_given_up_metrics']} ({result['rerouted_given_up_out_of_order']} of them "
+          f"out of order), unaccounted: {result['live_unaccounted']}; "
           f"queued not received minus their counted drops: {result['unaccounted_drops']}")
     for example in result["reorder_examples"]:
         print(f"  reordered: {example}")
