@@ -393,6 +393,50 @@ def test_a_copy_routed_again_goes_to_one_newer_connection_per_connection_that_mi
     assert all(events[-1] == {"event": "marker", "payload": 2} for events in received)
 
 
+def test_a_backlog_restored_for_a_connection_that_closed_meanwhile_keeps_its_place_in_the_queue(
+        start_cluster_gateway, private_redis, monkeypatch):
+    """After FLUSHALL a message is queued while the player is connected; the heartbeat
+    writes the seat back and takes that backlog for the connection, which closes just then,
+    while a later message reaches the closed connection and is queued as its copy: the
+    restored backlog goes back to the front of the queue, so the next connection gets both
+    in publish order (routed again one by one, it went behind the later one)."""
+    publisher_side, player_side = cluster_pair(start_cluster_gateway, private_redis.url)
+    server = publisher_side.tokens.server()
+    token = publisher_side.tokens.player(21)
+    client = player_side.connect(token)
+    wait_for(lambda: publisher_side.gateway.roster.presence("21") == 1, what="the connection seated")
+    roster = player_side.gateway.roster
+    leaving = hold_leaves(roster, monkeypatch)  # the closed connection's seat stays present
+    heartbeats = gevent.event.Event()
+    original_refresh, original_restore = roster.refresh, roster.restore
+
+    def refresh_when_allowed(force=False):
+        heartbeats.wait(TIMEOUT_S)
+        return original_refresh(force)
+
+    def restore_as_the_connection_closes(seats):
+        backlogs = original_restore(seats)
+        client.close()
+        wait_for(lambda: player_side.gateway.hub.count_of("21") == 0, what="the connection closing")
+        assert publisher_side.publish(server, 21, "later", 2).json == {"delivered": 1, "queued": False}
+        wait_for(lambda: player_side.metric("ws_messages_rerouted_total") == 1, what="the later copy queued")
+        return backlogs
+
+    monkeypatch.setattr(roster, "refresh", refresh_when_allowed)
+    monkeypatch.setattr(roster, "restore", restore_as_the_connection_closes)
+    direct = redis.Redis.from_url(private_redis.url)
+    direct.flushall()
+    assert publisher_side.publish(server, 21, "parked", 1).json == {"delivered": 0, "queued": True}
+    heartbeats.set()
+    queue = roster._keys.shard_of("21").queue("21")
+    wait_for(lambda: direct.llen(queue) == 2, what="both messages back in the queue")
+    leaving.set()
+    wait_for(lambda: player_side.metric("ws_active_connections") == 0, what="the close finished")
+    again = publisher_side.connect(token)
+    assert receive_event(again) == {"event": "parked", "payload": 1}
+    assert receive_event(again) == {"event": "later", "payload": 2}
+
+
 def read_until_closed(client: RawClient) -> list[int]:
     """Close from the client side and read every text frame the gateway sent before its close."""
     client.send_frame(OP_CLOSE, b"\x03\xe8")

@@ -289,11 +289,25 @@ class Delivery:
                     else:
                         self._reroute_parked(seat, parked)
                     self._release(connection, frames)
-            closed = {seat.player_id: seat.seat_id for seat, connection in held if not connection.is_open}
             for player_id, backlog in backlogs.items():  # the connection it was for closed meanwhile
-                for frame in backlog.frames:  # to a connection of the player's, or back to its queue
-                    self._reroute(player_id, Envelope(frame, player_id), frozenset((closed[player_id],)),
-                                  rerouted_by=f"{self.roster.gateway_id} restore")  # not in its reader's order
+                self._return_backlog(player_id, backlog)
+
+    def _return_backlog(self, player_id: str, backlog: Backlog) -> None:
+        """A backlog restored for a connection that closed meanwhile goes back to the
+        front of the player's queue, in its order (routed again one by one, it went behind
+        what was queued since, and behind a later live message queued as its copy)."""
+        self._count_expired(backlog)
+        try:
+            dropped, rerouted = self.roster.return_backlog(player_id, backlog.frames)
+        except BrokerUnavailable as exc:
+            self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc(len(backlog.frames))
+            log.warning("backlog for a closed connection given up: broker unavailable",
+                        extra={"event": "reroute_failed", "player_id": player_id, "detail": str(exc)})
+            return
+        if dropped:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(dropped)
+        if rerouted:
+            self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_IN_QUEUE).inc(rerouted)
 
     def _after_backlog(self, seat: Seat, connection: HeldConnection, had_messages: bool,
                        parked: list[Envelope]) -> list[bytes]:
@@ -501,12 +515,11 @@ class Delivery:
             left.popleft()
 
     def _reroute(self, player_id: str, envelope: Envelope, missed: frozenset[str],
-                 every_seat_had_it: bool = False, rerouted_by: str = "") -> None:
+                 every_seat_had_it: bool = False) -> None:
         """Route again the copy the seats `missed` did not take: to a seat taken since it
-        was routed (one per seat missed), or to the player's queue (`every_seat_had_it`, a
-        broadcast: to the queue). `rerouted_by`: what it is marked as routed again by
-        (`Envelope.rerouted_by`; this gateway's id when "", for the copies its stream
-        reader routes again, in the order it reads them)."""
+        was routed (one per seat missed, marked as routed again by this gateway:
+        `Envelope.rerouted_by`), or to the player's queue (`every_seat_had_it`, a
+        broadcast: to the queue)."""
         try:
             stamped = envelope.stamped if isinstance(envelope.stamped, Stamped) else None
             route = self.roster.requeue(player_id, envelope.frame, envelope.seats or frozenset(), missed,
@@ -516,7 +529,7 @@ class Delivery:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
                                               stamped=envelope.stamped, event_id=envelope.event_id,
                                               seats=route.seats, live_only=envelope.live_only,
-                                              rerouted_by=rerouted_by or self.roster.gateway_id))
+                                              rerouted_by=self.roster.gateway_id))
         except BrokerUnavailable as exc:
             self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc()
             log.warning("message for a closed connection given up: broker unavailable",

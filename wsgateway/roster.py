@@ -127,6 +127,13 @@ class Roster(Protocol):
         """Make lost seats present again; returns, by player, what was queued meanwhile
         (as `take_seat` would): it belongs to the connections that were there all along."""
 
+    def return_backlog(self, player_id: str, frames: list[bytes]) -> tuple[int, int]:
+        """Put back a backlog `restore` took for a connection that closed meanwhile, at
+        the front of the player's queue and in its order: everything in it was queued
+        before anything queued since, and before any message routed live since. Past
+        `-max-queued` its oldest are given up (counted like any queue overflow). Returns
+        how many were given up, and of them the copies routed again."""
+
     def presence(self, player_id: str) -> int:
         """The player's connections on every gateway that took their seat: those a
         message would reach now (in Redis, a closing one counts until its handshake ends)."""
@@ -204,6 +211,9 @@ class LocalRoster:
 
     def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
         return {}
+
+    def return_backlog(self, player_id: str, frames: list[bytes]) -> tuple[int, int]:
+        return 0, 0  # never asked: nothing is restored in process
 
     def presence(self, player_id: str) -> int:
         return self._hub.count_of(player_id)

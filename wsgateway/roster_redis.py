@@ -317,6 +317,45 @@ if #newer > 3 or ARGV[2] == '0' then return newer end
 """ + _ROUTE_QUEUE
 REQUEUE = ROUTE_PREAMBLE + REQUEUE_BODY
 
+# KEYS: queue, missed, the player's shard's queue index, queue heads, queue sizes. ARGV:
+# offline_ttl_ms, max_queued, missed retention ms, then the frames of a backlog `restore` took
+# for a connection that closed meanwhile (`RedisRoster.return_backlog`). They go back to the
+# front of the queue, in their order, each with an expiry just before the current head's (or
+# now + ttl for an empty queue), thousandths apart: the queue stays in expiry order, and none
+# outlives what the head it was queued before allows. Past max_queued the oldest are given up.
+# Returns {given up, of them the copies routed again}.
+RETURN_BACKLOG = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
+local queue, heads, sizes = KEYS[1], KEYS[4], KEYS[5]
+local ttl = tonumber(ARGV[1])
+local head = redis.call('LINDEX', queue, 0)
+local first = (now + ttl) * 1000
+if head then first = math.floor(tonumber(string.sub(head, 1, string.find(head, ':', 1, true) - 1)) * 1000) end
+local count = #ARGV - 3
+for index = count, 1, -1 do
+  local stamp = first - (count - index + 1)
+  local item = string.format('%d.%03d', math.floor(stamp / 1000), stamp % 1000) .. ':' .. ARGV[index + 3]
+  redis.call('LPUSH', queue, item)
+  resize(sizes, queue, item_size(item))
+end
+local dropped, dropped_rerouted = 0, 0
+while redis.call('LLEN', queue) > tonumber(ARGV[2]) do
+  local gone = redis.call('LPOP', queue)
+  resize(sizes, queue, -item_size(gone))
+  if rerouted(gone) then dropped_rerouted = dropped_rerouted + 1 end
+  dropped = dropped + 1
+end
+if dropped > 0 then
+  redis.call('HINCRBY', KEYS[2], 'dropped', dropped)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+note_head(heads, queue)
+if not head then
+  redis.call('ZADD', KEYS[3], now + ttl, queue)
+  redis.call('PEXPIRE', queue, 2 * ttl + 60000)
+end
+return {dropped, dropped_rerouted}
+"""
+
 # KEYS: one shard's queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix,
 # queue-key prefix, missed retention ms. Removes queues whose every frame expired (the shard's,
 # named in its index); returns {how many frames they held, of them copies routed again}.
@@ -532,6 +571,7 @@ class RedisRoster:
         self._requeue = client.register_script(REQUEUE)
         self._extend = client.register_script(EXTEND)
         self._settle = client.register_script(SETTLE)
+        self._return_backlog = client.register_script(RETURN_BACKLOG)
 
     @property
     def queueing(self) -> bool:
@@ -769,6 +809,17 @@ class RedisRoster:
                     or seat.player_id not in backlogs:
                 backlogs[seat.player_id] = backlog
         return backlogs
+
+    def return_backlog(self, player_id: str, frames: list[bytes]) -> tuple[int, int]:
+        if not frames:
+            return 0, 0
+        shard = self._keys.shard_of(player_id)
+        with broker_errors("return backlog"):
+            dropped, rerouted = self._return_backlog(
+                keys=[shard.queue(player_id), shard.missed(player_id), shard.queue_index, shard.queue_heads,
+                      shard.queue_sizes],
+                args=[self._offline_ttl_ms, self._max_queued, _MISSED_RETENTION_MS, *frames])
+        return int(dropped), int(rerouted)
 
     def counted_at(self, number: int) -> dict[str, str]:
         """The seats (seat id -> player) the heartbeat numbered `number` set this gateway's
