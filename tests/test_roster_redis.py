@@ -480,3 +480,16 @@ def test_a_requeued_frame_settled_at_the_front_is_the_queues_head_in_the_account
     assert client.zscore(shard.queue_heads, shard.queue("p")) == sent_at_ms + 60_000 - 1
     _, backlog = seat(roster, "p")
     assert backlog.frames == [b"late", b"published-after"]
+
+
+def test_a_returned_backlog_goes_before_what_was_queued_since_and_its_oldest_give_way(redis_url, redis_prefix):
+    """A backlog put back (its connection closed as it was restored) goes to the front of the
+    queue, in its order; past -max-queued its oldest are given up, counted, as the next
+    connection's missed-notice counts say too."""
+    roster = make_roster(redis_url, redis_prefix, max_queued=4)
+    assert roster.route("p", b"later", True).queued
+    assert roster.return_backlog("p", [b"b1", b"b2", b"b3"]) == (0, 0)
+    assert roster.return_backlog("p", [b"a1", b"a2"]) == (2, 0)
+    _, backlog = seat(roster, "p")
+    assert backlog.frames == [b"b1", b"b2", b"b3", b"later"]
+    assert (backlog.missed_dropped, backlog.expired) == (2, 0)

@@ -37,6 +37,11 @@ class Envelope(NamedTuple):
     gateway's connections its broadcast count holds, at this point of what it receives;
     `COUNTED_BROADCAST` on a broadcast: it was counted for exactly those connections;
     `UNCOUNTED_BROADCAST`: for none of them (this gateway was not counted in its answer).
+    `rerouted_by`: on a copy routed again after its connection closed (`Delivery._reroute`),
+    the gateway that routed it again (its copies keep their order among themselves); ""
+    on a message routed once. The receiving gateway hands such a copy only to a
+    connection that has been sent nothing of its player's since it opened but copies
+    rerouted by that same gateway (a later message sent first would put it out of order).
 
     A `frame` that is a WebSocket close frame asks the receiving gateways to close the
     player's connections with its code (`Delivery.close_player`, `POST /disconnect`):
@@ -53,6 +58,7 @@ class Envelope(NamedTuple):
     seats: frozenset[str] | None = None
     live_only: bool = False
     count_change: str = ""
+    rerouted_by: str = ""
 
 
 Deliver = Callable[[Envelope], object]

@@ -87,6 +87,7 @@ _GATEWAYS_FIELD = b"g"  # the other gateways a player envelope went to (when it 
 _ID_FIELD = b"i"  # the message's id, when the gateways keep a history (history_redis writes it too)
 _SEATS_FIELD = b"s"  # the seats a player envelope was routed to, "\n"-joined (history_redis writes it too)
 _LIVE_ONLY_FIELD = b"l"  # present (b"1") on an envelope for live connections only
+_REROUTED_BY_FIELD = b"r"  # on a copy routed again: the gateway that routed it again (Envelope.rerouted_by)
 # What a gateway's broadcast count does at this point of its stream (single server only),
 # so that the reader knows, entry by entry, exactly which of its connections a broadcast
 # was counted for: "0" (the stream was created: Redis counts none of this gateway's
@@ -153,7 +154,8 @@ end
 
 # KEYS: the streams. ARGV: max length, stream ttl ms, wire form, the gateways it goes to
 # ('' when only one), the message's id ('' without history), the seats it goes to ('' for
-# none named), '1' for live connections only (else ''). For a stream that does not exist
+# none named), '1' for live connections only (else ''), the gateway that routed it again ('' for
+# a message routed once). For a stream that does not exist
 # (its reader not yet back after Redis lost it, or gone): created as LUA_STREAM_APPEND does.
 CREATE_AND_PUBLISH = LUA_STREAM_APPEND + """
 local fields = {'e', ARGV[3]}
@@ -161,6 +163,7 @@ if ARGV[4] ~= '' then table.insert(fields, 'g') table.insert(fields, ARGV[4]) en
 if ARGV[5] ~= '' then table.insert(fields, 'i') table.insert(fields, ARGV[5]) end
 if ARGV[6] ~= '' then table.insert(fields, 's') table.insert(fields, ARGV[6]) end
 if ARGV[7] ~= '' then table.insert(fields, 'l') table.insert(fields, ARGV[7]) end
+if ARGV[8] ~= '' then table.insert(fields, 'r') table.insert(fields, ARGV[8]) end
 for _, stream in ipairs(KEYS) do
   stream_append(stream, ARGV[1], ARGV[2], fields)
 end
@@ -319,6 +322,8 @@ class RedisBroker:
                     fields[_SEATS_FIELD] = "\n".join(sorted(envelope.seats)).encode()
                 if envelope.live_only:
                     fields[_LIVE_ONLY_FIELD] = b"1"
+                if envelope.rerouted_by:
+                    fields[_REROUTED_BY_FIELD] = envelope.rerouted_by.encode("utf-8", "surrogatepass")
                 self._append([self._keys.stream(gateway) for gateway in gateways], fields)
             elif self._cluster:
                 readers = [reader.decode() for reader in self._readers(keys=[self._keys.streams],
@@ -348,7 +353,7 @@ class RedisBroker:
         if missing:
             args = [self._stream_length, self._stream_ttl_ms, fields[_FIELD], fields.get(_GATEWAYS_FIELD, b""),
                     fields.get(_ID_FIELD, b""), fields.get(_SEATS_FIELD, b""),
-                    fields.get(_LIVE_ONLY_FIELD, b"")]
+                    fields.get(_LIVE_ONLY_FIELD, b""), fields.get(_REROUTED_BY_FIELD, b"")]
             for keys in ([stream] for stream in missing) if self._cluster else [missing]:
                 self._create_and_publish(keys=keys, args=args)
 
@@ -441,7 +446,9 @@ class RedisBroker:
             envelope = envelope._replace(gateways=frozenset(gateways.decode().split("\n")) if gateways
                                          else frozenset((self.gateway_id,)), sent_at_ms=_stream_id(entry_id)[0],
                                          seats=frozenset(seats.decode().split("\n")) if seats else None,
-                                         live_only=_LIVE_ONLY_FIELD in fields)
+                                         live_only=_LIVE_ONLY_FIELD in fields,
+                                         rerouted_by=fields.get(_REROUTED_BY_FIELD, b"").decode("utf-8",
+                                                                                             "surrogatepass"))
         else:
             envelope = envelope._replace(sent_at_ms=_stream_id(entry_id)[0],
                                          count_change=count.decode() if count is not None else "")

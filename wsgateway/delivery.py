@@ -14,9 +14,12 @@ What `delivered` promises across processes: the message was routed to that many
 connections, named by their seats, and each one's gateway sends it to that connection
 (and to no other of the player's: one opened since took the queue's backlog instead) or,
 when the connection closed while the message travelled, routes that copy again
-(`Roster.requeue`): to a connection the player opened since, or to the player's offline
-queue for its next connection, like any message for an offline player. Nothing routed
-live is dropped without being counted. Presence the
+(`Roster.requeue`): to a connection the player opened since (one per connection that
+missed it), or to the player's offline queue for its next connection, like any message
+for an offline player. A copy routed again never arrives after a later message of its
+player's: a connection takes it only while it has been sent nothing of its player's but
+such copies from the same gateway (`_admit_rerouted`); else it is given up, counted
+(`rerouted_out_of_order`). Nothing routed live is dropped without being counted. Presence the
 shared roster lost (Redis restarted, flushed, or evicted a key) is written back within
 one heartbeat (`reassert_presence`), and what was queued meanwhile for a player who was
 connected all along goes to that connection, before any later live message.
@@ -47,8 +50,9 @@ from wsgateway.frames import OP_CLOSE, close_frame
 from wsgateway.history import MISSED_EVENT, REASON_OFF, History, Stamped, StreamPoint, missed_notice, restamp
 from wsgateway.hub import Deliverable, Hub
 from wsgateway.metrics import (DROP_CONNECTION_GONE, DROP_OFFLINE_BYTES_LIMIT, DROP_OFFLINE_DISABLED,
-                               DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_OFFLINE_PLAYERS_LIMIT, DROP_SLOW_CONSUMER,
-                               RESUME_MISSED, RESUME_RECOVERED, GatewayMetrics)
+                               DROP_OFFLINE_EXPIRED, DROP_OFFLINE_FULL, DROP_OFFLINE_PLAYERS_LIMIT,
+                               DROP_REROUTED_OUT_OF_ORDER, DROP_SLOW_CONSUMER, GIVEN_UP_IN_QUEUE,
+                               GIVEN_UP_OUT_OF_ORDER, RESUME_MISSED, RESUME_RECOVERED, GatewayMetrics)
 from wsgateway.offline import Backlog
 from wsgateway.protocol import event_frame
 from wsgateway.roster import Roster, Route, Seat
@@ -99,6 +103,12 @@ class Delivery:
         # seat id -> player: the seats this gateway's broadcast count holds, as far as its
         # stream has been read (a broker that counts broadcasts per gateway, see `_count_changed`)
         self._counted: dict[str, str] = {}
+        # The connections that have been sent nothing of their player's since they opened
+        # but copies routed again by one gateway: player -> {seat id: that gateway, "" for
+        # none yet}. Only these take a copy routed again (see `_admit_rerouted`).
+        self._fresh: dict[str, dict[str, str]] = {}
+        # seat id -> the copies routed again that came for it while its backlog was taken
+        self._taking: dict[str, list[Envelope]] = {}
         self._restoring = BoundedSemaphore()  # one presence restoration at a time (each holds sockets)
         broker.start(self._receive)
 
@@ -158,6 +168,8 @@ class Delivery:
         connection.hold()
         self.hub.add(connection)
         self._seated[seat.seat_id] = connection  # what is routed to the seat from now on is held for it
+        self._fresh.setdefault(seat.player_id, {})[seat.seat_id] = ""
+        self._taking[seat.seat_id] = []
         try:
             backlog = self.roster.take_seat(seat)
             replay = self.history.replay(seat.player_id, last_event_id) \
@@ -166,23 +178,31 @@ class Delivery:
                 self.history.note_taken(seat.player_id)
         except BaseException:
             self._seated.pop(seat.seat_id, None)
+            self._taking.pop(seat.seat_id, None)
+            self._not_fresh(seat.player_id, seat.seat_id)
             self.hub.remove(connection)
             raise
         self.metrics.connection_opened()
+        parked = self._taking.pop(seat.seat_id, [])
+        if parked and not connection.is_open:  # it closed while its backlog was taken
+            parked = self._reroute_parked(seat, parked)
         if replay is None:
             frames = self._backlog_frames(backlog)
             if last_event_id:  # asked to resume, and there is no history to resume from
                 self.metrics.resumes.labels(RESUME_MISSED).inc()
                 frames = [missed_notice(REASON_OFF, None, len(frames)), *frames]
-            self._release(connection, frames)
+            self._release(connection, [*frames, *self._after_backlog(seat, connection, bool(backlog.frames), parked)])
             return
         self._count_expired(backlog)
         if last_event_id:
             self.metrics.resumes.labels(RESUME_RECOVERED if replay.recovered else RESUME_MISSED).inc()
-        self._release(connection, replay.frames, replay.replayed, replay.through)
+        self._release(connection, [*replay.frames, *self._after_backlog(seat, connection, bool(replay.frames), parked)],
+                      replay.replayed, replay.through)
 
     def disconnect(self, connection: Deliverable, seat: Seat) -> None:
         self._seated.pop(seat.seat_id, None)
+        self._taking.pop(seat.seat_id, None)
+        self._not_fresh(seat.player_id, seat.seat_id)
         self._leaving[seat.seat_id] = seat.player_id  # still counted in the roster until it left
         self._forget(connection)
         try:
@@ -204,7 +224,7 @@ class Delivery:
         if expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(expired)
         if rerouted:
-            self.metrics.messages_rerouted_given_up.inc(rerouted)
+            self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_IN_QUEUE).inc(rerouted)
 
     def _to_player(self, player_id: str, frame: bytes, queue_if_offline: bool, batched: bool) -> Outcome:
         try:
@@ -234,7 +254,7 @@ class Delivery:
         if route.queueing_off:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_DISABLED).inc()
         if route.given_up_rerouted:
-            self.metrics.messages_rerouted_given_up.inc(route.given_up_rerouted)
+            self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_IN_QUEUE).inc(route.given_up_rerouted)
 
     def reassert_presence(self, force: bool = False) -> None:
         """Refresh this gateway's presence when due (now, when `force`d: after the broker
@@ -252,19 +272,74 @@ class Delivery:
                     if (connection := self._seated.get(seat.seat_id)) is not None and connection.is_open]
             if not held:
                 return
-            for _, connection in held:
+            for seat, connection in held:
                 connection.hold()
+                self._taking[seat.seat_id] = []
             backlogs: dict[str, Backlog] = {}
             try:
                 backlogs = self.roster.restore([seat for seat, _ in held])
             finally:
                 for seat, connection in held:
+                    parked = self._taking.pop(seat.seat_id, [])
                     backlog = backlogs.pop(seat.player_id, None) if connection.is_open else None
-                    self._release(connection, self._backlog_frames(backlog) if backlog is not None else [])
-            closed = {seat.player_id: seat.seat_id for seat, connection in held if not connection.is_open}
+                    frames = self._backlog_frames(backlog) if backlog is not None else []
+                    if connection.is_open:
+                        frames += self._after_backlog(seat, connection, backlog is not None and bool(backlog.frames),
+                                                      parked)
+                    else:
+                        self._reroute_parked(seat, parked)
+                    self._release(connection, frames)
             for player_id, backlog in backlogs.items():  # the connection it was for closed meanwhile
-                for frame in backlog.frames:  # to a connection of the player's, or back to its queue
-                    self._reroute(player_id, Envelope(frame, player_id), frozenset((closed[player_id],)))
+                self._return_backlog(player_id, backlog)
+
+    def _return_backlog(self, player_id: str, backlog: Backlog) -> None:
+        """A backlog restored for a connection that closed meanwhile goes back to the
+        front of the player's queue, in its order (routed again one by one, it went behind
+        what was queued since, and behind a later live message queued as its copy)."""
+        self._count_expired(backlog)
+        try:
+            dropped, rerouted = self.roster.return_backlog(player_id, backlog.frames)
+        except BrokerUnavailable as exc:
+            self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc(len(backlog.frames))
+            log.warning("backlog for a closed connection given up: broker unavailable",
+                        extra={"event": "reroute_failed", "player_id": player_id, "detail": str(exc)})
+            return
+        if dropped:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(dropped)
+        if rerouted:
+            self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_IN_QUEUE).inc(rerouted)
+
+    def _after_backlog(self, seat: Seat, connection: HeldConnection, had_messages: bool,
+                       parked: list[Envelope]) -> list[bytes]:
+        """What of the copies routed again `parked` for `seat` while its backlog was taken
+        (connect, restore) follows the backlog: none when the backlog `had_messages` (they
+        may be later than those copies, which are given up, counted), else all of them."""
+        if not had_messages:
+            return [envelope.stamped if envelope.stamped is not None and connection.wants_ids else envelope.frame
+                    for envelope in parked]
+        self._not_fresh(seat.player_id, seat.seat_id)
+        if parked:
+            self._give_up_out_of_order(len(parked))
+        return []
+
+    def _reroute_parked(self, seat: Seat, parked: list[Envelope]) -> list[Envelope]:
+        """The connection of `seat` closed while copies were `parked` for it: each is
+        routed again, as any copy its connection missed; nothing is left for it."""
+        for envelope in parked:
+            self._reroute(seat.player_id, envelope, frozenset((seat.seat_id,)))
+        return []
+
+    def _not_fresh(self, player_id: str, seat_id: str) -> None:
+        """The seat's connection was sent a message of its player's, or is gone."""
+        fresh = self._fresh.get(player_id)
+        if fresh is not None:
+            fresh.pop(seat_id, None)
+            if not fresh:
+                del self._fresh[player_id]
+
+    def _give_up_out_of_order(self, copies: int) -> None:
+        self.metrics.messages_dropped.labels(DROP_REROUTED_OUT_OF_ORDER).inc(copies)
+        self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_OUT_OF_ORDER).inc(copies)
 
     def _backlog_frames(self, backlog: Backlog) -> list[bytes]:
         """What a connection taking `backlog` is sent first (expired ones counted)."""
@@ -280,7 +355,7 @@ class Delivery:
         if backlog.expired:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_EXPIRED).inc(backlog.expired)
         if backlog.expired_rerouted:
-            self.metrics.messages_rerouted_given_up.inc(backlog.expired_rerouted)
+            self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_IN_QUEUE).inc(backlog.expired_rerouted)
 
     def _release(self, connection: HeldConnection, frames: list[bytes],
                  replayed: frozenset[str] = frozenset(), through: StreamPoint | None = None) -> None:
@@ -318,20 +393,54 @@ class Delivery:
         or closing are routed again."""
         mine = f"{self.roster.gateway_id}/"
         connections: list[HeldConnection] = []
+        seated: list[str] = []
         missed: list[str] = []
         for seat_id in seats:
             if seat_id.startswith(mine):
                 connection = self._seated.get(seat_id)
                 if connection is not None and connection.is_open:
                     connections.append(connection)
+                    seated.append(seat_id)
                 else:
                     missed.append(seat_id)
+        if envelope.rerouted_by:
+            connections = self._admit_rerouted(player_id, envelope, seated, connections)
+        elif player_id in self._fresh:
+            for seat_id in seated:
+                self._not_fresh(player_id, seat_id)
         delivered = self.hub.deliver_to(connections, envelope.frame, envelope.batched, envelope.stamped) \
             if connections else 0
         self.metrics.messages_delivered.inc(delivered)
         if missed:
             self._reroute(player_id, envelope, frozenset(missed))
         return delivered
+
+    def _admit_rerouted(self, player_id: str, envelope: Envelope, seat_ids: list[str],
+                        connections: list[HeldConnection]) -> list[HeldConnection]:
+        """Of the connections a copy routed again came for (seats taken after it was first
+        routed), those it is sent to now. It may only go where it cannot arrive after a
+        later message of its player's: to a connection sent nothing of its player's yet but
+        copies routed again by the same gateway (they keep their order among themselves).
+        A connection whose backlog is being taken gets it behind that backlog, if the
+        backlog holds no message (`_after_backlog`). Any other copy is given up, counted
+        (`ws_messages_rerouted_given_up_total{reason="out_of_order"}`)."""
+        fresh = self._fresh.get(player_id, {})
+        admitted: list[HeldConnection] = []
+        given_up = 0
+        for seat_id, connection in zip(seat_ids, connections):
+            origin = fresh.get(seat_id)
+            if origin is None or origin not in ("", envelope.rerouted_by):
+                given_up += 1
+                continue
+            fresh[seat_id] = envelope.rerouted_by
+            parked = self._taking.get(seat_id)
+            if parked is None:
+                admitted.append(connection)
+            else:
+                parked.append(envelope)
+        if given_up:
+            self._give_up_out_of_order(given_up)
+        return admitted
 
     def _count_changed(self, change: str) -> None:
         """Follow this gateway's broadcast count in Redis, at the point of the stream the
@@ -408,7 +517,9 @@ class Delivery:
     def _reroute(self, player_id: str, envelope: Envelope, missed: frozenset[str],
                  every_seat_had_it: bool = False) -> None:
         """Route again the copy the seats `missed` did not take: to a seat taken since it
-        was routed, or to the player's queue (`every_seat_had_it`, a broadcast: to the queue)."""
+        was routed (one per seat missed, marked as routed again by this gateway:
+        `Envelope.rerouted_by`), or to the player's queue (`every_seat_had_it`, a
+        broadcast: to the queue)."""
         try:
             stamped = envelope.stamped if isinstance(envelope.stamped, Stamped) else None
             route = self.roster.requeue(player_id, envelope.frame, envelope.seats or frozenset(), missed,
@@ -417,7 +528,8 @@ class Delivery:
             if route.gateways:
                 self._broker.publish(Envelope(envelope.frame, player_id, route.gateways, envelope.batched,
                                               stamped=envelope.stamped, event_id=envelope.event_id,
-                                              seats=route.seats, live_only=envelope.live_only))
+                                              seats=route.seats, live_only=envelope.live_only,
+                                              rerouted_by=self.roster.gateway_id))
         except BrokerUnavailable as exc:
             self.metrics.messages_dropped.labels(DROP_CONNECTION_GONE).inc()
             log.warning("message for a closed connection given up: broker unavailable",
@@ -432,6 +544,7 @@ class Delivery:
         if envelope.player_id is None:
             delivered = self.hub.broadcast(envelope.frame, envelope.stamped)
         else:
+            self._fresh.pop(envelope.player_id, None)
             delivered = self.hub.deliver(envelope.player_id, envelope.frame, envelope.batched, envelope.stamped)
         self.metrics.messages_delivered.inc(delivered)
         return delivered

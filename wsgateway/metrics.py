@@ -54,8 +54,14 @@ DROP_OFFLINE_PLAYERS_LIMIT = "offline_players_limit"  # oldest whole queue given
 DROP_SLOW_CONSUMER = "slow_consumer"  # frames discarded when a too-slow socket was closed
 DROP_CONNECTION_GONE = "connection_gone"  # arrived for a closed connection; Redis out of reach to queue it
 DROP_STREAM_TRIMMED = "broker_stream_trimmed"  # trimmed from a gateway's stream before it read them
+# a copy routed again to a newer connection that had been sent a later message of its player's first
+DROP_REROUTED_OUT_OF_ORDER = "rerouted_out_of_order"
 DROP_REASONS = (DROP_OFFLINE_FULL, DROP_OFFLINE_EXPIRED, DROP_OFFLINE_DISABLED, DROP_SLOW_CONSUMER,
-                DROP_CONNECTION_GONE, DROP_STREAM_TRIMMED)
+                DROP_CONNECTION_GONE, DROP_STREAM_TRIMMED, DROP_REROUTED_OUT_OF_ORDER)
+# Where a copy routed again after its connection closed was given up (ws_messages_rerouted_given_up_total)
+GIVEN_UP_IN_QUEUE = "in_queue"  # in the offline queue: expired or pushed out (also an offline drop reason)
+GIVEN_UP_OUT_OF_ORDER = "out_of_order"  # not sent to the newer connection: it had a later message already
+GIVEN_UP_REASONS = (GIVEN_UP_IN_QUEUE, GIVEN_UP_OUT_OF_ORDER)
 
 RESUME_RECOVERED = "recovered"
 RESUME_MISSED = "missed"
@@ -107,9 +113,11 @@ class GatewayMetrics:
             "ws_messages_rerouted", "Messages routed live to a connection that had closed when they arrived "
             "(-broker): queued for the player, or sent to a connection it opened since.", registry=registry)
         self.messages_rerouted_given_up = Counter(
-            "ws_messages_rerouted_given_up", "Of the messages given up in offline queues (also counted in "
-            "ws_messages_dropped_total by reason), the copies routed again after their connection closed "
-            "(answered as delivered, -broker).", registry=registry)
+            "ws_messages_rerouted_given_up", "Copies routed again after their connection closed (answered as "
+            "delivered, -broker) and then given up (each also counted in ws_messages_dropped_total by its "
+            "reason), by where: in_queue (expired or pushed out of the offline queue), out_of_order (the "
+            "newer connection it was routed to had been sent a later message of its player's).", ["reason"],
+            registry=registry)
         self.redis_may_evict = Gauge(
             "ws_redis_may_evict", "1 while the -broker Redis may evict the gateway's keys (maxmemory-policy).",
             registry=registry, multiprocess_mode="max")
@@ -165,6 +173,8 @@ class GatewayMetrics:
     def _start_known_series_at_zero(self) -> None:
         for reason in DROP_REASONS:
             self.messages_dropped.labels(reason)
+        for reason in GIVEN_UP_REASONS:
+            self.messages_rerouted_given_up.labels(reason)
         for kind in AUTH_FAILURE_KINDS:
             for reason in AUTH_FAILURE_REASONS:
                 self.auth_failures.labels(kind, reason)

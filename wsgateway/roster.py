@@ -101,7 +101,8 @@ class Roster(Protocol):
         """A frame routed live to the seats `routed_to` found the connections of the seats
         `missed` (this gateway's) gone or closing: those seats stop counting as present,
         and the copy they missed is routed again, to a connection the player opened since
-        (a seat not in `routed_to`; never when `to_queue`, a broadcast's copy), or else to
+        (a seat not in `routed_to`, one per seat missed; never when `to_queue`, a
+        broadcast's copy), or else to
         the player's queue, for its next connection, even while other seats it was routed
         to are present (they got their own copies). Queued, it takes its place by
         `sent_at_ms` (when it was sent live), before what was queued for the player after
@@ -125,6 +126,13 @@ class Roster(Protocol):
     def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
         """Make lost seats present again; returns, by player, what was queued meanwhile
         (as `take_seat` would): it belongs to the connections that were there all along."""
+
+    def return_backlog(self, player_id: str, frames: list[bytes]) -> tuple[int, int]:
+        """Put back a backlog `restore` took for a connection that closed meanwhile, at
+        the front of the player's queue and in its order: everything in it was queued
+        before anything queued since, and before any message routed live since. Past
+        `-max-queued` its oldest are given up (counted like any queue overflow). Returns
+        how many were given up, and of them the copies routed again."""
 
     def presence(self, player_id: str) -> int:
         """The player's connections on every gateway that took their seat: those a
@@ -203,6 +211,9 @@ class LocalRoster:
 
     def restore(self, seats: list[Seat]) -> dict[str, Backlog]:
         return {}
+
+    def return_backlog(self, player_id: str, frames: list[bytes]) -> tuple[int, int]:
+        return 0, 0  # never asked: nothing is restored in process
 
     def presence(self, player_id: str) -> int:
         return self._hub.count_of(player_id)

@@ -293,22 +293,68 @@ ROUTE = ROUTE_PREAMBLE + ROUTE_BODY
 # KEYS and ARGV: ROUTE's, then the seats the frame was routed to and those of them that
 # missed it (their connection gone), each "\n"-joined, and whether it goes to the queue
 # whoever is present (1/0) (ARGV 10, 11, 12). The missed seats stop counting as present;
-# the frame goes live to seats taken since (not among those it was routed to), or else to
+# the frame goes live to seats taken since (not among those it was routed to), as many as
+# the seats that missed it (one copy each: `delivered` counted one per seat; the newest
+# first), or else to
 # the queue, whoever else is present (they had their copies). Replies as ROUTE.
 REQUEUE_BODY = """
 local routed = {}
 for seat in string.gmatch(ARGV[10], '[^\\n]+') do routed[seat] = true end
-for seat in string.gmatch(ARGV[11], '[^\\n]+') do redis.call('ZREM', KEYS[1], seat) end
+local copies = 0
+for seat in string.gmatch(ARGV[11], '[^\\n]+') do
+  redis.call('ZREM', KEYS[1], seat)
+  copies = copies + 1
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local newer = {0, 0, 0}
 if ARGV[12] ~= '1' then
-  for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    if not routed[seat] then newer[#newer + 1] = seat end
+  -- the newest first: the likeliest to have been sent nothing yet (see Delivery._admit_rerouted)
+  for _, seat in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1, 'REV')) do
+    if not routed[seat] and #newer - 3 < copies then newer[#newer + 1] = seat end
   end
 end
 if #newer > 3 or ARGV[2] == '0' then return newer end
 """ + _ROUTE_QUEUE
 REQUEUE = ROUTE_PREAMBLE + REQUEUE_BODY
+
+# KEYS: queue, missed, the player's shard's queue index, queue heads, queue sizes. ARGV:
+# offline_ttl_ms, max_queued, missed retention ms, then the frames of a backlog `restore` took
+# for a connection that closed meanwhile (`RedisRoster.return_backlog`). They go back to the
+# front of the queue, in their order, each with an expiry just before the current head's (or
+# now + ttl for an empty queue), thousandths apart: the queue stays in expiry order, and none
+# outlives what the head it was queued before allows. Past max_queued the oldest are given up.
+# Returns {given up, of them the copies routed again}.
+RETURN_BACKLOG = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
+local queue, heads, sizes = KEYS[1], KEYS[4], KEYS[5]
+local ttl = tonumber(ARGV[1])
+local head = redis.call('LINDEX', queue, 0)
+local first = (now + ttl) * 1000
+if head then first = math.floor(tonumber(string.sub(head, 1, string.find(head, ':', 1, true) - 1)) * 1000) end
+local count = #ARGV - 3
+for index = count, 1, -1 do
+  local stamp = first - (count - index + 1)
+  local item = string.format('%d.%03d', math.floor(stamp / 1000), stamp % 1000) .. ':' .. ARGV[index + 3]
+  redis.call('LPUSH', queue, item)
+  resize(sizes, queue, item_size(item))
+end
+local dropped, dropped_rerouted = 0, 0
+while redis.call('LLEN', queue) > tonumber(ARGV[2]) do
+  local gone = redis.call('LPOP', queue)
+  resize(sizes, queue, -item_size(gone))
+  if rerouted(gone) then dropped_rerouted = dropped_rerouted + 1 end
+  dropped = dropped + 1
+end
+if dropped > 0 then
+  redis.call('HINCRBY', KEYS[2], 'dropped', dropped)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+note_head(heads, queue)
+if not head then
+  redis.call('ZADD', KEYS[3], now + ttl, queue)
+  redis.call('PEXPIRE', queue, 2 * ttl + 60000)
+end
+return {dropped, dropped_rerouted}
+"""
 
 # KEYS: one shard's queue index, queue heads, queue sizes. ARGV: batch, missed-key prefix,
 # queue-key prefix, missed retention ms. Removes queues whose every frame expired (the shard's,
@@ -525,6 +571,7 @@ class RedisRoster:
         self._requeue = client.register_script(REQUEUE)
         self._extend = client.register_script(EXTEND)
         self._settle = client.register_script(SETTLE)
+        self._return_backlog = client.register_script(RETURN_BACKLOG)
 
     @property
     def queueing(self) -> bool:
@@ -762,6 +809,17 @@ class RedisRoster:
                     or seat.player_id not in backlogs:
                 backlogs[seat.player_id] = backlog
         return backlogs
+
+    def return_backlog(self, player_id: str, frames: list[bytes]) -> tuple[int, int]:
+        if not frames:
+            return 0, 0
+        shard = self._keys.shard_of(player_id)
+        with broker_errors("return backlog"):
+            dropped, rerouted = self._return_backlog(
+                keys=[shard.queue(player_id), shard.missed(player_id), shard.queue_index, shard.queue_heads,
+                      shard.queue_sizes],
+                args=[self._offline_ttl_ms, self._max_queued, _MISSED_RETENTION_MS, *frames])
+        return int(dropped), int(rerouted)
 
     def counted_at(self, number: int) -> dict[str, str]:
         """The seats (seat id -> player) the heartbeat numbered `number` set this gateway's
