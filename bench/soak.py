@@ -574,6 +574,7 @@ class Soak:
             return round(kib / 1024, 1)
 
         reorder_examples: list[str] = []
+        duplicate_examples: list[str] = []
         receipts: Counter = Counter()  # (player, seq) -> connections that received it
         broadcast_receipts: Counter = Counter()
         reordered = duplicates = 0
@@ -590,6 +591,8 @@ class Soak:
                 for seq in sequence:
                     if seq in seen:
                         duplicates += 1
+                        if len(duplicate_examples) < 10:
+                            duplicate_examples.append(self.describe_duplicate(connection, key, seq))
                     seen.add(seq)
                     counter[(*key, seq) if key is not None else seq] += 1
         lost_live = lost_queued = extra = 0
@@ -675,6 +678,7 @@ class Soak:
             "live_unaccounted": live_unaccounted,
             "live_lost_with_redis": live_lost_with_redis,
             "reorder_examples": reorder_examples,
+            "duplicate_examples": duplicate_examples,
             "duplicates": duplicates + extra,
             "reordered": reordered,
             "refused_publishes": dict(self.publish_failures),
@@ -716,18 +720,26 @@ class Soak:
 
     def describe_reorder(self, connection: Connection, key: tuple | None, previous: int, current: int) -> str:
         """One message that arrived after a later one, with what the soak knows of both."""
-        def answer(seq: int) -> str:
-            if key is None:
-                return f"broadcast {seq}: delivered {self.broadcasts.get(seq)}"
-            found = [p for p in self.publishes if (p.player, p.stream, p.seq) == (key[0], key[1], seq)]
-            if not found:
-                return f"{seq}: no answer"
-            publish = found[0]
-            fault = self.fault_before(publish.answered_at)
-            return (f"{seq}: delivered {publish.delivered} queued {publish.queued} local {publish.local} at "
-                    f"{publish.answered_at - connection.opened_at:+.3f}s from the connection's open"
-                    f"{f', {publish.answered_at - fault[0]:.1f}s after {fault[1]}' if fault else ''}")
-        return f"player {connection.player} stream {key[1] if key else 'b'}: {answer(previous)} before {answer(current)}"
+        return (f"player {connection.player} stream {key[1] if key else 'b'}: "
+                f"{self.describe_answer(connection, key, previous)} before {self.describe_answer(connection, key, current)}")
+
+    def describe_duplicate(self, connection: Connection, key: tuple | None, seq: int) -> str:
+        """One message a connection received twice, with what the soak knows of it."""
+        return (f"player {connection.player} stream {key[1] if key else 'b'}: "
+                f"{self.describe_answer(connection, key, seq)}, received twice")
+
+    def describe_answer(self, connection: Connection, key: tuple | None, seq: int) -> str:
+        """A message's answer, when it came relative to `connection`'s open, and the fault before it."""
+        if key is None:
+            return f"broadcast {seq}: delivered {self.broadcasts.get(seq)}"
+        found = [p for p in self.publishes if (p.player, p.stream, p.seq) == (key[0], key[1], seq)]
+        if not found:
+            return f"{seq}: no answer"
+        publish = found[0]
+        fault = self.fault_before(publish.answered_at)
+        return (f"{seq}: delivered {publish.delivered} queued {publish.queued} local {publish.local} at "
+                f"{publish.answered_at - connection.opened_at:+.3f}s from the connection's open"
+                f"{f', {publish.answered_at - fault[0]:.1f}s after {fault[1]}' if fault else ''}")
 
     def fault_before(self, at: float) -> tuple[float, str] | None:
         """The last fault injected before `at`, if any."""
@@ -832,6 +844,8 @@ def main() -> int:
           f"those missing and those possibly wiped: {result['overcounted_drops']}")
     for example in result["reorder_examples"]:
         print(f"  reordered: {example}")
+    for example in result["duplicate_examples"]:
+        print(f"  doubled: {example}")
     if options.faults:
         print(f"  faults injected: {result['faults']}; losses by cause: {result['losses_by_cause']}; "
               f"raced publishes: {result['raced_publishes']}")
