@@ -31,32 +31,30 @@ def cluster_pair(start_cluster_gateway, url: str, *flags: str):
     return publisher_side, player_side
 
 
+def hold_until_set(target, name: str, monkeypatch) -> gevent.event.Event:
+    """Make `target.name(...)` wait until the returned event is set (at most TIMEOUT_S),
+    then run as before."""
+    gate = gevent.event.Event()
+    original = getattr(target, name)
+
+    def held_back(*args, **kwargs):
+        gate.wait(TIMEOUT_S)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, held_back)
+    return gate
+
+
 def hold_leaves(roster, monkeypatch) -> gevent.event.Event:
     """Make the roster's `leave` wait until the returned event is set: a closed
     connection's seat stays present (and counted) while envelopes travel to it."""
-    leaving = gevent.event.Event()
-    original_leave = roster.leave
-
-    def slow_leave(seat):
-        leaving.wait(TIMEOUT_S)
-        return original_leave(seat)
-
-    monkeypatch.setattr(roster, "leave", slow_leave)
-    return leaving
+    return hold_until_set(roster, "leave", monkeypatch)
 
 
 def hold_deliveries(broker, monkeypatch) -> gevent.event.Event:
     """Make what the broker reads wait, before it is delivered, until the returned event
     is set: an envelope or a broadcast travels slowly, past a connection's seat or leaving."""
-    gate = gevent.event.Event()
-    deliver = broker._deliver
-
-    def held_back(envelope):
-        gate.wait(TIMEOUT_S)
-        return deliver(envelope)
-
-    monkeypatch.setattr(broker, "_deliver", held_back)
-    return gate
+    return hold_until_set(broker, "_deliver", monkeypatch)
 
 
 # --- 1. a publish racing a clean close ------------------------------------------------------------
