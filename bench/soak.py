@@ -81,8 +81,9 @@ HOT_SHARE = 0.2
 STEP_TIMEOUT_S = 60.0  # for each phase that waits on the gateway
 HANDSHAKE_TIMEOUT_S = 10.0  # a connection not upgraded by then is a connect failure, tried again
 REVALIDATE_PERIOD_S = 5.0
-FAULT_WINDOW_S = 10.0
-WIPE_SLACK_S = 1.5  # past -offline-ttl, how late a queued frame may still be held (the sweep runs every second)  # a loss this soon after a fault is put down to it
+FAULT_WINDOW_S = 10.0  # a loss this soon after a fault is put down to it
+NOT_SEATED = 1013  # the close code of a connection the broker failed while it was seated
+WIPE_SLACK_S = 1.5  # past -offline-ttl, how late a queued frame may still be held (the sweep runs every second)
 REDIS_DOWN_S = 1.0  # how long a restarted Redis stays down
 ROTATED_SHARE = 0.1  # players whose token changes when the token file is replaced
 
@@ -598,6 +599,7 @@ class Soak:
         lost_live = lost_queued = extra = 0
         live_lost_with_redis = 0  # live copies unreceived, in Redis (a stream or, routed again, a queue) at a wipe
         queued = 0
+        queued_loss_examples: list[str] = []
         causes: Counter = Counter()  # lost live messages by what they are put down to
         beyond_causes: Counter = Counter()  # received on more connections than answered, likewise
         queued_lost_with_redis = 0
@@ -609,6 +611,10 @@ class Soak:
                     queued_lost_with_redis += 1
                 else:
                     lost_queued += got == 0
+                    if got == 0 and len(queued_loss_examples) < 10:
+                        suspect = self.describe_unexpected_queued_loss(publish)
+                        if suspect:
+                            queued_loss_examples.append(suspect)
                 extra += max(0, got - 1)
                 if got > 1:
                     beyond_causes[self.cause(publish)] += got - 1
@@ -679,6 +685,7 @@ class Soak:
             "live_lost_with_redis": live_lost_with_redis,
             "reorder_examples": reorder_examples,
             "duplicate_examples": duplicate_examples,
+            "queued_loss_examples": queued_loss_examples,
             "duplicates": duplicates + extra,
             "reordered": reordered,
             "refused_publishes": dict(self.publish_failures),
@@ -741,6 +748,29 @@ class Soak:
                 f"{publish.answered_at - connection.opened_at:+.3f}s from the connection's open"
                 f"{f', {publish.answered_at - fault[0]:.1f}s after {fault[1]}' if fault else ''}")
 
+    def describe_unexpected_queued_loss(self, publish: Publish) -> str | None:
+        """A message answered `queued` that no connection received although neither its
+        expiry nor a full queue explains it: the player's next connection opened within
+        -offline-ttl of the answer, and fewer than -max-queued of its messages were queued
+        after it before then. None when one of those explains it (its drop is counted)."""
+        later = sorted((c for c in self.by_player.get(publish.player, ()) if c.opened_at > publish.answered_at),
+                       key=lambda c: c.opened_at)
+        if not later or later[0].opened_at - publish.answered_at > OFFLINE_TTL_S:
+            return None
+        taker = later[0]
+        queued_after = sum(1 for other in self.publishes
+                           if other.player == publish.player and other.queued
+                           and publish.answered_at < other.answered_at < taker.opened_at)
+        if queued_after >= MAX_QUEUED:
+            return None
+        received = taker.published if publish.stream == "p" else taker.raced
+        fault = self.fault_before(publish.answered_at)
+        return (f"player {publish.player} stream {publish.stream} {publish.seq}: answered "
+                f"{publish.answered_at - taker.opened_at:+.3f}s from the next connection's open "
+                f"({queued_after} queued after it before then), which received {received[:3]} first, "
+                f"lived {(taker.close_started_at or taker.closed_at) - taker.opened_at:.1f}s, closed {taker.close_code}"
+                f"{f', {publish.answered_at - fault[0]:.1f}s after {fault[1]}' if fault else ''}")
+
     def fault_before(self, at: float) -> tuple[float, str] | None:
         """The last fault injected before `at`, if any."""
         earlier = [fault for fault in self.faults if fault[0] <= at]
@@ -768,8 +798,10 @@ class Soak:
             return False
         if any_player:
             return True
+        # A connection closed with 1013 was never seated: Redis failed while it took its
+        # seat (and perhaps its backlog, with the reply lost as Redis went down).
         reconnected = [connection.opened_at for connection in self.by_player.get(publish.player, ())
-                       if connection.opened_at > publish.answered_at]
+                       if connection.opened_at > publish.answered_at and connection.close_code != NOT_SEATED]
         return not reconnected or min(reconnected) > wipes[0]
 
     def parked(self) -> Counter:
@@ -846,6 +878,8 @@ def main() -> int:
         print(f"  reordered: {example}")
     for example in result["duplicate_examples"]:
         print(f"  doubled: {example}")
+    for example in result["queued_loss_examples"]:
+        print(f"  queued, not received, neither expired nor pushed out: {example}")
     if options.faults:
         print(f"  faults injected: {result['faults']}; losses by cause: {result['losses_by_cause']}; "
               f"raced publishes: {result['raced_publishes']}")
