@@ -84,6 +84,7 @@ REVALIDATE_PERIOD_S = 5.0
 FAULT_WINDOW_S = 10.0  # a loss this soon after a fault is put down to it
 NOT_SEATED = 1013  # the close code of a connection the broker failed while it was seated
 WIPE_SLACK_S = 1.5  # past -offline-ttl, how late a queued frame may still be held (the sweep runs every second)
+SEAT_SLACK_S = 0.5  # how long after its 101 a connection may take its seat, and its backlog
 REDIS_DOWN_S = 1.0  # how long a restarted Redis stays down
 ROTATED_SHARE = 0.1  # players whose token changes when the token file is replaced
 
@@ -750,12 +751,13 @@ class Soak:
 
     def describe_unexpected_queued_loss(self, publish: Publish) -> str | None:
         """A message answered `queued` that no connection received although neither its
-        expiry nor a full queue explains it: the player's next connection opened within
-        -offline-ttl of the answer, and fewer than -max-queued of its messages were queued
-        after it before then. None when one of those explains it (its drop is counted)."""
+        expiry nor a full queue explains it: the player's next connection opened well within
+        -offline-ttl of the answer (it takes its seat just after its 101), and fewer than
+        -max-queued of its messages were queued after it before then. None when one of those
+        explains it (its drop is counted)."""
         later = sorted((c for c in self.by_player.get(publish.player, ()) if c.opened_at > publish.answered_at),
                        key=lambda c: c.opened_at)
-        if not later or later[0].opened_at - publish.answered_at > OFFLINE_TTL_S:
+        if not later or later[0].opened_at - publish.answered_at > OFFLINE_TTL_S - SEAT_SLACK_S:
             return None
         taker = later[0]
         queued_after = sum(1 for other in self.publishes
