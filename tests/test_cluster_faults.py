@@ -640,6 +640,51 @@ def test_a_redis_reconfigured_to_evict_is_reported_by_readyz(start_cluster_gatew
     store.close()
 
 
+# --- a seat step's answer lost --------------------------------------------------------------------
+@pytest.mark.parametrize("redis_after", ["reachable", "out of reach for a moment"])
+def test_a_connection_whose_seat_steps_answer_was_lost_leaves_its_backlog_to_the_next(
+        start_cluster_gateway, caplog, redis_after):
+    """Redis seats a connection, but the answer never arrives: the connection closes with 1013
+    (try again later) and the backlog that step took goes back to the player's queue, in
+    order, for the next connection; when Redis is out of reach just then, as soon as it is back."""
+    import hashlib
+    import logging
+
+    import websocket
+
+    from tests.support.clients import receive_close
+    from tests.support.processes import TcpForwarder
+    from tests.support.redis_server import REDIS_URL
+    from wsgateway.roster_redis import TAKE_SEAT
+
+    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
+    relay = TcpForwarder((host, int(port)))
+    caplog.set_level(logging.WARNING, logger="wsgateway")
+
+    def logged(event: str) -> bool:
+        return any(getattr(record, "event", None) == event for record in caplog.records)
+
+    try:
+        publisher_side = start_cluster_gateway()
+        player_side = start_cluster_gateway(broker_url=f"redis://127.0.0.1:{relay.port}/0")
+        server, token = publisher_side.tokens.server(), publisher_side.tokens.player(21)
+        player_side.connect(publisher_side.tokens.player(22)).close()  # TAKE_SEAT known to Redis
+        for number in (1, 2):
+            assert publisher_side.publish(server, 21, "queued", number).json["queued"] is True
+        relay.lose_answer_to(hashlib.sha1(TAKE_SEAT.encode()).hexdigest().encode(),
+                             then_cut=redis_after != "reachable")
+        client = websocket.create_connection(f"{player_side.ws_url}?token={token}", timeout=TIMEOUT_S)
+        assert receive_close(client)[0] == 1013
+        if redis_after != "reachable":
+            wait_for(lambda: logged("cancel_deferred"), what="the seat's give-back waiting for Redis")
+            relay.restore()
+        wait_for(lambda: logged("backlog_given_back"), TIMEOUT_S * 2, what="the backlog given back")
+        again = publisher_side.connect(token)
+        assert [receive_event(again)["payload"] for _ in range(2)] == [1, 2]
+    finally:
+        relay.close()
+
+
 # --- a rush of connections -------------------------------------------------------------------------
 def test_a_rush_of_connections_waits_for_a_pooled_redis_connection_instead_of_a_503(start_cluster_gateway):
     """More players connecting at once than the Redis pool has connections (Redis slow for a moment):

@@ -74,19 +74,19 @@ class Admission:
     """A player's upgrade request, accepted, and the context manager that holds what it
     reserved: on leaving the block, the turn in the admission queue, if `end_turn` was not
     called, goes to the next connect, and a seat not handed to the connection (`seat`
-    still set) is given back to the roster. A small object, not a generator: it lives as
+    still set) is given back (`Delivery.cancel`). A small object, not a generator: it lives as
     long as the socket."""
 
-    __slots__ = ("player_id", "token", "origin", "seat", "last_event_id", "_roster", "_queue")
+    __slots__ = ("player_id", "token", "origin", "seat", "last_event_id", "_delivery", "_queue")
 
-    def __init__(self, player_id: str, token: str, seat: Seat, roster: Roster, origin: str | None = None,
+    def __init__(self, player_id: str, token: str, seat: Seat, delivery: Delivery, origin: str | None = None,
                  last_event_id: str | None = None, queue: AdmissionQueue | None = None) -> None:
         self.player_id = player_id
         self.token = token
         self.origin = origin  # the request's Origin header, allowed by -origins
         self.seat: Seat | None = seat  # None once the connection owns it
         self.last_event_id = last_event_id  # None: the client did not ask for ids (see `last_event_id_of`)
-        self._roster = roster
+        self._delivery = delivery
         self._queue = queue  # whose place this admission holds; None once given back
 
     def end_turn(self) -> None:
@@ -103,10 +103,7 @@ class Admission:
         self.end_turn()
         seat, self.seat = self.seat, None
         if seat is not None:
-            try:
-                self._roster.cancel(seat)
-            except BrokerUnavailable:
-                pass  # the reservation expires by itself
+            self._delivery.cancel(seat)
 
 
 class PlayerEndpoint:
@@ -182,7 +179,7 @@ class PlayerEndpoint:
         if seat is None:
             rejected.labels("too_many_connections").inc()
             raise Refusal.TOO_MANY_PLAYER_CONNECTIONS(limit=services.config.max_conns_per_player)
-        return Admission(player_id, token, seat, services.roster, request.headers.get("origin"),
+        return Admission(player_id, token, seat, services.delivery, request.headers.get("origin"),
                          last_event_id_of(query), queue)
 
     def _unavailable(self, reason: str, what: str, cause: Exception) -> ClientError:

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 RECENTLY_LEFT_KEEP_MS = 60_000  # how long a seat that left is remembered for broadcasts still on their way
 RECENTLY_LEFT_MAX = 100_000  # and how many such seats at most
+MAX_CANCELS_DUE = 10_000  # seats waiting for Redis to be given back (`Delivery.cancel`)
 
 _CLOSE_FRAME_FIRST_BYTE = 0x80 | OP_CLOSE  # FIN + close: what `close_frame` starts with
 
@@ -110,6 +111,9 @@ class Delivery:
         # seat id -> the copies routed again that came for it while its backlog was taken
         self._taking: dict[str, list[Envelope]] = {}
         self._restoring = BoundedSemaphore()  # one presence restoration at a time (each holds sockets)
+        # seat id -> seat: seats never handed to a connection whose `cancel` could not reach
+        # the roster, tried again by `maintain` (at most MAX_CANCELS_DUE, the oldest forgotten)
+        self._cancels_due: dict[str, Seat] = {}
         broker.start(self._receive)
 
     def publish(self, player_id: str, frame: bytes, batched: bool = False) -> Outcome:
@@ -214,9 +218,38 @@ class Delivery:
         if left_at_ms:
             self._note_left(left_at_ms, seat)
 
+    def cancel(self, seat: Seat) -> None:
+        """Give back a seat no connection took: its reservation, and, when `take_seat` was
+        carried out for it but its answer was lost (the connection then closes 1013), the
+        backlog it took, back at the front of the player's queue. When the roster is out of
+        reach, `maintain` tries again until it is back."""
+        try:
+            dropped, rerouted = self.roster.cancel(seat)
+        except BrokerUnavailable as exc:
+            if seat.seat_id not in self._cancels_due:
+                log.warning("seat not given back yet: broker unavailable",
+                            extra={"event": "cancel_deferred", "player_id": seat.player_id, "detail": str(exc)})
+            if len(self._cancels_due) >= MAX_CANCELS_DUE:
+                forgotten = next(iter(self._cancels_due))
+                del self._cancels_due[forgotten]
+                log.warning("seat never seated forgotten: too many waiting to be given back",
+                            extra={"event": "cancel_given_up", "seat": forgotten})
+            self._cancels_due[seat.seat_id] = seat
+            return
+        self._cancels_due.pop(seat.seat_id, None)
+        if dropped:
+            self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(dropped)
+        if rerouted:
+            self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_IN_QUEUE).inc(rerouted)
+
     def maintain(self) -> None:
         """Periodic upkeep of the roster: presence kept alive (and written back where it
-        was lost), expired offline messages counted as dropped."""
+        was lost), expired offline messages counted as dropped, seats that could not be
+        given back given back."""
+        for seat in list(self._cancels_due.values()):
+            self.cancel(seat)
+            if seat.seat_id in self._cancels_due:
+                break  # still out of reach
         self.reassert_presence()
         if self.history is not None:
             self.history.maintain()

@@ -230,6 +230,10 @@ class ShardKeys(NamedTuple):
         """HASH dropped/expired: what the player's queue lost since its last connection."""
         return f"{self.base}:missed:{player_id}"
 
+    def handover(self, seat_id: str) -> str:
+        """LIST of the queue items a seat took, until its gateway has them (or gives them back)."""
+        return f"{self.base}:handover:{seat_id}"
+
 
 class RedisKeys:
     """Names of the keys and streams one gateway cluster uses.
@@ -285,6 +289,9 @@ class RedisKeys:
 
     def missed(self, player_id: str) -> str:
         return self.shard_of(player_id).missed(player_id)
+
+    def handover(self, player_id: str, seat_id: str) -> str:
+        return self.shard_of(player_id).handover(seat_id)
 
     def stream(self, gateway_id: str) -> str:
         """STREAM of the envelopes for one gateway: its players' messages and broadcasts."""

@@ -73,8 +73,11 @@ class Roster(Protocol):
     def reserve(self, player_id: str) -> Seat | None:
         """A seat for a new connection, or None when the player is at `-max-conns`."""
 
-    def cancel(self, seat: Seat) -> None:
-        """Give back a reservation whose connection never came."""
+    def cancel(self, seat: Seat) -> tuple[int, int]:
+        """Give back a seat whose connection was never seated: the reservation, and what
+        `take_seat` did for it if it raised after all was done (its answer lost): the
+        backlog it took goes back to the front of the queue. Returns (given up past
+        -max-queued as it went back, of them copies routed again)."""
 
     def take_seat(self, seat: Seat) -> Backlog:
         """Make the seat present and return the player's backlog (empty for all but one
@@ -169,12 +172,13 @@ class LocalRoster:
         self._reserved[player_id] = self._reserved.get(player_id, 0) + 1
         return Seat(player_id, f"local/{next(self._seat_numbers)}")
 
-    def cancel(self, seat: Seat) -> None:
+    def cancel(self, seat: Seat) -> tuple[int, int]:
         left = self._reserved.get(seat.player_id, 0) - 1
         if left > 0:
             self._reserved[seat.player_id] = left
         else:
             self._reserved.pop(seat.player_id, None)
+        return 0, 0  # take_seat never fails here
 
     def take_seat(self, seat: Seat) -> Backlog:
         self.cancel(seat)  # the hub now counts the connection itself

@@ -7,7 +7,9 @@ clock (so hosts need not agree on the time):
 * `route` sees whether any seat is present; if none, the frame joins the player's queue
   (oldest dropped past `-max-queued`), so a message is never both queued and sent live;
 * `take_seat` makes the seat present and empties the queue in one step, so of two
-  connections arriving at once on two gateways exactly one gets the backlog.
+  connections arriving at once on two gateways exactly one gets the backlog. The queue
+  moves to the seat's handover until the gateway has the answer, so a step whose answer
+  is lost is answered the same when retried, and `cancel` gives what it took back.
 
 All queues of the cluster together are bounded by `-max-offline-bytes` and
 `-max-offline-players` (cluster-wide, since the queues are the cluster's and Redis's
@@ -128,26 +130,42 @@ expire_at_least(KEYS[1], now + tonumber(ARGV[1]))
 return 1
 """
 
-# KEYS: seats, present, queue, missed, queue index, players, queue heads, queue sizes, and on a
-# single server the gateway connections and the gateway's stream (on a cluster they live in
-# other slots: counted apart, and the stream is not told).
+# KEYS: seats, present, queue, missed, queue index, players, queue heads, queue sizes, the
+# seat's handover, and on a single server the gateway connections and the gateway's stream (on
+# a cluster they live in other slots: counted apart, and the stream is not told).
 # ARGV: presence_ttl_ms, seat, gateway, player, counted (1: a new connection, 0: a seat written
-# back by `restore`, whose connection is counted already), stream length, stream ttl ms.
-# A counted seat is told to the gateway's stream ("+seat\nplayer", broker_redis._COUNT_FIELD).
+# back by `restore`, whose connection is counted already), handover ttl ms, stream length,
+# stream ttl ms. A counted seat is told to the gateway's stream ("+seat\nplayer",
+# broker_redis._COUNT_FIELD).
+# The queue moves to the seat's handover, which its gateway deletes once it has the answer
+# (`RedisRoster.take_seat`) or gives back to the queue when it never got it (CANCEL): the step
+# is idempotent, so an answer lost on the way (a timeout, a reset connection, the client's
+# retry) loses nothing. Run again for the same seat, it answers what it took before, then what
+# was queued since.
 # Returns {frames..., expired now, dropped since last connection, expired since last connection,
-# of those expired now the copies routed again}.
+# of those expired now the copies routed again, items held in the handover}.
 TAKE_SEAT = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + _LUA_QUEUE_ACCOUNTS + LUA_STREAM_APPEND + """
 local expiry = now + tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], expiry, ARGV[2])
-redis.call('ZADD', KEYS[2], expiry, ARGV[2])
+local new_seat = redis.call('ZADD', KEYS[2], expiry, ARGV[2]) == 1
 expire_at_least(KEYS[1], expiry)
 expire_at_least(KEYS[2], expiry)
-if KEYS[9] and ARGV[5] == '1' then
-  redis.call('HINCRBY', KEYS[9], ARGV[3], 1)
-  stream_append(KEYS[10], ARGV[6], ARGV[7], {'c', '+' .. ARGV[2] .. '\\n' .. ARGV[4]})
+if KEYS[10] and ARGV[5] == '1' and new_seat then
+  redis.call('HINCRBY', KEYS[10], ARGV[3], 1)
+  stream_append(KEYS[11], ARGV[7], ARGV[8], {'c', '+' .. ARGV[2] .. '\\n' .. ARGV[4]})
 end
 redis.call('ZADD', KEYS[6], 'GT', expiry, ARGV[4])
-local items = redis.call('LRANGE', KEYS[3], 0, -1)
+local handover = KEYS[9]
+local queued = redis.call('LRANGE', KEYS[3], 0, -1)
+if #queued > 0 then
+  if redis.call('EXISTS', handover) == 1 then
+    for _, item in ipairs(queued) do redis.call('RPUSH', handover, item) end
+  else
+    redis.call('RENAME', KEYS[3], handover)
+  end
+  redis.call('PEXPIRE', handover, ARGV[6])
+end
+local items = redis.call('LRANGE', handover, 0, -1)
 local missed = redis.call('HMGET', KEYS[4], 'dropped', 'expired')
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], KEYS[3])
@@ -167,7 +185,51 @@ frames[#frames + 1] = tostring(expired)
 frames[#frames + 1] = tostring(tonumber(missed[1]) or 0)
 frames[#frames + 1] = tostring((tonumber(missed[2]) or 0) + expired)
 frames[#frames + 1] = tostring(expired_rerouted)
+frames[#frames + 1] = tostring(#items)
 return frames
+"""
+
+# KEYS: TAKE_SEAT's. ARGV: seat, gateway, player, max_queued, missed retention ms, offline_ttl_ms,
+# stream length, stream ttl ms. Gives back a seat whose connection was never seated: its
+# reservation, and what of TAKE_SEAT ran for it with its answer lost: the seat leaves as in
+# LEAVE, and the items it took go back to the front of the queue, in order, their expiries
+# kept (none later than anything queued since); past max_queued the oldest are given up.
+# Returns {items given back, given up, of them the copies routed again}.
+CANCEL = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + LUA_STREAM_APPEND + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+  if KEYS[10] then
+    redis.call('HINCRBY', KEYS[10], ARGV[2], -1)
+    stream_append(KEYS[11], ARGV[7], ARGV[8], {'c', '-' .. ARGV[1] .. '\\n' .. ARGV[3]})
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('ZREM', KEYS[6], ARGV[3]) end
+end
+local items = redis.call('LRANGE', KEYS[9], 0, -1)
+if #items == 0 then return {0, 0, 0} end
+redis.call('DEL', KEYS[9])
+local queue, heads, sizes = KEYS[3], KEYS[7], KEYS[8]
+local was_empty = redis.call('EXISTS', queue) == 0
+for index = #items, 1, -1 do
+  redis.call('LPUSH', queue, items[index])
+  resize(sizes, queue, item_size(items[index]))
+end
+local dropped, dropped_rerouted = 0, 0
+while redis.call('LLEN', queue) > tonumber(ARGV[4]) do
+  local gone = redis.call('LPOP', queue)
+  resize(sizes, queue, -item_size(gone))
+  if rerouted(gone) then dropped_rerouted = dropped_rerouted + 1 end
+  dropped = dropped + 1
+end
+if dropped > 0 then
+  redis.call('HINCRBY', KEYS[4], 'dropped', dropped)
+  redis.call('PEXPIRE', KEYS[4], ARGV[5])
+end
+note_head(heads, queue)
+local ttl = tonumber(ARGV[6])
+if was_empty then redis.call('ZADD', KEYS[5], now + ttl, queue) end
+redis.call('PEXPIRE', queue, 2 * ttl + 60000)
+return {#items, dropped, dropped_rerouted}
 """
 
 # KEYS: seats, present, players, and on a single server the gateway connections and stream (as
@@ -516,9 +578,14 @@ class _CountKeeper:
 
 
 def _backlog(reply: list[bytes]) -> Backlog:
-    """A TAKE_SEAT reply: the frames, then three counts."""
-    return Backlog(frames=list(reply[:-4]), expired=int(reply[-4]), missed_dropped=int(reply[-3]),
-                   missed_expired=int(reply[-2]), expired_rerouted=int(reply[-1]))
+    """A TAKE_SEAT reply: the frames, then four counts (and the handover's size, `_handed`)."""
+    return Backlog(frames=list(reply[:-5]), expired=int(reply[-5]), missed_dropped=int(reply[-4]),
+                   missed_expired=int(reply[-3]), expired_rerouted=int(reply[-2]))
+
+
+def _handed(reply: list[bytes]) -> bool:
+    """Whether a TAKE_SEAT reply left items in the seat's handover, to be deleted."""
+    return int(reply[-1]) > 0
 
 
 def gateway_of(seat_id: str) -> str:
@@ -548,6 +615,7 @@ class RedisRoster:
         self._max_offline_bytes = math.ceil(max_offline_bytes / shards)  # per shard
         self._max_offline_players = math.ceil(max_offline_players / shards)  # per shard
         self._offline_ttl_ms = int(offline_ttl_s * 1000)
+        self._handover_ttl_ms = 2 * self._offline_ttl_ms + 60_000  # a backstop, as a queue's own expiry
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._sweep_interval_ms = max(1, int(sweep_interval_s * 1000))
         self._seat_numbers = itertools.count(1)
@@ -559,6 +627,7 @@ class RedisRoster:
         self._count = _CountKeeper()
         self._reserve = client.register_script(RESERVE)
         self._take_seat = client.register_script(TAKE_SEAT)
+        self._cancel = client.register_script(CANCEL)
         self._route = client.register_script(ROUTE)
         self._sweep = client.register_script(SWEEP)
         self._leave = client.register_script(LEAVE)
@@ -584,17 +653,27 @@ class RedisRoster:
                                     args=[self._presence_ttl_ms, self.max_conns_per_player, seat.seat_id])
         return seat if granted else None
 
-    def cancel(self, seat: Seat) -> None:
+    def cancel(self, seat: Seat) -> tuple[int, int]:
         with broker_errors("cancel"):
-            self._client.zrem(self._keys.seats(seat.player_id), seat.seat_id)
+            given_back, dropped, rerouted = self._cancel(
+                keys=self._seat_keys(seat),
+                args=[seat.seat_id, self.gateway_id, seat.player_id, self._max_queued, _MISSED_RETENTION_MS,
+                      self._offline_ttl_ms, *self._stream_args])
+        if given_back:
+            log.warning("backlog of a connection never seated put back in its queue",
+                        extra={"event": "backlog_given_back", "player_id": seat.player_id,
+                               "messages": int(given_back)})
+        return int(dropped), int(rerouted)
 
-    def _seat_keys(self, player_id: str) -> list[str]:
-        """TAKE_SEAT's keys: the player's, its shard's accounting and, on a single server
-        (one slot for all), the gateway connection counters."""
+    def _seat_keys(self, seat: Seat) -> list[str]:
+        """TAKE_SEAT's (and CANCEL's) keys: the player's, the seat's handover, its shard's
+        accounting and, on a single server (one slot for all), the gateway connection counters."""
         keys = self._keys
+        player_id = seat.player_id
         shard = keys.shard_of(player_id)
         seat_keys = [keys.seats(player_id), keys.present(player_id), shard.queue(player_id), shard.missed(player_id),
-                     shard.queue_index, shard.players, shard.queue_heads, shard.queue_sizes]
+                     shard.queue_index, shard.players, shard.queue_heads, shard.queue_sizes,
+                     shard.handover(seat.seat_id)]
         if not self._cluster:
             seat_keys += [keys.gateway_connections, keys.stream(self.gateway_id)]
         return seat_keys
@@ -607,11 +686,22 @@ class RedisRoster:
                     # Counted first: a count one too high until the next heartbeat is harmless,
                     # a backlog taken by a step whose answer is then lost would not be.
                     self._client.hincrby(self._keys.gateway_connections, self.gateway_id, 1)
-                reply = self._take_seat(keys=self._seat_keys(player),
+                reply = self._take_seat(keys=self._seat_keys(seat),
                                         args=[self._presence_ttl_ms, seat.seat_id, self.gateway_id, player, 1,
-                                              *self._stream_args])
+                                              self._handover_ttl_ms, *self._stream_args])
             self._present.setdefault(player, set()).add(seat.seat_id)
+        if _handed(reply):
+            self._end_handovers([seat])
         return _backlog(reply)
+
+    def _end_handovers(self, seats: list[Seat]) -> None:
+        """The answers of these seats' TAKE_SEAT arrived: their handovers are done with. A
+        handover left behind (Redis out of reach just now) only expires."""
+        try:
+            with broker_errors("end handover"):
+                self._client.delete(*[self._keys.handover(seat.player_id, seat.seat_id) for seat in seats])
+        except BrokerUnavailable:
+            pass
 
     def leave(self, seat: Seat) -> int:
         keys = self._keys
@@ -798,10 +888,13 @@ class RedisRoster:
             for seat in seats:
                 # not counted again: the heartbeat before (`refresh`) wrote this gateway's count,
                 # and a broadcast's reach must never see a connection twice meanwhile
-                pipelined(pipeline, self._take_seat, self._seat_keys(seat.player_id),
+                pipelined(pipeline, self._take_seat, self._seat_keys(seat),
                           [self._presence_ttl_ms, seat.seat_id, self.gateway_id, seat.player_id, 0,
-                           *self._stream_args])
+                           self._handover_ttl_ms, *self._stream_args])
             replies = pipeline.execute()
+        handed = [seat for seat, reply in zip(seats, replies) if _handed(reply)]
+        if handed:
+            self._end_handovers(handed)
         backlogs: dict[str, Backlog] = {}
         for seat, reply in zip(seats, replies):
             backlog = _backlog(reply)

@@ -113,7 +113,10 @@ class TcpForwarder:
     `reply_delay_s` (may be changed at any time): the server's answer to what the client
     sent waits this long first, once per turn however many reads it takes (a distant or
     busy server: each round trip takes at least that). `turns`: how many times the server
-    answered something the client had sent (round trips, counted across connections)."""
+    answered something the client had sent (round trips, counted across connections).
+    `lose_answer_to(marker)`: the next request carrying `marker` is passed on, and its
+    client is hung up on before the answer can come back (a step that ran, its answer lost);
+    `then_cut`: and the relay is cut at once (the server out of reach from then on)."""
 
     def __init__(self, target: tuple[str, int], reply_delay_s: float = 0.0) -> None:
         self.target = target
@@ -124,6 +127,9 @@ class TcpForwarder:
         self.port: int = self.listener.getsockname()[1]
         self.is_cut = False
         self.turns = 0
+        self._answer_lost_to: bytes | None = None
+        self._cut_after_lost_answer = False
+        self.answers_lost = 0
         self._flowing = gevent.event.Event()
         self._flowing.set()
         self._sockets: set[socket.socket] = set()
@@ -155,6 +161,7 @@ class TcpForwarder:
 
     def _relay(self, source: socket.socket, destination: socket.socket, turn: dict[str, bool],
                is_reply: bool) -> None:
+        ends = (source, destination)
         try:
             while True:
                 data = source.recv(65536)
@@ -169,10 +176,19 @@ class TcpForwarder:
                         gevent.sleep(self.reply_delay_s)
                 self._flowing.wait()
                 destination.sendall(data)
+                if not is_reply and self._answer_lost_to is not None and self._answer_lost_to in data:
+                    self._answer_lost_to = None
+                    self.answers_lost += 1
+                    # the server's end stays open: its answer reaches the other relay, which
+                    # finds the client gone and hangs up
+                    ends = (source,)
+                    if self._cut_after_lost_answer:
+                        self.cut()
+                    break
         except OSError:
             pass
         finally:
-            for end in (source, destination):
+            for end in ends:
                 self._hang_up(end)
 
     def _hang_up(self, end: socket.socket) -> None:
@@ -182,6 +198,10 @@ class TcpForwarder:
         except OSError:
             pass
         end.close()
+
+    def lose_answer_to(self, marker: bytes, then_cut: bool = False) -> None:
+        self._answer_lost_to = marker
+        self._cut_after_lost_answer = then_cut
 
     def cut(self) -> None:
         """Drop every relayed connection and refuse new ones until `restore()`."""
