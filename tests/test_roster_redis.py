@@ -2,6 +2,9 @@
 on a single Redis and (where the test takes `redis_url`) on a Redis Cluster too."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any, Iterator
+
 import gevent
 import pytest
 
@@ -496,81 +499,63 @@ def test_a_returned_backlog_goes_before_what_was_queued_since_and_its_oldest_giv
 
 
 # --- a seat step whose answer is lost -------------------------------------------------------------
-def roster_through_relay(prefix: str, **options):
-    """A roster whose link to the shared Redis goes through a relay that can lose an answer,
-    with TAKE_SEAT already known to Redis (so the step under test runs at its first send)."""
+@contextmanager
+def backlog_taken_with_its_answer_lost(prefix: str, **options) -> Iterator[tuple[RedisRoster, RedisRoster, Any]]:
+    """Player "p" has frames 1 and 2 queued; a gateway whose link to the shared Redis goes
+    through a relay reserves a seat for it, and its `take_seat` runs in Redis but its answer
+    never arrives (the link resets). Yields (a roster on Redis itself, that gateway's roster,
+    the seat)."""
+    import hashlib
+
     from tests.support.processes import TcpForwarder
+    from wsgateway.roster_redis import TAKE_SEAT
 
     host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
     relay = TcpForwarder((host, int(port)))
-    roster = make_roster(f"redis://127.0.0.1:{relay.port}/0", prefix, **options)
-    seat(roster, "someone else")
-    return roster, relay
-
-
-def take_seat_losing_its_answer(roster: RedisRoster, relay, reserved) -> None:
-    """`take_seat` runs in Redis, and its answer never arrives (the link resets)."""
-    import hashlib
-
-    from wsgateway.roster_redis import TAKE_SEAT
-
-    relay.lose_answer_to(hashlib.sha1(TAKE_SEAT.encode()).hexdigest().encode())
-    with pytest.raises(BrokerUnavailable):
-        roster.take_seat(reserved)
-    assert relay.answers_lost == 1
+    try:
+        publisher = make_roster(REDIS_URL, prefix, **options)
+        taker = make_roster(f"redis://127.0.0.1:{relay.port}/0", prefix, **options)
+        seat(taker, "someone else")  # TAKE_SEAT known to Redis: the step runs at its first send
+        for frame in (b"1", b"2"):
+            publisher.route("p", frame, True)
+        reserved = taker.reserve("p")
+        relay.lose_answer_to(hashlib.sha1(TAKE_SEAT.encode()).hexdigest().encode())
+        with pytest.raises(BrokerUnavailable):
+            taker.take_seat(reserved)
+        assert relay.answers_lost == 1
+        yield publisher, taker, reserved
+    finally:
+        relay.close()
 
 
 def test_a_seat_taken_again_after_its_answer_was_lost_gets_the_backlog_it_took(redis_prefix):
     """The client's retry of a seat step whose answer was lost (a Redis Cluster client retries
-    on a reset link) is answered the backlog the first run took, then what was queued since."""
-    publisher = make_roster(REDIS_URL, redis_prefix)
-    taker, relay = roster_through_relay(redis_prefix)
-    try:
-        for frame in (b"1", b"2"):
-            publisher.route("p", frame, True)
-        reserved = taker.reserve("p")
-        take_seat_losing_its_answer(taker, relay, reserved)
+    on a reset link) is answered the backlog the first run took."""
+    with backlog_taken_with_its_answer_lost(redis_prefix) as (publisher, taker, reserved):
         assert publisher.route("p", b"live", True).queued is False, "the step ran: the seat is present"
         assert taker.take_seat(reserved).frames == [b"1", b"2"]
         assert taker.take_seat(reserved).frames == [], "once answered, the handover is done with"
-    finally:
-        relay.close()
 
 
 def test_a_seat_given_back_after_its_answer_was_lost_puts_its_backlog_back_in_order(redis_prefix):
     """A connection that could not be seated (its seat step's answer lost) gives its seat back:
     the backlog the step took goes back to the front of the queue, before what was queued
     since, for the player's next connection; the seat no longer counts as present."""
-    publisher = make_roster(REDIS_URL, redis_prefix)
-    taker, relay = roster_through_relay(redis_prefix)
-    try:
-        for frame in (b"1", b"2"):
-            publisher.route("p", frame, True)
-        reserved = taker.reserve("p")
-        take_seat_losing_its_answer(taker, relay, reserved)
+    with backlog_taken_with_its_answer_lost(redis_prefix) as (publisher, taker, reserved):
         assert taker.cancel(reserved) == (0, 0)
         assert publisher.presence("p") == 0
         assert publisher.route("p", b"3", True).queued
         _, backlog = seat(publisher, "p")
         assert backlog.frames == [b"1", b"2", b"3"]
-    finally:
-        relay.close()
 
 
 def test_a_backlog_given_back_to_a_full_queue_gives_way_counted(redis_prefix):
     """Given back past -max-queued, its oldest are given up and counted (in the next backlog)."""
-    publisher = make_roster(REDIS_URL, redis_prefix, max_queued=3)
-    taker, relay = roster_through_relay(redis_prefix, max_queued=3, presence_ttl_s=0.3)
-    try:
-        for frame in (b"1", b"2"):
-            publisher.route("p", frame, True)
-        reserved = taker.reserve("p")
-        take_seat_losing_its_answer(taker, relay, reserved)
+    with backlog_taken_with_its_answer_lost(redis_prefix, max_queued=3, presence_ttl_s=0.3) \
+            as (publisher, taker, reserved):
         wait_for(lambda: publisher.presence("p") == 0, what="the seat never seated expiring")
         for frame in (b"3", b"4"):
             assert publisher.route("p", frame, True).queued
         assert taker.cancel(reserved) == (1, 0)
         _, backlog = seat(publisher, "p")
         assert backlog.frames == [b"2", b"3", b"4"] and backlog.missed_dropped == 1
-    finally:
-        relay.close()

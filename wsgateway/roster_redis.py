@@ -120,6 +120,26 @@ local function forget_queue(heads, sizes, queue)
 end
 """ % MESSAGE_OVERHEAD_BYTES
 
+# Give up a queue's oldest frames past `max` (after frames went back to its front), counted
+# in the player's missed hash (kept `retention` ms). Needs _LUA_QUEUE_ACCOUNTS. Returns
+# {given up, of them the copies routed again}.
+_LUA_GIVE_UP_PAST = """
+local function give_up_past(queue, sizes, max, missed, retention)
+  local dropped, dropped_rerouted = 0, 0
+  while redis.call('LLEN', queue) > max do
+    local gone = redis.call('LPOP', queue)
+    resize(sizes, queue, -item_size(gone))
+    if rerouted(gone) then dropped_rerouted = dropped_rerouted + 1 end
+    dropped = dropped + 1
+  end
+  if dropped > 0 then
+    redis.call('HINCRBY', missed, 'dropped', dropped)
+    redis.call('PEXPIRE', missed, retention)
+  end
+  return dropped, dropped_rerouted
+end
+"""
+
 # KEYS: seats. ARGV: ttl_ms, max_conns, seat. Returns 1 when the seat was granted.
 RESERVE = _LUA_NOW_MS + _LUA_EXPIRE_AT_LEAST + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -195,7 +215,7 @@ return frames
 # LEAVE, and the items it took go back to the front of the queue, in order, their expiries
 # kept (none later than anything queued since); past max_queued the oldest are given up.
 # Returns {items given back, given up, of them the copies routed again}.
-CANCEL = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + LUA_STREAM_APPEND + """
+CANCEL = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + _LUA_GIVE_UP_PAST + LUA_STREAM_APPEND + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   if KEYS[10] then
@@ -214,17 +234,7 @@ for index = #items, 1, -1 do
   redis.call('LPUSH', queue, items[index])
   resize(sizes, queue, item_size(items[index]))
 end
-local dropped, dropped_rerouted = 0, 0
-while redis.call('LLEN', queue) > tonumber(ARGV[4]) do
-  local gone = redis.call('LPOP', queue)
-  resize(sizes, queue, -item_size(gone))
-  if rerouted(gone) then dropped_rerouted = dropped_rerouted + 1 end
-  dropped = dropped + 1
-end
-if dropped > 0 then
-  redis.call('HINCRBY', KEYS[4], 'dropped', dropped)
-  redis.call('PEXPIRE', KEYS[4], ARGV[5])
-end
+local dropped, dropped_rerouted = give_up_past(queue, sizes, tonumber(ARGV[4]), KEYS[4], ARGV[5])
 note_head(heads, queue)
 local ttl = tonumber(ARGV[6])
 if was_empty then redis.call('ZADD', KEYS[5], now + ttl, queue) end
@@ -386,7 +396,7 @@ REQUEUE = ROUTE_PREAMBLE + REQUEUE_BODY
 # now + ttl for an empty queue), thousandths apart: the queue stays in expiry order, and none
 # outlives what the head it was queued before allows. Past max_queued the oldest are given up.
 # Returns {given up, of them the copies routed again}.
-RETURN_BACKLOG = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + """
+RETURN_BACKLOG = _LUA_NOW_MS + _LUA_QUEUE_ACCOUNTS + _LUA_GIVE_UP_PAST + """
 local queue, heads, sizes = KEYS[1], KEYS[4], KEYS[5]
 local ttl = tonumber(ARGV[1])
 local head = redis.call('LINDEX', queue, 0)
@@ -399,17 +409,7 @@ for index = count, 1, -1 do
   redis.call('LPUSH', queue, item)
   resize(sizes, queue, item_size(item))
 end
-local dropped, dropped_rerouted = 0, 0
-while redis.call('LLEN', queue) > tonumber(ARGV[2]) do
-  local gone = redis.call('LPOP', queue)
-  resize(sizes, queue, -item_size(gone))
-  if rerouted(gone) then dropped_rerouted = dropped_rerouted + 1 end
-  dropped = dropped + 1
-end
-if dropped > 0 then
-  redis.call('HINCRBY', KEYS[2], 'dropped', dropped)
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
+local dropped, dropped_rerouted = give_up_past(queue, sizes, tonumber(ARGV[2]), KEYS[2], ARGV[3])
 note_head(heads, queue)
 if not head then
   redis.call('ZADD', KEYS[3], now + ttl, queue)
