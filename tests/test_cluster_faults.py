@@ -647,18 +647,15 @@ def test_a_connection_whose_seat_steps_answer_was_lost_leaves_its_backlog_to_the
     """Redis seats a connection, but the answer never arrives: the connection closes with 1013
     (try again later) and the backlog that step took goes back to the player's queue, in
     order, for the next connection; when Redis is out of reach just then, as soon as it is back."""
-    import hashlib
     import logging
 
     import websocket
 
     from tests.support.clients import receive_close
-    from tests.support.processes import TcpForwarder
-    from tests.support.redis_server import REDIS_URL
+    from tests.support.redis_server import relay_to_shared_redis, script_sha
     from wsgateway.roster_redis import TAKE_SEAT
 
-    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
-    relay = TcpForwarder((host, int(port)))
+    relay, relayed_url = relay_to_shared_redis()
     caplog.set_level(logging.WARNING, logger="wsgateway")
 
     def logged(event: str) -> bool:
@@ -666,13 +663,12 @@ def test_a_connection_whose_seat_steps_answer_was_lost_leaves_its_backlog_to_the
 
     try:
         publisher_side = start_cluster_gateway()
-        player_side = start_cluster_gateway(broker_url=f"redis://127.0.0.1:{relay.port}/0")
+        player_side = start_cluster_gateway(broker_url=relayed_url)
         server, token = publisher_side.tokens.server(), publisher_side.tokens.player(21)
         player_side.connect(publisher_side.tokens.player(22)).close()  # TAKE_SEAT known to Redis
         for number in (1, 2):
             assert publisher_side.publish(server, 21, "queued", number).json["queued"] is True
-        relay.lose_answer_to(hashlib.sha1(TAKE_SEAT.encode()).hexdigest().encode(),
-                             then_cut=redis_after != "reachable")
+        relay.lose_answer_to(script_sha(TAKE_SEAT), then_cut=redis_after != "reachable")
         client = websocket.create_connection(f"{player_side.ws_url}?token={token}", timeout=TIMEOUT_S)
         assert receive_close(client)[0] == 1013
         if redis_after != "reachable":
@@ -691,14 +687,12 @@ def test_a_rush_of_connections_waits_for_a_pooled_redis_connection_instead_of_a_
     every one is admitted once Redis answers, none refused with 503."""
     import websocket
 
-    from tests.support.processes import TcpForwarder
-    from tests.support.redis_server import REDIS_URL
+    from tests.support.redis_server import relay_to_shared_redis
     from wsgateway.redis_link import POOL_CONNECTIONS
 
-    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
-    relay = TcpForwarder((host, int(port)))
+    relay, relayed_url = relay_to_shared_redis()
     try:
-        gateway = start_cluster_gateway(broker_url=f"redis://127.0.0.1:{relay.port}/0")
+        gateway = start_cluster_gateway(broker_url=relayed_url)
         tokens = [gateway.tokens.player(1000 + index) for index in range(POOL_CONNECTIONS + 50)]
 
         def connect(token: str) -> Any:

@@ -505,21 +505,18 @@ def backlog_taken_with_its_answer_lost(prefix: str, **options) -> Iterator[tuple
     through a relay reserves a seat for it, and its `take_seat` runs in Redis but its answer
     never arrives (the link resets). Yields (a roster on Redis itself, that gateway's roster,
     the seat)."""
-    import hashlib
-
-    from tests.support.processes import TcpForwarder
+    from tests.support.redis_server import relay_to_shared_redis, script_sha
     from wsgateway.roster_redis import TAKE_SEAT
 
-    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
-    relay = TcpForwarder((host, int(port)))
+    relay, relayed_url = relay_to_shared_redis()
     try:
         publisher = make_roster(REDIS_URL, prefix, **options)
-        taker = make_roster(f"redis://127.0.0.1:{relay.port}/0", prefix, **options)
+        taker = make_roster(relayed_url, prefix, **options)
         seat(taker, "someone else")  # TAKE_SEAT known to Redis: the step runs at its first send
         for frame in (b"1", b"2"):
             publisher.route("p", frame, True)
         reserved = taker.reserve("p")
-        relay.lose_answer_to(hashlib.sha1(TAKE_SEAT.encode()).hexdigest().encode())
+        relay.lose_answer_to(script_sha(TAKE_SEAT))
         with pytest.raises(BrokerUnavailable):
             taker.take_seat(reserved)
         assert relay.answers_lost == 1

@@ -237,10 +237,7 @@ class Delivery:
             self._cancels_due[seat.seat_id] = seat
             return
         self._cancels_due.pop(seat.seat_id, None)
-        if dropped:
-            self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(dropped)
-        if rerouted:
-            self.metrics.messages_rerouted_given_up.labels(GIVEN_UP_IN_QUEUE).inc(rerouted)
+        self._count_given_up_going_back(dropped, rerouted)
 
     def maintain(self) -> None:
         """Periodic upkeep of the roster: presence kept alive (and written back where it
@@ -337,6 +334,11 @@ class Delivery:
             log.warning("backlog for a closed connection given up: broker unavailable",
                         extra={"event": "reroute_failed", "player_id": player_id, "detail": str(exc)})
             return
+        self._count_given_up_going_back(dropped, rerouted)
+
+    def _count_given_up_going_back(self, dropped: int, rerouted: int) -> None:
+        """Count what a queue gave up past -max-queued as frames went back to its front
+        (`dropped`, of them `rerouted` copies routed again)."""
         if dropped:
             self.metrics.messages_dropped.labels(DROP_OFFLINE_FULL).inc(dropped)
         if rerouted:

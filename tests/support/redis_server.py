@@ -1,16 +1,30 @@
-"""Redis: the shared server's URL, and a private server a test may restart."""
+"""Redis: the shared server's URL, a relay to it a test can cut, and a private server a
+test may restart."""
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
 from pathlib import Path
 
 from tests.support import TIMEOUT_S, wait_for
-from tests.support.processes import free_port
+from tests.support.processes import TcpForwarder, free_port
 
 
 REDIS_URL = os.environ.get("WS_GATEWAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def relay_to_shared_redis() -> tuple[TcpForwarder, str]:
+    """A relay to the shared Redis (`TcpForwarder`), and the URL that goes through it."""
+    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
+    relay = TcpForwarder((host, int(port)))
+    return relay, f"redis://127.0.0.1:{relay.port}/0"
+
+
+def script_sha(script: str) -> bytes:
+    """What every EVALSHA of `script` carries (a marker for `TcpForwarder.lose_answer_to`)."""
+    return hashlib.sha1(script.encode()).hexdigest().encode()
 
 
 class RedisServer:
